@@ -1,0 +1,99 @@
+"""The content-addressed artifact store that every service reads and writes.
+
+Files live at `<root>/objects/<first two hex digits>/<sha256><suffix>`. An `ArtifactRef` names a file by its
+path inside the root plus its digest and size; a reader resolves it with `ArtifactStore.path`, which refuses
+anything outside the root and verifies the digest before handing the path out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pyacemaker.v1 import common_pb2
+
+_CHUNK = 1 << 20
+
+
+class ArtifactError(ValueError):
+    """An artifact that is missing, altered, or points outside the store."""
+
+
+def sha256_of_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        (self.root / "objects").mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(exist_ok=True)
+
+    def _object_path(self, sha256: str, suffix: str) -> Path:
+        return self.root / "objects" / sha256[:2] / f"{sha256}{suffix}"
+
+    def new_tempfile(self, suffix: str = "") -> Path:
+        """A fresh file inside the store's tmp dir (same file system, so `put_file(move=True)` is a rename)."""
+        handle, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
+        os.close(handle)
+        return Path(name)
+
+    def put_file(self, path: str | Path, kind: str, move: bool = False) -> common_pb2.ArtifactRef:
+        """Add a file (its suffix is kept so tools can tell the format) and return its reference."""
+        path = Path(path)
+        sha256 = sha256_of_file(path)
+        size = path.stat().st_size
+        target = self._object_path(sha256, "".join(path.suffixes[-1:]))
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.new_tempfile()
+            if move:
+                os.replace(path, staging)
+            else:
+                shutil.copyfile(path, staging)
+            os.replace(staging, target)  # atomic: readers never see a half-written object
+        elif move:
+            path.unlink()
+        return common_pb2.ArtifactRef(
+            uri=str(target.relative_to(self.root)), sha256=sha256, size=size, kind=kind
+        )
+
+    def put_bytes(self, data: bytes, kind: str, suffix: str = "") -> common_pb2.ArtifactRef:
+        staging = self.new_tempfile(suffix)
+        staging.write_bytes(data)
+        return self.put_file(staging, kind, move=True)
+
+    def _resolve(self, uri: str) -> Path:
+        if not uri or Path(uri).is_absolute():
+            raise ArtifactError(f"artifact uri {uri!r} must be a path relative to the store root")
+        candidate = (self.root / uri).resolve()
+        if not candidate.is_relative_to(self.root):
+            raise ArtifactError(f"artifact uri {uri!r} points outside the store root {self.root}")
+        return candidate
+
+    def path(self, ref: common_pb2.ArtifactRef, verify: bool = True) -> Path:
+        """The local path of an artifact, after checking that it exists and (by default) its digest."""
+        path = self._resolve(ref.uri)
+        if not path.is_file():
+            raise ArtifactError(f"artifact {ref.uri} is missing from the store {self.root}")
+        if verify:
+            if ref.size and path.stat().st_size != ref.size:
+                raise ArtifactError(f"artifact {ref.uri} has {path.stat().st_size} bytes, expected {ref.size}")
+            actual = sha256_of_file(path)
+            if actual != ref.sha256:
+                raise ArtifactError(f"artifact {ref.uri} has sha256 {actual}, expected {ref.sha256}")
+        return path
+
+    def verify(self, ref: common_pb2.ArtifactRef) -> bool:
+        try:
+            self.path(ref)
+        except ArtifactError:
+            return False
+        return True

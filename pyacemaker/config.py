@@ -1,0 +1,210 @@
+"""The run configuration: one YAML file, validated by pydantic.
+
+Unknown keys and out-of-range values are errors that name the key's path (e.g. `md.temperatures.0`).
+Relative paths are relative to the config file's directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `str()` is one line per problem, each naming the key or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SystemConfig(_Strict):
+    """What is being modelled."""
+
+    seeds: list[Path] = Field(
+        min_length=1, description="Seed structure files (xyz/extxyz), relative to the config file."
+    )
+    charge: int = Field(0, description="Total charge of every structure, elementary charges.")
+    spin_multiplicity: int | None = Field(
+        None, ge=1, description="2S+1; default: 1 for an even electron count, 2 for odd."
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_exist(cls, seeds: list[Path], info: ValidationInfo) -> list[Path]:
+        base = Path((info.context or {}).get("base_dir", "."))
+        resolved = []
+        for seed in seeds:
+            path = seed if seed.is_absolute() else (base / seed)
+            if not path.is_file():
+                raise ValueError(f"seed file not found: {path}")
+            resolved.append(path.resolve())
+        return resolved
+
+
+class LjOracleConfig(_Strict):
+    """Lennard-Jones toy oracle (analytic, one parameter set for all elements)."""
+
+    backend: Literal["lj"]
+    epsilon: Positive = Field(0.0103, description="Well depth, eV.")
+    sigma: Positive = Field(3.40, description="Zero-crossing distance, Å.")
+    cutoff: Positive = Field(10.2, description="Pair cutoff, Å (energy shifted to zero there).")
+
+
+class XtbOracleConfig(_Strict):
+    """GFN-xTB through tblite."""
+
+    backend: Literal["xtb"]
+    method: Literal["GFN2-xTB", "GFN1-xTB", "IPEA1-xTB"] = "GFN2-xTB"
+    accuracy: Positive = Field(1.0, description="tblite numerical accuracy (smaller is tighter).")
+    electronic_temperature: Positive = Field(300.0, description="Fermi smearing temperature, K.")
+    max_iterations: int = Field(250, ge=1, description="SCC iterations before the calculation fails.")
+
+
+OracleConfig = Annotated[LjOracleConfig | XtbOracleConfig, Field(discriminator="backend")]
+ORACLE_OPTION_MODELS: dict[str, type[_Strict]] = {"lj": LjOracleConfig, "xtb": XtbOracleConfig}
+
+
+class BudgetConfig(_Strict):
+    max_dft_calls: int = Field(60, ge=0, description="Hard limit on DFT calls over the whole run.")
+
+
+class PoolConfig(_Strict):
+    """Step 1a: candidate pool generation from the seeds."""
+
+    rattle_amplitudes: list[Positive] = Field(
+        default_factory=lambda: [0.02, 0.05, 0.1, 0.2],
+        description="Gaussian displacement amplitudes (per Cartesian component), Å.",
+    )
+    rattles_per_amplitude: int = Field(25, ge=0, description="Rattled copies per seed and amplitude.")
+    max_strain: float = Field(0.03, ge=0, le=0.3, description="Largest strain component (periodic seeds).")
+    strains_per_seed: int = Field(0, ge=0, description="Strained copies per periodic seed.")
+    interpolation_images: int = Field(
+        10, ge=0, description="Images between consecutive seeds with the same atoms."
+    )
+    interpolation_rattle: float = Field(0.05, ge=0, description="Rattle of interpolated images, Å.")
+    fragment_rotations_per_seed: int = Field(
+        10, ge=0, description="Copies per seed with one molecular fragment rotated about its centroid."
+    )
+    max_rotation_deg: float = Field(30.0, gt=0, le=180, description="Largest fragment rotation, degrees.")
+    min_distance: Positive = Field(0.6, description="Candidates with a shorter interatomic distance are dropped, Å.")
+    random_seed: int = Field(0, ge=0)
+
+
+class DirectConfig(_Strict):
+    """Step 1b: DIRECT selection (Qi et al., npj Comput. Mater. 2024)."""
+
+    n_select: int = Field(50, ge=1, description="Exactly this many structures are selected.")
+    k_per_cluster: int = Field(1, ge=1, description="Structures taken from each BIRCH cluster.")
+    featuriser: Literal["distribution"] = Field(
+        "distribution", description="Radial/angular distribution histograms (invariant, cheap)."
+    )
+    coverage_bins: int = Field(20, ge=2, description="Histogram bins per principal component for coverage.")
+    random_seed: int = Field(0, ge=0)
+
+
+class SamplingConfig(_Strict):
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    direct: DirectConfig = Field(default_factory=DirectConfig)
+
+
+class MdConfig(_Strict):
+    """Step 4 (surrogate MD). Validated now; the step itself arrives with the surrogate-MD issue."""
+
+    temperatures: list[Positive] = Field(
+        default_factory=lambda: [300.0, 600.0, 1000.0], description="Thermostat temperatures, K."
+    )
+    timestep_fs: Positive = Field(0.5, description="Time step, fs.")
+    steps: int = Field(2000, ge=1)
+    replicas: int = Field(16, ge=1)
+
+
+class RunConfig(_Strict):
+    """A PyAceMaker run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name (letters, digits, _.-).")
+    run_dir: Path | None = Field(None, description="Where outputs go; default runs/<name> beside the config.")
+    system: SystemConfig
+    oracle: OracleConfig
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    md: MdConfig = Field(default_factory=MdConfig)
+
+
+def _loc_path(loc: tuple[Any, ...], data: Any) -> str:
+    """Dotted key path of a pydantic error location, dropping union tags that are not keys of the input."""
+    parts: list[str] = []
+    current = data
+    for i, element in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(current, dict) and element in current:
+            current = current[element]
+            parts.append(str(element))
+        elif isinstance(current, list) and isinstance(element, int) and element < len(current):
+            current = current[element]
+            parts.append(str(element))
+        elif last or not isinstance(current, dict):
+            parts.append(str(element))
+    return ".".join(parts) or "<root>"
+
+
+def format_validation_error(exc: ValidationError, data: Any, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        key = _loc_path(tuple(error["loc"]), data)
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in error and not isinstance(error["input"], dict | list) and error["type"] != "missing":
+            message = f"{message} (got {error['input']!r})"
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, base_dir: Path, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of keys, got {type(data).__name__}")
+    try:
+        config = RunConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, data, source)) from None
+    if config.run_dir is None:
+        return config.model_copy(update={"run_dir": (base_dir / "runs" / config.name).resolve()})
+    if not config.run_dir.is_absolute():
+        return config.model_copy(update={"run_dir": (base_dir / config.run_dir).resolve()})
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config; raises ConfigError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+    return parse_config(data, path.parent.resolve(), source=str(path))
+
+
+def config_to_json(config: RunConfig) -> str:
+    return config.model_dump_json()
+
+
+def config_from_json(text: str) -> RunConfig:
+    """The orchestrator's side: the client already resolved paths, so they are absolute here."""
+    data = json.loads(text)
+    return parse_config(data, Path("/"), source="config")
+
+
+def json_schema() -> dict[str, Any]:
+    return RunConfig.model_json_schema()

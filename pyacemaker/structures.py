@@ -1,0 +1,223 @@
+"""Conversion between ase.Atoms and the wire messages `Structure` and `Labels`, and extxyz file I/O.
+
+Charge and spin travel in `atoms.info["charge"]` and `atoms.info["spin_multiplicity"]`; every other info
+entry and every extra per-atom array is kept, so Atoms → Structure → Atoms is lossless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from pyacemaker.v1 import common_pb2
+
+CHARGE_KEY = "charge"
+SPIN_KEY = "spin_multiplicity"
+LEVEL_KEY = "level_of_theory"
+# Keys that the Structure message carries in its own fields, so they are not repeated in info_json.
+_STRUCTURE_INFO_KEYS = {CHARGE_KEY, SPIN_KEY, "content_id"}
+# Per-atom arrays that Structure carries in its own fields.
+_STRUCTURE_ARRAYS = {"numbers", "positions"}
+# Labels written into Atoms by `attach_labels`; they describe a calculation, not the structure.
+_LABEL_INFO_KEYS = {LEVEL_KEY, "label_status", "label_reason", "energy_std", "max_force_std", "wall_time_s"}
+_LABEL_ARRAYS = {"force_std"}
+
+
+class StructureFileError(ValueError):
+    """A structure file that cannot be read; the message names the file."""
+
+
+def default_spin_multiplicity(numbers: Iterable[int], charge: int) -> int:
+    """Lowest multiplicity compatible with the electron count: singlet if even, doublet if odd."""
+    electrons = int(sum(int(z) for z in numbers)) - int(charge)
+    return 1 if electrons % 2 == 0 else 2
+
+
+def charge_of(atoms: Atoms) -> int:
+    return int(atoms.info.get(CHARGE_KEY, 0))
+
+
+def spin_multiplicity_of(atoms: Atoms) -> int:
+    value = atoms.info.get(SPIN_KEY)
+    if value is None:
+        return default_spin_multiplicity(atoms.numbers, charge_of(atoms))
+    return int(value)
+
+
+def content_id(atoms: Atoms) -> str:
+    """sha256 of the canonical geometry (positions and cell to 1e-6 Å), pbc, charge and spin."""
+    digest = hashlib.sha256()
+    digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+    # Adding 0.0 turns -0.0 into 0.0 so that equal geometries hash equally.
+    digest.update((np.round(atoms.positions, 6) + 0.0).astype(np.float64).tobytes())
+    digest.update((np.round(np.asarray(atoms.cell), 6) + 0.0).astype(np.float64).tobytes())
+    digest.update(np.asarray(atoms.pbc, dtype=np.int8).tobytes())
+    digest.update(f"{charge_of(atoms)}:{spin_multiplicity_of(atoms)}".encode())
+    return digest.hexdigest()
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, np.generic):
+        return {"__npscalar__": value.item(), "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def _from_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            return np.array(value["__ndarray__"], dtype=value["dtype"]).reshape(value["shape"])
+        if "__npscalar__" in value:
+            return np.dtype(value["dtype"]).type(value["__npscalar__"])
+        return {k: _from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_jsonable(v) for v in value]
+    return value
+
+
+def atoms_to_structure(atoms: Atoms, provenance: common_pb2.Provenance | None = None) -> common_pb2.Structure:
+    """ase.Atoms → Structure. Calculator results are not part of a Structure (see `labels_from_atoms`)."""
+    info = {k: v for k, v in atoms.info.items() if k not in _STRUCTURE_INFO_KEYS | _LABEL_INFO_KEYS}
+    arrays = {
+        k: v for k, v in atoms.arrays.items() if k not in _STRUCTURE_ARRAYS | _LABEL_ARRAYS and k != "forces"
+    }
+    message = common_pb2.Structure(
+        atomic_numbers=[int(z) for z in atoms.numbers],
+        positions=np.asarray(atoms.positions, dtype=np.float64).ravel().tolist(),
+        cell=np.asarray(atoms.cell, dtype=np.float64).ravel().tolist(),
+        pbc=[bool(p) for p in atoms.pbc],
+        charge=charge_of(atoms),
+        spin_multiplicity=spin_multiplicity_of(atoms),
+        content_id=content_id(atoms),
+        info_json=json.dumps(_to_jsonable(info), sort_keys=True) if info else "",
+        arrays_json=json.dumps(_to_jsonable(arrays), sort_keys=True) if arrays else "",
+    )
+    if provenance is not None:
+        message.provenance.CopyFrom(provenance)
+    return message
+
+
+def structure_to_atoms(message: common_pb2.Structure) -> Atoms:
+    """Structure → ase.Atoms, with charge and spin multiplicity in `info`."""
+    n_atoms = len(message.atomic_numbers)
+    positions = np.array(message.positions, dtype=np.float64)
+    if positions.size != 3 * n_atoms:
+        raise ValueError(f"Structure has {n_atoms} atoms but {positions.size} position values (need 3 per atom)")
+    cell = np.array(message.cell, dtype=np.float64) if message.cell else np.zeros(9)
+    if cell.size != 9:
+        raise ValueError(f"Structure cell has {cell.size} values (need 9)")
+    pbc = list(message.pbc) if message.pbc else [False, False, False]
+    if len(pbc) != 3:
+        raise ValueError(f"Structure pbc has {len(pbc)} flags (need 3)")
+    atoms = Atoms(
+        numbers=list(message.atomic_numbers),
+        positions=positions.reshape(n_atoms, 3),
+        cell=cell.reshape(3, 3),
+        pbc=pbc,
+    )
+    if message.info_json:
+        atoms.info.update(_from_jsonable(json.loads(message.info_json)))
+    if message.arrays_json:
+        for name, values in _from_jsonable(json.loads(message.arrays_json)).items():
+            atoms.new_array(name, np.asarray(values))
+    atoms.info[CHARGE_KEY] = int(message.charge)
+    atoms.info[SPIN_KEY] = int(message.spin_multiplicity) or default_spin_multiplicity(
+        atoms.numbers, message.charge
+    )
+    return atoms
+
+
+def labels_from_atoms(atoms: Atoms, level_of_theory: str, wall_time_s: float = 0.0) -> common_pb2.Labels:
+    """The results of `atoms.calc` (energy eV, forces eV/Å, stress eV/Å³ Voigt) as an OK Labels message."""
+    if atoms.calc is None:
+        raise ValueError("atoms carry no calculator results")
+    results = atoms.calc.results
+    labels = common_pb2.Labels(
+        status=common_pb2.LABEL_STATUS_OK, level_of_theory=level_of_theory, wall_time_s=wall_time_s
+    )
+    if "energy" in results:
+        labels.energy = float(results["energy"])
+    if "forces" in results:
+        labels.forces.extend(np.asarray(results["forces"], dtype=np.float64).ravel().tolist())
+    if "stress" in results and any(atoms.pbc):
+        stress = np.asarray(results["stress"], dtype=np.float64)
+        if stress.shape == (3, 3):
+            stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+        labels.stress.extend(stress.ravel().tolist())
+    return labels
+
+
+def failed_labels(reason: str, level_of_theory: str) -> common_pb2.Labels:
+    return common_pb2.Labels(
+        status=common_pb2.LABEL_STATUS_FAILED, reason=reason, level_of_theory=level_of_theory
+    )
+
+
+def attach_labels(atoms: Atoms, labels: common_pb2.Labels) -> Atoms:
+    """Put Labels onto atoms as a SinglePointCalculator plus info entries, ready for extxyz."""
+    n_atoms = len(atoms)
+    results: dict[str, Any] = {}
+    if labels.HasField("energy"):
+        results["energy"] = labels.energy
+    if labels.forces:
+        results["forces"] = np.array(labels.forces, dtype=np.float64).reshape(n_atoms, 3)
+    if labels.stress:
+        results["stress"] = np.array(labels.stress, dtype=np.float64)
+    atoms.calc = SinglePointCalculator(atoms, **results) if results else None
+    atoms.info[LEVEL_KEY] = labels.level_of_theory
+    atoms.info["label_status"] = "ok" if labels.status == common_pb2.LABEL_STATUS_OK else "failed"
+    if labels.reason:
+        atoms.info["label_reason"] = labels.reason
+    if labels.wall_time_s:
+        atoms.info["wall_time_s"] = labels.wall_time_s
+    if labels.uncertainty.force_std:
+        atoms.info["energy_std"] = labels.uncertainty.energy_std
+        atoms.info["max_force_std"] = labels.uncertainty.max_force_std
+        atoms.new_array("force_std", np.array(labels.uncertainty.force_std, dtype=np.float64))
+    return atoms
+
+
+def read_structures(path: str | Path) -> list[Atoms]:
+    """Read every frame of an xyz/extxyz (or any ASE-readable) file; errors name the file."""
+    from ase.io import read
+
+    path = Path(path)
+    if not path.is_file():
+        raise StructureFileError(f"{path}: no such file")
+    try:
+        frames = read(str(path), index=":")
+    except Exception as exc:  # ASE raises many types for malformed files; all mean "cannot read"
+        raise StructureFileError(f"{path}: not a readable structure file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(frames, list):
+        frames = [frames]
+    if not frames:
+        raise StructureFileError(f"{path}: contains no structures")
+    return frames
+
+
+def write_extxyz(path: str | Path, frames: Iterable[Atoms], append: bool = False) -> int:
+    """Write frames as extxyz; returns how many were written."""
+    from ase.io import write
+
+    frames = list(frames)
+    write(str(path), frames, format="extxyz", append=append)
+    return len(frames)
+
+
+def iter_extxyz(path: str | Path) -> Iterator[Atoms]:
+    """Stream frames one by one, so memory does not grow with the file."""
+    from ase.io import iread
+
+    yield from iread(str(path), index=":", format="extxyz")
