@@ -61,9 +61,7 @@ class ArtifactStore:
             os.replace(staging, target)  # atomic: readers never see a half-written object
         elif move:
             path.unlink()
-        return common_pb2.ArtifactRef(
-            uri=str(target.relative_to(self.root)), sha256=sha256, size=size, kind=kind
-        )
+        return common_pb2.ArtifactRef(uri=str(target.relative_to(self.root)), sha256=sha256, size=size, kind=kind)
 
     def put_bytes(self, data: bytes, kind: str, suffix: str = "") -> common_pb2.ArtifactRef:
         staging = self.new_tempfile(suffix)

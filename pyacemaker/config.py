@@ -85,9 +85,7 @@ class PoolConfig(_Strict):
     rattles_per_amplitude: int = Field(25, ge=0, description="Rattled copies per seed and amplitude.")
     max_strain: float = Field(0.03, ge=0, le=0.3, description="Largest strain component (periodic seeds).")
     strains_per_seed: int = Field(0, ge=0, description="Strained copies per periodic seed.")
-    interpolation_images: int = Field(
-        10, ge=0, description="Images between consecutive seeds with the same atoms."
-    )
+    interpolation_images: int = Field(10, ge=0, description="Images between consecutive seeds with the same atoms.")
     interpolation_rattle: float = Field(0.05, ge=0, description="Rattle of interpolated images, Å.")
     fragment_rotations_per_seed: int = Field(
         10, ge=0, description="Copies per seed with one molecular fragment rotated about its centroid."

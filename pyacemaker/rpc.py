@@ -3,6 +3,7 @@ health waits, and the mapping of errors to status codes."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import threading
@@ -11,11 +12,14 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from pyacemaker.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +31,11 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-class InvalidInput(ValueError):
+class InvalidInputError(ValueError):
     """Bad input from a client: becomes INVALID_ARGUMENT with this message."""
 
 
-class WrongState(RuntimeError):
+class WrongStateError(RuntimeError):
     """The request does not fit the current state: becomes FAILED_PRECONDITION."""
 
 
@@ -54,9 +58,7 @@ class Service:
         self.server.stop(grace=grace).wait()
 
 
-def create_server(
-    host: str, port: int, register: Callable[[grpc.Server], list[str]], max_workers: int = 16
-) -> Service:
+def create_server(host: str, port: int, register: Callable[[grpc.Server], list[str]], max_workers: int = 16) -> Service:
     """A server bound to host:port (port 0 picks a free one) with the services `register` adds (it returns
     their full names), plus grpc.health.v1 and server reflection. Not started yet."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_CHANNEL_OPTIONS)
@@ -76,11 +78,17 @@ def serve_forever(
     port: int,
     register: Callable[[grpc.Server], list[str]],
     on_stop: Callable[[], None] | None = None,
+    port_file: Path | None = None,
 ) -> None:
-    """Run a service until SIGTERM/SIGINT; in-flight calls get a grace period."""
+    """Run a service until SIGTERM/SIGINT; in-flight calls get a grace period. With port 0 the bound port
+    is written to `port_file` once the server is serving, so a launcher can find it."""
     service = create_server(host, port, register)
     service.start()
     log.info("%s serving on %s:%d", name, host, service.port)
+    if port_file is not None:
+        staging = port_file.with_suffix(".tmp")
+        staging.write_text(str(service.port))
+        staging.replace(port_file)
     stop = threading.Event()
 
     def _handle(signum: int, _frame: Any) -> None:
@@ -96,8 +104,27 @@ def serve_forever(
     log.info("%s stopped", name)
 
 
-def service_names(*descriptors: Any) -> list[str]:
-    return [d.full_name for d in descriptors]
+def run_service_cli(
+    name: str,
+    argv: list[str] | None,
+    make_register: Callable[[argparse.Namespace, ArtifactStore], Callable[[grpc.Server], list[str]]],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The whole `python -m services.<name>`: common flags, logging, artifact store, serve until signalled."""
+    from pyacemaker.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"PyAceMaker {name} service")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    parser.add_argument("--store", type=Path, required=True, help="root of the shared artifact store")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(name)
+    store = ArtifactStore(args.store)
+    serve_forever(name, args.host, args.port, make_register(args, store), port_file=args.port_file)
+    return 0
 
 
 def channel(address: str) -> grpc.Channel:
@@ -132,9 +159,9 @@ def status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
     """Turn the exceptions plain code raises into gRPC status codes with a human message."""
     try:
         yield
-    except InvalidInput as exc:
+    except InvalidInputError as exc:
         abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except WrongState as exc:
+    except WrongStateError as exc:
         abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
 

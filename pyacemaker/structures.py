@@ -90,9 +90,7 @@ def _from_jsonable(value: Any) -> Any:
 def atoms_to_structure(atoms: Atoms, provenance: common_pb2.Provenance | None = None) -> common_pb2.Structure:
     """ase.Atoms → Structure. Calculator results are not part of a Structure (see `labels_from_atoms`)."""
     info = {k: v for k, v in atoms.info.items() if k not in _STRUCTURE_INFO_KEYS | _LABEL_INFO_KEYS}
-    arrays = {
-        k: v for k, v in atoms.arrays.items() if k not in _STRUCTURE_ARRAYS | _LABEL_ARRAYS and k != "forces"
-    }
+    arrays = {k: v for k, v in atoms.arrays.items() if k not in _STRUCTURE_ARRAYS | _LABEL_ARRAYS and k != "forces"}
     message = common_pb2.Structure(
         atomic_numbers=[int(z) for z in atoms.numbers],
         positions=np.asarray(atoms.positions, dtype=np.float64).ravel().tolist(),
@@ -133,9 +131,7 @@ def structure_to_atoms(message: common_pb2.Structure) -> Atoms:
         for name, values in _from_jsonable(json.loads(message.arrays_json)).items():
             atoms.new_array(name, np.asarray(values))
     atoms.info[CHARGE_KEY] = int(message.charge)
-    atoms.info[SPIN_KEY] = int(message.spin_multiplicity) or default_spin_multiplicity(
-        atoms.numbers, message.charge
-    )
+    atoms.info[SPIN_KEY] = int(message.spin_multiplicity) or default_spin_multiplicity(atoms.numbers, message.charge)
     return atoms
 
 
@@ -160,9 +156,7 @@ def labels_from_atoms(atoms: Atoms, level_of_theory: str, wall_time_s: float = 0
 
 
 def failed_labels(reason: str, level_of_theory: str) -> common_pb2.Labels:
-    return common_pb2.Labels(
-        status=common_pb2.LABEL_STATUS_FAILED, reason=reason, level_of_theory=level_of_theory
-    )
+    return common_pb2.Labels(status=common_pb2.LABEL_STATUS_FAILED, reason=reason, level_of_theory=level_of_theory)
 
 
 def attach_labels(atoms: Atoms, labels: common_pb2.Labels) -> Atoms:

@@ -1,0 +1,64 @@
+# PyAceMaker — every target installs what it needs first (`make install` is idempotent and fast when done).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export OMP_NUM_THREADS ?= 1
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/pyacemaker/v1/*.proto)
+PROTO_STAMP := pyacemaker/v1/__init__.py
+
+.PHONY: install protos up down demo test lint format clean docs
+
+install: $(STAMP) $(PROTO_STAMP)
+
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[all,dev]"
+	touch $(STAMP)
+
+$(PROTO_STAMP): $(PROTOS) protos/build.py $(STAMP)
+	$(PY) protos/build.py
+
+protos: $(PROTO_STAMP)
+
+up: install
+	$(VENV)/bin/pyacemaker up
+
+down:
+	@if [ -x $(VENV)/bin/pyacemaker ]; then $(VENV)/bin/pyacemaker down; fi
+
+# The SN2 demo on the embedded default (local processes): start services, run, stop them again.
+demo: install
+	$(VENV)/bin/pyacemaker up
+	@start=$$(date +%s); \
+	$(VENV)/bin/pyacemaker run examples/sn2/config.yaml; rc=$$?; \
+	$(VENV)/bin/pyacemaker down; \
+	echo "demo wall time: $$(( $$(date +%s) - start )) s"; \
+	if [ $$rc -eq 0 ]; then \
+	  echo "selected structures: examples/sn2/runs/sn2/step1_direct/direct.extxyz"; \
+	  echo "coverage score:      examples/sn2/runs/sn2/step1_direct/selection.json"; \
+	fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy pyacemaker
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+docs: install
+	$(PY) docs/make_config_reference.py
+
+test: install lint
+	$(PY) docs/make_config_reference.py --check
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) pyacemaker/v1 .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,39 @@
+"""`pyacemaker config schema` and `pyacemaker config check FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_OK, fail
+from pyacemaker.config import ConfigError, json_schema, load_config
+from pyacemaker.seeds import load_seeds
+from pyacemaker.structures import StructureFileError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("config", help="print the config schema or check a config file")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    schema = actions.add_parser("schema", help="print the JSON schema of the run config")
+    schema.set_defaults(handler=run_schema)
+    check = actions.add_parser("check", help="validate a config file and read its seed structures")
+    check.add_argument("file", help="YAML config")
+    check.set_defaults(handler=run_check)
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def run_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+        seeds = load_seeds(config)
+    except (ConfigError, StructureFileError) as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    print(
+        f"{args.file}: OK — run {config.name!r}, {len(seeds)} seed structures, charge {config.system.charge}, "
+        f"oracle {config.oracle.backend}, outputs in {config.run_dir}"
+    )
+    return EXIT_OK

@@ -1,0 +1,87 @@
+"""`pyacemaker run CONFIG`: validate locally, submit to the orchestrator, follow the run with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, fail
+from pyacemaker.cli.status import print_run
+from pyacemaker.config import ConfigError, config_to_json, load_config
+from pyacemaker.deploy.local import service_address
+from pyacemaker.rpc import channel, describe_rpc_error
+from pyacemaker.seeds import load_seeds
+from pyacemaker.structures import StructureFileError, atoms_to_structure
+from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+_K = orchestrator_pb2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="run the pipeline for a config (re-running skips verified steps)")
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("--orchestrator", help="orchestrator address (default: the local deployment)")
+    parser.add_argument("--detach", action="store_true", help="submit and return; follow with `pyacemaker status`")
+    parser.set_defaults(handler=run_pipeline)
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        seeds = load_seeds(config)
+    except (ConfigError, StructureFileError) as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    address = args.orchestrator or service_address("orchestrator")
+    console = Console(stderr=True)
+    request = orchestrator_pb2.StartRunRequest(
+        config_json=config_to_json(config),
+        seeds=[atoms_to_structure(atoms) for atoms in seeds],
+        run_dir=str(config.run_dir),
+    )
+    try:
+        with channel(address) as ch:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(ch)
+            run = stub.StartRun(request, timeout=60).run
+            console.print(f"run {run.name} ({run.run_id}) started; outputs in {run.run_dir}")
+            if args.detach:
+                return EXIT_OK
+            run = _follow(stub, run.run_id, console)
+    except grpc.RpcError as exc:
+        code = {grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT: EXIT_BAD_INPUT}
+        return fail(describe_rpc_error(exc, address), code.get(exc.code(), EXIT_FAILED))
+    except KeyboardInterrupt:
+        console.print("detached; the run goes on in the orchestrator (`pyacemaker status` follows it)")
+        return 130
+    print_run(Console(), run)
+    if run.state != common_pb2.JOB_STATE_SUCCEEDED:
+        return fail(f"run {run.run_id} did not succeed: {run.error}", EXIT_FAILED)
+    return EXIT_OK
+
+
+def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, run_id: str, console: Console) -> orchestrator_pb2.Run:
+    """Print step events as lines and show progress as a bar, until the run ends."""
+    run = None
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("waiting", total=None)
+        for response in stub.WatchRun(orchestrator_pb2.WatchRunRequest(run_id=run_id)):
+            run, event = response.run, response.event
+            if event.kind == _K.RUN_EVENT_KIND_STEP_PROGRESS:
+                p = event.progress
+                label = f"{event.step}: {p.stage}" + (f" ({p.message})" if p.message else "")
+                bar.update(task, description=label, completed=p.done, total=p.total or None)
+            elif event.kind != _K.RUN_EVENT_KIND_RUN_STARTED:
+                kind = _K.RunEventKind.Name(event.kind).removeprefix("RUN_EVENT_KIND_").lower().replace("_", " ")
+                where = f"{event.step}: " if event.step else ""
+                console.print(f"{kind}: {where}{event.message}".rstrip(": "))
+    if run is None:
+        raise RuntimeError("the orchestrator closed the event stream without any event")
+    return run

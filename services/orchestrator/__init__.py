@@ -1,0 +1,1 @@
+"""The orchestrator service: the only stateful brain. Owns runs and drives the steps through the others."""

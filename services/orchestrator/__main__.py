@@ -1,0 +1,21 @@
+"""`python -m services.orchestrator --store DIR --sampler HOST:PORT --oracle HOST:PORT [--port N]`"""
+
+import sys
+
+from pyacemaker.rpc import run_service_cli
+from services.orchestrator.runner import RunManager
+from services.orchestrator.server import add_to_server
+
+
+def _arguments(parser):
+    parser.add_argument("--sampler", required=True, help="address of the sampler service")
+    parser.add_argument("--oracle", required=True, help="address of the oracle service")
+
+
+def _make_register(args, store):
+    runs = RunManager(store, args.sampler, args.oracle)
+    return lambda server: add_to_server(server, runs)
+
+
+if __name__ == "__main__":
+    sys.exit(run_service_cli("orchestrator", None, _make_register, _arguments))

@@ -1,0 +1,268 @@
+"""Runs: validation, the step sequence with skip-if-verified, events, cancellation.
+
+A run is identified by its run directory. Each run executes in its own thread inside the orchestrator, so it
+outlives the client that started it; clients follow it through the event log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from pyacemaker.artifacts import ArtifactStore, sha256_of_file
+from pyacemaker.config import ConfigError, RunConfig, config_from_json
+from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
+from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2
+from services.orchestrator.state import RunState, StepRow
+from services.orchestrator.steps import RunCancelledError, Step, StepContext, step_key
+from services.orchestrator.steps.direct_sampling import DirectSamplingStep
+
+log = logging.getLogger(__name__)
+
+# The pipeline, in order. Later issues append steps 2-7 here.
+PIPELINE: tuple[Step, ...] = (DirectSamplingStep(),)
+
+_E = orchestrator_pb2
+_FINAL_STATES = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+
+
+def run_id_for(run_dir: Path) -> str:
+    return hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
+
+
+@dataclass
+class RunHandle:
+    run_id: str
+    config: RunConfig
+    run_dir: Path
+    state: RunState
+    job_state: int = common_pb2.JOB_STATE_QUEUED
+    error: str = ""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # Notified on every new event, so watchers wake up without polling the database.
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    thread: threading.Thread | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.job_state in _FINAL_STATES
+
+    def to_proto(self) -> orchestrator_pb2.Run:
+        return orchestrator_pb2.Run(
+            run_id=self.run_id,
+            name=self.config.name,
+            run_dir=str(self.run_dir),
+            state=self.job_state,
+            steps=[row.to_proto() for row in self.state.steps()],
+            error=self.error,
+        )
+
+
+class RunManager:
+    def __init__(self, store: ArtifactStore, sampler_address: str, oracle_address: str) -> None:
+        self.store = store
+        self.sampler_address = sampler_address
+        self.oracle_address = oracle_address
+        self._runs: dict[str, RunHandle] = {}
+        self._lock = threading.Lock()
+
+    # -- client-facing -------------------------------------------------------------------------------------
+    def start(self, config_json: str, seeds: list[common_pb2.Structure], run_dir: str) -> RunHandle:
+        try:
+            config = config_from_json(config_json)
+        except ConfigError as exc:
+            raise InvalidInputError(str(exc)) from None
+        if not seeds:
+            raise InvalidInputError("no seed structures in the request (system.seeds)")
+        if not run_dir or not Path(run_dir).is_absolute():
+            raise InvalidInputError(f"run_dir must be an absolute path, got {run_dir!r}")
+        path = Path(run_dir)
+        run_id = run_id_for(path)
+        with self._lock:
+            existing = self._runs.get(run_id)
+            if existing is not None and not existing.finished:
+                raise WrongStateError(f"run {run_id} in {path} is already in progress")
+            if existing is not None:
+                existing.state.close()
+            handle = RunHandle(run_id=run_id, config=config, run_dir=path, state=RunState(path))
+            self._runs[run_id] = handle
+        handle.state.save_config(config.name, config_json)
+        handle.thread = threading.Thread(
+            target=self._execute, args=(handle, list(seeds)), name=f"run-{run_id}", daemon=True
+        )
+        handle.thread.start()
+        return handle
+
+    def get(self, run_id: str) -> RunHandle:
+        with self._lock:
+            handle = self._runs.get(run_id)
+        if handle is None:
+            raise KeyError(run_id)
+        return handle
+
+    def list(self) -> list[RunHandle]:
+        with self._lock:
+            return list(self._runs.values())
+
+    def cancel(self, run_id: str) -> RunHandle:
+        handle = self.get(run_id)
+        handle.cancel.set()
+        return handle
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        for handle in self.list():
+            handle.cancel.set()
+        for handle in self.list():
+            if handle.thread is not None:
+                handle.thread.join(timeout)
+
+    # -- the run itself --------------------------------------------------------------------------------------
+    def _event(
+        self,
+        handle: RunHandle,
+        kind: int,
+        step: str = "",
+        message: str = "",
+        progress: common_pb2.Progress | None = None,
+        final_state: int | None = None,
+    ) -> None:
+        # Under the condition's lock, so a watcher that sees the run finished has all its events in the log.
+        with handle.changed:
+            if final_state is not None:
+                handle.job_state = final_state
+            handle.state.add_event(kind, step=step, message=message, progress=progress)
+            handle.changed.notify_all()
+
+    def _execute(self, handle: RunHandle, seeds: list[common_pb2.Structure]) -> None:
+        handle.job_state = common_pb2.JOB_STATE_RUNNING
+        self._event(handle, _E.RUN_EVENT_KIND_RUN_STARTED, message=f"run {handle.config.name} in {handle.run_dir}")
+        current = ""
+        try:
+            self._check_oracle(handle.config)
+            previous: dict[str, dict[str, common_pb2.ArtifactRef]] = {}
+            for step in PIPELINE:
+                current = step.name
+                previous[step.name] = self._run_step(handle, step, seeds, previous)
+            self._event(
+                handle,
+                _E.RUN_EVENT_KIND_RUN_COMPLETED,
+                message="run completed",
+                final_state=common_pb2.JOB_STATE_SUCCEEDED,
+            )
+        except RunCancelledError:
+            handle.error = "cancelled"
+            self._event(
+                handle,
+                _E.RUN_EVENT_KIND_RUN_FAILED,
+                step=current,
+                message="run cancelled",
+                final_state=common_pb2.JOB_STATE_CANCELLED,
+            )
+        except Exception as exc:
+            handle.error = _describe(exc)
+            log.error("run %s failed in step %s: %s\n%s", handle.run_id, current, handle.error, traceback.format_exc())
+            self._event(
+                handle,
+                _E.RUN_EVENT_KIND_RUN_FAILED,
+                step=current,
+                message=handle.error,
+                final_state=common_pb2.JOB_STATE_FAILED,
+            )
+
+    def _check_oracle(self, config: RunConfig) -> None:
+        """Fail early when the configured oracle backend is not served, instead of at the first DFT call."""
+        wanted = config.oracle.backend
+        with channel(self.oracle_address) as ch:
+            info = oracle_pb2_grpc.OracleServiceStub(ch).GetInfo(oracle_pb2.GetInfoRequest(), timeout=30)
+        offered = {b.name: b for b in info.backends}
+        if wanted not in offered:
+            raise RuntimeError(
+                f"the oracle at {self.oracle_address} does not serve backend {wanted!r} (oracle.backend)"
+            )
+        if not offered[wanted].available:
+            raise RuntimeError(
+                f"oracle backend {wanted!r} is not available at {self.oracle_address}: "
+                f"{offered[wanted].unavailable_reason}"
+            )
+
+    def _run_step(
+        self,
+        handle: RunHandle,
+        step: Step,
+        seeds: list[common_pb2.Structure],
+        previous: dict[str, dict[str, common_pb2.ArtifactRef]],
+    ) -> dict[str, common_pb2.ArtifactRef]:
+        def report(progress: common_pb2.Progress) -> None:
+            if handle.cancel.is_set():
+                raise RunCancelledError()
+            self._event(handle, _E.RUN_EVENT_KIND_STEP_PROGRESS, step=step.name, progress=progress)
+
+        ctx = StepContext(
+            config=handle.config,
+            store=self.store,
+            run_dir=handle.run_dir,
+            seeds=seeds,
+            sampler_address=self.sampler_address,
+            oracle_address=self.oracle_address,
+            report=report,
+            previous=previous,
+        )
+        key = step_key(step, ctx)
+        done = handle.state.step(step.name)
+        if done is not None and done.key == key and done.state == _E.STEP_STATE_COMPLETED:
+            problem = self._verify(handle.run_dir, done)
+            if problem is None:
+                self._event(handle, _E.RUN_EVENT_KIND_STEP_SKIPPED, step=step.name, message="outputs verified")
+                return done.outputs
+            self._event(handle, _E.RUN_EVENT_KIND_LOG, step=step.name, message=f"redoing: {problem}")
+        handle.state.mark_step(step.name, key, _E.STEP_STATE_RUNNING)
+        self._event(handle, _E.RUN_EVENT_KIND_STEP_STARTED, step=step.name)
+        try:
+            outcome = step.run(ctx)
+            exported = {rel: self._export(handle.run_dir, rel, ref) for rel, ref in outcome.exports.items()}
+        except BaseException as exc:
+            handle.state.mark_step(step.name, key, _E.STEP_STATE_FAILED, error=_describe(exc))
+            self._event(handle, _E.RUN_EVENT_KIND_STEP_FAILED, step=step.name, message=_describe(exc))
+            raise
+        row = StepRow(step.name, key, _E.STEP_STATE_COMPLETED, outcome.outputs, outcome.metrics, exported)
+        handle.state.complete_step(row)
+        summary = ", ".join(f"{k}={v:g}" for k, v in sorted(outcome.metrics.items()))
+        self._event(handle, _E.RUN_EVENT_KIND_STEP_COMPLETED, step=step.name, message=summary)
+        return outcome.outputs
+
+    def _export(self, run_dir: Path, relative: str, ref: common_pb2.ArtifactRef) -> str:
+        """Copy an artifact into the run directory (a copy, so editing it cannot corrupt the store)."""
+        target = run_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(target.name + ".partial")
+        shutil.copyfile(self.store.path(ref), staging)
+        staging.replace(target)
+        return ref.sha256
+
+    def _verify(self, run_dir: Path, row: StepRow) -> str | None:
+        """None when every output is intact, else what is wrong."""
+        for name, ref in row.outputs.items():
+            if not self.store.verify(ref):
+                return f"output {name!r} ({ref.uri}) is missing or altered in the artifact store"
+        for relative, sha256 in row.exported.items():
+            path = run_dir / relative
+            if not path.is_file():
+                return f"{path} was deleted"
+            if sha256_of_file(path) != sha256:
+                return f"{path} was altered"
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    if isinstance(exc, RunCancelledError):
+        return "cancelled"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,100 @@
+"""Step 1: candidate pool from the seeds, then DIRECT selection, both done by the sampler over gRPC."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from pyacemaker.rpc import channel
+from pyacemaker.v1 import sampler_pb2, sampler_pb2_grpc
+from services.orchestrator.steps import StepContext, StepOutcome
+
+EXPORT_DIR = "step1_direct"
+
+
+class DirectSamplingStep:
+    name = "direct_sampling"
+    version = 1
+
+    def key_material(self, ctx: StepContext) -> dict[str, Any]:
+        sampling = ctx.config.sampling
+        return {
+            "pool": sampling.pool.model_dump(mode="json"),
+            "direct": sampling.direct.model_dump(mode="json"),
+            "seeds": [seed.content_id for seed in ctx.seeds],
+        }
+
+    def run(self, ctx: StepContext) -> StepOutcome:
+        pool_config = ctx.config.sampling.pool
+        direct = ctx.config.sampling.direct
+        with channel(ctx.sampler_address) as ch:
+            sampler = sampler_pb2_grpc.SamplerServiceStub(ch)
+            pool_result = _last_result(
+                sampler.GeneratePool(
+                    sampler_pb2.GeneratePoolRequest(
+                        seeds=ctx.seeds, settings=sampler_pb2.PoolSettings(**pool_config.model_dump())
+                    ),
+                    timeout=ctx.call_timeout_s,
+                ),
+                ctx,
+            ).result
+            if pool_result.n_structures < direct.n_select:
+                raise ValueError(
+                    f"the pool has {pool_result.n_structures} structures but sampling.direct.n_select is "
+                    f"{direct.n_select}; raise the pool settings (sampling.pool) or lower n_select"
+                )
+            selection = _last_result(
+                sampler.SelectDirect(
+                    sampler_pb2.SelectDirectRequest(
+                        pool=pool_result.pool,
+                        n_select=direct.n_select,
+                        k_per_cluster=direct.k_per_cluster,
+                        featuriser=direct.featuriser,
+                        coverage_bins=direct.coverage_bins,
+                        random_seed=direct.random_seed,
+                    ),
+                    timeout=ctx.call_timeout_s,
+                ),
+                ctx,
+            ).result
+        summary = {
+            "n_pool": pool_result.n_structures,
+            "n_rejected": pool_result.n_rejected,
+            "n_selected": len(selection.indices),
+            "coverage": selection.coverage,
+            "n_components": selection.n_components,
+            "explained_variance_ratio": list(selection.explained_variance_ratio),
+            "n_clusters": selection.n_clusters,
+            "selected_pool_indices": list(selection.indices),
+        }
+        summary_ref = ctx.store.put_bytes(
+            json.dumps(summary, indent=2).encode(), kind="selection_summary", suffix=".json"
+        )
+        outputs = {"pool": pool_result.pool, "direct": selection.selected, "summary": summary_ref}
+        metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
+        exports = {
+            f"{EXPORT_DIR}/pool.extxyz": pool_result.pool,
+            f"{EXPORT_DIR}/direct.extxyz": selection.selected,
+            f"{EXPORT_DIR}/selection.json": summary_ref,
+        }
+        return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
+
+
+def _last_result(responses: Any, ctx: StepContext) -> Any:
+    """Forward a sampler stream's progress to the run and return its final `result` message."""
+    final = None
+    try:
+        for response in responses:
+            if response.HasField("progress"):
+                ctx.report(response.progress)
+            else:
+                final = response
+    except BaseException:
+        if isinstance(responses, grpc.Future):
+            responses.cancel()  # do not leave the sampler working for a run that stopped
+        raise
+    if final is None:
+        raise RuntimeError("the sampler closed the stream without a result")
+    return final

@@ -1,0 +1,35 @@
+"""Fixtures shared by all tests: real gRPC servers on ephemeral loopback ports, stopped also on failure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.rpc import create_server
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SN2_DIR = REPO_ROOT / "examples" / "sn2"
+
+
+@contextmanager
+def running_service(register: Callable[[grpc.Server], list[str]]) -> Iterator[str]:
+    """Start a real gRPC server in this process on a free loopback port; yields its address."""
+    service = create_server("127.0.0.1", 0, register)
+    service.start()
+    try:
+        yield f"127.0.0.1:{service.port}"
+    finally:
+        service.stop(grace=0)
+
+
+@pytest.fixture
+def artifact_store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "store")

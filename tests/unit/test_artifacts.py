@@ -1,0 +1,60 @@
+"""The content-addressed artifact store: digests, verification, and confinement to its root."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from pyacemaker.artifacts import ArtifactError, ArtifactStore
+from pyacemaker.v1 import common_pb2
+
+
+def test_put_then_read_back_with_independent_digest(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    data = b"3\n\nH 0 0 0\n" * 100
+    ref = store.put_bytes(data, kind="structures", suffix=".extxyz")
+    assert ref.sha256 == hashlib.sha256(data).hexdigest()
+    assert ref.size == len(data)
+    assert ref.uri.startswith("objects/") and ref.uri.endswith(".extxyz")
+    assert store.path(ref).read_bytes() == data
+
+
+def test_same_content_is_stored_once(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    a = store.put_bytes(b"same", kind="x", suffix=".bin")
+    source = tmp_path / "copy.bin"
+    source.write_bytes(b"same")
+    b = store.put_file(source, kind="x")
+    assert a.sha256 == b.sha256
+    assert len(list((store.root / "objects").rglob("*"))) == 2  # one shard dir + one object
+
+
+def test_altered_or_missing_object_is_refused(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    ref = store.put_bytes(b"original", kind="x")
+    store.path(ref).write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="sha256"):
+        store.path(ref)
+    assert not store.verify(ref)
+    store.path(ref, verify=False).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        store.path(ref)
+
+
+@pytest.mark.parametrize("uri", ["../outside.txt", "/etc/passwd", "objects/../../outside.txt", ""])
+def test_paths_outside_the_root_are_refused(tmp_path, uri):
+    store = ArtifactStore(tmp_path / "store")
+    (tmp_path / "outside.txt").write_text("secret")
+    ref = common_pb2.ArtifactRef(uri=uri, sha256=hashlib.sha256(b"secret").hexdigest(), size=6)
+    with pytest.raises(ArtifactError):
+        store.path(ref)
+
+
+def test_symlink_escaping_the_root_is_refused(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    (tmp_path / "outside.txt").write_text("secret")
+    (store.root / "objects" / "link.txt").symlink_to(tmp_path / "outside.txt")
+    ref = common_pb2.ArtifactRef(uri="objects/link.txt", sha256=hashlib.sha256(b"secret").hexdigest())
+    with pytest.raises(ArtifactError, match="outside"):
+        store.path(ref)

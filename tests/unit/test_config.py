@@ -1,0 +1,98 @@
+"""Config validation: every problem names its key path or file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pyacemaker.config import ConfigError, config_from_json, config_to_json, json_schema, load_config
+from pyacemaker.seeds import load_seeds
+
+SEED = "2\ncharge=-1\nCl 0 0 0\nCl 0 0 2.0\n"
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    (tmp_path / "seed.xyz").write_text(SEED)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _minimal(**overrides) -> dict:
+    data = {"name": "t", "system": {"seeds": ["seed.xyz"], "charge": -1}, "oracle": {"backend": "xtb"}}
+    data.update(overrides)
+    return data
+
+
+def test_minimal_config_gets_defaults_and_resolved_paths(tmp_path):
+    config = load_config(_write(tmp_path, _minimal()))
+    assert config.system.seeds == [(tmp_path / "seed.xyz").resolve()]
+    assert config.run_dir == (tmp_path / "runs" / "t").resolve()
+    assert config.sampling.direct.n_select == 50
+    assert config.oracle.backend == "xtb" and config.oracle.method == "GFN2-xTB"
+    assert config_from_json(config_to_json(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"sampling": {"direct": {"n_selct": 3}}}, "sampling.direct.n_selct: unknown key"),
+        ({"md": {"temperatures": [300, -5]}}, "md.temperatures.1: Input should be greater than 0 (got -5)"),
+        ({"oracle": {"backend": "xtb", "methd": "GFN2-xTB"}}, "oracle.methd: unknown key"),
+        ({"oracle": {"backend": "lj", "sigma": 0}}, "oracle.sigma: Input should be greater than 0 (got 0)"),
+        ({"oracle": {"backend": "vasp9"}}, "oracle: Input tag 'vasp9'"),
+        ({"sampling": {"direct": {"n_select": 0}}}, "sampling.direct.n_select: Input should be greater than or equal"),
+        ({"name": "bad name!"}, "name: String should match pattern"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, _minimal(**overrides)))
+    assert expected in str(info.value)
+    assert str(info.value).startswith(str(tmp_path / "config.yaml"))
+
+
+def test_missing_seed_file_names_the_file(tmp_path):
+    path = _write(tmp_path, _minimal(system={"seeds": ["seed.xyz", "nope.xyz"]}))
+    with pytest.raises(ConfigError, match=r"system.seeds: seed file not found: .*nope.xyz"):
+        load_config(path)
+
+
+def test_missing_required_section(tmp_path):
+    data = _minimal()
+    del data["oracle"]
+    with pytest.raises(ConfigError, match="oracle: Field required"):
+        load_config(_write(tmp_path, data))
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("name: t\nsystem: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line \d+: not valid YAML"):
+        load_config(path)
+
+
+def test_seed_charge_must_match_the_config(tmp_path):
+    config = load_config(_write(tmp_path, _minimal(system={"seeds": ["seed.xyz"], "charge": 0})))
+    with pytest.raises(ConfigError, match=r"system\.charge: 0 contradicts charge=-1"):
+        load_seeds(config)
+
+
+def test_impossible_spin_multiplicity(tmp_path):
+    # Cl2⁻ has 35 electrons: a singlet is impossible.
+    config = load_config(
+        _write(tmp_path, _minimal(system={"seeds": ["seed.xyz"], "charge": -1, "spin_multiplicity": 1}))
+    )
+    with pytest.raises(ConfigError, match=r"system\.spin_multiplicity: 1 is impossible with 35 electrons"):
+        load_seeds(config)
+    ok = load_config(_write(tmp_path, _minimal()))
+    assert [s.info["spin_multiplicity"] for s in load_seeds(ok)] == [2]
+
+
+def test_schema_is_json_and_forbids_extra_keys():
+    schema = json.loads(json.dumps(json_schema()))
+    assert schema["additionalProperties"] is False
+    assert {"system", "oracle", "sampling"} <= set(schema["properties"])
