@@ -1,0 +1,62 @@
+"""The registry of oracle backends: names → classes, option validation, and what GetInfo reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from pyacemaker.config import ORACLE_OPTION_MODELS, format_validation_error
+from pyacemaker.rpc import InvalidInputError, WrongStateError
+from pyacemaker.v1 import oracle_pb2
+from services.oracle.backends.base import OracleBackend
+from services.oracle.backends.lj import LennardJonesBackend
+from services.oracle.backends.xtb import XtbBackend
+
+BACKENDS: dict[str, type[OracleBackend]] = {cls.name: cls for cls in (LennardJonesBackend, XtbBackend)}
+
+__all__ = ["BACKENDS", "OracleBackend", "backend_infos", "create_backend", "validate_options"]
+
+
+def validate_options(name: str, options: Mapping[str, Any]) -> Any:
+    """The backend's pydantic config (the run config's `oracle:` section) built from `options`; bad names
+    and values raise InvalidInputError naming the backend and the offending option."""
+    if name not in BACKENDS or name not in ORACLE_OPTION_MODELS:
+        known = ", ".join(sorted(set(BACKENDS) & set(ORACLE_OPTION_MODELS)))
+        raise InvalidInputError(f"unknown oracle backend {name!r} (known: {known})")
+    options = dict(options)
+    if options.pop("backend", name) != name:
+        raise InvalidInputError(f"oracle backend {name!r}: option 'backend' contradicts the backend name")
+    data = {"backend": name, **options}
+    try:
+        return ORACLE_OPTION_MODELS[name].model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInputError(format_validation_error(exc, data, f"oracle backend {name!r} options")) from None
+
+
+def create_backend(name: str, options: Mapping[str, Any]) -> OracleBackend:
+    """A ready backend; InvalidInputError for an unknown name or bad options, WrongStateError when the
+    backend's code is not installed in this process."""
+    config = validate_options(name, options)
+    cls = BACKENDS[name]
+    reason = cls.unavailable_reason()
+    if reason is not None:
+        raise WrongStateError(f"oracle backend {name!r} is not available here: {reason}")
+    return cls(config)  # type: ignore[call-arg]  # each backend takes its own config model
+
+
+def backend_infos() -> list[oracle_pb2.BackendInfo]:
+    infos = []
+    for name, cls in sorted(BACKENDS.items()):
+        reason = cls.unavailable_reason()
+        infos.append(
+            oracle_pb2.BackendInfo(
+                name=name,
+                implemented_properties=list(cls.implemented_properties),
+                descriptors=cls.descriptors,
+                available=reason is None,
+                unavailable_reason=reason or "",
+            )
+        )
+    return infos

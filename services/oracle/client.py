@@ -1,0 +1,61 @@
+"""Streaming client of the OracleService, for the CLI and the other services.
+
+Structures go out in batches while labels come back, so neither side holds the whole set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import grpc
+from ase import Atoms
+from google.protobuf import struct_pb2
+
+from pyacemaker.structures import atoms_to_structure
+from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
+
+
+def backend_spec(name: str, options: Mapping[str, Any] | None = None) -> oracle_pb2.BackendSpec:
+    """The wire form of a backend choice; `options` are the config's oracle section minus `backend`.
+    Raises ValueError for values a protobuf Struct cannot hold."""
+    struct = struct_pb2.Struct()
+    struct.update(dict(options or {}))
+    return oracle_pb2.BackendSpec(name=name, options=struct)
+
+
+def label_requests(
+    backend: oracle_pb2.BackendSpec, frames: Iterable[Atoms], batch_size: int
+) -> Iterator[oracle_pb2.LabelRequest]:
+    """Requests built lazily from `frames`; only the first carries the backend."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch: list[common_pb2.Structure] = []
+    first = True
+    for atoms in frames:
+        batch.append(atoms_to_structure(atoms))
+        if len(batch) == batch_size:
+            yield oracle_pb2.LabelRequest(backend=backend if first else None, structures=batch)
+            batch, first = [], False
+    if batch or first:
+        yield oracle_pb2.LabelRequest(backend=backend if first else None, structures=batch)
+
+
+def stream_labels(
+    channel: grpc.Channel,
+    backend: oracle_pb2.BackendSpec,
+    frames: Iterable[Atoms],
+    batch_size: int = 16,
+    timeout: float | None = None,
+) -> Iterator[tuple[int, common_pb2.Labels]]:
+    """(index in `frames`, Labels) as the oracle computes them; raises grpc.RpcError when the call fails.
+    Stopping the iteration early cancels the call."""
+    call = oracle_pb2_grpc.OracleServiceStub(channel).Label(
+        label_requests(backend, frames, batch_size), timeout=timeout
+    )
+    try:
+        for response in call:
+            for result in response.results:
+                yield int(result.index), result.labels
+    finally:
+        call.cancel()

@@ -1,0 +1,117 @@
+"""The OracleService servicer: parse requests, call a backend, stream labels back. No science here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Iterable, Iterator
+
+import grpc
+from google.protobuf import json_format
+
+from pyacemaker.rpc import InvalidInputError, abort, status_on_error
+from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
+from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
+from services.oracle.backends import OracleBackend, backend_infos, create_backend
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
+# Distinct backend settings kept ready at once; a MACE backend holds a model in memory per entry.
+BACKEND_CACHE_SIZE = 8
+
+
+class OracleService(oracle_pb2_grpc.OracleServiceServicer):
+    def __init__(self) -> None:
+        # Keyed by name and canonical options, so repeated streams with the same settings share a backend.
+        self._backend_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(_create_backend_from_json)
+
+    def backend(self, spec: oracle_pb2.BackendSpec) -> OracleBackend:
+        options = json_format.MessageToDict(spec.options)
+        return self._backend_for(spec.name, json.dumps(options, sort_keys=True))
+
+    def GetInfo(self, request: oracle_pb2.GetInfoRequest, context: grpc.ServicerContext) -> oracle_pb2.GetInfoResponse:
+        return oracle_pb2.GetInfoResponse(backends=backend_infos())
+
+    def Label(
+        self, request_iterator: Iterator[oracle_pb2.LabelRequest], context: grpc.ServicerContext
+    ) -> Iterator[oracle_pb2.LabelResponse]:
+        with status_on_error(context):
+            yield from self._label_stream(request_iterator)
+
+    def _label_stream(self, requests: Iterator[oracle_pb2.LabelRequest]) -> Iterator[oracle_pb2.LabelResponse]:
+        # One request batch at a time, one response per structure as soon as it is labelled: memory stays
+        # flat however long the stream, and the client sees progress.
+        backend: OracleBackend | None = None
+        first_spec = oracle_pb2.BackendSpec()
+        index = 0
+        failed = 0
+        for request in requests:
+            if backend is None:
+                first_spec = _required_backend_spec(request, "LabelRequest")
+                backend = self.backend(first_spec)
+                log.info("label stream started: backend %s (%s)", backend.name, backend.level_of_theory)
+            elif request.HasField("backend") and request.backend != first_spec:
+                raise InvalidInputError("only the first LabelRequest of a stream may name a backend")
+            for result in _label_batch(backend, request.structures, index):
+                if result.labels.status != common_pb2.LABEL_STATUS_OK:
+                    failed += 1
+                    log.warning("structure %d failed: %s", result.index, result.labels.reason)
+                yield oracle_pb2.LabelResponse(results=[result])
+            index += len(request.structures)
+        log.info("label stream finished: %d structures, %d failed", index, failed)
+
+    def Describe(
+        self, request_iterator: Iterator[oracle_pb2.DescribeRequest], context: grpc.ServicerContext
+    ) -> Iterator[oracle_pb2.DescribeResponse]:
+        with status_on_error(context):
+            first = next(request_iterator, None)
+            if first is None:
+                return
+            backend = self.backend(_required_backend_spec(first, "DescribeRequest"))
+        # No backend here computes descriptors; the mace backend adds the streaming path when it arrives.
+        abort(
+            context,
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"oracle backend {backend.name!r} has no descriptors (descriptors come from the mace backend)",
+        )
+        yield  # unreachable; makes this a generator like every streaming handler
+
+
+def _create_backend_from_json(name: str, options_json: str) -> OracleBackend:
+    return create_backend(name, json.loads(options_json))
+
+
+def _required_backend_spec(
+    request: oracle_pb2.LabelRequest | oracle_pb2.DescribeRequest, kind: str
+) -> oracle_pb2.BackendSpec:
+    if not request.HasField("backend") or not request.backend.name:
+        raise InvalidInputError(f"the first {kind} of a stream must name a backend (field `backend`)")
+    return request.backend
+
+
+def _label_batch(
+    backend: OracleBackend, structures: Iterable[common_pb2.Structure], first_index: int
+) -> Iterator[oracle_pb2.LabelResult]:
+    """LabelResults in request order; a Structure that does not describe a valid geometry gets a FAILED
+    label like a failed calculation, so the rest of the stream goes on."""
+    entries: list[tuple[int, str, str | None]] = []  # (index, content id, reason it cannot be labelled)
+    valid = []
+    for offset, message in enumerate(structures):
+        try:
+            atoms = structure_to_atoms(message)
+        except ValueError as exc:
+            entries.append((first_index + offset, message.content_id, f"invalid structure: {exc}"))
+            continue
+        entries.append((first_index + offset, message.content_id or content_id(atoms), None))
+        valid.append(atoms)
+    labels = backend.label_batch(valid)
+    for index, cid, reason in entries:
+        result = failed_labels(reason, backend.level_of_theory) if reason is not None else next(labels)
+        yield oracle_pb2.LabelResult(index=index, content_id=cid, labels=result)
+
+
+def add_to_server(server: grpc.Server) -> list[str]:
+    oracle_pb2_grpc.add_OracleServiceServicer_to_server(OracleService(), server)
+    return [SERVICE_NAME]

@@ -1,0 +1,139 @@
+"""The xtb backend against tblite's non-ASE interface called directly, and against finite differences."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.units import Bohr, Hartree, kB
+
+from pyacemaker.config import XtbOracleConfig
+from pyacemaker.v1 import common_pb2
+from services.oracle.backends.xtb import XtbBackend
+
+tblite_interface = pytest.importorskip("tblite.interface", reason="tblite is not installed (pyacemaker[oracle])")
+
+GFN2 = XtbOracleConfig(backend="xtb")
+
+
+def sn2_complex(charge: int = -1, spin_multiplicity: int | None = 1) -> Atoms:
+    """Cl⁻ ··· CH3Cl ion–dipole complex: C on the Cl–C–Cl axis, H3 umbrella towards the far Cl."""
+    atoms = Atoms(
+        "CClHHHCl",
+        positions=[
+            [0.00, 0.00, 0.00],
+            [-1.79, 0.00, 0.00],
+            [0.36, 1.03, 0.02],
+            [0.35, -0.53, 0.89],
+            [0.37, -0.50, -0.90],
+            [3.15, 0.05, -0.03],
+        ],
+    )
+    atoms.info["charge"] = charge
+    if spin_multiplicity is not None:
+        atoms.info["spin_multiplicity"] = spin_multiplicity
+    return atoms
+
+
+def direct_tblite(atoms: Atoms, charge: int, unpaired: int) -> tuple[float, np.ndarray]:
+    """Energy (eV) and forces (eV/Å) from tblite's plain interface, which works in Hartree and Bohr."""
+    calc = tblite_interface.Calculator("GFN2-xTB", atoms.numbers, atoms.positions / Bohr, charge, unpaired)
+    calc.set("verbosity", 0)
+    calc.set("accuracy", 1.0)
+    calc.set("temperature", 300.0 * kB / Hartree)
+    calc.set("max-iter", 250)
+    result = calc.singlepoint()
+    return result.get("energy") * Hartree, -result.get("gradient") * Hartree / Bohr
+
+
+def test_hartree_constant_is_codata() -> None:
+    assert Hartree == pytest.approx(27.211386, abs=1e-5)
+
+
+def test_charged_energy_and_forces_equal_a_direct_tblite_call_in_ev() -> None:
+    atoms = sn2_complex()
+    labels = XtbBackend(GFN2).label(atoms)
+    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+    energy, forces = direct_tblite(atoms, charge=-1, unpaired=0)
+    assert labels.energy == pytest.approx(energy, abs=1e-6)
+    np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), forces, atol=1e-6)
+    assert list(labels.stress) == [], "a molecule has no stress"
+    assert labels.level_of_theory == "xtb:GFN2-xTB"
+
+
+def test_the_charge_of_the_structure_reaches_tblite() -> None:
+    backend = XtbBackend(GFN2)
+    anion = backend.label(sn2_complex(charge=-1))
+    # 43 electrons: the neutral radical is a doublet (the default multiplicity for an odd count).
+    neutral = backend.label(sn2_complex(charge=0, spin_multiplicity=None))
+    assert neutral.status == common_pb2.LABEL_STATUS_OK, neutral.reason
+    assert abs(anion.energy - neutral.energy) > 1.0
+    energy, _ = direct_tblite(sn2_complex(charge=0), charge=0, unpaired=1)
+    assert neutral.energy == pytest.approx(energy, abs=1e-6)
+
+
+def test_forces_are_minus_the_finite_difference_gradient() -> None:
+    atoms = sn2_complex()
+    backend = XtbBackend(GFN2)
+    forces = np.reshape(backend.label(atoms).forces, (-1, 3))
+    step = 1e-3
+    numeric = np.zeros_like(forces)
+    for atom, axis in itertools.product(range(len(atoms)), range(3)):
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[atom, axis] += step
+        minus.positions[atom, axis] -= step
+        numeric[atom, axis] = -(backend.label(plus).energy - backend.label(minus).energy) / (2 * step)
+    assert np.abs(forces).max() > 0.05
+    np.testing.assert_allclose(forces, numeric, atol=1e-3)
+
+
+def test_periodic_stress_is_the_finite_difference_strain_derivative() -> None:
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=1)
+    backend = XtbBackend(GFN2)
+    labels = backend.label(atoms)
+    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+    assert len(labels.stress) == 6
+    step = 1e-4
+    numeric = np.zeros(6)
+    for voigt, (a, b) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
+        strain = np.zeros((3, 3))
+        strain[a, b] = strain[b, a] = step if a == b else step / 2
+        energies = []
+        for sign in (1, -1):
+            strained = atoms.copy()
+            strained.set_cell(np.asarray(atoms.cell) @ (np.eye(3) + sign * strain), scale_atoms=True)
+            energies.append(backend.label(strained).energy)
+        numeric[voigt] = (energies[0] - energies[1]) / (2 * step * atoms.get_volume())
+    np.testing.assert_allclose(labels.stress, numeric, atol=1e-5)
+
+
+def test_unconverged_scf_gives_a_failed_label() -> None:
+    backend = XtbBackend(XtbOracleConfig(backend="xtb", max_iterations=1))
+    labels = backend.label(sn2_complex())
+    assert labels.status == common_pb2.LABEL_STATUS_FAILED
+    assert "SCF not converged" in labels.reason
+    assert not labels.HasField("energy")
+
+
+def test_impossible_spin_multiplicity_gives_a_failed_label() -> None:
+    # Cl⁻ + CH3Cl has 44 electrons: a doublet cannot exist.
+    labels = XtbBackend(GFN2).label(sn2_complex(charge=-1, spin_multiplicity=2))
+    assert labels.status == common_pb2.LABEL_STATUS_FAILED
+    assert "spin multiplicity 2" in labels.reason and "44 electrons" in labels.reason
+
+
+def test_coinciding_atoms_give_a_failed_label() -> None:
+    atoms = sn2_complex()
+    atoms.positions[5] = atoms.positions[0]
+    labels = XtbBackend(GFN2).label(atoms)
+    assert labels.status == common_pb2.LABEL_STATUS_FAILED
+    assert labels.reason
+
+
+def test_level_of_theory_names_a_non_default_electronic_temperature() -> None:
+    hot = XtbBackend(XtbOracleConfig(backend="xtb", method="GFN1-xTB", electronic_temperature=1000.0))
+    assert hot.level_of_theory == "xtb:GFN1-xTB,Tel=1000.0K"
