@@ -35,7 +35,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     except (ConfigError, StructureFileError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     address = args.orchestrator or service_address("orchestrator")
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     request = orchestrator_pb2.StartRunRequest(
         config_json=config_to_json(config),
         seeds=[atoms_to_structure(atoms) for atoms in seeds],
@@ -48,20 +48,22 @@ def run_pipeline(args: argparse.Namespace) -> int:
             console.print(f"run {run.name} ({run.run_id}) started; outputs in {run.run_dir}")
             if args.detach:
                 return EXIT_OK
-            run = _follow(stub, run.run_id, console)
+            run = _follow(stub, run, console)
     except grpc.RpcError as exc:
         code = {grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT: EXIT_BAD_INPUT}
         return fail(describe_rpc_error(exc, address), code.get(exc.code(), EXIT_FAILED))
     except KeyboardInterrupt:
         console.print("detached; the run goes on in the orchestrator (`pyacemaker status` follows it)")
         return 130
-    print_run(Console(), run)
+    print_run(Console(soft_wrap=True), run)
     if run.state != common_pb2.JOB_STATE_SUCCEEDED:
         return fail(f"run {run.run_id} did not succeed: {run.error}", EXIT_FAILED)
     return EXIT_OK
 
 
-def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, run_id: str, console: Console) -> orchestrator_pb2.Run:
+def _follow(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, started: orchestrator_pb2.Run, console: Console
+) -> orchestrator_pb2.Run:
     """Print step events as lines and show progress as a bar, until the run ends."""
     run = None
     columns = [
@@ -72,7 +74,9 @@ def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, run_id: str, co
     ]
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("waiting", total=None)
-        for response in stub.WatchRun(orchestrator_pb2.WatchRunRequest(run_id=run_id)):
+        for response in stub.WatchRun(
+            orchestrator_pb2.WatchRunRequest(run_id=started.run_id, after_seq=started.first_seq)
+        ):
             run, event = response.run, response.event
             if event.kind == _K.RUN_EVENT_KIND_STEP_PROGRESS:
                 p = event.progress

@@ -40,7 +40,7 @@ def print_run(console: Console, run: orchestrator_pb2.Run) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(soft_wrap=True)
     table = Table(title="services")
     for column in ("service", "address", "pid", "health"):
         table.add_column(column)

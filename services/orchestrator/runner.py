@@ -10,6 +10,7 @@ import hashlib
 import logging
 import shutil
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class RunHandle:
     # Notified on every new event, so watchers wake up without polling the database.
     changed: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
+    first_seq: int = 0
 
     @property
     def finished(self) -> bool:
@@ -62,6 +64,7 @@ class RunHandle:
             state=self.job_state,
             steps=[row.to_proto() for row in self.state.steps()],
             error=self.error,
+            first_seq=self.first_seq,
         )
 
 
@@ -94,6 +97,8 @@ class RunManager:
             handle = RunHandle(run_id=run_id, config=config, run_dir=path, state=RunState(path))
             self._runs[run_id] = handle
         handle.state.save_config(config.name, config_json)
+        started = handle.state.add_event(_E.RUN_EVENT_KIND_RUN_STARTED, message=f"run {config.name} in {path}")
+        handle.first_seq = started.seq - 1
         handle.thread = threading.Thread(
             target=self._execute, args=(handle, list(seeds)), name=f"run-{run_id}", daemon=True
         )
@@ -142,7 +147,7 @@ class RunManager:
 
     def _execute(self, handle: RunHandle, seeds: list[common_pb2.Structure]) -> None:
         handle.job_state = common_pb2.JOB_STATE_RUNNING
-        self._event(handle, _E.RUN_EVENT_KIND_RUN_STARTED, message=f"run {handle.config.name} in {handle.run_dir}")
+        started = time.monotonic()
         current = ""
         try:
             self._check_oracle(handle.config)
@@ -153,7 +158,7 @@ class RunManager:
             self._event(
                 handle,
                 _E.RUN_EVENT_KIND_RUN_COMPLETED,
-                message="run completed",
+                message=f"in {time.monotonic() - started:.1f} s",
                 final_state=common_pb2.JOB_STATE_SUCCEEDED,
             )
         except RunCancelledError:
