@@ -20,16 +20,14 @@ from pyacemaker.config import DirectConfig, PoolConfig, load_config
 from pyacemaker.seeds import load_seeds
 from services.sampler.direct import coverage_score, select_direct
 from services.sampler.features import get_featuriser
-from services.sampler.pool import generate_pool, model_sn2_seeds
+from services.sampler.pool import generate_pool
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "sn2" / "config.yaml"
 
 
 def sn2_inputs(config_path: Path) -> tuple[list[Atoms], PoolConfig, DirectConfig, str]:
-    if config_path.is_file():
-        config = load_config(config_path)
-        return load_seeds(config), config.sampling.pool, config.sampling.direct, str(config_path)
-    return model_sn2_seeds(), PoolConfig(), DirectConfig(), "built-in SN2 seeds, default settings"
+    config = load_config(config_path)
+    return load_seeds(config), config.sampling.pool, config.sampling.direct, str(config_path)
 
 
 def main(argv: list[str] | None = None) -> int:

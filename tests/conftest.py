@@ -9,14 +9,22 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import create_server
+from pyacemaker.structures import read_structures
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SN2_DIR = REPO_ROOT / "examples" / "sn2"
+SN2_SEED_FILES = ("reactant_complex.xyz", "transition_state.xyz", "product_complex.xyz")
+
+
+def sn2_seeds() -> list[Atoms]:
+    """The SN2 example's seeds (GFN2-xTB stationary points; atom order C, H, H, H, Cl1, Cl2; charge −1)."""
+    return [read_structures(SN2_DIR / "seeds" / name)[0] for name in SN2_SEED_FILES]
 
 
 @contextmanager

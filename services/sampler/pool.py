@@ -280,26 +280,3 @@ def generate_pool(seeds: list[Atoms], config: PoolConfig, progress: ProgressCall
             )
             keep(batch, f"interpolation seed {i + 1} → {i + 2}")
     return PoolResult(structures=structures, n_rejected=n_rejected)
-
-
-def _sn2_frame(leaving_z: float, nucleophile_z: float, hydrogen_z: float, hydrogen_rho: float) -> Atoms:
-    """C at the origin, three H in a ring, Cl_a on +z and Cl_b on −z; order C, H, H, H, Cl_a, Cl_b."""
-    angles = np.radians([0.0, 120.0, 240.0])
-    hydrogens = [[hydrogen_rho * np.cos(a), hydrogen_rho * np.sin(a), hydrogen_z] for a in angles]
-    positions = [[0.0, 0.0, 0.0], *hydrogens, [0.0, 0.0, leaving_z], [0.0, 0.0, nucleophile_z]]
-    atoms = Atoms("CH3Cl2", positions=positions)
-    atoms.info[CHARGE_KEY] = -1
-    atoms.info[SPIN_KEY] = 1
-    return atoms
-
-
-def model_sn2_seeds() -> list[Atoms]:
-    """Rough Cl⁻ + CH3Cl → ClCH3 + Cl⁻ geometries (reactant complex, D3h-like transition state, product
-    complex) for tests and benchmarks that must not depend on the example seed files."""
-    c_h = 1.09
-    tetrahedral = np.radians(109.47)
-    h_z, h_rho = c_h * np.cos(tetrahedral), c_h * np.sin(tetrahedral)  # H tilted away from the bonded Cl
-    reactant = _sn2_frame(leaving_z=1.80, nucleophile_z=-3.20, hydrogen_z=h_z, hydrogen_rho=h_rho)
-    transition = _sn2_frame(leaving_z=2.30, nucleophile_z=-2.30, hydrogen_z=0.0, hydrogen_rho=1.08)
-    product = _sn2_frame(leaving_z=3.20, nucleophile_z=-1.80, hydrogen_z=-h_z, hydrogen_rho=h_rho)
-    return [reactant, transition, product]

@@ -12,9 +12,8 @@ from pyacemaker.artifacts import ArtifactStore, sha256_of_file
 from pyacemaker.rpc import channel
 from pyacemaker.structures import atoms_to_structure, content_id, read_structures
 from pyacemaker.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
-from services.sampler.pool import model_sn2_seeds
 from services.sampler.server import add_to_server
-from tests.conftest import running_service
+from tests.conftest import running_service, sn2_seeds
 
 TIMEOUT_S = 60
 SETTINGS = sampler_pb2.PoolSettings(
@@ -49,9 +48,7 @@ def split(responses: Iterator) -> tuple[list[common_pb2.Progress], object]:
 
 
 def generate(sampler, settings=SETTINGS) -> tuple[list[common_pb2.Progress], sampler_pb2.GeneratePoolResult]:
-    request = sampler_pb2.GeneratePoolRequest(
-        seeds=[atoms_to_structure(a) for a in model_sn2_seeds()], settings=settings
-    )
+    request = sampler_pb2.GeneratePoolRequest(seeds=[atoms_to_structure(a) for a in sn2_seeds()], settings=settings)
     return split(sampler.GeneratePool(request, timeout=TIMEOUT_S))
 
 
@@ -66,7 +63,7 @@ def test_pool_then_direct_selects_exactly_n(sampler, artifact_store: ArtifactSto
     assert pool.n_structures + pool.n_rejected == 3 * (1 + 2 * 10 + 4) + 2 * 5
     assert all(a.info["charge"] == -1 and a.info["spin_multiplicity"] == 1 for a in pool_frames)
     assert {a.info["operation"] for a in pool_frames} == {"seed", "rattle", "interpolate", "rotate_fragment"}
-    seed_ids = {content_id(a) for a in model_sn2_seeds()}
+    seed_ids = {content_id(a) for a in sn2_seeds()}
     assert all(a.info["parent_id"] in seed_ids for a in pool_frames if a.info["operation"] != "seed")
 
     n_select = 13

@@ -12,7 +12,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from services.sampler.features import DistributionFeaturiser, UnknownFeaturiserError, get_featuriser
-from services.sampler.pool import model_sn2_seeds
+from tests.conftest import sn2_seeds
 
 CUTOFF, N_RADIAL, ANGULAR_CUTOFF, N_ANGULAR = 6.0, 24, 3.5, 16
 
@@ -24,7 +24,7 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 def rattled_sn2(seed: int = 0) -> Atoms:
-    atoms = model_sn2_seeds()[0]
+    atoms = sn2_seeds()[0]
     atoms.rattle(0.1, seed=seed)
     return atoms
 
@@ -124,7 +124,7 @@ def test_periodic_features_are_invariant() -> None:
 
 
 def test_different_geometries_have_different_features() -> None:
-    reactant, transition, _ = model_sn2_seeds()
+    reactant, transition, _ = sn2_seeds()
     features = DistributionFeaturiser()([reactant, transition, rattled_sn2()])
     for a, b in itertools.combinations(range(3), 2):
         assert np.linalg.norm(features[a] - features[b]) > 1e-2 * np.linalg.norm(features[a])

@@ -12,7 +12,8 @@ from ase.build import bulk
 
 from pyacemaker.config import PoolConfig
 from pyacemaker.structures import content_id
-from services.sampler.pool import generate_pool, model_sn2_seeds, molecular_fragments
+from services.sampler.pool import generate_pool, molecular_fragments
+from tests.conftest import sn2_seeds
 
 NOTHING = {
     "rattle_amplitudes": [],
@@ -37,16 +38,16 @@ def pair_distances(positions: np.ndarray) -> np.ndarray:
 
 def test_pool_is_deterministic_and_depends_on_the_seed() -> None:
     settings = {"rattle_amplitudes": [0.05], "rattles_per_amplitude": 3, "fragment_rotations_per_seed": 2}
-    first = generate_pool(model_sn2_seeds(), config(**settings, random_seed=7))
-    again = generate_pool(model_sn2_seeds(), config(**settings, random_seed=7))
-    other = generate_pool(model_sn2_seeds(), config(**settings, random_seed=8))
+    first = generate_pool(sn2_seeds(), config(**settings, random_seed=7))
+    again = generate_pool(sn2_seeds(), config(**settings, random_seed=7))
+    other = generate_pool(sn2_seeds(), config(**settings, random_seed=8))
     assert [content_id(a) for a in first.structures] == [content_id(a) for a in again.structures]
     assert [content_id(a) for a in first.structures] != [content_id(a) for a in other.structures]
 
 
 def test_default_sn2_pool_counts_add_up() -> None:
     settings = PoolConfig()
-    seeds = model_sn2_seeds()
+    seeds = sn2_seeds()
     result = generate_pool(seeds, settings)
     # Every SN2 seed is at least two fragments with a rotatable (≥ 2 atom) one; molecules get no strains.
     expected = (
@@ -59,7 +60,7 @@ def test_default_sn2_pool_counts_add_up() -> None:
 
 
 def test_every_candidate_keeps_charge_spin_and_names_its_parent() -> None:
-    seeds = model_sn2_seeds()
+    seeds = sn2_seeds()
     seed_ids = {content_id(seed) for seed in seeds}
     result = generate_pool(seeds, PoolConfig(rattles_per_amplitude=2, fragment_rotations_per_seed=2))
     for atoms in result.structures:
@@ -98,12 +99,12 @@ def test_strain_is_symmetric_bounded_and_carries_the_atoms() -> None:
 
 
 def test_molecules_are_never_strained() -> None:
-    result = generate_pool(model_sn2_seeds(), config(strains_per_seed=4))
+    result = generate_pool(sn2_seeds(), config(strains_per_seed=4))
     assert not by_operation(result.structures, "strain")
 
 
 def test_interpolation_images_lie_on_the_straight_line_between_seeds() -> None:
-    reactant, transition, _ = model_sn2_seeds()
+    reactant, transition, _ = sn2_seeds()
     water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     # The water between the SN2 seeds has other atoms: no images across it.
     seeds = [reactant, transition, water, reactant]
@@ -123,7 +124,7 @@ def test_interpolation_images_lie_on_the_straight_line_between_seeds() -> None:
 
 
 def test_interpolation_aligns_a_rotated_end_point() -> None:
-    reactant, transition, _ = model_sn2_seeds()
+    reactant, transition, _ = sn2_seeds()
     turned = transition.copy()
     turned.rotate(70, "x", center="COM")
     turned.translate([3.0, -1.0, 2.0])
@@ -148,7 +149,7 @@ def test_periodic_interpolation_follows_the_shortest_path_through_the_boundary()
 
 
 def test_fragment_rotation_moves_one_fragment_rigidly_about_its_centroid() -> None:
-    reactant = model_sn2_seeds()[0]  # CH3Cl (atoms 0-4) + Cl⁻ (atom 5)
+    reactant = sn2_seeds()[0]  # CH3Cl (atoms 0-4) + Cl⁻ (atom 5)
     result = generate_pool([reactant], config(fragment_rotations_per_seed=6, max_rotation_deg=40.0))
     rotated = by_operation(result.structures, "rotate_fragment")
     assert len(rotated) == 6
@@ -216,7 +217,7 @@ def test_short_contacts_through_the_periodic_boundary_are_rejected() -> None:
 
 
 def test_large_rattles_lead_to_rejections_that_are_accounted_for() -> None:
-    result = generate_pool(model_sn2_seeds(), config(rattle_amplitudes=[0.4], rattles_per_amplitude=30))
+    result = generate_pool(sn2_seeds(), config(rattle_amplitudes=[0.4], rattles_per_amplitude=30))
     assert result.n_rejected > 0
     assert len(result.structures) + result.n_rejected == 3 * (1 + 30)
     for atoms in result.structures:
@@ -226,7 +227,7 @@ def test_large_rattles_lead_to_rejections_that_are_accounted_for() -> None:
 
 def test_progress_reaches_the_planned_total() -> None:
     calls: list[tuple[int, int, str]] = []
-    generate_pool(model_sn2_seeds(), PoolConfig(rattles_per_amplitude=2), progress=lambda *a: calls.append(a))
+    generate_pool(sn2_seeds(), PoolConfig(rattles_per_amplitude=2), progress=lambda *a: calls.append(a))
     done = [c[0] for c in calls]
     assert done == sorted(done)
     assert calls[-1][0] == calls[-1][1]
