@@ -13,7 +13,7 @@ from ase.io import read, write
 from pyacemaker.cli import label
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from services.oracle.server import add_to_server
-from tests.conftest import running_service
+from tests.conftest import running_service, sn2_seeds
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +30,7 @@ def run(argv: list[str]) -> int:
 
 
 def sn2_frames() -> list[Atoms]:
-    base = Atoms(
-        "CClHHHCl",
-        positions=[
-            [0.00, 0.00, 0.00],
-            [-1.79, 0.00, 0.00],
-            [0.36, 1.03, 0.02],
-            [0.35, -0.53, 0.89],
-            [0.37, -0.50, -0.90],
-            [3.15, 0.05, -0.03],
-        ],
-    )
+    base = Atoms(sn2_seeds()[0].numbers, sn2_seeds()[0].positions)  # geometry only: the charge comes from --charge
     frames = []
     for seed in range(3):
         frame = base.copy()

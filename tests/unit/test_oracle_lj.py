@@ -12,6 +12,7 @@ from ase.build import bulk
 from pyacemaker.config import LjOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.lj import LennardJonesBackend
+from tests.finite_differences import numerical_forces, numerical_stress
 
 CONFIG = LjOracleConfig(backend="lj", epsilon=0.0104, sigma=3.40, cutoff=7.0)
 
@@ -112,12 +113,7 @@ def test_forces_are_minus_the_finite_difference_gradient(make_atoms) -> None:
     assert_no_pair_near_cutoff(atoms, margin=10 * step)
     forces = np.reshape(backend.label(atoms).forces, (-1, 3))
     assert np.abs(forces).max() > 1e-3
-    numeric = np.zeros_like(forces)
-    for atom, axis in itertools.product(range(len(atoms)), range(3)):
-        plus, minus = atoms.copy(), atoms.copy()
-        plus.positions[atom, axis] += step
-        minus.positions[atom, axis] -= step
-        numeric[atom, axis] = -(lj_energy(backend, plus) - lj_energy(backend, minus)) / (2 * step)
+    numeric = numerical_forces(lambda a: lj_energy(backend, a), atoms, step)
     np.testing.assert_allclose(forces, numeric, atol=1e-6)
 
 
@@ -125,17 +121,7 @@ def test_stress_is_the_finite_difference_strain_derivative() -> None:
     atoms = argon_crystal()
     backend = LennardJonesBackend(CONFIG)
     stress = np.array(backend.label(atoms).stress)
-    step = 1e-5
-    numeric = np.zeros(6)
-    for voigt, (a, b) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
-        strain = np.zeros((3, 3))
-        strain[a, b] = strain[b, a] = step if a == b else step / 2
-        energies = []
-        for sign in (1, -1):
-            strained = atoms.copy()
-            strained.set_cell(np.asarray(atoms.cell) @ (np.eye(3) + sign * strain), scale_atoms=True)
-            energies.append(lj_energy(backend, strained))
-        numeric[voigt] = (energies[0] - energies[1]) / (2 * step * atoms.get_volume())
+    numeric = numerical_stress(lambda a: lj_energy(backend, a), atoms, step=1e-5)
     np.testing.assert_allclose(stress, numeric, atol=1e-8)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 from ase import Atoms
@@ -13,6 +11,8 @@ from ase.units import Bohr, Hartree, kB
 from pyacemaker.config import XtbOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.xtb import XtbBackend
+from tests.conftest import sn2_seeds
+from tests.finite_differences import numerical_forces, numerical_stress
 
 tblite_interface = pytest.importorskip("tblite.interface", reason="tblite is not installed (pyacemaker[oracle])")
 
@@ -20,18 +20,10 @@ GFN2 = XtbOracleConfig(backend="xtb")
 
 
 def sn2_complex(charge: int = -1, spin_multiplicity: int | None = 1) -> Atoms:
-    """Cl⁻ ··· CH3Cl ion–dipole complex: C on the Cl–C–Cl axis, H3 umbrella towards the far Cl."""
-    atoms = Atoms(
-        "CClHHHCl",
-        positions=[
-            [0.00, 0.00, 0.00],
-            [-1.79, 0.00, 0.00],
-            [0.36, 1.03, 0.02],
-            [0.35, -0.53, 0.89],
-            [0.37, -0.50, -0.90],
-            [3.15, 0.05, -0.03],
-        ],
-    )
+    """The example's Cl⁻ ··· CH3Cl complex, rattled so that forces are far from zero."""
+    atoms = sn2_seeds()[0]
+    atoms.rattle(0.05, seed=3)
+    atoms.info.pop("spin_multiplicity")
     atoms.info["charge"] = charge
     if spin_multiplicity is not None:
         atoms.info["spin_multiplicity"] = spin_multiplicity
@@ -79,13 +71,7 @@ def test_forces_are_minus_the_finite_difference_gradient() -> None:
     atoms = sn2_complex()
     backend = XtbBackend(GFN2)
     forces = np.reshape(backend.label(atoms).forces, (-1, 3))
-    step = 1e-3
-    numeric = np.zeros_like(forces)
-    for atom, axis in itertools.product(range(len(atoms)), range(3)):
-        plus, minus = atoms.copy(), atoms.copy()
-        plus.positions[atom, axis] += step
-        minus.positions[atom, axis] -= step
-        numeric[atom, axis] = -(backend.label(plus).energy - backend.label(minus).energy) / (2 * step)
+    numeric = numerical_forces(lambda a: backend.label(a).energy, atoms, step=1e-3)
     assert np.abs(forces).max() > 0.05
     np.testing.assert_allclose(forces, numeric, atol=1e-3)
 
@@ -97,17 +83,7 @@ def test_periodic_stress_is_the_finite_difference_strain_derivative() -> None:
     labels = backend.label(atoms)
     assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
     assert len(labels.stress) == 6
-    step = 1e-4
-    numeric = np.zeros(6)
-    for voigt, (a, b) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
-        strain = np.zeros((3, 3))
-        strain[a, b] = strain[b, a] = step if a == b else step / 2
-        energies = []
-        for sign in (1, -1):
-            strained = atoms.copy()
-            strained.set_cell(np.asarray(atoms.cell) @ (np.eye(3) + sign * strain), scale_atoms=True)
-            energies.append(backend.label(strained).energy)
-        numeric[voigt] = (energies[0] - energies[1]) / (2 * step * atoms.get_volume())
+    numeric = numerical_stress(lambda a: backend.label(a).energy, atoms, step=1e-4)
     np.testing.assert_allclose(labels.stress, numeric, atol=1e-5)
 
 
