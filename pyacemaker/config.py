@@ -48,6 +48,62 @@ class SystemConfig(_Strict):
         return resolved
 
 
+class LocalExecutorConfig(_Strict):
+    """Run calculations as local processes (a pool of workers on this machine)."""
+
+    kind: Literal["local"] = "local"
+    max_workers: int = Field(1, ge=1, description="Calculations run at once.")
+    timeout_s: Positive = Field(3600.0, description="Wall-time limit of one calculation, s.")
+    scratch_dir: Path | None = Field(
+        None, description="Where calculation dirs go (kept on failure); default: a temp dir."
+    )
+
+
+class SlurmExecutorConfig(_Strict):
+    """Submit calculations as Slurm array jobs (sbatch/squeue/sacct)."""
+
+    kind: Literal["slurm"]
+    partition: str | None = Field(None, description="sbatch --partition; default: the cluster's default.")
+    array_throttle: int = Field(8, ge=1, description="Array tasks running at once (%N).")
+    time_limit: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", description="Per task, [D-]HH:MM:SS.")
+    cpus_per_task: int = Field(1, ge=1)
+    memory: str | None = Field(None, pattern=r"^\d+[KMGT]?$", description="sbatch --mem, e.g. 4G.")
+    template: Path | None = Field(None, description="User-editable job script template; default: the bundled one.")
+    extra_directives: list[str] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. --account=x.")
+    poll_interval_s: Positive = Field(5.0, description="Seconds between squeue/sacct polls.")
+    scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
+
+
+class PbsExecutorConfig(_Strict):
+    """Submit calculations as PBS array jobs (qsub -J / qstat)."""
+
+    kind: Literal["pbs"]
+    queue: str | None = None
+    array_throttle: int = Field(8, ge=1, description="Array sub-jobs running at once (%N).")
+    walltime: str = Field("01:00:00", pattern=r"^\d{1,3}:\d{2}:\d{2}$", description="Per sub-job, HH:MM:SS.")
+    ncpus: int = Field(1, ge=1)
+    memory: str | None = Field(None, pattern=r"^\d+[kmgt]?b$", description="PBS mem, e.g. 4gb.")
+    template: Path | None = Field(None, description="User-editable job script template; default: the bundled one.")
+    extra_directives: list[str] = Field(default_factory=list, description="Extra #PBS lines.")
+    poll_interval_s: Positive = Field(10.0, description="Seconds between qstat polls.")
+    scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
+
+
+ExecutorConfig = Annotated[LocalExecutorConfig | SlurmExecutorConfig | PbsExecutorConfig, Field(discriminator="kind")]
+
+
+class RetryConfig(_Strict):
+    """Self-healing of failed calculations."""
+
+    max_retries: int = Field(2, ge=0, description="Retries with escalated SCF settings before a structure is Failed.")
+    resubmit_lost_tasks: int = Field(1, ge=0, description="Resubmissions of a task whose node died.")
+
+
+class _DftOracle(_Strict):
+    executor: ExecutorConfig = Field(default_factory=LocalExecutorConfig)
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+
+
 class LjOracleConfig(_Strict):
     """Lennard-Jones toy oracle (analytic, one parameter set for all elements)."""
 
@@ -67,8 +123,78 @@ class XtbOracleConfig(_Strict):
     max_iterations: int = Field(250, ge=1, description="SCC iterations before the calculation fails.")
 
 
-OracleConfig = Annotated[LjOracleConfig | XtbOracleConfig, Field(discriminator="backend")]
-ORACLE_OPTION_MODELS: dict[str, type[_Strict]] = {"lj": LjOracleConfig, "xtb": XtbOracleConfig}
+class PyscfOracleConfig(_DftOracle):
+    """Molecular DFT with PySCF (Kohn-Sham, analytic gradients)."""
+
+    backend: Literal["pyscf"]
+    functional: str = Field("PBE", min_length=1, description="Exchange-correlation functional as PySCF names it.")
+    basis: str = Field("def2-SVP", min_length=1, description="Basis set as PySCF names it.")
+    max_cycle: int = Field(100, ge=1, description="SCF iterations before the first retry.")
+    conv_tol: Positive = Field(1e-9, description="SCF energy convergence, Hartree (PySCF's unit).")
+    density_fit: bool = Field(False, description="Density fitting (faster, slightly less exact).")
+
+
+class QeOracleConfig(_DftOracle):
+    """Quantum ESPRESSO pw.x through ASE (periodic cells; energy, forces, stress)."""
+
+    backend: Literal["qe"]
+    command: str = Field("pw.x", min_length=1, description="How to run pw.x, e.g. 'mpirun -np 4 pw.x'.")
+    pseudo_dir: Path = Field(Path("/usr/share/espresso/pseudo"), description="Directory of the UPF files.")
+    pseudopotentials: dict[str, str] = Field(description="Element symbol → UPF file name in pseudo_dir.")
+    ecutwfc_ry: Positive = Field(30.0, description="Wave-function cutoff, Ry (pw.x's unit).")
+    ecutrho_ry: Positive | None = Field(None, description="Charge-density cutoff, Ry; default 4 × ecutwfc_ry.")
+    kpoint_spacing: Positive = Field(0.25, description="Largest k-point spacing, 2π/Å; sets the Monkhorst-Pack grid.")
+    smearing: Literal["none", "gaussian", "marzari-vanderbilt", "fermi-dirac"] = "none"
+    degauss_ry: Positive = Field(0.01, description="Smearing width, Ry.")
+
+
+class VaspOracleConfig(_DftOracle):
+    """VASP through ASE: writes INCAR/POSCAR/KPOINTS/POTCAR, runs `command`, parses vasprun.xml."""
+
+    backend: Literal["vasp"]
+    command: str = Field(min_length=1, description="How to run VASP, e.g. 'srun vasp_std'.")
+    potcar_dir: Path | None = Field(None, description="VASP_PP_PATH; default: the environment's.")
+    xc: str = Field("PBE", description="Functional (ASE's xc names).")
+    encut_ev: Positive = Field(520.0, description="Plane-wave cutoff, eV.")
+    kpoint_spacing: Positive = Field(0.25, description="Largest k-point spacing, 2π/Å.")
+    setups: dict[str, str] = Field(default_factory=dict, description="Element → POTCAR variant suffix, e.g. {Cl: ''}.")
+    incar: dict[str, Any] = Field(default_factory=dict, description="Extra INCAR tags (ASE Vasp keywords).")
+
+
+class MaceOracleConfig(_Strict):
+    """A MACE model or committee (mean and spread), e.g. the teacher or the fine-tuned committee."""
+
+    backend: Literal["mace"]
+    models: list[Path] = Field(
+        default_factory=list, description="Model files; empty means the run's teacher (teacher.model)."
+    )
+    batch_size: int = Field(32, ge=1, description="Structures per evaluation batch.")
+    default_dtype: Literal["float64", "float32"] = "float64"
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+OracleConfig = Annotated[
+    LjOracleConfig | XtbOracleConfig | PyscfOracleConfig | QeOracleConfig | VaspOracleConfig | MaceOracleConfig,
+    Field(discriminator="backend"),
+]
+ORACLE_OPTION_MODELS: dict[str, type[_Strict]] = {
+    "lj": LjOracleConfig,
+    "xtb": XtbOracleConfig,
+    "pyscf": PyscfOracleConfig,
+    "qe": QeOracleConfig,
+    "vasp": VaspOracleConfig,
+    "mace": MaceOracleConfig,
+}
+
+
+class TeacherConfig(_Strict):
+    """The MACE teacher that the ACE student is distilled from."""
+
+    model: str = Field(
+        "bundled",
+        min_length=1,
+        description="A MACE model file, a mace foundation-model name, or 'bundled' (the project's C/H/Cl teacher).",
+    )
 
 
 class BudgetConfig(_Strict):
@@ -130,6 +256,7 @@ class RunConfig(_Strict):
     run_dir: Path | None = Field(None, description="Where outputs go; default runs/<name> beside the config.")
     system: SystemConfig
     oracle: OracleConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     md: MdConfig = Field(default_factory=MdConfig)
