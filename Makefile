@@ -9,9 +9,19 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/pyacemaker/v1/*.proto)
 PROTO_STAMP := pyacemaker/v1/__init__.py
 
-.PHONY: install protos up down demo test lint format clean docs
+.PHONY: install install-system protos up down demo test lint format clean docs
 
-install: $(STAMP) $(PROTO_STAMP)
+install: install-system $(STAMP) $(PROTO_STAMP)
+
+# Debian packages the DFT gateway and its tests use: Quantum ESPRESSO (pw.x + pseudopotentials) and a real
+# single-node Slurm (slurm-wlm + munge). Skipped when already present.
+SYSTEM_PACKAGES := quantum-espresso quantum-espresso-data slurm-wlm munge
+install-system:
+	@if command -v pw.x >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "warning: install $(SYSTEM_PACKAGES) (as root) for the qe oracle and the Slurm executor"; fi
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
