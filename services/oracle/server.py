@@ -32,7 +32,11 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         return self._backend_for(spec.name, json.dumps(options, sort_keys=True))
 
     def GetInfo(self, request: oracle_pb2.GetInfoRequest, context: grpc.ServicerContext) -> oracle_pb2.GetInfoResponse:
-        return oracle_pb2.GetInfoResponse(backends=backend_infos())
+        level = ""
+        if request.HasField("backend"):
+            with status_on_error(context):
+                level = self.backend(request.backend).level_of_theory
+        return oracle_pb2.GetInfoResponse(backends=backend_infos(), level_of_theory=level)
 
     def Label(
         self, request_iterator: Iterator[oracle_pb2.LabelRequest], context: grpc.ServicerContext

@@ -1,0 +1,88 @@
+"""Labels from the run's DFT oracle, charged to the budget ledger.
+
+Every structure gets a ledger row before it is sent; submissions (scheduler job ids) and results are written to
+the ledger the moment they arrive. Calling `label` again after a crash re-sends only what is still pending; the
+oracle re-attaches to jobs it already submitted, so nothing is computed or charged twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pyacemaker.config import OracleConfig
+from pyacemaker.rpc import channel
+from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
+from services.oracle.client import backend_spec
+from services.orchestrator.ledger import DftLedger
+
+# A Slurm queue can hold DFT jobs for a long time; the deadline only guards against a stream that never ends.
+DEFAULT_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def oracle_spec(config: OracleConfig) -> oracle_pb2.BackendSpec:
+    """The wire form of the config's `oracle:` section."""
+    return backend_spec(config.backend, config.model_dump(mode="json", exclude={"backend"}))
+
+
+@dataclass
+class BudgetedLabels:
+    level_of_theory: str
+    # content id → labels (ok or failed), computed now or reused from the ledger.
+    labels: dict[str, common_pb2.Labels] = field(default_factory=dict)
+    # Not labelled because max_dft_calls is spent.
+    refused: list[str] = field(default_factory=list)
+    # Sent to the oracle by this call (new, or pending from before a restart).
+    sent: int = 0
+    # Job ids the oracle reported for this call's structures.
+    job_ids: set[str] = field(default_factory=set)
+
+
+class DftLabeller:
+    def __init__(
+        self,
+        ledger: DftLedger,
+        oracle_address: str,
+        backend: oracle_pb2.BackendSpec,
+        max_calls: int,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.ledger = ledger
+        self.oracle_address = oracle_address
+        self.backend = backend
+        self.max_calls = max_calls
+        self.timeout_s = timeout_s
+
+    def label(
+        self,
+        structures: Sequence[common_pb2.Structure],
+        on_result: Callable[[str, common_pb2.Labels], None] | None = None,
+    ) -> BudgetedLabels:
+        with channel(self.oracle_address) as ch:
+            stub = oracle_pb2_grpc.OracleServiceStub(ch)
+            level = stub.GetInfo(oracle_pb2.GetInfoRequest(backend=self.backend), timeout=60).level_of_theory
+            outcome = BudgetedLabels(level_of_theory=level)
+            ids = [s.content_id for s in structures]
+            reservation = self.ledger.reserve(ids, level, self.backend.name, self.max_calls)
+            outcome.refused = reservation.refused
+            for cid, row in reservation.done.items():
+                if row.labels is not None:
+                    outcome.labels[cid] = row.labels
+            pending = set(reservation.to_compute)
+            to_send = list({s.content_id: s for s in structures if s.content_id in pending}.values())
+            outcome.sent = len(to_send)
+            if not to_send:
+                return outcome
+            request = oracle_pb2.LabelRequest(backend=self.backend, structures=to_send)
+            for response in stub.Label(iter([request]), timeout=self.timeout_s):
+                for submission in response.submissions:
+                    outcome.job_ids.add(submission.job_id)
+                    for cid in submission.content_ids:
+                        self.ledger.record_submission(cid, level, submission.scheduler, submission.job_id)
+                for result in response.results:
+                    cid = to_send[result.index].content_id
+                    self.ledger.record_result(cid, level, result.labels)
+                    outcome.labels[cid] = result.labels
+                    if on_result is not None:
+                        on_result(cid, result.labels)
+        return outcome
