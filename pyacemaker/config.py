@@ -238,6 +238,25 @@ class SamplingConfig(_Strict):
     direct: DirectConfig = Field(default_factory=DirectConfig)
 
 
+class ActiveLearningConfig(_Strict):
+    """Step 2: committee uncertainty → the most uncertain, diverse candidates go to DFT, within the budget."""
+
+    committee_size: int = Field(3, ge=2, description="Committee members fine-tuned from the teacher.")
+    batch_size: int = Field(10, ge=1, description="Structures sent to DFT per active-learning iteration at most.")
+    force_error_threshold: Positive = Field(
+        0.1, description="Candidates whose calibrated max force error exceeds this are labelled, eV/Å."
+    )
+    diversity_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="A candidate closer than this fraction of the median pairwise feature distance to one "
+        "already chosen or labelled is skipped (near-duplicate guard).",
+    )
+    finetune_epochs: int = Field(20, ge=1, description="Epochs of each committee member's fine-tuning.")
+    random_seed: int = Field(0, ge=0)
+
+
 class MdConfig(_Strict):
     """Step 4 (surrogate MD). Validated now; the step itself arrives with the surrogate-MD issue."""
 
@@ -259,6 +278,7 @@ class RunConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     md: MdConfig = Field(default_factory=MdConfig)
 
 

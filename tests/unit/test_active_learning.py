@@ -1,0 +1,52 @@
+"""Step 2's selection science: calibration of the committee spread and uncertain-but-diverse picks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.orchestrator.active_learning import calibration_factor, max_force_error, select_uncertain
+
+
+def test_max_force_error_is_the_largest_atomic_error_norm():
+    predicted = np.zeros((3, 3))
+    reference = np.array([[0.0, 0.0, 0.0], [0.3, 0.4, 0.0], [0.0, 0.1, 0.0]])
+    assert max_force_error(predicted, reference) == pytest.approx(0.5)
+
+
+def test_calibration_recovers_a_known_underestimate():
+    rng = np.random.default_rng(1)
+    std = rng.uniform(0.01, 0.1, 200)
+    error = 7.0 * std * rng.lognormal(0.0, 0.1, 200)  # the committee underestimates 7-fold
+    assert calibration_factor(std, error) == pytest.approx(7.0, rel=0.05)
+
+
+def test_calibration_ignores_zero_spread_and_never_shrinks():
+    assert calibration_factor(np.array([0.0, 0.1, 0.2]), np.array([1.0, 0.05, 0.1])) == 1.0
+    with pytest.raises(ValueError, match="no labelled structure"):
+        calibration_factor(np.zeros(3), np.ones(3))
+
+
+def test_selection_takes_the_most_uncertain_above_the_threshold():
+    std = np.array([0.01, 0.05, 0.2, 0.03, 0.1])
+    features = np.arange(5, dtype=float)[:, None] * 10.0  # far apart: no diversity conflicts
+    chosen = select_uncertain(std, 2.0, 0.1, features, np.zeros((0, 1)), max_count=10, diversity_fraction=0.1)
+    assert chosen.tolist() == [2, 4]  # calibrated 0.4 and 0.2; 0.1 is not above the threshold
+    capped = select_uncertain(std, 2.0, 0.05, features, np.zeros((0, 1)), max_count=2, diversity_fraction=0.1)
+    assert capped.tolist() == [2, 4]
+
+
+def test_near_duplicates_are_not_all_sent():
+    # Three copies of one uncertain geometry and one distinct, slightly less uncertain one.
+    features = np.array([[0.0, 0.0], [0.001, 0.0], [0.0, 0.001], [5.0, 5.0], [10.0, 0.0]])
+    std = np.array([0.5, 0.49, 0.48, 0.3, 0.0])
+    chosen = select_uncertain(std, 1.0, 0.1, features, np.zeros((0, 2)), max_count=3, diversity_fraction=0.1)
+    assert chosen.tolist() == [0, 3]
+
+
+def test_structures_near_labelled_data_are_skipped():
+    features = np.array([[0.0], [10.0], [20.0]])
+    std = np.array([0.9, 0.8, 0.7])
+    labelled = np.array([[0.01]])
+    chosen = select_uncertain(std, 1.0, 0.1, features, labelled, max_count=3, diversity_fraction=0.1)
+    assert chosen.tolist() == [1, 2]
