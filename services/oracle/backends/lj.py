@@ -30,11 +30,12 @@ class LennardJonesBackend(OracleBackend):
         c = self.config
         return f"lj:eps={c.epsilon!r},sigma={c.sigma!r},rc={c.cutoff!r}"
 
-    def label(self, atoms: Atoms) -> common_pb2.Labels:
+    def _attempt(self, atoms: Atoms, attempt: int) -> tuple[common_pb2.Labels, bool]:
         # Coinciding atoms make ASE's LJ divide by zero; the finiteness check of `OracleBackend.label` turns
         # the resulting NaN into a FAILED label, so numpy's warnings would only be noise.
         with np.errstate(divide="ignore", invalid="ignore"):
-            return super().label(atoms)
+            return super()._attempt(atoms, attempt)
 
-    def calculator(self, atoms: Atoms) -> LennardJones:
+    def calculator(self, atoms: Atoms, attempt: int = 0) -> LennardJones:
+        # An analytic potential has nothing to converge, so a retry gets the same calculator.
         return LennardJones(epsilon=self.config.epsilon, sigma=self.config.sigma, rc=self.config.cutoff, smooth=False)

@@ -14,7 +14,7 @@ from ase.calculators.calculator import Calculator
 
 from pyacemaker.config import XtbOracleConfig
 from pyacemaker.structures import charge_of, spin_multiplicity_of
-from services.oracle.backends.base import OracleBackend
+from services.oracle.backends.base import OracleBackend, UnlabellableStructureError
 
 # tblite's and xtb's own default; a label at another electronic temperature is a different level of theory.
 DEFAULT_ELECTRONIC_TEMPERATURE_K = 300.0
@@ -38,7 +38,9 @@ class XtbBackend(OracleBackend):
             level += f",Tel={self.config.electronic_temperature!r}K"
         return level
 
-    def calculator(self, atoms: Atoms) -> Calculator:
+    def calculator(self, atoms: Atoms, attempt: int = 0) -> Calculator:
+        """A retry only gets more SCC iterations: a higher electronic temperature would converge more easily
+        but change the level of theory."""
         from tblite.ase import TBLite
 
         charge = charge_of(atoms)
@@ -50,7 +52,7 @@ class XtbBackend(OracleBackend):
             multiplicity=multiplicity,
             accuracy=self.config.accuracy,
             electronic_temperature=self.config.electronic_temperature,
-            max_iterations=self.config.max_iterations,
+            max_iterations=self.config.max_iterations * 2**attempt,
             verbosity=0,
         )
 
@@ -71,4 +73,6 @@ def check_spin(atoms: Atoms, charge: int, multiplicity: int) -> None:
     electrons = int(atoms.numbers.sum()) - charge
     unpaired = multiplicity - 1
     if multiplicity < 1 or electrons < 0 or unpaired > electrons or (electrons - unpaired) % 2:
-        raise ValueError(f"spin multiplicity {multiplicity} is impossible with {electrons} electrons (charge {charge})")
+        raise UnlabellableStructureError(
+            f"spin multiplicity {multiplicity} is impossible with {electrons} electrons (charge {charge})"
+        )
