@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, fail
 from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, StructureFileError, attach_labels, read_structures, write_extxyz
-from pyacemaker.v1 import common_pb2
+from pyacemaker.v1 import common_pb2, oracle_pb2
 
 _EXIT_FOR_STATUS = {grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT: EXIT_BAD_INPUT}
 
@@ -45,6 +45,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_parse_option,
         metavar="KEY=VALUE",
         help="backend option (repeatable), e.g. --option method=GFN1-xTB; values are read as YAML scalars",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "slurm", "pbs"),
+        help="where each calculation runs: a local process pool, or Slurm / PBS array jobs (sets the backend "
+        "option `executor`; DFT backends default to local)",
+    )
+    parser.add_argument(
+        "--executor-option",
+        action="append",
+        default=[],
+        type=_parse_option,
+        metavar="KEY=VALUE",
+        help="executor setting (repeatable), e.g. --executor-option partition=short --executor-option "
+        "array_throttle=16; see `oracle.executor` in docs/configuration.md",
     )
     parser.add_argument("--charge", type=int, help="total charge of every structure (default: from the file, else 0)")
     parser.add_argument(
@@ -116,8 +131,13 @@ def run_label(args: argparse.Namespace) -> int:
             atoms.info[CHARGE_KEY] = args.charge
         if args.spin_multiplicity is not None:
             atoms.info[SPIN_KEY] = args.spin_multiplicity
+    options = dict(args.option)
+    if args.executor_option and args.executor is None:
+        return fail("--executor-option needs --executor", EXIT_BAD_INPUT)
+    if args.executor is not None:
+        options["executor"] = {"kind": args.executor, **dict(args.executor_option)}
     try:
-        spec = backend_spec(args.backend, dict(args.option))
+        spec = backend_spec(args.backend, options)
     except ValueError as exc:
         return fail(f"backend options cannot be sent: {exc}", EXIT_BAD_INPUT)
 
@@ -135,7 +155,16 @@ def run_label(args: argparse.Namespace) -> int:
     try:
         with channel(address) as oracle, progress:
             task = progress.add_task(f"labelling with {args.backend}", total=len(frames))
-            for index, labels in stream_labels(oracle, spec, frames, args.batch_size, args.timeout):
+
+            def show_submission(submission: oracle_pb2.Submission) -> None:
+                verb = "re-attached to" if submission.reattached else "submitted"
+                count = len(submission.indices)
+                progress.console.print(
+                    f"{verb} {submission.scheduler} job {submission.job_id} ({count} structure{'s' * (count != 1)})"
+                )
+
+            stream = stream_labels(oracle, spec, frames, args.batch_size, args.timeout, on_submission=show_submission)
+            for index, labels in stream:
                 if labels.status != common_pb2.LABEL_STATUS_OK:
                     failures.append((index, labels.reason))
                 writer.add(index, labels)

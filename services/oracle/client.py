@@ -5,7 +5,7 @@ Structures go out in batches while labels come back, so neither side holds the w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -47,14 +47,19 @@ def stream_labels(
     frames: Iterable[Atoms],
     batch_size: int = 16,
     timeout: float | None = None,
+    on_submission: Callable[[oracle_pb2.Submission], None] | None = None,
 ) -> Iterator[tuple[int, common_pb2.Labels]]:
     """(index in `frames`, Labels) as the oracle computes them; raises grpc.RpcError when the call fails.
-    Stopping the iteration early cancels the call."""
+    `on_submission` sees each scheduler job the oracle reports (DFT backends). Stopping the iteration early
+    cancels the call."""
     call = oracle_pb2_grpc.OracleServiceStub(channel).Label(
         label_requests(backend, frames, batch_size), timeout=timeout
     )
     try:
         for response in call:
+            if on_submission is not None:
+                for submission in response.submissions:
+                    on_submission(submission)
             for result in response.results:
                 yield int(result.index), result.labels
     finally:

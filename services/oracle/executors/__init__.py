@@ -1,0 +1,45 @@
+"""Where calculations run: a local process pool, or Slurm / PBS array jobs. See base.py for the interface
+and gateway.py for the Label path that uses them."""
+
+from __future__ import annotations
+
+from pyacemaker.config import ExecutorConfig, LocalExecutorConfig, PbsExecutorConfig, SlurmExecutorConfig
+from services.oracle.executors.base import Batch, Executor, SubmissionError, TaskEnd
+from services.oracle.executors.local import LocalExecutor
+from services.oracle.executors.pbs import PbsExecutor
+from services.oracle.executors.slurm import SlurmExecutor
+
+__all__ = [
+    "Batch",
+    "Executor",
+    "LocalExecutor",
+    "PbsExecutor",
+    "SlurmExecutor",
+    "SubmissionError",
+    "TaskEnd",
+    "create_executor",
+    "default_executor_config",
+]
+
+
+def create_executor(config: ExecutorConfig) -> Executor:
+    """The executor for one `oracle.executor` config section."""
+    if isinstance(config, LocalExecutorConfig):
+        return LocalExecutor(config)
+    if isinstance(config, SlurmExecutorConfig):
+        return SlurmExecutor(config)
+    if isinstance(config, PbsExecutorConfig):
+        return PbsExecutor(config)
+    raise TypeError(f"no executor for {type(config).__name__}")
+
+
+def default_executor_config(scheduler: str) -> ExecutorConfig:
+    """Defaults for `scheduler`: enough to ask it about a job submitted under another configuration."""
+    configs: dict[str, ExecutorConfig] = {
+        "local": LocalExecutorConfig(),
+        "slurm": SlurmExecutorConfig(kind="slurm"),
+        "pbs": PbsExecutorConfig(kind="pbs"),
+    }
+    if scheduler not in configs:
+        raise ValueError(f"unknown scheduler {scheduler!r} (known: {', '.join(configs)})")
+    return configs[scheduler]

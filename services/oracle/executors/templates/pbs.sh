@@ -1,0 +1,22 @@
+#!/bin/bash
+# PyAceMaker oracle job: one PBS Pro array subjob per calculation.
+#
+# To adapt it (modules, a container, scratch on local disk), copy this file, edit the copy and set
+# `oracle.executor.template` to its path. Placeholders in double braces are filled in at submission:
+#   job_name  array_directive  job_dir  task_list  walltime  select  directives  task_command  ncpus
+# A line holding only a placeholder that comes out empty is dropped.
+#PBS -N {{ job_name }}
+{{ array_directive }}
+#PBS -l walltime={{ walltime }}
+#PBS -l select={{ select }}
+#PBS -j oe
+#PBS -o {{ job_dir }}/
+{{ directives }}
+
+export OMP_NUM_THREADS={{ ncpus }}
+task_dir=$(sed -n "$((${PBS_ARRAY_INDEX:-0} + 1))p" {{ task_list }})
+cd "$task_dir" || exit 1
+{{ task_command }} "$task_dir"
+status=$?
+echo "$status" > "$task_dir/exit_code"
+exit "$status"

@@ -1,0 +1,204 @@
+"""The local executor behind a real oracle server: subprocess workers, per-task timeout, kept dirs of failed
+calculations, re-attachment, and resubmission of a worker killed from outside. Real xTB calculations."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+
+from pyacemaker.rpc import channel
+from pyacemaker.structures import atoms_to_structure, content_id
+from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
+from services.oracle.client import backend_spec
+from services.oracle.executors.gateway import JOB_TABLE_FILE
+from services.oracle.jobs import JobTable
+from services.oracle.server import add_to_server
+from services.oracle.task import PID_FILE, STRUCTURE_FILE, TASK_FILE
+from tests.conftest import running_service, sn2_seeds
+
+pytest.importorskip("tblite.ase", reason="tblite is not installed (pyacemaker[oracle])")
+
+XTB_LEVEL = "xtb:GFN2-xTB"
+STREAM_TIMEOUT_S = 120.0
+
+
+def sn2_frames(seeds: Sequence[int]) -> list[Atoms]:
+    """Rattled Cl⁻ ··· CH3Cl complexes (charge −1, singlet)."""
+    frames = []
+    for seed in seeds:
+        atoms = sn2_seeds()[0]
+        atoms.rattle(0.05, seed=seed)
+        frames.append(atoms)
+    return frames
+
+
+def water_cluster(n: int = 5) -> Atoms:
+    """n³ water molecules 3 Å apart: with n = 5 (375 atoms) an xTB calculation of about 100 s here."""
+    cluster = Atoms()
+    for i in range(n):
+        for j in range(n):
+            for k in range(n):
+                water = molecule("H2O")
+                water.translate([3.0 * i, 3.0 * j, 3.0 * k])
+                cluster += water
+    cluster.info["charge"] = 0
+    return cluster
+
+
+def tblite_reference(atoms: Atoms) -> tuple[float, np.ndarray]:
+    from tblite.ase import TBLite
+
+    reference = atoms.copy()
+    reference.calc = TBLite(method="GFN2-xTB", charge=int(atoms.info.get("charge", 0)), multiplicity=1, verbosity=0)
+    return reference.get_potential_energy(), reference.get_forces()
+
+
+def assert_labels_equal_tblite(labels: common_pb2.Labels, atoms: Atoms) -> None:
+    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+    energy, forces = tblite_reference(atoms)
+    assert labels.energy == pytest.approx(energy, abs=1e-6)
+    np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), forces, atol=1e-6)
+
+
+def requests(spec: oracle_pb2.BackendSpec, batches: Sequence[Sequence[Atoms]]) -> Iterator[oracle_pb2.LabelRequest]:
+    for number, frames in enumerate(batches):
+        structures = [atoms_to_structure(atoms) for atoms in frames]
+        yield oracle_pb2.LabelRequest(backend=spec if number == 0 else None, structures=structures)
+
+
+def open_stream(address: str, spec: oracle_pb2.BackendSpec, batches: Sequence[Sequence[Atoms]]) -> Any:
+    """A Label call; iterate it for LabelResponses, `.cancel()` it to drop the stream like a killed client."""
+    stub = oracle_pb2_grpc.OracleServiceStub(grpc.insecure_channel(address))
+    return stub.Label(requests(spec, batches), timeout=STREAM_TIMEOUT_S)
+
+
+def collect(responses: Any) -> tuple[list[oracle_pb2.Submission], dict[int, common_pb2.Labels]]:
+    """Every Submission and every result of a stream, checking that a job is announced before its results."""
+    submissions: list[oracle_pb2.Submission] = []
+    results: dict[int, common_pb2.Labels] = {}
+    for response in responses:
+        submissions.extend(response.submissions)
+        for result in response.results:
+            announced = {index for submission in submissions for index in submission.indices}
+            assert result.index in announced, f"result {result.index} arrived before its Submission"
+            assert result.index not in results, f"result {result.index} arrived twice"
+            results[result.index] = result.labels
+    return submissions, results
+
+
+def xtb_spec(**options: Any) -> oracle_pb2.BackendSpec:
+    executor = {"kind": "local", "max_workers": 2, "timeout_s": 60.0, **options.pop("executor", {})}
+    return backend_spec("xtb", {"executor": executor, **options})
+
+
+@pytest.fixture
+def oracle(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    work_dir = tmp_path / "oracle"
+    with running_service(functools.partial(add_to_server, work_dir=work_dir)) as address:
+        yield address, work_dir
+
+
+def test_subprocess_workers_label_like_tblite_and_a_second_stream_re_attaches(oracle) -> None:
+    address, work_dir = oracle
+    frames = sn2_frames(range(4))
+    submissions, results = collect(open_stream(address, xtb_spec(), [frames]))
+
+    (submission,) = submissions
+    assert (submission.scheduler, submission.reattached) == ("local", False)
+    assert list(submission.indices) == [0, 1, 2, 3], "one request batch is one job"
+    assert list(submission.content_ids) == [content_id(atoms) for atoms in frames]
+    for index, atoms in enumerate(frames):
+        assert_labels_equal_tblite(results[index], atoms)
+        assert results[index].attempts == 1 and results[index].level_of_theory == XTB_LEVEL
+    assert not any((work_dir / "tasks").rglob(TASK_FILE)), "successful calculation dirs are removed"
+
+    again, repeated = collect(open_stream(address, xtb_spec(), [frames[2:], frames[:2]]))
+    assert [(s.job_id, s.reattached) for s in again] == [(submission.job_id, True)] * len(again)
+    assert sorted(index for s in again for index in s.indices) == [0, 1, 2, 3]
+    assert {index: labels.energy for index, labels in repeated.items()} == {
+        0: results[2].energy,
+        1: results[3].energy,
+        2: results[0].energy,
+        3: results[1].energy,
+    }
+    assert JobTable(work_dir / JOB_TABLE_FILE).job_ids() == [submission.job_id], "nothing was computed twice"
+
+
+def test_a_timeout_and_a_failed_calculation_are_labelled_and_their_dirs_kept(oracle) -> None:
+    address, work_dir = oracle
+    slow = water_cluster()
+    (good,) = sn2_frames([7])
+    impossible = good.copy()
+    impossible.info["spin_multiplicity"] = 2  # 44 electrons cannot make a doublet
+    spec = xtb_spec(executor={"timeout_s": 4.0})
+    start = time.monotonic()
+    _, results = collect(open_stream(address, spec, [[slow, good, impossible]]))
+    elapsed = time.monotonic() - start
+
+    assert results[0].status == common_pb2.LABEL_STATUS_FAILED
+    assert results[0].reason == "timed out after 4 s, without a result"
+    assert_labels_equal_tblite(results[1], good)
+    assert results[2].status == common_pb2.LABEL_STATUS_FAILED
+    assert "spin multiplicity 2 is impossible with 44 electrons" in results[2].reason
+    assert elapsed < 30, f"the slow calculation was not stopped at its timeout ({elapsed:.0f} s)"
+
+    table = JobTable(work_dir / JOB_TABLE_FILE)
+    for atoms in (slow, impossible):
+        record = table.get((content_id(atoms), XTB_LEVEL))
+        assert record is not None and record.task_dir.is_dir(), "a failed calculation's dir is kept"
+        assert (record.task_dir / STRUCTURE_FILE).is_file() and (record.task_dir / "task.log").is_file()
+    good_record = table.get((content_id(good), XTB_LEVEL))
+    assert good_record is not None and not good_record.task_dir.exists()
+
+
+def test_a_worker_killed_from_outside_is_resubmitted_once_then_failed(oracle) -> None:
+    address, work_dir = oracle
+    slow = water_cluster()
+    table = JobTable(work_dir / JOB_TABLE_FILE)
+    spec = xtb_spec(retries={"max_retries": 0, "resubmit_lost_tasks": 1})
+    submissions: list[oracle_pb2.Submission] = []
+    results: dict[int, common_pb2.Labels] = {}
+    for response in open_stream(address, spec, [[slow]]):
+        for submission in response.submissions:
+            submissions.append(submission)
+            record = table.get((content_id(slow), XTB_LEVEL))
+            assert record is not None
+            os.kill(wait_for_worker(record.task_dir), signal.SIGKILL)  # the node "dies" under the calculation
+        results.update((result.index, result.labels) for result in response.results)
+
+    assert [s.reattached for s in submissions] == [False, False]
+    assert len({s.job_id for s in submissions}) == 2, "the lost task went out again as a new job"
+    assert results[0].status == common_pb2.LABEL_STATUS_FAILED
+    assert "killed by signal 9" in results[0].reason and "(submitted 2 times)" in results[0].reason
+    assert results[0].attempts == 2
+
+
+def wait_for_worker(task_dir: Path, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int((task_dir / PID_FILE).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError(f"no worker started in {task_dir} within {timeout:.0f} s")
+
+
+def test_an_oracle_without_a_work_dir_still_runs_executor_backends() -> None:
+    (atoms,) = sn2_frames([9])
+    with running_service(add_to_server) as address, channel(address) as ch:
+        stub = oracle_pb2_grpc.OracleServiceStub(ch)
+        request = oracle_pb2.LabelRequest(backend=xtb_spec(), structures=[atoms_to_structure(atoms)])
+        submissions, results = collect(stub.Label(iter([request]), timeout=STREAM_TIMEOUT_S))
+    assert len(submissions) == 1
+    assert_labels_equal_tblite(results[0], atoms)
