@@ -20,7 +20,7 @@ from pathlib import Path
 from pyacemaker.rpc import check_health, wait_for_health
 
 # Start order matters: the orchestrator is told where the others listen.
-SERVICES = ("oracle", "sampler", "orchestrator")
+SERVICES = ("oracle", "sampler", "trainer", "orchestrator")
 DEFAULT_PORTS = {"orchestrator": 50051, "sampler": 50052, "oracle": 50053, "trainer": 50054}
 
 
@@ -93,6 +93,7 @@ def _service_command(name: str, port: int, port_file: Path, store: Path, started
     command += ["--store", str(store)]
     if name == "orchestrator":
         command += ["--sampler", started["sampler"].address, "--oracle", started["oracle"].address]
+        command += ["--trainer", started["trainer"].address]
     return command
 
 

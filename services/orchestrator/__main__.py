@@ -10,10 +10,11 @@ from services.orchestrator.server import add_to_server
 def _arguments(parser):
     parser.add_argument("--sampler", required=True, help="address of the sampler service")
     parser.add_argument("--oracle", required=True, help="address of the oracle service")
+    parser.add_argument("--trainer", required=True, help="address of the trainer service")
 
 
 def _make_register(args, store):
-    runs = RunManager(store, args.sampler, args.oracle)
+    runs = RunManager(store, args.sampler, args.oracle, args.trainer)
     return lambda server: add_to_server(server, runs)
 
 

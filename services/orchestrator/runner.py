@@ -69,10 +69,13 @@ class RunHandle:
 
 
 class RunManager:
-    def __init__(self, store: ArtifactStore, sampler_address: str, oracle_address: str) -> None:
+    def __init__(
+        self, store: ArtifactStore, sampler_address: str, oracle_address: str, trainer_address: str = ""
+    ) -> None:
         self.store = store
         self.sampler_address = sampler_address
         self.oracle_address = oracle_address
+        self.trainer_address = trainer_address
         self._runs: dict[str, RunHandle] = {}
         self._lock = threading.Lock()
 
@@ -216,6 +219,7 @@ class RunManager:
             seeds=seeds,
             sampler_address=self.sampler_address,
             oracle_address=self.oracle_address,
+            trainer_address=self.trainer_address,
             report=report,
             previous=previous,
         )

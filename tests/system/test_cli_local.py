@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pyacemaker.deploy.local import pid_alive
+from pyacemaker.deploy.local import SERVICES, pid_alive
 from pyacemaker.rpc import channel, check_health
 from pyacemaker.structures import read_structures
 from tests.conftest import SN2_DIR
@@ -57,7 +57,7 @@ def _small_config(tmp_path: Path, **direct) -> Path:
 
 
 def test_up_run_status_down(services, env, tmp_path):
-    assert set(services) == {"oracle", "sampler", "orchestrator"}
+    assert set(services) == set(SERVICES)
     for entry in services.values():
         assert pid_alive(entry["pid"]) and check_health(entry["address"])
     # Server reflection lists the application service next to health.
@@ -80,7 +80,7 @@ def test_up_run_status_down(services, env, tmp_path):
 
     status = cli(env, "status")
     assert status.returncode == 0, status.stderr
-    assert status.stdout.count("SERVING") == 3 and "run sn2" in status.stdout
+    assert status.stdout.count("SERVING") == len(SERVICES) and "run sn2" in status.stdout
 
     down = cli(env, "down")
     assert down.returncode == 0

@@ -33,6 +33,7 @@ class StepContext:
     seeds: list[common_pb2.Structure]
     sampler_address: str
     oracle_address: str
+    trainer_address: str
     # Called with progress; raises RunCancelledError once the run is cancelled.
     report: Callable[[common_pb2.Progress], None]
     # Outputs of the steps that ran (or were skipped) before this one, by step name.

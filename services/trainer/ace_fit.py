@@ -1,0 +1,278 @@
+"""Step 6: the base ACE fitted on the surrogate set.
+
+Default: a linear ACE through pyace (no TensorFlow). The cutoff comes from the covalent radii of the
+elements, the basis size from the amount of data (and never more functions per element than there are
+environments of that element, or the active set would be under-determined), the ridge strength from
+cross-validation. Outputs: base.yaml (B-basis, what γ needs), base.yace (C-tilde, what production uses),
+base.asi (active set) and metrics.json. Option: a nonlinear pacemaker fit (TensorFlow extra), see
+`services.trainer.pacemaker_nonlinear`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers, covalent_radii
+
+from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.rpc import InvalidInputError
+from pyacemaker.v1 import trainer_pb2
+from services.trainer import linear_ace
+from services.trainer.datasets import (
+    artifact_paths,
+    e0s_by_number,
+    elements_of,
+    energy_of,
+    forces_of,
+    load_labelled,
+    reference_energy,
+    require_e0s,
+)
+from services.trainer.progress import ProgressWriter
+from services.trainer.results import JobResult
+
+log = logging.getLogger(__name__)
+
+MODEL_KINDS = ("linear", "nonlinear")
+# Cutoff = this many times the largest sum of two covalent radii, clamped to the range below (Å).
+CUTOFF_PER_BOND_LENGTH = 2.5
+CUTOFF_RANGE_A = (4.0, 7.0)
+# Observations (energies + force components) per basis function when the size is inferred.
+OBSERVATIONS_PER_FUNCTION = 10
+FUNCTIONS_PER_ELEMENT_RANGE = (8, 1000)
+# Share of an element's environments that its basis functions may number at most (active-set condition).
+FUNCTIONS_PER_ENVIRONMENT = 0.8
+MAX_FOLDS = 5
+
+# pacemaker's own default tables of radial and angular orders by chemical complexity; the per-element
+# function count then picks the lowest-order functions from them.
+FUNCTION_ORDERS = {
+    "UNARY": {"nradmax_by_orders": [15, 6, 4, 3, 2, 2], "lmax_by_orders": [0, 3, 3, 2, 2, 1]},
+    "BINARY": {"nradmax_by_orders": [15, 6, 3, 2, 2, 1], "lmax_by_orders": [0, 3, 2, 1, 1, 0]},
+    "TERNARY": {"nradmax_by_orders": [15, 3, 3, 2, 1], "lmax_by_orders": [0, 2, 2, 1, 1]},
+    "ALL": {"nradmax_by_orders": [15, 3, 2, 1, 1], "lmax_by_orders": [0, 2, 2, 1, 1]},
+}
+
+
+def infer_cutoff(elements: Sequence[str]) -> float:
+    """A radial cutoff that reaches well into the second neighbour shell of the largest bonded pair."""
+    largest = max(covalent_radii[atomic_numbers[symbol]] for symbol in elements)
+    low, high = CUTOFF_RANGE_A
+    return float(np.clip(round(CUTOFF_PER_BOND_LENGTH * 2 * largest, 2), low, high))
+
+
+def environment_counts(frames: Sequence[Atoms]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for atoms in frames:
+        for symbol in atoms.get_chemical_symbols():
+            counts[symbol] = counts.get(symbol, 0) + 1
+    return counts
+
+
+def infer_functions_per_element(frames: Sequence[Atoms], elements: Sequence[str]) -> int:
+    """Basis functions per element from the data size: about one per OBSERVATIONS_PER_FUNCTION energies and
+    force components, at most FUNCTIONS_PER_ENVIRONMENT per environment of the rarest element."""
+    observations = sum(1 + 3 * len(atoms) for atoms in frames)
+    by_data = observations // (OBSERVATIONS_PER_FUNCTION * len(elements))
+    by_environments = int(FUNCTIONS_PER_ENVIRONMENT * min(environment_counts(frames)[s] for s in elements))
+    low, high = FUNCTIONS_PER_ELEMENT_RANGE
+    return int(max(1, min(max(low, by_data), high, by_environments)))
+
+
+def basis_config(elements: Sequence[str], cutoff: float, functions_per_element: int) -> Any:
+    """A linear B-basis configuration: one density, linear embedding, SBessel radial basis."""
+    from pyace.multispecies_basisextension import create_multispecies_basis_config
+
+    return create_multispecies_basis_config(
+        {
+            "deltaSplineBins": 0.001,
+            "elements": list(elements),
+            "embeddings": {"ALL": {"npot": "FinnisSinclairShiftedScaled", "fs_parameters": [1, 1], "ndensity": 1}},
+            "bonds": {"ALL": {"radbase": "SBessel", "radparameters": [5.25], "rcut": cutoff, "dcut": 0.01}},
+            "functions": {"number_of_functions_per_element": int(functions_per_element), **FUNCTION_ORDERS},
+        }
+    )
+
+
+@dataclass
+class AceFitResult:
+    yaml_path: Path
+    yace_path: Path
+    asi_path: Path
+    metrics: dict[str, float]
+    cv_table: list[dict[str, float]] = field(default_factory=list)
+
+
+def linear_targets(frames: Sequence[Atoms], e0s: dict[int, float]) -> linear_ace.Targets:
+    """Energy per atom minus the reference energies (none: the total energy per atom) and forces."""
+    return linear_ace.Targets(
+        energy_per_atom=np.array(
+            [(energy_of(a) - (reference_energy(a, e0s) if e0s else 0.0)) / len(a) for a in frames]
+        ),
+        forces=[forces_of(a) for a in frames],
+    )
+
+
+def report_cross_validation(fit: linear_ace.RidgeFit, progress: ProgressWriter | None, member: int = 0) -> None:
+    """The cross-validation table as training lines (iteration = index of λ, loss = CV loss, RMSEs = CV RMSEs),
+    so a watcher of a linear fit sees figures as it would for an epoch-based one."""
+    if progress is None:
+        return
+    for index, row in enumerate(fit.table):
+        progress.training(
+            epoch=0,
+            iteration=index,
+            loss=row["cv_loss"],
+            energy_rmse=row["cv_energy_rmse_ev_per_atom"],
+            forces_rmse=row["cv_forces_rmse_ev_per_a"],
+            member=member,
+        )
+
+
+def fit_linear_ace(
+    frames: Sequence[Atoms],
+    out_dir: Path,
+    e0s: dict[int, float] | None = None,
+    cutoff: float = 0.0,
+    functions_per_element: int = 0,
+    seed: int = 0,
+    validation: Sequence[Atoms] = (),
+    stem: str = "base",
+    progress: ProgressWriter | None = None,
+) -> AceFitResult:
+    """Fit a linear ACE to labelled frames and write <stem>.yaml, .yace, .asi into out_dir.
+
+    Without `e0s`, per-element reference energies are fitted together with the basis (with a single
+    stoichiometry only their sum is determined; the minimum-norm split is taken)."""
+    from pyace import ACEBBasisSet
+
+    if len(frames) < 2:
+        raise InvalidInputError(f"a linear ACE fit needs at least 2 labelled structures, got {len(frames)}")
+    started = time.perf_counter()
+    elements = elements_of(frames)
+    cutoff = cutoff or infer_cutoff(elements)
+    functions_per_element = functions_per_element or infer_functions_per_element(frames, elements)
+    if e0s:
+        require_e0s(e0s, elements, "e0s")
+    given = dict(e0s or {})
+    basis = ACEBBasisSet(basis_config(elements, cutoff, functions_per_element))
+    # Without given E0s, per-element reference energies are fitted with the basis (unpenalised columns).
+    design = linear_ace.AceDesign(basis, reference_elements=() if given else elements)
+    try:
+        linear_ace.check_active_set_data(design, frames)
+    except linear_ace.LinearAceError as exc:
+        raise InvalidInputError(str(exc)) from None
+    try:
+        n_folds = linear_ace.folds_within_memory(design.n_columns, len(frames), MAX_FOLDS)
+    except linear_ace.LinearAceError as exc:
+        raise InvalidInputError(str(exc)) from None
+    folds = linear_ace.fold_assignment(len(frames), n_folds, seed)
+
+    def report(done: int, total: int, message: str) -> None:
+        if progress is not None:
+            progress.stage("ace_fit", done, total, message)
+
+    log.info(
+        "linear ACE: %d structures, %s, cutoff %.2f Å, %d functions", len(frames), elements, cutoff, design.n_functions
+    )
+    equations = linear_ace.accumulate(design, frames, linear_targets(frames, given), folds, n_folds, report)
+    n_free = design.n_columns - design.n_functions
+    fit = linear_ace.fit_ridge_cv(equations, n_unpenalised=n_free, progress=report)
+    coeffs, fitted_references = design.split(fit.coeffs)
+    report_cross_validation(fit, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = (out_dir / f"{stem}.yaml", out_dir / f"{stem}.yace", out_dir / f"{stem}.asi")
+    linear_ace.write_potential(basis, coeffs, given or fitted_references, paths[0], paths[1])
+    fit_seconds = time.perf_counter() - started
+    report(0, 0, "active set")
+    linear_ace.write_active_set(paths[0], frames, paths[2])
+    train_energy, train_forces = linear_ace.fit_errors(equations, fit.coeffs)
+    metrics = {
+        "structures_count": float(len(frames)),
+        "basis_functions_count": float(design.n_functions),
+        "cutoff_a": cutoff,
+        "ridge_lambda_relative": fit.lam,
+        "train_energy_rmse_ev_per_atom": train_energy,
+        "train_forces_rmse_ev_per_a": train_forces,
+        "cv_energy_rmse_ev_per_atom": fit.cv_energy_rmse,
+        "cv_forces_rmse_ev_per_a": fit.cv_forces_rmse,
+        "fit_time_s": fit_seconds,
+    }
+    if validation:
+        from services.trainer.evaluation import evaluate_potential
+
+        scores = evaluate_potential(paths[1], validation).errors
+        metrics["validation_energy_rmse_ev_per_atom"] = scores.energy_rmse_per_atom
+        metrics["validation_forces_rmse_ev_per_a"] = scores.forces_rmse
+    return AceFitResult(*paths, metrics=metrics, cv_table=fit.table)
+
+
+# ----------------------------------------------------------------------------------------------- the job
+def validate_ace_fit(spec: trainer_pb2.AceFitSpec, store: ArtifactStore) -> None:
+    if not spec.train_data:
+        raise InvalidInputError("ace_fit.train_data is empty; give at least one labelled extxyz shard")
+    if spec.model_kind not in ("", *MODEL_KINDS):
+        raise InvalidInputError(f"ace_fit.model_kind {spec.model_kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    if spec.cutoff < 0 or spec.basis_size < 0:
+        raise InvalidInputError("ace_fit.cutoff and ace_fit.basis_size must not be negative (0 means inferred)")
+    e0s_by_number(spec.e0s)
+    artifact_paths(store, spec.train_data, "ace_fit.train_data")
+    artifact_paths(store, spec.validation_data, "ace_fit.validation_data")
+    if spec.model_kind == "nonlinear":
+        from services.trainer.pacemaker_nonlinear import require_tensorflow
+
+        require_tensorflow()
+
+
+def run_ace_fit(
+    spec: trainer_pb2.AceFitSpec, store: ArtifactStore, work_dir: Path, progress: ProgressWriter
+) -> JobResult:
+    progress.stage("load_data", message="reading and verifying the training shards")
+    frames = load_labelled(store, spec.train_data, "ace_fit.train_data")
+    validation = load_labelled(store, spec.validation_data, "ace_fit.validation_data")
+    e0s = e0s_by_number(spec.e0s)
+    out_dir = work_dir / "output"
+    elements = elements_of(frames)
+    functions_per_element = -(-spec.basis_size // len(elements)) if spec.basis_size else 0
+    if spec.model_kind == "nonlinear":
+        from services.trainer.pacemaker_nonlinear import fit_nonlinear_ace
+
+        result = fit_nonlinear_ace(
+            frames, out_dir, e0s or None, spec.cutoff, functions_per_element, spec.random_seed, validation, progress
+        )
+    else:
+        result = fit_linear_ace(
+            frames,
+            out_dir,
+            e0s or None,
+            spec.cutoff,
+            functions_per_element,
+            spec.random_seed,
+            validation,
+            "base",
+            progress,
+        )
+    return store_fit_outputs(store, result, progress)
+
+
+def store_fit_outputs(store: ArtifactStore, result: AceFitResult, progress: ProgressWriter) -> JobResult:
+    """Put a fit's files into the artifact store: .yaml and .yace as "potential", .asi as "active_set",
+    metrics plus the cross-validation table as "report"."""
+    progress.stage("store_outputs", message="copying the potential into the artifact store")
+    report = result.yaml_path.with_name(result.yaml_path.stem + "_metrics.json")
+    report.write_text(json.dumps({"metrics": result.metrics, "cross_validation": result.cv_table}, indent=2))
+    outputs = [
+        store.put_file(result.yaml_path, "potential"),
+        store.put_file(result.yace_path, "potential"),
+        store.put_file(result.asi_path, "active_set"),
+        store.put_file(report, "report"),
+    ]
+    return JobResult(metrics=result.metrics, outputs=outputs)

@@ -1,0 +1,223 @@
+"""Step 7: delta learning, the base ACE corrected with the few DFT labels, written as ONE potential.
+
+Linear (base is a linear ACE): find coefficients c = c_base + δ that minimise
+
+    DFT error(c)  +  ω · surrogate error(c; targets = the base's own predictions)  +  λ Σ_j s_j² δ_j²
+
+- the DFT rows pull the potential to the new level of theory;
+- the surrogate rows, whose targets are what the base predicts, anchor the correction in function space:
+  wherever the surrogate set has data and the DFT set has none, the potential stays the base (a plain ridge
+  on δ alone is badly scaled across basis functions and barely helps, measured on SN2);
+- the ridge term (on scaled coefficients, see `linear_ace`) keeps δ small where neither set says anything.
+Each error term is a mean over its rows (energies per atom and force components weighted as in the base fit),
+so ω (DeltaFitSpec.surrogate_weight) is the weight of the whole surrogate block relative to the whole DFT
+block, whatever the sizes of the two sets. λ (and ω, unless given) come from cross-validation over the DFT
+structures; the training lines of a delta job report one cross-validation table per ω tried (`member` = the
+index of ω). A constant offset between the
+two levels (different isolated-atom references) goes into the per-element E0s first, by least squares over
+the composition, since a short-ranged basis cannot make a constant. The result is one self-contained
+final.yaml / final.yace / final.asi: no second potential summed at run time.
+
+Nonlinear (the base is a nonlinear pacemaker potential): pacemaker fine-tunes from the base (`-p`), DFT rows
+weighted high; TensorFlow extra, see `services.trainer.pacemaker_nonlinear`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers
+
+from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.rpc import InvalidInputError
+from pyacemaker.structures import read_structures
+from pyacemaker.v1 import trainer_pb2
+from services.trainer import linear_ace
+from services.trainer.ace_fit import AceFitResult, report_cross_validation, store_fit_outputs
+from services.trainer.datasets import (
+    artifact_paths,
+    elements_of,
+    energy_of,
+    forces_of,
+    load_labelled,
+    reference_energy,
+)
+from services.trainer.progress import ProgressWriter
+from services.trainer.results import JobResult
+
+log = logging.getLogger(__name__)
+
+# Total weight of the surrogate block relative to the DFT block's, tried by cross-validation when not given.
+SURROGATE_WEIGHTS = (0.01, 0.03, 0.1, 0.3, 1.0)
+MAX_FOLDS = 5
+# Surrogate frames used as anchor at most (evenly spaced through the set); they cost rows, not unknowns.
+MAX_SURROGATE_FRAMES = 2000
+
+
+def _spread(frames: Sequence[Atoms], limit: int) -> list[Atoms]:
+    if len(frames) <= limit:
+        return list(frames)
+    picks = np.linspace(0, len(frames) - 1, limit).round().astype(int)
+    return [frames[i] for i in picks]
+
+
+def base_residuals(
+    design: linear_ace.AceDesign, base_coeffs: np.ndarray, base_e0s: dict[int, float], frames: Sequence[Atoms]
+) -> linear_ace.Targets:
+    """DFT labels minus the base's predictions: energy per atom and forces."""
+    energy, forces = [], []
+    n = design.n_functions
+    for atoms in frames:
+        energy_row, force_rows = design.rows(atoms)
+        predicted = energy_row[:n] @ base_coeffs + reference_energy(atoms, base_e0s) / len(atoms)
+        energy.append(energy_of(atoms) / len(atoms) - predicted)
+        forces.append(forces_of(atoms) - (force_rows[:, :n] @ base_coeffs).reshape(len(atoms), 3))
+    return linear_ace.Targets(np.array(energy), forces)
+
+
+def fit_linear_delta(
+    base_yaml: Path,
+    dft_frames: Sequence[Atoms],
+    surrogate_frames: Sequence[Atoms],
+    out_dir: Path,
+    surrogate_weight: float = 0.0,
+    seed: int = 0,
+    stem: str = "final",
+    progress: ProgressWriter | None = None,
+) -> AceFitResult:
+    """Correct a linear base ACE with DFT frames; writes <stem>.yaml, .yace, .asi into out_dir."""
+    started = time.perf_counter()
+    basis = linear_ace.load_basis(base_yaml)
+    if not linear_ace.is_linear_basis(basis.to_BBasisConfiguration()):
+        raise InvalidInputError(f"{base_yaml.name}: not a linear ACE; a nonlinear base is corrected by pacemaker")
+    if len(dft_frames) < 2:
+        raise InvalidInputError(f"delta learning needs at least 2 labelled DFT structures, got {len(dft_frames)}")
+    unknown = sorted(set(elements_of([*dft_frames, *surrogate_frames])) - set(basis.elements_name))
+    if unknown:
+        raise InvalidInputError(f"elements {', '.join(unknown)} are not in the base potential")
+
+    def report(done: int, total: int, message: str) -> None:
+        if progress is not None:
+            progress.stage("delta_fit", done, total, message)
+
+    base_e0s = linear_ace.potential_e0s(base_yaml) or {atomic_numbers[s]: 0.0 for s in basis.elements_name}
+    base_coeffs = np.array(basis.basis_coeffs, dtype=np.float64)
+    # Shifts of the per-element reference energies are fitted with the correction, unpenalised: a constant
+    # offset between the two levels (other isolated-atom energies) cannot come from a short-ranged basis.
+    design = linear_ace.AceDesign(basis, reference_elements=elements_of(dft_frames))
+    anchor = _spread(surrogate_frames, MAX_SURROGATE_FRAMES)
+    try:
+        linear_ace.check_active_set_data(design, [*dft_frames, *anchor])
+    except linear_ace.LinearAceError as exc:
+        raise InvalidInputError(f"{exc}: give the base's training frames as delta_fit.surrogate_data") from None
+    residuals = base_residuals(design, base_coeffs, base_e0s, dft_frames)
+    base_energy_rmse = float(np.sqrt(np.mean(residuals.energy_per_atom**2)))
+    base_forces_rmse = float(np.sqrt(np.mean(np.concatenate([f.ravel() for f in residuals.forces]) ** 2)))
+    try:  # the anchor's Gram matrices (2) and the working copy of the sum (1) come on top of the folds'
+        n_folds = linear_ace.folds_within_memory(design.n_columns, len(dft_frames), MAX_FOLDS, extra_matrices=3)
+    except linear_ace.LinearAceError as exc:
+        raise InvalidInputError(str(exc)) from None
+    folds = linear_ace.fold_assignment(len(dft_frames), n_folds, seed)
+    dft_equations = linear_ace.accumulate(design, dft_frames, residuals, folds, n_folds, report, "DFT rows")
+    anchor_gram = None
+    if anchor:
+        # The anchor holds the basis part of the correction at zero; it leaves the reference shifts free.
+        zero = linear_ace.Targets(np.zeros(len(anchor)), [np.zeros((len(a), 3)) for a in anchor])
+        anchor_equations = linear_ace.accumulate(
+            design, anchor, zero, np.zeros(len(anchor), dtype=np.int64), 1, report, "surrogate rows", False
+        )
+        anchor_gram, _ = anchor_equations.total(linear_ace.DEFAULT_FORCES_SHARE)
+    n_free = design.n_columns - design.n_functions
+    weights = [surrogate_weight] if surrogate_weight > 0 or anchor_gram is None else list(SURROGATE_WEIGHTS)
+    best: tuple[float, linear_ace.RidgeFit, float] | None = None
+    for index, weight in enumerate(weights):
+        fit = linear_ace.fit_ridge_cv(
+            dft_equations, anchor_gram=None if anchor_gram is None else weight * anchor_gram, n_unpenalised=n_free
+        )
+        report_cross_validation(fit, progress, member=index)
+        loss = min(row["cv_loss"] for row in fit.table)
+        log.info("delta: surrogate weight %.3g → λ %.1e, CV loss %.4g", weight, fit.lam, loss)
+        if best is None or loss < best[0]:
+            best = (loss, fit, weight)
+    assert best is not None
+    _, fit, chosen_weight = best
+    delta, e0_shift = design.split(fit.coeffs)
+    final_e0s = {z: base_e0s.get(z, 0.0) + e0_shift.get(z, 0.0) for z in {*base_e0s, *e0_shift}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = (out_dir / f"{stem}.yaml", out_dir / f"{stem}.yace", out_dir / f"{stem}.asi")
+    linear_ace.write_potential(basis, base_coeffs + delta, final_e0s, paths[0], paths[1])
+    fit_seconds = time.perf_counter() - started
+    report(0, 0, "active set")
+    linear_ace.write_active_set(paths[0], [*dft_frames, *anchor], paths[2])
+    final_energy_rmse, final_forces_rmse = linear_ace.fit_errors(dft_equations, fit.coeffs)
+    metrics = {
+        "dft_structures_count": float(len(dft_frames)),
+        "surrogate_structures_count": float(len(anchor)),
+        "basis_functions_count": float(design.n_functions),
+        "surrogate_weight_relative": chosen_weight if anchor_gram is not None else 0.0,
+        "ridge_lambda_relative": fit.lam,
+        "base_dft_energy_rmse_ev_per_atom": base_energy_rmse,
+        "base_dft_forces_rmse_ev_per_a": base_forces_rmse,
+        "final_dft_energy_rmse_ev_per_atom": final_energy_rmse,
+        "final_dft_forces_rmse_ev_per_a": final_forces_rmse,
+        "cv_energy_rmse_ev_per_atom": fit.cv_energy_rmse,
+        "cv_forces_rmse_ev_per_a": fit.cv_forces_rmse,
+        "fit_time_s": fit_seconds,
+    }
+    return AceFitResult(*paths, metrics=metrics, cv_table=fit.table)
+
+
+# ----------------------------------------------------------------------------------------------- the job
+def validate_delta_fit(spec: trainer_pb2.DeltaFitSpec, store: ArtifactStore) -> None:
+    if not spec.base_potential.uri:
+        raise InvalidInputError("delta_fit.base_potential is not set; give the base ACE .yaml")
+    if not spec.dft_data:
+        raise InvalidInputError("delta_fit.dft_data is empty; give the labelled DFT set")
+    if spec.surrogate_weight < 0:
+        raise InvalidInputError("delta_fit.surrogate_weight must not be negative (0 means chosen by cross-validation)")
+    (base,) = artifact_paths(store, [spec.base_potential], "delta_fit.base_potential")
+    if base.suffix != ".yaml":
+        raise InvalidInputError(f"delta_fit.base_potential must be the B-basis .yaml, got {base.suffix or 'no suffix'}")
+    artifact_paths(store, spec.dft_data, "delta_fit.dft_data")
+    artifact_paths(store, spec.surrogate_data, "delta_fit.surrogate_data")
+    if not _is_linear(base):
+        from services.trainer.pacemaker_nonlinear import require_tensorflow
+
+        require_tensorflow()
+
+
+def _is_linear(base_yaml: Path) -> bool:
+    from pyace import BBasisConfiguration
+
+    return linear_ace.is_linear_basis(BBasisConfiguration(str(base_yaml)))
+
+
+def run_delta_fit(
+    spec: trainer_pb2.DeltaFitSpec, store: ArtifactStore, work_dir: Path, progress: ProgressWriter
+) -> JobResult:
+    progress.stage("load_data", message="reading and verifying the base potential and the data")
+    (base,) = artifact_paths(store, [spec.base_potential], "delta_fit.base_potential")
+    dft = load_labelled(store, spec.dft_data, "delta_fit.dft_data")
+    # Surrogate frames serve as geometry only (their targets are the base's predictions): labels optional.
+    surrogate = [
+        atoms
+        for path in artifact_paths(store, spec.surrogate_data, "delta_fit.surrogate_data")
+        for atoms in read_structures(path)
+    ]
+    out_dir = work_dir / "output"
+    if _is_linear(base):
+        result = fit_linear_delta(
+            base, dft, surrogate, out_dir, spec.surrogate_weight, spec.random_seed, "final", progress
+        )
+    else:
+        from services.trainer.pacemaker_nonlinear import finetune_nonlinear_ace
+
+        result = finetune_nonlinear_ace(
+            base, dft, surrogate, out_dir, spec.surrogate_weight, spec.random_seed, progress
+        )
+    return store_fit_outputs(store, result, progress)

@@ -1,0 +1,472 @@
+"""Linear ACE: design rows from pyace, normal equations accumulated fold by fold, ridge regression with the
+strength chosen by cross-validation, and the potential files (.yaml, .yace, .asi).
+
+Why normal equations: the design matrix of a linear ACE is dense, (structures × (1 + 3·atoms)) × functions;
+for thousands of frames and thousands of functions it does not fit in memory, while the Gram matrix
+(functions × functions) always does. Rows are computed for a chunk of structures, folded into the Gram
+matrices of their cross-validation fold and dropped. Memory: 2 · folds · functions² · 8 bytes.
+
+Why the ridge acts on scaled coefficients: ACE basis functions differ in magnitude by orders, so a plain
+penalty ‖c‖² would crush some functions and ignore others. The penalty is λ Σ s_j² c_j² with s_j the RMS of
+column j (the weighted diagonal of the Gram matrix): ridge regression in standardised units, one λ for all.
+
+The model: energy per atom = Σ_j c_j B_j / N and forces = Σ_j c_j ∂B_j, with the linear embedding
+(FinnisSinclairShiftedScaled with parameters [1, 1], one density), plus the per-element reference energies
+E0, which pyace's B-basis has no field for: they go into the .yace (its `E0` entry) and into the .yaml's
+metadata (`pyacemaker_e0_ev`), from where `services.trainer.evaluation` adds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers
+
+# Metadata key of the per-element reference energies (JSON object symbol → eV) in a B-basis .yaml.
+E0_METADATA_KEY = "pyacemaker_e0_ev"
+# Ridge strengths tried by cross-validation, relative to unit-diagonal (standardised) normal equations.
+DEFAULT_LAMBDAS = tuple(10.0**p for p in range(-9, 1))
+# Share of the loss that forces carry (pacemaker calls it kappa); energies per atom carry the rest.
+DEFAULT_FORCES_SHARE = 0.3
+# Memory allowed for the Gram matrices of the normal equations (they dominate a linear fit's memory).
+GRAM_MEMORY_BYTES = 4 * 2**30
+# Structures whose rows are computed together before they are folded into the Gram matrices.
+CHUNK_STRUCTURES = 64
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+class LinearAceError(ValueError):
+    """A potential or dataset the linear fit cannot use; the message says why."""
+
+
+class AceDesign:
+    """Rows of the linear-ACE design matrix for one B-basis: energy per atom and force components as linear
+    functions of the basis coefficients.
+
+    With `reference_elements`, one more column per element holds its count per atom in the energy row (zero
+    in force rows): the coefficients of these columns are per-element reference energies (or shifts of them)
+    fitted together with the basis, which a short-ranged basis cannot produce itself."""
+
+    def __init__(self, basis: Any, reference_elements: Sequence[str] = ()) -> None:
+        from pyace import ACEBEvaluator, ACECalculator
+
+        self.basis = basis
+        # The calculator keeps only a raw pointer to the evaluator: both must stay referenced together.
+        self._evaluator = ACEBEvaluator(basis)
+        self._calculator = ACECalculator(self._evaluator)
+        self.offsets: list[int] = []
+        count = 0
+        for rank1, higher in zip(basis.basis_rank1, basis.basis, strict=True):
+            self.offsets.append(count)
+            count += len(rank1) + len(higher)
+        self.n_functions = count
+        self.functions_per_element = {
+            symbol: len(basis.basis_rank1[index]) + len(basis.basis[index])
+            for symbol, index in basis.elements_to_index_map.items()
+        }
+        self.reference_elements = list(reference_elements)
+        self.n_columns = count + len(self.reference_elements)
+        self.cutoff = float(basis.cutoffmax)
+        self.element_index = dict(basis.elements_to_index_map)
+
+    def rows(self, atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
+        """(energy-per-atom row, shape (columns,), force rows, shape (3·atoms, columns))."""
+        from pyace.atomicenvironment import aseatoms_to_atomicenvironment
+
+        symbols = atoms.get_chemical_symbols()
+        unknown = sorted(set(symbols) - set(self.element_index))
+        if unknown:
+            raise LinearAceError(f"elements {', '.join(unknown)} are not in the potential's basis")
+        environment = aseatoms_to_atomicenvironment(atoms, cutoff=self.cutoff, elements_mapper_dict=self.element_index)
+        self._calculator.compute(environment, compute_projections=True, compute_b_grad=True)
+        n_atoms = len(atoms)
+        energy_row = np.zeros(self.n_columns)
+        for species, projection in zip(environment.species_type, self._calculator.projections, strict=True):
+            start = self.offsets[species]
+            energy_row[start : start + len(projection)] += projection
+        for column, element in enumerate(self.reference_elements, start=self.n_functions):
+            energy_row[column] = symbols.count(element)
+        force_rows = np.zeros((3 * n_atoms, self.n_columns))
+        b_gradients = np.asarray(self._calculator.forces_bfuncs, dtype=np.float64)  # (atoms, functions, 3)
+        force_rows[:, : self.n_functions] = b_gradients.transpose(0, 2, 1).reshape(3 * n_atoms, self.n_functions)
+        return energy_row / n_atoms, force_rows
+
+    def split(self, solution: np.ndarray) -> tuple[np.ndarray, dict[int, float]]:
+        """Basis coefficients and per-element reference energies (by atomic number) of a solution vector."""
+        references = {
+            atomic_numbers[element]: float(value)
+            for element, value in zip(self.reference_elements, solution[self.n_functions :], strict=True)
+        }
+        return solution[: self.n_functions], references
+
+
+@dataclass
+class Targets:
+    """What the linear model must reproduce for each structure: energy per atom (already minus Σ E0, and for
+    a delta fit minus the base's prediction) and forces."""
+
+    energy_per_atom: np.ndarray
+    forces: list[np.ndarray]
+
+
+@dataclass
+class FoldedNormalEquations:
+    """Per cross-validation fold: Gram matrices, right-hand sides, target norms and row counts, kept apart for
+    energy rows and force rows so that RMSEs of both can be reported."""
+
+    n_functions: int
+    n_folds: int
+    gram_energy: np.ndarray = field(init=False)
+    gram_forces: np.ndarray = field(init=False)
+    rhs_energy: np.ndarray = field(init=False)
+    rhs_forces: np.ndarray = field(init=False)
+    norm_energy: np.ndarray = field(init=False)
+    norm_forces: np.ndarray = field(init=False)
+    rows_energy: np.ndarray = field(init=False)
+    rows_forces: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        k, n = self.n_folds, self.n_functions
+        self.gram_energy = np.zeros((k, n, n))
+        self.gram_forces = np.zeros((k, n, n))
+        self.rhs_energy = np.zeros((k, n))
+        self.rhs_forces = np.zeros((k, n))
+        self.norm_energy = np.zeros(k)
+        self.norm_forces = np.zeros(k)
+        self.rows_energy = np.zeros(k, dtype=np.int64)
+        self.rows_forces = np.zeros(k, dtype=np.int64)
+
+    def add(self, fold: int, energy_rows: np.ndarray, energy_targets: np.ndarray, force_rows, force_targets) -> None:
+        self.gram_energy[fold] += energy_rows.T @ energy_rows
+        self.rhs_energy[fold] += energy_rows.T @ energy_targets
+        self.norm_energy[fold] += float(energy_targets @ energy_targets)
+        self.rows_energy[fold] += len(energy_targets)
+        self.gram_forces[fold] += force_rows.T @ force_rows
+        self.rhs_forces[fold] += force_rows.T @ force_targets
+        self.norm_forces[fold] += float(force_targets @ force_targets)
+        self.rows_forces[fold] += len(force_targets)
+
+    def weights(self, forces_share: float) -> tuple[float, float]:
+        """Row weights that make the loss (1 − share)·MSE(energy per atom) + share·MSE(force components)."""
+        return (1.0 - forces_share) / max(1, int(self.rows_energy.sum())), forces_share / max(
+            1, int(self.rows_forces.sum())
+        )
+
+    def total(self, forces_share: float, leave_out: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Weighted Gram matrix and right-hand side over all folds but `leave_out`."""
+        w_energy, w_forces = self.weights(forces_share)
+        keep = [k for k in range(self.n_folds) if k != leave_out]
+        gram = w_energy * self.gram_energy[keep].sum(axis=0) + w_forces * self.gram_forces[keep].sum(axis=0)
+        rhs = w_energy * self.rhs_energy[keep].sum(axis=0) + w_forces * self.rhs_forces[keep].sum(axis=0)
+        return gram, rhs
+
+    def squared_errors(self, fold: int, coeffs: np.ndarray) -> tuple[float, float]:
+        """Sums of squared residuals of energy rows and force rows of one fold for the given coefficients."""
+        sse_energy = coeffs @ self.gram_energy[fold] @ coeffs - 2 * coeffs @ self.rhs_energy[fold]
+        sse_forces = coeffs @ self.gram_forces[fold] @ coeffs - 2 * coeffs @ self.rhs_forces[fold]
+        return max(0.0, sse_energy + self.norm_energy[fold]), max(0.0, sse_forces + self.norm_forces[fold])
+
+
+def folds_within_memory(n_columns: int, n_structures: int, wanted: int, extra_matrices: int = 0) -> int:
+    """Cross-validation folds that keep the normal equations (2 Gram matrices per fold, plus `extra_matrices`)
+    under GRAM_MEMORY_BYTES; at least 2, else the basis is too large for this machine's budget."""
+    per_matrix = 8 * n_columns**2
+    affordable = (GRAM_MEMORY_BYTES // per_matrix - extra_matrices) // 2
+    folds = min(wanted, n_structures, affordable)
+    if folds < 2:
+        needed = (4 + extra_matrices) * per_matrix / 2**30
+        raise LinearAceError(
+            f"{n_columns} basis functions need {needed:.1f} GiB for the normal equations of a 2-fold "
+            f"cross-validation (budget {GRAM_MEMORY_BYTES / 2**30:.0f} GiB); choose a smaller basis_size"
+        )
+    return int(folds)
+
+
+def fold_assignment(n_structures: int, n_folds: int, seed: int) -> np.ndarray:
+    """A random fold for each structure, equal fold sizes (±1)."""
+    order = np.random.default_rng(seed).permutation(n_structures)
+    folds = np.empty(n_structures, dtype=np.int64)
+    folds[order] = np.arange(n_structures) % n_folds
+    return folds
+
+
+def accumulate(
+    design: AceDesign,
+    frames: Sequence[Atoms],
+    targets: Targets,
+    folds: np.ndarray,
+    n_folds: int,
+    progress: ProgressCallback | None = None,
+    stage: str = "design",
+    with_references: bool = True,
+) -> FoldedNormalEquations:
+    """Fold every structure's rows into its fold's normal equations, CHUNK_STRUCTURES at a time. Without
+    `with_references` the reference-energy columns are left out of these rows (zero)."""
+    equations = FoldedNormalEquations(design.n_columns, n_folds)
+    with _garbage_collection_paused():
+        _accumulate_into(equations, design, frames, targets, folds, progress, stage, with_references)
+    return equations
+
+
+@contextlib.contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """pyace hands the B-gradients over as nested Python lists (thousands of list objects per structure);
+    with the cyclic garbage collector running, collecting them costs more than computing them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _accumulate_into(
+    equations: FoldedNormalEquations,
+    design: AceDesign,
+    frames: Sequence[Atoms],
+    targets: Targets,
+    folds: np.ndarray,
+    progress: ProgressCallback | None,
+    stage: str,
+    with_references: bool,
+) -> None:
+    for start in range(0, len(frames), CHUNK_STRUCTURES):
+        stop = min(len(frames), start + CHUNK_STRUCTURES)
+        chunk: dict[int, tuple[list, list, list, list]] = {}
+        for i in range(start, stop):
+            energy_row, force_rows = design.rows(frames[i])
+            if not with_references:
+                energy_row[design.n_functions :] = 0.0
+            lists = chunk.setdefault(int(folds[i]), ([], [], [], []))
+            lists[0].append(energy_row)
+            lists[1].append(targets.energy_per_atom[i])
+            lists[2].append(force_rows)
+            lists[3].append(np.asarray(targets.forces[i], dtype=np.float64).ravel())
+        for fold, (e_rows, e_targets, f_rows, f_targets) in chunk.items():
+            equations.add(fold, np.array(e_rows), np.array(e_targets), np.vstack(f_rows), np.concatenate(f_targets))
+        if progress is not None:
+            progress(stop, len(frames), f"{stage}: rows of {stop}/{len(frames)} structures")
+
+
+def _column_scale(gram: np.ndarray) -> np.ndarray:
+    diagonal = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    floor = max(float(diagonal.max()), 1.0) * 1e-12
+    return np.where(diagonal > floor, diagonal, 1.0)
+
+
+class _ScaledRidge:
+    """Solutions of (A + λ S²) c = b for many λ from one eigendecomposition, with the last `n_free` unknowns
+    unpenalised. Those are eliminated exactly (Schur complement; pseudo-inverse, since with one
+    stoichiometry the per-element references are determined only in sum): minimising over them for given
+    penalised unknowns a leaves a ridge problem in a alone, which is solved in scaled units S⁻¹ A S⁻¹."""
+
+    def __init__(self, gram: np.ndarray, rhs: np.ndarray, scale: np.ndarray, n_free: int = 0) -> None:
+        p = len(rhs) - n_free
+        self.n_free = n_free
+        self.scale = scale[:p]
+        gram_aa, rhs_a = gram[:p, :p], rhs[:p]
+        if n_free:
+            self.gram_ar = gram[:p, p:]
+            self.free_inverse = np.linalg.pinv(gram[p:, p:], rcond=1e-10, hermitian=True)
+            self.rhs_r = rhs[p:]
+            gram_aa = gram_aa - self.gram_ar @ self.free_inverse @ self.gram_ar.T
+            rhs_a = rhs_a - self.gram_ar @ self.free_inverse @ self.rhs_r
+        eigenvalues, self.vectors = np.linalg.eigh(gram_aa / np.outer(self.scale, self.scale))
+        self.eigenvalues = np.clip(eigenvalues, 0.0, None)
+        self.projected = self.vectors.T @ (rhs_a / self.scale)
+
+    def solve(self, lam: float) -> np.ndarray:
+        penalised = (self.vectors @ (self.projected / (self.eigenvalues + lam))) / self.scale
+        if not self.n_free:
+            return penalised
+        free = self.free_inverse @ (self.rhs_r - self.gram_ar.T @ penalised)
+        return np.concatenate([penalised, free])
+
+
+@dataclass
+class RidgeFit:
+    """The coefficients at the chosen λ, and the cross-validation table that chose it."""
+
+    coeffs: np.ndarray
+    lam: float
+    cv_energy_rmse: float  # eV/atom
+    cv_forces_rmse: float  # eV/Å
+    table: list[dict[str, float]]
+
+
+def fit_ridge_cv(
+    equations: FoldedNormalEquations,
+    forces_share: float = DEFAULT_FORCES_SHARE,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    anchor_gram: np.ndarray | None = None,
+    n_unpenalised: int = 0,
+    progress: ProgressCallback | None = None,
+) -> RidgeFit:
+    """Ridge regression with λ chosen by K-fold cross-validation on the folds of `equations`.
+
+    `anchor_gram` is an extra, always-included quadratic term with zero right-hand side (the delta fit's
+    surrogate rows, whose targets are the base's own predictions, i.e. zero correction). The last
+    `n_unpenalised` columns (reference energies) carry no penalty."""
+    if equations.n_folds < 2:
+        raise LinearAceError("cross-validation needs at least 2 folds")
+    extra = anchor_gram if anchor_gram is not None else 0.0
+    full_gram, full_rhs = equations.total(forces_share)
+    scale = _column_scale(full_gram + extra)
+    sse_energy = np.zeros(len(lambdas))
+    sse_forces = np.zeros(len(lambdas))
+    for fold in range(equations.n_folds):
+        gram, rhs = equations.total(forces_share, leave_out=fold)
+        ridge = _ScaledRidge(gram + extra, rhs, scale, n_unpenalised)
+        for i, lam in enumerate(lambdas):
+            energy, forces = equations.squared_errors(fold, ridge.solve(lam))
+            sse_energy[i] += energy
+            sse_forces[i] += forces
+        if progress is not None:
+            progress(fold + 1, equations.n_folds + 1, f"cross-validation fold {fold + 1}/{equations.n_folds}")
+    mse_energy = sse_energy / max(1, int(equations.rows_energy.sum()))
+    mse_forces = sse_forces / max(1, int(equations.rows_forces.sum()))
+    loss = (1 - forces_share) * mse_energy + forces_share * mse_forces
+    best = int(np.argmin(loss))
+    table = [
+        {
+            "lambda": float(lam),
+            "cv_energy_rmse_ev_per_atom": float(np.sqrt(e)),
+            "cv_forces_rmse_ev_per_a": float(np.sqrt(f)),
+            "cv_loss": float(value),
+        }
+        for lam, e, f, value in zip(lambdas, mse_energy, mse_forces, loss, strict=True)
+    ]
+    coeffs = _ScaledRidge(full_gram + extra, full_rhs, scale, n_unpenalised).solve(lambdas[best])
+    if progress is not None:
+        progress(equations.n_folds + 1, equations.n_folds + 1, f"final solve at lambda {lambdas[best]:.1e}")
+    return RidgeFit(
+        coeffs=coeffs,
+        lam=float(lambdas[best]),
+        cv_energy_rmse=float(np.sqrt(mse_energy[best])),
+        cv_forces_rmse=float(np.sqrt(mse_forces[best])),
+        table=table,
+    )
+
+
+def fit_errors(equations: FoldedNormalEquations, coeffs: np.ndarray) -> tuple[float, float]:
+    """In-sample RMSEs (energy per atom eV/atom, force components eV/Å) of coefficients on all folds."""
+    sse_energy = sse_forces = 0.0
+    for fold in range(equations.n_folds):
+        energy, forces = equations.squared_errors(fold, coeffs)
+        sse_energy += energy
+        sse_forces += forces
+    return (
+        float(np.sqrt(sse_energy / max(1, int(equations.rows_energy.sum())))),
+        float(np.sqrt(sse_forces / max(1, int(equations.rows_forces.sum())))),
+    )
+
+
+# ------------------------------------------------------------------------------------------ potential files
+def is_linear_basis(basis_config: Any) -> bool:
+    """True when every element block has one density with the linear embedding, so energy is linear in the
+    coefficients."""
+    for block in basis_config.funcspecs_blocks:
+        if block.number_of_species != 1:
+            continue
+        if block.ndensityi != 1 or block.npoti != "FinnisSinclairShiftedScaled":
+            return False
+        if list(block.fs_parameters) != [1.0, 1.0]:
+            return False
+    return True
+
+
+def load_basis(yaml_path: Path) -> Any:
+    from pyace import ACEBBasisSet
+
+    return ACEBBasisSet(str(yaml_path))
+
+
+def potential_e0s(yaml_path: Path) -> dict[int, float]:
+    """The reference energies stored in a .yaml's metadata (by atomic number); empty when there are none, as
+    for a potential that pacemaker wrote."""
+    from pyace import BBasisConfiguration
+
+    metadata = BBasisConfiguration(str(yaml_path)).metadata
+    if E0_METADATA_KEY not in metadata:
+        return {}
+    return {atomic_numbers[symbol]: float(value) for symbol, value in json.loads(metadata[E0_METADATA_KEY]).items()}
+
+
+_YACE_E0_LINE = re.compile(r"^E0: \[[^\]]*\]$", re.MULTILINE)
+_YACE_ELEMENTS_LINE = re.compile(r"^elements: \[([^\]]*)\]$", re.MULTILINE)
+
+
+def _write_yace_with_e0(basis: Any, e0s: dict[int, float], yace_path: Path) -> None:
+    """The .yace of a B-basis with its E0 entry filled in: pyace writes E0: [0, ...] and offers no setter, but
+    the C-tilde format has the field and pyace's and LAMMPS' evaluators add it to every atom's energy."""
+    basis.to_ACECTildeBasisSet().save_yaml(str(yace_path))
+    text = yace_path.read_text()
+    elements_match = _YACE_ELEMENTS_LINE.search(text)
+    if elements_match is None or _YACE_E0_LINE.search(text) is None:
+        raise LinearAceError(f"{yace_path}: unexpected .yace layout (no 'elements:' or 'E0:' line)")
+    order = [symbol.strip() for symbol in elements_match.group(1).split(",")]
+    values = ", ".join(repr(float(e0s.get(atomic_numbers[symbol], 0.0))) for symbol in order)
+    yace_path.write_text(_YACE_E0_LINE.sub(f"E0: [{values}]", text, count=1))
+
+
+def write_potential(basis: Any, coeffs: np.ndarray, e0s: dict[int, float], yaml_path: Path, yace_path: Path) -> None:
+    """Save coefficients into the basis and write the B-basis .yaml (E0s in its metadata) and the .yace (E0s
+    in its E0 entry), so each file on its own gives total energies."""
+    basis.basis_coeffs = np.asarray(coeffs, dtype=np.float64)
+    write_potential_files(basis, e0s, yaml_path, yace_path)
+
+
+def write_potential_files(basis: Any, e0s: dict[int, float], yaml_path: Path, yace_path: Path) -> None:
+    """The .yaml and .yace of a B-basis (linear or not) with the reference energies E0 recorded in both."""
+    from pyace import ACEBBasisSet
+
+    config = basis.to_BBasisConfiguration()
+    symbols = {z: s for s, z in atomic_numbers.items()}
+    config.metadata[E0_METADATA_KEY] = json.dumps({symbols[z]: e for z, e in sorted(e0s.items())})
+    config.save(str(yaml_path))
+    _write_yace_with_e0(ACEBBasisSet(config), e0s, yace_path)
+
+
+def check_active_set_data(design: AceDesign, frames: Sequence[Atoms]) -> None:
+    """The active set of an element needs at least as many environments of it as it has basis functions;
+    checked before a fit rather than after it."""
+    counts: dict[str, int] = {}
+    for atoms in frames:
+        for symbol in atoms.get_chemical_symbols():
+            counts[symbol] = counts.get(symbol, 0) + 1
+    for symbol, n_functions in design.functions_per_element.items():
+        if n_functions and counts.get(symbol, 0) < n_functions:
+            raise LinearAceError(
+                f"the active set needs at least as many {symbol} environments as {symbol} basis functions "
+                f"({counts.get(symbol, 0)} < {n_functions}); use a smaller basis or more data"
+            )
+
+
+def write_active_set(yaml_path: Path, frames: Sequence[Atoms], asi_path: Path) -> None:
+    """The active set (MaxVol over the B-projections of the training environments) that turns the .yaml
+    into an extrapolation-grade (γ) estimator, saved as .asi. For a linear ACE the projections do not depend
+    on the coefficients, so the base's data serve the corrected potential too. See check_active_set_data."""
+    from pyace.activelearning import (
+        compute_A_active_inverse,
+        compute_active_set,
+        compute_B_projections,
+        save_active_inverse_set,
+    )
+
+    basis = load_basis(yaml_path)
+    projections = compute_B_projections(basis, list(frames))
+    if isinstance(projections, tuple):
+        projections = projections[0]
+    active = compute_active_set(projections, tol=1.01, max_iters=300)
+    save_active_inverse_set(str(asi_path), compute_A_active_inverse(active), elements_name=basis.elements_name)

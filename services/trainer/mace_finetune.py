@@ -1,0 +1,421 @@
+"""Step 3: fine-tune the MACE teacher on the DFT set, K committee members with different seeds and bootstrap
+subsets, through mace's own training entry point (`mace.cli.run_train`, run in the worker process).
+
+Reference energies. Naive fine-tuning (`--foundation_model=... --multiheads_finetuning=False`) keeps the
+teacher's atomic energies E0 whatever `--E0s` says (measured, ../shared/PLATFORM.md): a model fine-tuned on
+labels of another level would start off by the whole difference of the isolated-atom energies, thousands of
+eV, and diverge. So the targets are moved onto the teacher's reference,
+
+    E_target = E_label − Σ E0_label + Σ E0_teacher,
+
+training runs with the teacher's E0s, and afterwards the model's E0 buffer is set to the labels' E0s. That
+buffer is added per atom to the interaction energy, so the saved model predicts E_label directly: the
+conversion back is part of the model file, no caller has to remember it. Without `e0s` in the spec the
+labels are taken to be on the teacher's reference already.
+
+Multihead replay fine-tuning (option) adds mace's pretraining head trained on replay data the run already
+has (teacher-labelled frames, e.g. the DIRECT pool), which keeps the model close to the teacher elsewhere.
+
+Checkpoints: each member trains in its own directory; mace saves a checkpoint whenever the validation loss
+improves. A resumed job skips finished members and continues the current one with `--restart_latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.rpc import InvalidInputError
+from pyacemaker.structures import write_extxyz
+from pyacemaker.v1 import trainer_pb2
+from services.trainer.datasets import (
+    artifact_paths,
+    e0s_by_number,
+    elements_of,
+    energy_of,
+    forces_of,
+    load_labelled,
+    reference_energy,
+    require_e0s,
+)
+from services.trainer.progress import ProgressWriter
+from services.trainer.results import JobResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMMITTEE_SIZE = 3
+DEFAULT_MAX_EPOCHS = 50
+LEARNING_RATE = 0.01
+ENERGY_KEY = "REF_energy"
+FORCES_KEY = "REF_forces"
+DEFAULT_HEAD = "Default"
+
+
+def model_head_index(model: Any) -> int:
+    """Row of the fine-tuned head in a (possibly multi-head) model: "Default", else the last head."""
+    heads = list(getattr(model, "heads", None) or [DEFAULT_HEAD])
+    return heads.index(DEFAULT_HEAD) if DEFAULT_HEAD in heads else len(heads) - 1
+
+
+def load_model(path: Path) -> Any:
+    import torch
+
+    return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
+def model_atomic_energies(model: Any) -> dict[int, float]:
+    """The E0s (eV) the model adds per atom, by atomic number, for its fine-tuned head."""
+    energies = model.atomic_energies_fn.atomic_energies.detach().cpu().numpy()
+    energies = energies.reshape(-1, len(model.atomic_numbers))[model_head_index(model)]
+    return {int(z): float(e) for z, e in zip(model.atomic_numbers.tolist(), energies, strict=True)}
+
+
+def set_model_atomic_energies(model: Any, e0s: dict[int, float]) -> None:
+    """Overwrite the fine-tuned head's E0s; elements not in `e0s` keep theirs."""
+    import torch
+
+    buffer = model.atomic_energies_fn.atomic_energies
+    row = model_head_index(model)
+    with torch.no_grad():
+        view = buffer.view(-1, len(model.atomic_numbers))
+        for column, z in enumerate(model.atomic_numbers.tolist()):
+            if int(z) in e0s:
+                view[row, column] = float(e0s[int(z)])
+
+
+def frames_on_teacher_reference(
+    frames: Sequence[Atoms], label_e0s: dict[int, float], teacher_e0s: dict[int, float]
+) -> list[Atoms]:
+    """Copies with REF_energy = E − Σ E0_label + Σ E0_teacher and REF_forces, as mace reads them."""
+    moved = []
+    for atoms in frames:
+        copy = atoms.copy()
+        copy.calc = None
+        energy = energy_of(atoms)
+        if label_e0s:
+            energy += reference_energy(atoms, teacher_e0s) - reference_energy(atoms, label_e0s)
+        copy.info[ENERGY_KEY] = energy
+        copy.arrays[FORCES_KEY] = forces_of(atoms)
+        moved.append(copy)
+    return moved
+
+
+def bootstrap(n_frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A bootstrap sample (n draws with replacement) and its out-of-bag frames."""
+    drawn = np.random.default_rng(seed).integers(0, n_frames, size=n_frames)
+    out_of_bag = np.setdiff1d(np.arange(n_frames), drawn)
+    return np.sort(drawn), out_of_bag
+
+
+@dataclass
+class FinetuneSettings:
+    foundation_model: Path
+    committee_size: int
+    seed: int
+    max_epochs: int
+    label_e0s: dict[int, float]
+    multihead_replay: bool
+    energy_weight: float
+    forces_weight: float
+
+
+def mace_arguments(
+    settings: FinetuneSettings,
+    member_dir: Path,
+    name: str,
+    seed: int,
+    train_file: Path,
+    valid_file: Path | None,
+    teacher_e0s: dict[int, float],
+    n_train: int,
+    replay_file: Path | None,
+    n_replay: int,
+    resume: bool,
+) -> list[str]:
+    batch_size = max(1, min(10, n_train // 4))
+    arguments = [
+        f"--name={name}",
+        f"--seed={seed}",
+        f"--work_dir={member_dir}",
+        f"--train_file={train_file}",
+        f"--foundation_model={settings.foundation_model}",
+        "--E0s={" + ", ".join(f"{z}: {e!r}" for z, e in sorted(teacher_e0s.items())) + "}",
+        f"--energy_key={ENERGY_KEY}",
+        f"--forces_key={FORCES_KEY}",
+        f"--max_num_epochs={settings.max_epochs}",
+        f"--batch_size={batch_size}",
+        f"--valid_batch_size={batch_size}",
+        f"--lr={LEARNING_RATE}",
+        "--amsgrad",
+        "--ema",
+        "--ema_decay=0.99",
+        "--default_dtype=float64",
+        "--device=cpu",
+        "--save_cpu",
+        "--eval_interval=1",
+    ]
+    arguments.append(f"--valid_file={valid_file}" if valid_file is not None else "--valid_fraction=0.1")
+    if settings.energy_weight > 0:
+        arguments.append(f"--energy_weight={settings.energy_weight}")
+    if settings.forces_weight > 0:
+        arguments.append(f"--forces_weight={settings.forces_weight}")
+    if settings.multihead_replay and replay_file is not None:
+        arguments += [
+            "--multiheads_finetuning=True",
+            f"--pt_train_file={replay_file}",
+            f"--num_samples_pt={n_replay}",
+            "--subselect_pt=random",
+        ]
+    else:
+        arguments.append("--multiheads_finetuning=False")
+    if resume:
+        arguments.append("--restart_latest")
+    return arguments
+
+
+class _MetricsTail:
+    """Follows mace's per-epoch results file (JSON lines) and turns its evaluations into progress lines."""
+
+    def __init__(self, path: Path, member: int, progress: ProgressWriter | None) -> None:
+        self.path = path
+        self.member = member
+        self.progress = progress
+        self.iterations = 0
+        self.last: dict[str, Any] | None = None
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        if path.exists():  # a resumed member: count earlier steps, report only new evaluations
+            for line in path.read_text().splitlines():
+                if '"mode": "opt"' in line:
+                    self.iterations += 1
+            self._offset = path.stat().st_size
+
+    def __enter__(self) -> _MetricsTail:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return
+        self._offset += end + 1
+        for raw in chunk[: end + 1].splitlines():
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if record.get("mode") == "opt":
+                self.iterations += 1
+            elif record.get("mode") == "eval" and record.get("epoch") is not None:
+                if record.get("head", DEFAULT_HEAD) != DEFAULT_HEAD:
+                    continue
+                self.last = record
+                if self.progress is not None:
+                    self.progress.training(
+                        epoch=int(record["epoch"]),
+                        iteration=self.iterations,
+                        loss=float(record.get("loss", float("nan"))),
+                        energy_rmse=float(record.get("rmse_e_per_atom", float("nan"))),
+                        forces_rmse=float(record.get("rmse_f", float("nan"))),
+                        member=self.member,
+                    )
+
+
+def run_mace_training(arguments: list[str]) -> None:
+    """mace's training entry point on an argument list, in this process. mace adds its log handlers to the
+    root logger on every call; they are removed again so members do not log into each other's files."""
+    from mace.cli.run_train import run
+    from mace.tools import build_default_arg_parser
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        run(build_default_arg_parser().parse_args(arguments))
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+
+
+def member_seed(seed: int, member: int) -> int:
+    return int(seed) * 1000 + member + 1
+
+
+def finetune_committee(
+    settings: FinetuneSettings,
+    train: Sequence[Atoms],
+    validation: Sequence[Atoms],
+    replay: Sequence[Atoms],
+    work_dir: Path,
+    progress: ProgressWriter | None = None,
+    resume: bool = False,
+) -> tuple[list[Path], dict[str, float]]:
+    """Train the committee; returns the model files (predicting energies on the labels' reference) and the
+    metrics: per member and mean validation RMSEs (eV/atom, eV/Å) of the final, E0-corrected models on the
+    validation set (or the member's out-of-bag frames, or the training set when there is neither)."""
+    from services.trainer.evaluation import evaluate_calculator, mace_calculator
+
+    teacher = load_model(settings.foundation_model)
+    teacher_e0s = model_atomic_energies(teacher)
+    missing = sorted(set(elements_of(train)) - {_symbol(z) for z in teacher_e0s})
+    if missing:
+        raise InvalidInputError(f"the teacher model knows no {', '.join(missing)}; it cannot be fine-tuned on them")
+    del teacher
+    moved_train = frames_on_teacher_reference(train, settings.label_e0s, teacher_e0s)
+    moved_validation = frames_on_teacher_reference(validation, settings.label_e0s, teacher_e0s)
+    replay_file = None
+    if settings.multihead_replay and replay:
+        replay_file = work_dir / "replay.xyz"
+        write_extxyz(replay_file, frames_on_teacher_reference(replay, {}, teacher_e0s))
+    models, metrics = [], {}
+    for member in range(settings.committee_size):
+        member_dir = work_dir / f"member_{member}"
+        final_model = work_dir / f"mace_{member}.model"
+        done_file = work_dir / f"mace_{member}.json"
+        if done_file.exists() and final_model.exists():
+            models.append(final_model)
+            metrics.update(json.loads(done_file.read_text()))
+            continue
+        member_dir.mkdir(parents=True, exist_ok=True)
+        seed = member_seed(settings.seed, member)
+        if settings.committee_size > 1:
+            chosen, out_of_bag = bootstrap(len(train), seed)
+        else:
+            chosen, out_of_bag = np.arange(len(train)), np.array([], dtype=int)
+        train_file = member_dir / "train.xyz"
+        write_extxyz(train_file, [moved_train[i] for i in chosen])
+        if validation:
+            scored, valid_frames = list(validation), moved_validation
+        elif len(out_of_bag):
+            scored, valid_frames = [train[i] for i in out_of_bag], [moved_train[i] for i in out_of_bag]
+        else:
+            scored, valid_frames = list(train), []
+        valid_file = None
+        if valid_frames:
+            valid_file = member_dir / "valid.xyz"
+            write_extxyz(valid_file, valid_frames)
+        name = f"mace_{member}"
+        checkpoints = member_dir / "checkpoints"
+        continuing = resume and checkpoints.is_dir() and any(checkpoints.glob("*.pt"))
+        arguments = mace_arguments(
+            settings,
+            member_dir,
+            name,
+            seed,
+            train_file,
+            valid_file,
+            teacher_e0s,
+            len(chosen),
+            replay_file,
+            len(replay),
+            continuing,
+        )
+        if progress is not None:
+            how = "continuing from its last checkpoint" if continuing else "from the teacher"
+            progress.stage("mace_finetune", member, settings.committee_size, f"member {member + 1} {how}")
+        log.info("mace %s", " ".join(arguments))
+        results = member_dir / "results" / f"{name}_run-{seed}_train.txt"
+        with _MetricsTail(results, member, progress):
+            run_mace_training(arguments)
+        model = load_model(member_dir / f"{name}.model")
+        if settings.label_e0s:
+            set_model_atomic_energies(model, settings.label_e0s)
+        import torch
+
+        torch.save(model, final_model)
+        scores = evaluate_calculator(mace_calculator([final_model]), scored).errors
+        member_metrics = {
+            f"member_{member}_energy_rmse_ev_per_atom": scores.energy_rmse_per_atom,
+            f"member_{member}_forces_rmse_ev_per_a": scores.forces_rmse,
+        }
+        done_file.write_text(json.dumps(member_metrics))
+        models.append(final_model)
+        metrics.update(member_metrics)
+    members = range(settings.committee_size)
+    metrics["energy_rmse_ev_per_atom"] = float(
+        np.mean([metrics[f"member_{m}_energy_rmse_ev_per_atom"] for m in members])
+    )
+    metrics["forces_rmse_ev_per_a"] = float(np.mean([metrics[f"member_{m}_forces_rmse_ev_per_a"] for m in members]))
+    metrics["committee_size_count"] = float(settings.committee_size)
+    return models, metrics
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z]
+
+
+# ----------------------------------------------------------------------------------------------- the job
+def validate_mace_finetune(spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactStore) -> None:
+    if not spec.foundation_model.uri:
+        raise InvalidInputError("mace_finetune.foundation_model is not set; give the teacher model file")
+    if not spec.train_data:
+        raise InvalidInputError("mace_finetune.train_data is empty; give the labelled DFT set")
+    if spec.committee_size < 0 or spec.max_epochs < 0:
+        raise InvalidInputError("mace_finetune.committee_size and max_epochs must not be negative (0: default)")
+    if spec.energy_weight < 0 or spec.forces_weight < 0:
+        raise InvalidInputError("mace_finetune loss weights must not be negative (0: mace's default)")
+    if spec.multihead_replay and not spec.replay_data:
+        raise InvalidInputError(
+            "mace_finetune.multihead_replay needs replay_data (teacher-labelled frames the run has)"
+        )
+    e0s_by_number(spec.e0s)
+    artifact_paths(store, [spec.foundation_model], "mace_finetune.foundation_model")
+    artifact_paths(store, spec.train_data, "mace_finetune.train_data")
+    artifact_paths(store, spec.validation_data, "mace_finetune.validation_data")
+    artifact_paths(store, spec.replay_data, "mace_finetune.replay_data")
+
+
+def run_mace_finetune(
+    spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactStore, work_dir: Path, progress: ProgressWriter, resume: bool
+) -> JobResult:
+    progress.stage("load_data", message="reading and verifying the teacher and the data")
+    (foundation,) = artifact_paths(store, [spec.foundation_model], "mace_finetune.foundation_model")
+    train = load_labelled(store, spec.train_data, "mace_finetune.train_data")
+    validation = load_labelled(store, spec.validation_data, "mace_finetune.validation_data")
+    replay = load_labelled(store, spec.replay_data, "mace_finetune.replay_data") if spec.multihead_replay else []
+    label_e0s = e0s_by_number(spec.e0s)
+    if label_e0s:
+        require_e0s(label_e0s, elements_of([*train, *validation]), "mace_finetune.e0s")
+    settings = FinetuneSettings(
+        foundation_model=foundation,
+        committee_size=spec.committee_size or DEFAULT_COMMITTEE_SIZE,
+        seed=int(spec.random_seed),
+        max_epochs=spec.max_epochs or DEFAULT_MAX_EPOCHS,
+        label_e0s=label_e0s,
+        multihead_replay=spec.multihead_replay,
+        energy_weight=spec.energy_weight,
+        forces_weight=spec.forces_weight,
+    )
+    models, metrics = finetune_committee(settings, train, validation, replay, work_dir, progress, resume)
+    progress.stage("store_outputs", message="copying the committee into the artifact store")
+    outputs = [store.put_file(path, "model") for path in models]
+    return JobResult(metrics=metrics, outputs=outputs)

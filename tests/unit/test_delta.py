@@ -1,0 +1,149 @@
+"""Delta learning: exact recovery of a known correction, anchoring by surrogate rows, the xTB → level-B case
+(held-out errors of the final potential below the base's), one self-contained output, and the nonlinear
+option's error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from pyacemaker.rpc import InvalidInputError, WrongStateError
+from pyacemaker.v1 import trainer_pb2
+from services.trainer import linear_ace
+from services.trainer.ace_fit import basis_config, fit_linear_ace
+from services.trainer.delta import fit_linear_delta, validate_delta_fit
+from services.trainer.evaluation import ace_calculator, evaluate_potential
+from services.trainer.pacemaker_nonlinear import tensorflow_missing
+from tests.sn2_training_data import level_b, xtb_e0s, xtb_frames
+
+pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
+
+ELEMENTS = ["H", "C", "Cl"]
+E0S = {1: -10.0, 6: -40.0, 17: -100.0}
+
+
+def write_linear(tmp_path: Path, name: str, coeffs: np.ndarray, e0s: dict[int, float], fpe: int = 6) -> Path:
+    basis = pyace.ACEBBasisSet(basis_config(ELEMENTS, 5.0, fpe))
+    linear_ace.write_potential(basis, coeffs, e0s, tmp_path / f"{name}.yaml", tmp_path / f"{name}.yace")
+    return tmp_path / f"{name}.yaml"
+
+
+def n_functions(fpe: int = 6) -> int:
+    return len(pyace.ACEBBasisSet(basis_config(ELEMENTS, 5.0, fpe)).basis_coeffs)
+
+
+def labelled_by(path: Path, frames: list[Atoms]) -> list[Atoms]:
+    calculator = ace_calculator(path)
+    out = []
+    for atoms in frames:
+        copy = atoms.copy()
+        copy.calc = calculator
+        energy, forces = copy.get_potential_energy(), copy.get_forces()
+        copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
+        out.append(copy)
+    return out
+
+
+def test_delta_recovers_a_known_correction_and_reference_shift(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    base_coeffs = rng.normal(0.0, 0.05, n_functions())
+    true_coeffs = base_coeffs + rng.normal(0.0, 0.05, n_functions())
+    shifted = {z: e + 0.3 for z, e in E0S.items()}  # the new level's isolated atoms lie 0.3 eV higher
+    base = write_linear(tmp_path, "base", base_coeffs, E0S)
+    truth = write_linear(tmp_path, "truth", true_coeffs, shifted)
+    frames = labelled_by(truth, xtb_frames()[:70])
+    fit = fit_linear_delta(base, frames[:50], [], tmp_path / "out")
+    held_out = frames[50:]
+    base_errors = evaluate_potential(base, held_out).errors
+    final_errors = evaluate_potential(fit.yace_path, held_out).errors
+    assert base_errors.energy_rmse_per_atom > 0.2  # the offset alone is 0.3 eV per atom
+    assert final_errors.energy_rmse_per_atom < 1e-4
+    assert final_errors.forces_rmse < 0.05 * base_errors.forces_rmse
+
+
+def test_surrogate_rows_anchor_the_correction_to_the_base() -> None:
+    frames = xtb_frames()[:40]
+    design = linear_ace.AceDesign(pyace.ACEBBasisSet(basis_config(ELEMENTS, 5.0, 10)))
+    dft, surrogate = frames[:6], frames[6:]
+    rng = np.random.default_rng(0)
+    residuals = linear_ace.Targets(rng.normal(0, 0.01, len(dft)), [rng.normal(0, 0.1, (len(a), 3)) for a in dft])
+    equations = linear_ace.accumulate(design, dft, residuals, np.arange(len(dft)) % 3, 3)
+    zero = linear_ace.Targets(np.zeros(len(surrogate)), [np.zeros((len(a), 3)) for a in surrogate])
+    anchor = linear_ace.accumulate(design, surrogate, zero, np.zeros(len(surrogate), dtype=int), 1)
+    anchor_gram, _ = anchor.total(linear_ace.DEFAULT_FORCES_SHARE)
+    free = linear_ace.fit_ridge_cv(equations, lambdas=[1e-6])
+    anchored = linear_ace.fit_ridge_cv(equations, lambdas=[1e-6], anchor_gram=anchor_gram)
+
+    def change_on_surrogate(delta: np.ndarray) -> float:
+        _, forces = linear_ace.fit_errors(anchor, delta)  # targets are zero: this is the change itself
+        return forces
+
+    assert change_on_surrogate(anchored.coeffs) < 0.5 * change_on_surrogate(free.coeffs)
+
+
+def test_delta_corrects_xtb_base_towards_level_b_on_held_out_frames(tmp_path: Path) -> None:
+    frames = xtb_frames()
+    surrogate, rest = frames[:70], frames[70:]
+    base = fit_linear_ace(surrogate, tmp_path / "base", e0s=xtb_e0s())
+    level_b_frames = level_b(rest)
+    dft, held_out = level_b_frames[:20], level_b_frames[20:]
+    final = fit_linear_delta(base.yaml_path, dft, surrogate, tmp_path / "final")
+    base_errors = evaluate_potential(base.yace_path, held_out).errors
+    final_errors = evaluate_potential(final.yace_path, held_out).errors
+    assert final_errors.energy_rmse_per_atom < 0.5 * base_errors.energy_rmse_per_atom
+    assert final_errors.forces_rmse < base_errors.forces_rmse
+    assert final.metrics["final_dft_forces_rmse_ev_per_a"] < final.metrics["base_dft_forces_rmse_ev_per_a"]
+
+
+def test_final_potential_is_one_self_contained_file(tmp_path: Path) -> None:
+    frames = xtb_frames()
+    base = fit_linear_ace(frames[:40], tmp_path / "base", e0s=xtb_e0s(), functions_per_element=10)
+    dft = level_b(frames[40:60])
+    final = fit_linear_delta(base.yaml_path, dft, frames[:40], tmp_path / "final", surrogate_weight=0.1)
+    assert final.metrics["surrogate_weight_relative"] == 0.1
+    probe = frames[60:70]
+    from_yace = evaluate_potential(final.yace_path, probe).predictions
+    from_yaml = evaluate_potential(final.yaml_path, probe, final.asi_path).predictions
+    np.testing.assert_allclose(from_yace.energies, from_yaml.energies, atol=1e-7)
+    assert np.all(np.isfinite(from_yaml.gamma_max))
+    # The new reference energies live in the file: an isolated atom gets the corrected E0, not the base's.
+    atom = Atoms("C")
+    atom.calc = ace_calculator(final.yace_path)
+    assert atom.get_potential_energy() != pytest.approx(xtb_e0s()[6], abs=1e-6)
+    assert len(list((tmp_path / "final").glob("*.yace"))) == 1
+
+
+def test_validate_rejects_a_yace_base_and_names_the_extra_for_a_nonlinear_base(tmp_path: Path, artifact_store) -> None:
+    frames = xtb_frames()[:20]
+    base = fit_linear_ace(frames, tmp_path / "base", e0s=xtb_e0s(), functions_per_element=6)
+    data = artifact_store.put_bytes(b"", "structures", ".extxyz")
+    yace_ref = artifact_store.put_file(base.yace_path, "potential")
+    with pytest.raises(InvalidInputError, match=r"\.yaml"):
+        validate_delta_fit(trainer_pb2.DeltaFitSpec(base_potential=yace_ref, dft_data=[data]), artifact_store)
+    from pyace.multispecies_basisextension import create_multispecies_basis_config
+
+    nonlinear = create_multispecies_basis_config(
+        {
+            "deltaSplineBins": 0.001,
+            "elements": ELEMENTS,
+            "embeddings": {
+                "ALL": {"npot": "FinnisSinclairShiftedScaled", "fs_parameters": [1, 1, 1, 0.5], "ndensity": 2}
+            },
+            "bonds": {"ALL": {"radbase": "SBessel", "radparameters": [5.25], "rcut": 5.0, "dcut": 0.01}},
+            "functions": {
+                "number_of_functions_per_element": 4,
+                "ALL": {"nradmax_by_orders": [4, 2], "lmax_by_orders": [0, 1]},
+            },
+        }
+    )
+    nonlinear.save(str(tmp_path / "nonlinear.yaml"))
+    assert not linear_ace.is_linear_basis(pyace.BBasisConfiguration(str(tmp_path / "nonlinear.yaml")))
+    if tensorflow_missing() is None:
+        pytest.skip("the TensorFlow extra is installed here")
+    ref = artifact_store.put_file(tmp_path / "nonlinear.yaml", "potential")
+    with pytest.raises(WrongStateError, match="TensorFlow"):
+        validate_delta_fit(trainer_pb2.DeltaFitSpec(base_potential=ref, dft_data=[data]), artifact_store)
