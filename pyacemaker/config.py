@@ -55,8 +55,9 @@ class LocalExecutorConfig(_Strict):
     max_workers: int = Field(1, ge=1, description="Calculations run at once.")
     timeout_s: Positive = Field(3600.0, description="Wall-time limit of one calculation, s.")
     scratch_dir: Path | None = Field(
-        None, description="Where calculation dirs go (kept on failure); default: a temp dir."
+        None, description="Where calculation dirs go (kept on failure); default: the oracle's --work-dir."
     )
+    keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
 
 
 class SlurmExecutorConfig(_Strict):
@@ -72,6 +73,7 @@ class SlurmExecutorConfig(_Strict):
     extra_directives: list[str] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. --account=x.")
     poll_interval_s: Positive = Field(5.0, description="Seconds between squeue/sacct polls.")
     scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
+    keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
 
 
 class PbsExecutorConfig(_Strict):
@@ -87,6 +89,7 @@ class PbsExecutorConfig(_Strict):
     extra_directives: list[str] = Field(default_factory=list, description="Extra #PBS lines.")
     poll_interval_s: Positive = Field(10.0, description="Seconds between qstat polls.")
     scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
+    keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
 
 
 ExecutorConfig = Annotated[LocalExecutorConfig | SlurmExecutorConfig | PbsExecutorConfig, Field(discriminator="kind")]
@@ -121,6 +124,10 @@ class XtbOracleConfig(_Strict):
     accuracy: Positive = Field(1.0, description="tblite numerical accuracy (smaller is tighter).")
     electronic_temperature: Positive = Field(300.0, description="Fermi smearing temperature, K.")
     max_iterations: int = Field(250, ge=1, description="SCC iterations before the calculation fails.")
+    executor: ExecutorConfig | None = Field(
+        None, description="Run each calculation as a task through this executor; default: in the oracle's process."
+    )
+    retries: RetryConfig = Field(default_factory=RetryConfig)
 
 
 class PyscfOracleConfig(_DftOracle):
@@ -143,7 +150,10 @@ class QeOracleConfig(_DftOracle):
     pseudopotentials: dict[str, str] = Field(description="Element symbol → UPF file name in pseudo_dir.")
     ecutwfc_ry: Positive = Field(30.0, description="Wave-function cutoff, Ry (pw.x's unit).")
     ecutrho_ry: Positive | None = Field(None, description="Charge-density cutoff, Ry; default 4 × ecutwfc_ry.")
-    kpoint_spacing: Positive = Field(0.25, description="Largest k-point spacing, 2π/Å; sets the Monkhorst-Pack grid.")
+    kpoint_spacing: Positive = Field(
+        0.25, description="Largest k-point spacing, Å⁻¹ with the 2π (as VASP's KSPACING); sets the Γ-centred grid."
+    )
+    electron_maxstep: int = Field(100, ge=1, description="SCF iterations before the first retry.")
     smearing: Literal["none", "gaussian", "marzari-vanderbilt", "fermi-dirac"] = "none"
     degauss_ry: Positive = Field(0.01, description="Smearing width, Ry.")
 
@@ -156,7 +166,9 @@ class VaspOracleConfig(_DftOracle):
     potcar_dir: Path | None = Field(None, description="VASP_PP_PATH; default: the environment's.")
     xc: str = Field("PBE", description="Functional (ASE's xc names).")
     encut_ev: Positive = Field(520.0, description="Plane-wave cutoff, eV.")
-    kpoint_spacing: Positive = Field(0.25, description="Largest k-point spacing, 2π/Å.")
+    kpoint_spacing: Positive = Field(
+        0.25, description="Largest k-point spacing, Å⁻¹ with the 2π (as VASP's KSPACING); sets the Γ-centred grid."
+    )
     setups: dict[str, str] = Field(default_factory=dict, description="Element → POTCAR variant suffix, e.g. {Cl: ''}.")
     incar: dict[str, Any] = Field(default_factory=dict, description="Extra INCAR tags (ASE Vasp keywords).")
 
@@ -226,8 +238,10 @@ class DirectConfig(_Strict):
 
     n_select: int = Field(50, ge=1, description="Exactly this many structures are selected.")
     k_per_cluster: int = Field(1, ge=1, description="Structures taken from each BIRCH cluster.")
-    featuriser: Literal["distribution"] = Field(
-        "distribution", description="Radial/angular distribution histograms (invariant, cheap)."
+    featuriser: Literal["distribution", "oracle"] = Field(
+        "distribution",
+        description="'distribution': radial/angular distribution histograms (invariant, cheap); 'oracle': the MACE "
+        "teacher's invariant descriptors from the mace oracle's Describe.",
     )
     coverage_bins: int = Field(20, ge=2, description="Histogram bins per principal component for coverage.")
     random_seed: int = Field(0, ge=0)
