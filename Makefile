@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/pyacemaker/v1/*.proto)
 PROTO_STAMP := pyacemaker/v1/__init__.py
 
-.PHONY: install install-system protos up down demo test lint format clean docs
+.PHONY: install install-system protos up down demo test lint format clean docs teacher
 
 install: install-system $(STAMP) $(PROTO_STAMP)
 
@@ -62,6 +62,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The bundled C/H/Cl MACE teacher: GFN2-xTB labels, a small MACE trained on CPU (~7 min on one core). Writes
+# pyacemaker/teacher/bundled/sn2_teacher.model and its metrics JSON; intermediate files go to build/teacher.
+teacher: install
+	$(PY) -m pyacemaker.teacher.build --work-dir build/teacher
 
 docs: install
 	$(PY) docs/make_config_reference.py

@@ -29,7 +29,7 @@ def work_dir_of(args: argparse.Namespace) -> Path:
 
 
 def make_register(args: argparse.Namespace, store: ArtifactStore) -> Callable[[grpc.Server], list[str]]:
-    # The lj and xtb backends need no artifacts; the mace backend will load its models from `store`.
+    # No backend reads the store yet: mace loads the model files its options name (keep the oracle on loopback).
     return functools.partial(add_to_server, work_dir=work_dir_of(args))
 
 

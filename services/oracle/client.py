@@ -6,7 +6,7 @@ Structures go out in batches while labels come back, so neither side holds the w
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from ase import Atoms
@@ -14,6 +14,8 @@ from google.protobuf import struct_pb2
 
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
+
+RequestT = TypeVar("RequestT", oracle_pb2.LabelRequest, oracle_pb2.DescribeRequest)
 
 
 def backend_spec(name: str, options: Mapping[str, Any] | None = None) -> oracle_pb2.BackendSpec:
@@ -24,10 +26,10 @@ def backend_spec(name: str, options: Mapping[str, Any] | None = None) -> oracle_
     return oracle_pb2.BackendSpec(name=name, options=struct)
 
 
-def label_requests(
-    backend: oracle_pb2.BackendSpec, frames: Iterable[Atoms], batch_size: int
-) -> Iterator[oracle_pb2.LabelRequest]:
-    """Requests built lazily from `frames`; only the first carries the backend."""
+def batched_requests(
+    message: type[RequestT], backend: oracle_pb2.BackendSpec, frames: Iterable[Atoms], batch_size: int
+) -> Iterator[RequestT]:
+    """LabelRequest or DescribeRequest messages built lazily from `frames`; only the first carries the backend."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     batch: list[common_pb2.Structure] = []
@@ -35,10 +37,16 @@ def label_requests(
     for atoms in frames:
         batch.append(atoms_to_structure(atoms))
         if len(batch) == batch_size:
-            yield oracle_pb2.LabelRequest(backend=backend if first else None, structures=batch)
+            yield message(backend=backend if first else None, structures=batch)
             batch, first = [], False
     if batch or first:
-        yield oracle_pb2.LabelRequest(backend=backend if first else None, structures=batch)
+        yield message(backend=backend if first else None, structures=batch)
+
+
+def label_requests(
+    backend: oracle_pb2.BackendSpec, frames: Iterable[Atoms], batch_size: int
+) -> Iterator[oracle_pb2.LabelRequest]:
+    return batched_requests(oracle_pb2.LabelRequest, backend, frames, batch_size)
 
 
 def stream_labels(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -14,6 +17,7 @@ from pyacemaker.rpc import InvalidInputError, abort, status_on_error
 from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from services.oracle.backends import OracleBackend, backend_infos, create_backend
+from services.oracle.executors.gateway import LabelGateway, executor_config_of
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +27,24 @@ BACKEND_CACHE_SIZE = 8
 
 
 class OracleService(oracle_pb2_grpc.OracleServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, work_dir: Path | None = None) -> None:
         # Keyed by name and canonical options, so repeated streams with the same settings share a backend.
         self._backend_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(_create_backend_from_json)
+        # Task dirs and the durable job table of executor backends; made on first use.
+        self._work_dir = work_dir
+        self._temporary_work_dir: tempfile.TemporaryDirectory[str] | None = None  # removed with this servicer
+        self._gateway: LabelGateway | None = None
+        self._gateway_lock = threading.Lock()
+
+    def gateway(self) -> LabelGateway:
+        with self._gateway_lock:
+            if self._gateway is None:
+                if self._work_dir is None:
+                    self._temporary_work_dir = tempfile.TemporaryDirectory(prefix="pyacemaker-oracle-")
+                    self._work_dir = Path(self._temporary_work_dir.name)
+                    log.warning("no --work-dir given: calculation dirs and the job table go to %s", self._work_dir)
+                self._gateway = LabelGateway(self._work_dir)
+            return self._gateway
 
     def backend(self, spec: oracle_pb2.BackendSpec) -> OracleBackend:
         options = json_format.MessageToDict(spec.options)
@@ -42,9 +61,11 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         self, request_iterator: Iterator[oracle_pb2.LabelRequest], context: grpc.ServicerContext
     ) -> Iterator[oracle_pb2.LabelResponse]:
         with status_on_error(context):
-            yield from self._label_stream(request_iterator)
+            yield from self._label_stream(request_iterator, context.is_active)
 
-    def _label_stream(self, requests: Iterator[oracle_pb2.LabelRequest]) -> Iterator[oracle_pb2.LabelResponse]:
+    def _label_stream(
+        self, requests: Iterator[oracle_pb2.LabelRequest], is_active: Callable[[], bool]
+    ) -> Iterator[oracle_pb2.LabelResponse]:
         # One request batch at a time, one response per structure as soon as it is labelled: memory stays
         # flat however long the stream, and the client sees progress.
         backend: OracleBackend | None = None
@@ -56,8 +77,14 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                 first_spec = _required_backend_spec(request, "LabelRequest")
                 backend = self.backend(first_spec)
                 log.info("label stream started: backend %s (%s)", backend.name, backend.level_of_theory)
-            elif request.HasField("backend") and request.backend != first_spec:
-                raise InvalidInputError("only the first LabelRequest of a stream may name a backend")
+                if executor_config_of(backend) is not None:
+                    # Expensive backends: task dirs, array jobs, re-attachment (services/oracle/executors).
+                    options = json_format.MessageToDict(first_spec.options)
+                    batches = _structure_batches(request, requests, first_spec)
+                    yield from self.gateway().label_stream(backend, options, batches, is_active)
+                    return
+            else:
+                _check_same_backend(request, first_spec)
             for result in _label_batch(backend, request.structures, index):
                 if result.labels.status != common_pb2.LABEL_STATUS_OK:
                     failed += 1
@@ -70,17 +97,48 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         self, request_iterator: Iterator[oracle_pb2.DescribeRequest], context: grpc.ServicerContext
     ) -> Iterator[oracle_pb2.DescribeResponse]:
         with status_on_error(context):
-            first = next(request_iterator, None)
-            if first is None:
-                return
-            backend = self.backend(_required_backend_spec(first, "DescribeRequest"))
-        # No backend here computes descriptors; the mace backend adds the streaming path when it arrives.
-        abort(
-            context,
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"oracle backend {backend.name!r} has no descriptors (descriptors come from the mace backend)",
-        )
-        yield  # unreachable; makes this a generator like every streaming handler
+            yield from self._describe_stream(request_iterator, context)
+
+    def _describe_stream(
+        self, requests: Iterator[oracle_pb2.DescribeRequest], context: grpc.ServicerContext
+    ) -> Iterator[oracle_pb2.DescribeResponse]:
+        # One response per request batch: memory stays flat however long the stream.
+        backend: OracleBackend | None = None
+        first_spec = oracle_pb2.BackendSpec()
+        index = 0
+        for request in requests:
+            if backend is None:
+                first_spec = _required_backend_spec(request, "DescribeRequest")
+                backend = self.backend(first_spec)
+                describe_batch = getattr(backend, "describe_batch", None)
+                if not backend.descriptors or describe_batch is None:
+                    abort(
+                        context,
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        f"oracle backend {backend.name!r} has no descriptors (descriptors come from the mace backend)",
+                    )
+                log.info("describe stream started: backend %s (%s)", backend.name, backend.level_of_theory)
+            elif request.HasField("backend") and request.backend != first_spec:
+                raise InvalidInputError("only the first DescribeRequest of a stream may name a backend")
+            frames = []
+            for offset, message in enumerate(request.structures):
+                try:
+                    frames.append(structure_to_atoms(message))
+                except ValueError as exc:
+                    raise InvalidInputError(f"structure {index + offset}: {exc}") from None
+            descriptors = [
+                oracle_pb2.Descriptor(
+                    index=index + offset,
+                    content_id=message.content_id or content_id(atoms),
+                    values=values.tolist(),
+                )
+                for offset, (message, atoms, values) in enumerate(
+                    zip(request.structures, frames, describe_batch(frames, index), strict=True)
+                )
+            ]
+            yield oracle_pb2.DescribeResponse(descriptors=descriptors)
+            index += len(frames)
+        log.info("describe stream finished: %d structures", index)
 
 
 def _create_backend_from_json(name: str, options_json: str) -> OracleBackend:
@@ -93,6 +151,20 @@ def _required_backend_spec(
     if not request.HasField("backend") or not request.backend.name:
         raise InvalidInputError(f"the first {kind} of a stream must name a backend (field `backend`)")
     return request.backend
+
+
+def _check_same_backend(request: oracle_pb2.LabelRequest, first_spec: oracle_pb2.BackendSpec) -> None:
+    if request.HasField("backend") and request.backend != first_spec:
+        raise InvalidInputError("only the first LabelRequest of a stream may name a backend")
+
+
+def _structure_batches(
+    first: oracle_pb2.LabelRequest, rest: Iterator[oracle_pb2.LabelRequest], first_spec: oracle_pb2.BackendSpec
+) -> Iterator[Sequence[common_pb2.Structure]]:
+    yield first.structures
+    for request in rest:
+        _check_same_backend(request, first_spec)
+        yield request.structures
 
 
 def _label_batch(
@@ -116,6 +188,8 @@ def _label_batch(
         yield oracle_pb2.LabelResult(index=index, content_id=cid, labels=result)
 
 
-def add_to_server(server: grpc.Server) -> list[str]:
-    oracle_pb2_grpc.add_OracleServiceServicer_to_server(OracleService(), server)
+def add_to_server(server: grpc.Server, work_dir: Path | None = None) -> list[str]:
+    """`work_dir` holds the calculation dirs and the durable job table of executor backends (pyscf, qe,
+    vasp); without one, a temp dir is made when first needed."""
+    oracle_pb2_grpc.add_OracleServiceServicer_to_server(OracleService(work_dir), server)
     return [SERVICE_NAME]

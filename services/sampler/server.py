@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import numpy as np
 from ase import Atoms
 from pydantic import ValidationError
 
@@ -21,13 +22,12 @@ from pyacemaker.structures import StructureFileError, read_structures, structure
 from pyacemaker.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
 from services.sampler.direct import coverage_score, select_direct
 from services.sampler.features import UnknownFeaturiserError, get_featuriser
+from services.sampler.oracle_features import OracleCallError, OracleFeaturiser
 from services.sampler.pool import ProgressCallback, generate_pool
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"].full_name
-# Featurisers that need another service; named here so the error says "not yet" rather than "unknown".
-_REMOTE_FEATURISERS = {"oracle"}
 
 Result = TypeVar("Result")
 Response = TypeVar("Response")
@@ -159,17 +159,14 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
                 raise InvalidInputError(f"k_per_cluster must be at least 1, got {k_per_cluster}")
             if coverage_bins < 1:
                 raise InvalidInputError(f"coverage_bins must be at least 1, got {coverage_bins}")
-            if featuriser_name in _REMOTE_FEATURISERS:
-                abort(
-                    context,
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"featuriser {featuriser_name!r} (descriptors from an oracle's Describe) is not available yet; "
-                    "use featuriser 'distribution'",
-                )
-            try:
-                featuriser = get_featuriser(featuriser_name)
-            except UnknownFeaturiserError as exc:
-                raise InvalidInputError(str(exc)) from None
+            featuriser: Callable[[list[Atoms]], np.ndarray]
+            if featuriser_name == OracleFeaturiser.name:
+                featuriser = OracleFeaturiser(request.oracle_address, request.descriptor_backend)
+            else:
+                try:
+                    featuriser = get_featuriser(featuriser_name)
+                except UnknownFeaturiserError as exc:
+                    raise InvalidInputError(str(exc)) from None
 
             frames = self._read_pool(request.pool)
             if request.n_select > len(frames):
@@ -178,7 +175,10 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
                     "the pool (sampling.pool)"
                 )
             yield progress("featurise", 0, len(frames), f"{featuriser_name} features of {len(frames)} structures")
-            features = featuriser(frames)
+            try:
+                features = featuriser(frames)
+            except OracleCallError as exc:
+                abort(context, exc.code, str(exc))
             yield progress("featurise", len(frames), len(frames), f"{features.shape[1]} features per structure")
             selection = select_direct(features, request.n_select, k_per_cluster, request.random_seed)
             coverage = coverage_score(selection.pc_scores, selection.indices, coverage_bins)

@@ -12,9 +12,15 @@ from pyacemaker.rpc import InvalidInputError, WrongStateError
 from pyacemaker.v1 import oracle_pb2
 from services.oracle.backends.base import OracleBackend
 from services.oracle.backends.lj import LennardJonesBackend
+from services.oracle.backends.mace import MaceBackend
+from services.oracle.backends.pyscf import PyscfBackend
+from services.oracle.backends.qe import QeBackend
+from services.oracle.backends.vasp import VaspBackend
 from services.oracle.backends.xtb import XtbBackend
 
-BACKENDS: dict[str, type[OracleBackend]] = {cls.name: cls for cls in (LennardJonesBackend, XtbBackend)}
+BACKENDS: dict[str, type[OracleBackend]] = {
+    cls.name: cls for cls in (LennardJonesBackend, MaceBackend, PyscfBackend, QeBackend, VaspBackend, XtbBackend)
+}
 
 __all__ = ["BACKENDS", "OracleBackend", "backend_infos", "create_backend", "validate_options"]
 

@@ -1,0 +1,77 @@
+"""The "oracle" featuriser for DIRECT: descriptors computed by an oracle's Describe RPC (e.g. the mace
+oracle's per-element means of the teacher's invariant node features), so the sampler itself needs no torch.
+
+The pool streams to the oracle in batches while descriptors stream back; only the feature matrix, which
+DIRECT needs whole anyway, is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+import numpy as np
+from ase import Atoms
+
+from pyacemaker.rpc import InvalidInputError, channel
+from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
+from services.oracle.client import batched_requests
+
+# Deadline of one Describe call: a fixed allowance (model loading) plus a generous time per structure.
+DEADLINE_BASE_S = 300.0
+DEADLINE_PER_STRUCTURE_S = 0.1
+
+
+class OracleCallError(RuntimeError):
+    """The oracle's Describe call failed; carries its status code so the sampler can pass it on."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class OracleFeaturiser:
+    """Features of shape (n_frames, n_descriptors) from the oracle at `address` with `backend`."""
+
+    name: ClassVar[str] = "oracle"
+    address: str
+    backend: oracle_pb2.BackendSpec
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            raise InvalidInputError("featuriser 'oracle' needs oracle_address (the oracle whose Describe to use)")
+        if not self.backend.name:
+            raise InvalidInputError("featuriser 'oracle' needs descriptor_backend (e.g. the mace backend and models)")
+
+    def __call__(self, frames: Sequence[Atoms]) -> np.ndarray:
+        features: np.ndarray | None = None
+        seen = np.zeros(len(frames), dtype=bool)
+        timeout = DEADLINE_BASE_S + DEADLINE_PER_STRUCTURE_S * len(frames)
+        with channel(self.address) as oracle:
+            call = oracle_pb2_grpc.OracleServiceStub(oracle).Describe(
+                batched_requests(oracle_pb2.DescribeRequest, self.backend, frames, self.batch_size), timeout=timeout
+            )
+            try:
+                for response in call:
+                    for descriptor in response.descriptors:
+                        if features is None:
+                            features = np.empty((len(frames), len(descriptor.values)))
+                        if not 0 <= descriptor.index < len(frames) or len(descriptor.values) != features.shape[1]:
+                            raise OracleCallError(
+                                grpc.StatusCode.INTERNAL,
+                                f"oracle at {self.address} sent a malformed descriptor for index {descriptor.index}",
+                            )
+                        features[descriptor.index] = descriptor.values
+                        seen[descriptor.index] = True
+            except grpc.RpcError as exc:
+                raise OracleCallError(exc.code(), f"oracle at {self.address}: {exc.details()}") from None
+        if features is None or not seen.all():
+            raise OracleCallError(
+                grpc.StatusCode.INTERNAL,
+                f"oracle at {self.address} described {int(seen.sum())} of {len(frames)} structures",
+            )
+        return features
