@@ -50,8 +50,9 @@ demo: install
 	$(VENV)/bin/pyacemaker down; \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"; \
 	if [ $$rc -eq 0 ]; then \
-	  echo "selected structures: examples/sn2/runs/sn2/step1_direct/direct.extxyz"; \
-	  echo "coverage score:      examples/sn2/runs/sn2/step1_direct/selection.json"; \
+	  echo "DIRECT selection:    examples/sn2/runs/sn2/step1_direct/direct.extxyz (coverage in selection.json)"; \
+	  echo "DFT-labelled set:    examples/sn2/runs/sn2/step2_active_learning/dft.extxyz"; \
+	  echo "AL iteration record: examples/sn2/runs/sn2/step2_active_learning/iteration.json"; \
 	fi; exit $$rc
 
 lint: install

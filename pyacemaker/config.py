@@ -294,6 +294,9 @@ class RunConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     md: MdConfig = Field(default_factory=MdConfig)
+    stop_after: Literal["direct_sampling", "active_learning"] | None = Field(
+        None, description="Run the pipeline only up to this step (default: every step there is)."
+    )
 
 
 def _loc_path(loc: tuple[Any, ...], data: Any) -> str:

@@ -40,6 +40,27 @@ def default_spin_multiplicity(numbers: Iterable[int], charge: int) -> int:
     return 1 if electrons % 2 == 0 else 2
 
 
+# Subshells in aufbau order, as (n, l), and the ground-state multiplicities that aufbau + Hund's rule miss.
+_AUFBAU = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (3, 2), (4, 1), (5, 0), (4, 2), (5, 1), (6, 0), (4, 3),
+           (5, 2), (6, 1), (7, 0), (5, 3), (6, 2), (7, 1)]  # fmt: skip
+_MULTIPLICITY_EXCEPTIONS = {24: 7, 29: 2, 41: 6, 42: 7, 44: 5, 45: 4, 46: 1, 47: 2, 57: 2, 58: 3, 64: 9, 78: 3, 79: 2}
+
+
+def atom_ground_state_multiplicity(atomic_number: int) -> int:
+    """2S+1 of the isolated neutral atom (H 2, C 3, N 4, O 3, Cl 2, ...): Hund's rule on the open subshell of
+    the aufbau configuration, with the known exceptions (Cr, Cu, ...) from a table. The isolated-atom reference
+    energies (E0s) are computed in these states."""
+    left = int(atomic_number)
+    for _n, angular in _AUFBAU:
+        capacity = 2 * (2 * angular + 1)
+        if left <= capacity:
+            if atomic_number in _MULTIPLICITY_EXCEPTIONS:
+                return _MULTIPLICITY_EXCEPTIONS[atomic_number]
+            return min(left, capacity - left) + 1
+        left -= capacity
+    raise ValueError(f"no ground-state multiplicity for Z={atomic_number}")
+
+
 def charge_of(atoms: Atoms) -> int:
     return int(atoms.info.get(CHARGE_KEY, 0))
 

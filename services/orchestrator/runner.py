@@ -23,12 +23,13 @@ from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2
 from services.orchestrator.state import RunState, StepRow
 from services.orchestrator.steps import RunCancelledError, Step, StepContext, step_key
+from services.orchestrator.steps.active_learning_step import ActiveLearningStep
 from services.orchestrator.steps.direct_sampling import DirectSamplingStep
 
 log = logging.getLogger(__name__)
 
-# The pipeline, in order. Later issues append steps 2-7 here.
-PIPELINE: tuple[Step, ...] = (DirectSamplingStep(),)
+# The pipeline, in order; steps 3-7 join it with their issues. `stop_after` in the config ends a run early.
+PIPELINE: tuple[Step, ...] = (DirectSamplingStep(), ActiveLearningStep())
 
 _E = orchestrator_pb2
 _FINAL_STATES = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
@@ -158,6 +159,8 @@ class RunManager:
             for step in PIPELINE:
                 current = step.name
                 previous[step.name] = self._run_step(handle, step, seeds, previous)
+                if step.name == handle.config.stop_after:
+                    break
             self._event(
                 handle,
                 _E.RUN_EVENT_KIND_RUN_COMPLETED,

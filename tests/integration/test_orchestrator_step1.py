@@ -48,6 +48,7 @@ def _config_file(tmp_path: Path, n_select: int = N_SELECT) -> Path:
     data = yaml.safe_load((SN2_DIR / "config.yaml").read_text())
     data["sampling"]["pool"].update(rattles_per_amplitude=5, interpolation_images=8, fragment_rotations_per_seed=5)
     data["sampling"]["direct"]["n_select"] = n_select
+    data["stop_after"] = "direct_sampling"
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -51,6 +51,7 @@ def _small_config(tmp_path: Path, **direct) -> Path:
     data = yaml.safe_load((SN2_DIR / "config.yaml").read_text())
     data["sampling"]["pool"].update(rattles_per_amplitude=4, interpolation_images=6, fragment_rotations_per_seed=4)
     data["sampling"]["direct"].update(n_select=N_SELECT, **direct)
+    data["stop_after"] = "direct_sampling"
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -113,3 +113,10 @@ def test_malformed_file_error_names_the_file(tmp_path):
         read_structures(bad)
     with pytest.raises(StructureFileError, match="no such file"):
         read_structures(tmp_path / "missing.xyz")
+
+
+def test_atom_ground_state_multiplicities_follow_hunds_rule():
+    from pyacemaker.structures import atom_ground_state_multiplicity
+
+    expected = {1: 2, 2: 1, 6: 3, 7: 4, 8: 3, 9: 2, 14: 3, 17: 2, 18: 1, 24: 7, 26: 5, 29: 2, 35: 2}
+    assert {z: atom_ground_state_multiplicity(z) for z in expected} == expected

@@ -1,0 +1,89 @@
+"""Step 2 through real services: DFT (xtb standing in) labels for the DIRECT set via the budget ledger, a MACE
+committee fine-tuned from the bundled teacher by the trainer, calibrated committee uncertainty on the pool, and
+the uncertain candidates sent to DFT within max_dft_calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pyacemaker.rpc import channel
+from pyacemaker.structures import read_structures
+from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from services.oracle.server import add_to_server as add_oracle
+from services.orchestrator.ledger import DftLedger
+from services.orchestrator.runner import RunManager
+from services.orchestrator.server import add_to_server as add_orchestrator
+from services.sampler.server import add_to_server as add_sampler
+from services.trainer.server import add_to_server as add_trainer
+from services.trainer.server import create_manager
+from tests.conftest import SN2_DIR, running_service
+from tests.integration.test_orchestrator_step1 import _kinds, _run
+
+pytestmark = pytest.mark.slow
+N_DIRECT, BUDGET = 8, 14  # 3 isolated atoms + 8 DIRECT + at most 3 uncertain candidates
+
+
+@pytest.fixture
+def orchestrator(artifact_store, tmp_path) -> Iterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
+    with ExitStack() as stack:
+        oracle = stack.enter_context(running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle")))
+        sampler = stack.enter_context(running_service(lambda s: add_sampler(s, artifact_store)))
+        manager = create_manager(artifact_store, tmp_path / "trainer")
+        stack.callback(manager.shutdown)
+        trainer = stack.enter_context(running_service(lambda s: add_trainer(s, manager)))
+        runs = RunManager(artifact_store, sampler, oracle, trainer)
+        stack.callback(runs.shutdown)
+        address = stack.enter_context(running_service(lambda s: add_orchestrator(s, runs)))
+        yield orchestrator_pb2_grpc.OrchestratorServiceStub(stack.enter_context(channel(address)))
+
+
+def _config(tmp_path: Path) -> Path:
+    shutil.copytree(SN2_DIR / "seeds", tmp_path / "seeds", dirs_exist_ok=True)
+    data = yaml.safe_load((SN2_DIR / "config.yaml").read_text())
+    data["sampling"]["pool"].update(rattles_per_amplitude=5, interpolation_images=8, fragment_rotations_per_seed=5)
+    data["sampling"]["direct"]["n_select"] = N_DIRECT
+    data["budget"]["max_dft_calls"] = BUDGET
+    data["active_learning"] = {
+        "committee_size": 2,
+        "finetune_epochs": 3,
+        "batch_size": 5,
+        "force_error_threshold": 0.02,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_one_active_learning_iteration_within_the_budget(orchestrator, tmp_path):
+    config = _config(tmp_path)
+    run, events = _run(orchestrator, config)
+    assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
+    out = tmp_path / "runs" / "sn2" / "step2_active_learning"
+    record = json.loads((out / "iteration.json").read_text())
+    ledger = DftLedger(tmp_path / "runs" / "sn2" / "state.sqlite")
+    rows = ledger.rows()
+    assert len(rows) == record["dft_calls_charged"] <= BUDGET
+    chosen = record["chosen_pool_indices"]
+    assert len(rows) == 3 + N_DIRECT + len(chosen) and len(chosen) <= BUDGET - 3 - N_DIRECT
+    assert len(read_structures(out / "dft.extxyz")) == N_DIRECT + len(chosen)
+    assert {row.content_id for row in rows} >= set(record["chosen_content_ids"])
+
+    # The chosen ones are the most uncertain candidates after calibration, above the threshold.
+    calibrated = record["calibration_factor"] * np.array(record["pool_committee_max_force_std_ev_per_a"])
+    assert record["calibration_factor"] >= 1.0
+    assert all(calibrated[i] > record["force_error_threshold_ev_per_a"] for i in chosen)
+    assert chosen == sorted(chosen, key=lambda i: -calibrated[i])
+
+    # Again: the step is skipped and no DFT call is made or charged.
+    run, events = _run(orchestrator, config)
+    assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
+    assert orchestrator_pb2.RUN_EVENT_KIND_STEP_SKIPPED in _kinds(events, "active_learning")
+    assert ledger.count() == len(rows)
