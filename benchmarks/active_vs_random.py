@@ -13,11 +13,16 @@ Both selections start from the same n0 DIRECT structures; only the N − n0 addi
           the labelled set (different seeds) scores every candidate by its max force std (mace oracle backend);
           the spread is calibrated on the labelled set (calibration_factor against the committee mean's true
           max force error) and select_uncertain takes the most uncertain candidates above the config's
-          threshold, with the diversity guard on the distribution features. If fewer than the batch pass the
-          threshold, the rest are taken by the same ranking and guard without it (said in the output).
+          threshold, with the diversity guard on the committee's invariant MACE descriptors (as step 2 in the
+          orchestrator). If fewer than the batch pass the threshold, the rest are taken by the same ranking
+          and guard without it (said in the output).
   random: N − n0 candidates drawn uniformly with the seed.
 Then ONE model per set is fine-tuned from the teacher with identical settings and the same seed per pair, and
 scored on the held-out set.
+
+`--max-teacher-force F` drops candidates (for both selections alike) whose teacher-predicted largest force
+component exceeds F eV/Å: without it the committee's absolute force spread, which grows with the force, sends
+exactly the near-collision geometries of the pool's largest rattles (|F| 20-40 eV/Å) to DFT.
 
 E0s: xtb is the teacher's own level and the teacher's E0s are GFN2-xTB isolated atoms, so the labels are on the
 teacher's reference already and fine-tuning gets no label E0s (see services.trainer.mace_finetune).
@@ -84,7 +89,6 @@ class XtbLabeller:
 @dataclass
 class Experiment:
     pool: list[Atoms]
-    features: np.ndarray
     direct: np.ndarray
     held_out: np.ndarray
     candidates: np.ndarray
@@ -147,6 +151,12 @@ def committee_predictions(models: list[Path], frames: Sequence[Atoms]) -> tuple[
     return np.array(std), forces
 
 
+def committee_descriptors(models: list[Path], frames: Sequence[Atoms]) -> np.ndarray:
+    """The committee's invariant descriptors (its first model's, as the orchestrator's diversity guard uses)."""
+    backend = MaceBackend(MaceOracleConfig(backend="mace", models=models, batch_size=64))
+    return np.vstack(list(backend.describe_batch(frames)))
+
+
 def active_selection(experiment: Experiment, seed: int, n_total: int, iterations: int) -> list[int]:
     al = experiment.config.active_learning
     labelled = [int(i) for i in experiment.direct]
@@ -173,12 +183,14 @@ def active_selection(experiment: Experiment, seed: int, n_total: int, iterations
             [max_force_error(f, atoms.get_forces()) for f, atoms in zip(labelled_forces, train, strict=True)]
         )
         factor = calibration_factor(labelled_std, true_error)
+        candidate_features = committee_descriptors(models, [experiment.pool[i] for i in candidates])
+        labelled_features = committee_descriptors(models, train)
         chosen = select_uncertain(
             candidate_std,
             factor,
             al.force_error_threshold,
-            experiment.features[candidates],
-            experiment.features[labelled],
+            candidate_features,
+            labelled_features,
             batch,
             al.diversity_fraction,
         )
@@ -186,12 +198,12 @@ def active_selection(experiment: Experiment, seed: int, n_total: int, iterations
         filled = 0
         if len(chosen) < batch:  # too few above the threshold: same ranking and guard without it
             rest = np.setdiff1d(np.arange(len(candidates)), chosen)
-            guard = np.vstack([experiment.features[labelled], experiment.features[candidates[chosen]]])
+            guard = np.vstack([labelled_features, candidate_features[chosen]])
             more = select_uncertain(
                 candidate_std[rest],
                 factor,
                 0.0,
-                experiment.features[candidates[rest]],
+                candidate_features[rest],
                 guard,
                 batch - len(chosen),
                 al.diversity_fraction,
@@ -258,12 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-epochs", type=int, default=30, help="epochs of the scored fine-tunes")
     parser.add_argument("--energy-weight", type=float, default=0.0, help="fine-tuning loss weight (0: mace's)")
     parser.add_argument("--forces-weight", type=float, default=0.0, help="fine-tuning loss weight (0: mace's)")
+    parser.add_argument(
+        "--max-teacher-force",
+        type=float,
+        help="drop candidates (for both selections) whose teacher-predicted largest force component exceeds "
+        "this, eV/Å: near-collision geometries that MD never visits (default: keep all)",
+    )
     parser.add_argument("--work-dir", type=Path, help="keep mace's files here (default: a temporary folder)")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
     pool = generate_pool(load_seeds(config), config.sampling.pool).structures
-    features = get_featuriser(config.sampling.direct.featuriser)(pool)
+    features = get_featuriser("distribution")(pool)  # step 1's featuriser when the oracle is not mace
     direct = select_direct(
         features, args.n0, config.sampling.direct.k_per_cluster, config.sampling.direct.random_seed
     ).indices
@@ -271,13 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     held_out = np.sort(np.random.default_rng(HELD_OUT_SEED).choice(outside, args.held_out, replace=False))
     candidates = np.setdiff1d(outside, held_out)
     teacher = resolve_teacher("bundled")
+    n_implausible = 0
+    if args.max_teacher_force is not None:
+        _, teacher_forces = committee_predictions([teacher], [pool[i] for i in candidates])
+        plausible = np.array([np.abs(f).max() <= args.max_teacher_force for f in teacher_forces])
+        n_implausible = int((~plausible).sum())
+        candidates = candidates[plausible]
     al = config.active_learning
 
     with contextlib.ExitStack() as stack:
         work_dir = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="active_vs_random_")))
         experiment = Experiment(
             pool=pool,
-            features=features,
             direct=direct,
             held_out=held_out,
             candidates=candidates,
@@ -295,16 +318,18 @@ def main(argv: list[str] | None = None) -> int:
         held_forces = np.concatenate([a.get_forces().ravel() for a in held_frames])
         teacher_errors = evaluate_calculator(mace_calculator([teacher]), held_frames).errors
         say(f"config:    {args.config}")
-        say(
-            f"pool:      {len(pool)} structures; DIRECT start n0 = {len(direct)} "
-            f"({config.sampling.direct.featuriser} features)"
-        )
+        say(f"pool:      {len(pool)} structures; DIRECT start n0 = {len(direct)} (distribution features)")
         say(
             f"held-out:  {len(held_out)} pool structures outside DIRECT (seed {HELD_OUT_SEED}), xtb-labelled; "
             f"force component RMS {1e3 * np.sqrt(np.mean(held_forces**2)):.0f} meV/Å; "
             f"{describe_selection(pool, held_out)}"
         )
         say(f"candidates: {len(candidates)} (pool − DIRECT − held-out)")
+        if args.max_teacher_force is not None:
+            say(
+                f"            {n_implausible} more candidates dropped for both selections: the teacher predicts a "
+                f"force component above {args.max_teacher_force} eV/Å (the held-out set is not filtered)"
+            )
         say(
             f"teacher on held-out (no fine-tuning): force RMSE {1e3 * teacher_errors.forces_rmse:.1f} meV/Å, "
             f"energy RMSE {1e3 * teacher_errors.energy_rmse_per_atom:.2f} meV/atom"

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pool = generate_pool(seeds, pool_config)
     pooled = time.perf_counter()
-    features = get_featuriser(direct_config.featuriser)(pool.structures)
+    featuriser = "distribution" if direct_config.featuriser == "auto" else direct_config.featuriser
+    features = get_featuriser(featuriser)(pool.structures)
     featurised = time.perf_counter()
     selection = select_direct(features, n_select, direct_config.k_per_cluster, direct_config.random_seed)
     selected = time.perf_counter()
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"inputs:    {source}")
     print(f"pool:      {len(pool.structures)} structures from {len(seeds)} seeds ({pool.n_rejected} rejected)")
-    print(f"features:  {features.shape[1]} per structure ({direct_config.featuriser})")
+    print(f"features:  {features.shape[1]} per structure ({featuriser})")
     print(
         f"PCA:       {selection.n_components} components kept (Kaiser), "
         f"{100 * selection.explained_variance_ratio.sum():.1f} % of the variance"

@@ -238,10 +238,11 @@ class DirectConfig(_Strict):
 
     n_select: int = Field(50, ge=1, description="Exactly this many structures are selected.")
     k_per_cluster: int = Field(1, ge=1, description="Structures taken from each BIRCH cluster.")
-    featuriser: Literal["distribution", "oracle"] = Field(
-        "distribution",
+    featuriser: Literal["auto", "distribution", "oracle"] = Field(
+        "auto",
         description="'distribution': radial/angular distribution histograms (invariant, cheap); 'oracle': the MACE "
-        "teacher's invariant descriptors from the mace oracle's Describe.",
+        "teacher's invariant descriptors from the mace oracle's Describe; 'auto': 'oracle' when the oracle serves "
+        "the mace backend, else 'distribution'.",
     )
     coverage_bins: int = Field(20, ge=2, description="Histogram bins per principal component for coverage.")
     random_seed: int = Field(0, ge=0)

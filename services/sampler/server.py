@@ -152,7 +152,7 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
             defaults = DirectConfig()
             k_per_cluster = request.k_per_cluster or defaults.k_per_cluster
             coverage_bins = request.coverage_bins or defaults.coverage_bins
-            featuriser_name = request.featuriser or defaults.featuriser
+            featuriser_name = request.featuriser or "distribution"
             if request.n_select < 1:
                 raise InvalidInputError(f"n_select must be at least 1, got {request.n_select}")
             if k_per_cluster < 1:

@@ -8,6 +8,7 @@ does today.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -172,7 +173,8 @@ def _train_committee(ctx: StepContext, labelled: list[Atoms], e0s: dict[int, flo
         e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in sorted(e0s.items())],
     )
     request = trainer_pb2.StartJobRequest(
-        idempotency_key=f"{ctx.run_dir}:committee:{spec.SerializeToString(deterministic=True).hex()[:64]}",
+        # Same run and same spec → the same job, also when a restarted orchestrator asks again.
+        idempotency_key=f"{ctx.run_dir}:committee:{hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()}",
         mace_finetune=spec,
     )
     with channel(ctx.trainer_address) as ch:

@@ -7,8 +7,11 @@ from typing import Any
 
 import grpc
 
+from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.rpc import channel
-from pyacemaker.v1 import sampler_pb2, sampler_pb2_grpc
+from pyacemaker.teacher import resolve_teacher
+from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc, sampler_pb2, sampler_pb2_grpc
+from services.oracle.client import backend_spec
 from services.orchestrator.steps import StepContext, StepOutcome
 
 EXPORT_DIR = "step1_direct"
@@ -20,15 +23,21 @@ class DirectSamplingStep:
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         sampling = ctx.config.sampling
+        featuriser, descriptor_backend = _featuriser(ctx)
         return {
             "pool": sampling.pool.model_dump(mode="json"),
             "direct": sampling.direct.model_dump(mode="json"),
+            "featuriser": featuriser,
+            "descriptor_models": [sha256_of_file(p) for p in descriptor_backend.options["models"]]
+            if descriptor_backend
+            else [],
             "seeds": [seed.content_id for seed in ctx.seeds],
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
         pool_config = ctx.config.sampling.pool
         direct = ctx.config.sampling.direct
+        featuriser, descriptor_backend = _featuriser(ctx)
         with channel(ctx.sampler_address) as ch:
             sampler = sampler_pb2_grpc.SamplerServiceStub(ch)
             pool_result = _last_result(
@@ -51,7 +60,9 @@ class DirectSamplingStep:
                         pool=pool_result.pool,
                         n_select=direct.n_select,
                         k_per_cluster=direct.k_per_cluster,
-                        featuriser=direct.featuriser,
+                        featuriser=featuriser,
+                        oracle_address=ctx.oracle_address if descriptor_backend else "",
+                        descriptor_backend=descriptor_backend,
                         coverage_bins=direct.coverage_bins,
                         random_seed=direct.random_seed,
                     ),
@@ -67,6 +78,7 @@ class DirectSamplingStep:
             "n_components": selection.n_components,
             "explained_variance_ratio": list(selection.explained_variance_ratio),
             "n_clusters": selection.n_clusters,
+            "featuriser": featuriser,
             "selected_pool_indices": list(selection.indices),
         }
         summary_ref = ctx.store.put_bytes(
@@ -80,6 +92,20 @@ class DirectSamplingStep:
             f"{EXPORT_DIR}/selection.json": summary_ref,
         }
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
+
+
+def _featuriser(ctx: StepContext) -> tuple[str, oracle_pb2.BackendSpec | None]:
+    """The featuriser DIRECT uses, resolved from 'auto': the teacher's descriptors when the oracle serves the
+    mace backend, else the cheap distribution histograms."""
+    name = ctx.config.sampling.direct.featuriser
+    if name == "auto":
+        with channel(ctx.oracle_address) as ch:
+            info = oracle_pb2_grpc.OracleServiceStub(ch).GetInfo(oracle_pb2.GetInfoRequest(), timeout=30)
+        mace = any(b.name == "mace" and b.available and b.descriptors for b in info.backends)
+        name = "oracle" if mace else "distribution"
+    if name != "oracle":
+        return name, None
+    return name, backend_spec("mace", {"models": [str(resolve_teacher(ctx.config.teacher.model))]})
 
 
 def _last_result(responses: Any, ctx: StepContext) -> Any:
