@@ -67,7 +67,8 @@ def say(message: str) -> None:
 
 
 class XtbLabeller:
-    """GFN2-xTB labels of pool structures by index, computed once; every call counts towards the DFT tally."""
+    """GFN2-xTB labels of pool structures by index, each computed once; only the held-out set and chosen structures
+    are ever labelled, as a DFT budget would allow."""
 
     def __init__(self, pool: Sequence[Atoms]) -> None:
         self.pool = pool

@@ -248,18 +248,17 @@ def test_orchestrator_killed_after_submission_is_reconciled_not_resubmitted(
     from services.orchestrator.dft_labels import DftLabeller
     from services.orchestrator.ledger import DftLedger
 
-    address, _ = oracle
+    address, work_dir = oracle
     frames = sn2_frames(range(100, 108))
     frames_path = tmp_path / "frames.extxyz"
     write(frames_path, frames, format="extxyz")
     state = tmp_path / "state.sqlite"
-    jobs_before = set(slurm.job_ids())
     process = subprocess.Popen(
         [sys.executable, "-c", _KILLABLE_ORCHESTRATOR, str(state), address, str(frames_path)],
         env={**os.environ, "SLURM_CONF": os.environ.get("SLURM_CONF", "")},
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # generous: CI machines can be busy
         submitted = 0
         while time.monotonic() < deadline and submitted < 8:
             if state.exists():
@@ -282,6 +281,11 @@ def test_orchestrator_killed_after_submission_is_reconciled_not_resubmitted(
     assert len({row.job_id for row in rows}) == 1
     assert all(row.status == "ok" for row in rows)
     assert outcome.job_ids == {rows[0].job_id}
-    assert set(slurm.job_ids()) - jobs_before == {rows[0].job_id}, "exactly one sbatch for the 8 structures"
+    # The gateway's own records: every structure ran in that one job, submitted once (no resubmission).
+    # (Other tests of this module share the oracle, so the cluster-wide job list is not ours alone.)
+    table = JobTable(work_dir / JOB_TABLE_FILE)
+    records = [table.get((row.content_id, row.level_of_theory)) for row in rows]
+    assert {r.job_id for r in records if r is not None} == {rows[0].job_id}
+    assert all(r is not None and r.submissions == 1 for r in records)
     for atoms in frames:
         assert_labels_equal_tblite(outcome.labels[content_id(atoms)], atoms)
