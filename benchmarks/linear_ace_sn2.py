@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from pyacemaker.structures import labelled_copies  # noqa: E402
 from services.trainer.ace_fit import fit_linear_ace  # noqa: E402
 from services.trainer.evaluation import Predictions, error_metrics, evaluate_potential  # noqa: E402
 from tests.sn2_training_data import xtb_e0s, xtb_frames  # noqa: E402
@@ -48,14 +48,7 @@ def relabel_with_teacher(frames: list[Atoms], model: Path) -> list[Atoms]:
     from services.trainer.evaluation import mace_calculator
 
     calculator = mace_calculator([model])
-    out = []
-    for atoms in frames:
-        copy = atoms.copy()
-        copy.calc = calculator
-        energy, forces = copy.get_potential_energy(), copy.get_forces()
-        copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
-        out.append(copy)
-    return out
+    return labelled_copies(calculator, frames)
 
 
 def teacher_model() -> tuple[Path | None, dict[int, float] | None]:

@@ -204,6 +204,18 @@ def attach_labels(atoms: Atoms, labels: common_pb2.Labels) -> Atoms:
     return atoms
 
 
+def labelled_copies(calculator: Any, frames: Iterable[Atoms]) -> list[Atoms]:
+    """Copies of `frames` carrying `calculator`'s energy and forces as fixed labels (SinglePointCalculator)."""
+    labelled = []
+    for atoms in frames:
+        copy = atoms.copy()
+        copy.calc = calculator
+        energy, forces = copy.get_potential_energy(), copy.get_forces()
+        copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
+        labelled.append(copy)
+    return labelled
+
+
 def read_structures(path: str | Path) -> list[Atoms]:
     """Read every frame of an xyz/extxyz (or any ASE-readable) file; errors name the file."""
     from ase.io import read

@@ -9,13 +9,13 @@ has a row at the same level of theory is never computed twice; its stored result
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyacemaker.v1 import common_pb2
+from services.orchestrator.state import connect
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dft_ledger (
@@ -66,9 +66,7 @@ class Reservation:
 class DftLedger:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(path)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

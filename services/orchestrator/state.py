@@ -83,6 +83,14 @@ def _ref_from_dict(data: dict) -> common_pb2.ArtifactRef:
     return ParseDict(data, common_pb2.ArtifactRef())
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """The run's state file, shared by several threads (callers hold their own lock), every commit durable."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
 class RunState:
     """The SQLite state of one run; safe to use from several threads."""
 
@@ -90,9 +98,7 @@ class RunState:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(run_dir / STATE_FILE, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(run_dir / STATE_FILE)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

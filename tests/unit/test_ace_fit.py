@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers, covalent_radii
 
 from pyacemaker.rpc import WrongStateError
+from pyacemaker.structures import labelled_copies
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace
 from services.trainer.ace_fit import (
@@ -46,17 +46,6 @@ def known_potential(tmp_path: Path, seed: int = 1, functions_per_element: int = 
     yaml_path, yace_path = tmp_path / "known.yaml", tmp_path / "known.yace"
     linear_ace.write_potential(basis, coeffs, e0s, yaml_path, yace_path)
     return yaml_path, yace_path, coeffs
-
-
-def labelled_by(calculator, frames: list[Atoms]) -> list[Atoms]:
-    out = []
-    for atoms in frames:
-        copy = atoms.copy()
-        copy.calc = calculator
-        energy, forces = copy.get_potential_energy(), copy.get_forces()
-        copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
-        out.append(copy)
-    return out
 
 
 def test_design_rows_reproduce_pyace_energies_and_forces(tmp_path: Path) -> None:
@@ -103,7 +92,7 @@ def test_folded_normal_equations_equal_the_dense_weighted_problem(tmp_path: Path
 
 def test_fit_recovers_a_known_linear_potential(tmp_path: Path) -> None:
     _, yace_path, _ = known_potential(tmp_path, functions_per_element=6)
-    frames = labelled_by(ace_calculator(yace_path), xtb_frames()[:60])
+    frames = labelled_copies(ace_calculator(yace_path), xtb_frames()[:60])
     fit = fit_linear_ace(
         frames[:45], tmp_path / "fit", e0s={1: -10.0, 6: -40.0, 17: -100.0}, cutoff=5.0, functions_per_element=6
     )

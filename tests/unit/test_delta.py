@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from pyacemaker.rpc import InvalidInputError, WrongStateError
+from pyacemaker.structures import labelled_copies
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace
 from services.trainer.ace_fit import basis_config, fit_linear_ace
@@ -38,14 +38,7 @@ def n_functions(fpe: int = 6) -> int:
 
 def labelled_by(path: Path, frames: list[Atoms]) -> list[Atoms]:
     calculator = ace_calculator(path)
-    out = []
-    for atoms in frames:
-        copy = atoms.copy()
-        copy.calc = calculator
-        energy, forces = copy.get_potential_energy(), copy.get_forces()
-        copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
-        out.append(copy)
-    return out
+    return labelled_copies(calculator, frames)
 
 
 def test_delta_recovers_a_known_correction_and_reference_shift(tmp_path: Path) -> None:
