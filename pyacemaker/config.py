@@ -268,6 +268,12 @@ class ActiveLearningConfig(_Strict):
         description="A candidate closer than this fraction of the median pairwise feature distance to one "
         "already chosen or labelled is skipped (near-duplicate guard).",
     )
+    max_candidate_force: Positive = Field(
+        10.0,
+        description="Candidates whose committee-mean largest atomic force exceeds this are not sent to DFT, eV/Å: "
+        "near-collision geometries that the dynamics never visits (their spread is large only because their "
+        "forces are).",
+    )
     finetune_epochs: int = Field(20, ge=1, description="Epochs of each committee member's fine-tuning.")
     random_seed: int = Field(0, ge=0)
 

@@ -39,10 +39,11 @@ def select_uncertain(
     labelled_features: np.ndarray,
     max_count: int,
     diversity_fraction: float,
+    eligible: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices of candidates to label: calibrated uncertainty above `threshold`, most uncertain first, each at
     least `diversity_fraction` × (median pairwise feature distance) away from every structure already chosen or
-    already labelled, at most `max_count` of them."""
+    already labelled, at most `max_count` of them; candidates with `eligible` False are never chosen."""
     std = np.asarray(committee_std, dtype=np.float64)
     features = np.asarray(features, dtype=np.float64)
     if len(std) != len(features):
@@ -50,7 +51,8 @@ def select_uncertain(
     if max_count <= 0 or len(std) == 0:
         return np.zeros(0, dtype=np.int64)
     estimated = calibration * std
-    order = [int(i) for i in np.argsort(-estimated, kind="stable") if estimated[i] > threshold]
+    allowed = np.ones(len(std), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    order = [int(i) for i in np.argsort(-estimated, kind="stable") if estimated[i] > threshold and allowed[i]]
     labelled = np.asarray(labelled_features, dtype=np.float64).reshape(-1, features.shape[1])
     scale = _median_pairwise_distance(np.vstack([features, labelled]))
     min_distance = diversity_fraction * scale

@@ -81,6 +81,7 @@ def test_one_active_learning_iteration_within_the_budget(orchestrator, tmp_path)
     assert record["calibration_factor"] >= 1.0
     assert all(calibrated[i] > record["force_error_threshold_ev_per_a"] for i in chosen)
     assert chosen == sorted(chosen, key=lambda i: -calibrated[i])
+    assert not set(chosen) & set(record["excluded_by_force_pool_indices"])
 
     # Again: the step is skipped and no DFT call is made or charged.
     run, events = _run(orchestrator, config)

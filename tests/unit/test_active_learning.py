@@ -50,3 +50,11 @@ def test_structures_near_labelled_data_are_skipped():
     labelled = np.array([[0.01]])
     chosen = select_uncertain(std, 1.0, 0.1, features, labelled, max_count=3, diversity_fraction=0.1)
     assert chosen.tolist() == [1, 2]
+
+
+def test_ineligible_candidates_are_never_chosen():
+    features = np.arange(4, dtype=float)[:, None] * 10.0
+    std = np.array([0.9, 0.8, 0.7, 0.6])
+    eligible = np.array([False, True, False, True])  # e.g. near-collision geometries excluded by their forces
+    chosen = select_uncertain(std, 1.0, 0.1, features, np.zeros((0, 1)), 4, 0.1, eligible=eligible)
+    assert chosen.tolist() == [1, 3]

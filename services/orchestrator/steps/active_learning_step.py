@@ -81,6 +81,8 @@ class ActiveLearningStep:
             describe = OracleFeaturiser(ctx.oracle_address, spec)
             pool_std = np.array([p.uncertainty.max_force_std for p in pool_labels])
             remaining = max(0, ctx.config.budget.max_dft_calls - ledger.count())
+            pool_force = np.array([np.linalg.norm(np.reshape(p.forces, (-1, 3)), axis=1).max() for p in pool_labels])
+            eligible = pool_force <= settings.max_candidate_force
             chosen = select_uncertain(
                 pool_std,
                 calibration,
@@ -89,6 +91,7 @@ class ActiveLearningStep:
                 describe(labelled),
                 max_count=min(settings.batch_size, remaining),
                 diversity_fraction=settings.diversity_fraction,
+                eligible=eligible,
             )
             added = _label(dft, [pool[i] for i in chosen], ctx, "DFT labels of the uncertain candidates")
             dft_calls = ledger.count()
@@ -104,6 +107,8 @@ class ActiveLearningStep:
             "labelled_committee_max_force_std_ev_per_a": stds.tolist(),
             "pool_committee_max_force_std_ev_per_a": pool_std.tolist(),
             "chosen_pool_indices": chosen.tolist(),
+            "max_candidate_force_ev_per_a": settings.max_candidate_force,
+            "excluded_by_force_pool_indices": np.flatnonzero(~eligible).tolist(),
             "chosen_content_ids": [atoms_to_structure(pool[i]).content_id for i in chosen],
             "isolated_atom_energies_ev": {str(z): e for z, e in e0s.items()},
             "dft_calls_charged": dft_calls,
