@@ -60,36 +60,37 @@ class LocalExecutorConfig(_Strict):
     keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
 
 
-class SlurmExecutorConfig(_Strict):
+class _ArrayJobExecutor(_Strict):
+    """What every batch-scheduler executor shares: one array job per request batch."""
+
+    array_throttle: int = Field(8, ge=1, description="Array tasks running at once (%N).")
+    template: Path | None = Field(None, description="User-editable job script template; default: the bundled one.")
+    scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
+    keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
+
+
+class SlurmExecutorConfig(_ArrayJobExecutor):
     """Submit calculations as Slurm array jobs (sbatch/squeue/sacct)."""
 
     kind: Literal["slurm"]
     partition: str | None = Field(None, description="sbatch --partition; default: the cluster's default.")
-    array_throttle: int = Field(8, ge=1, description="Array tasks running at once (%N).")
     time_limit: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", description="Per task, [D-]HH:MM:SS.")
     cpus_per_task: int = Field(1, ge=1)
     memory: str | None = Field(None, pattern=r"^\d+[KMGT]?$", description="sbatch --mem, e.g. 4G.")
-    template: Path | None = Field(None, description="User-editable job script template; default: the bundled one.")
     extra_directives: list[str] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. --account=x.")
     poll_interval_s: Positive = Field(5.0, description="Seconds between squeue/sacct polls.")
-    scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
-    keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
 
 
-class PbsExecutorConfig(_Strict):
+class PbsExecutorConfig(_ArrayJobExecutor):
     """Submit calculations as PBS array jobs (qsub -J / qstat)."""
 
     kind: Literal["pbs"]
     queue: str | None = None
-    array_throttle: int = Field(8, ge=1, description="Array sub-jobs running at once (%N).")
     walltime: str = Field("01:00:00", pattern=r"^\d{1,3}:\d{2}:\d{2}$", description="Per sub-job, HH:MM:SS.")
     ncpus: int = Field(1, ge=1)
     memory: str | None = Field(None, pattern=r"^\d+[kmgt]?b$", description="PBS mem, e.g. 4gb.")
-    template: Path | None = Field(None, description="User-editable job script template; default: the bundled one.")
     extra_directives: list[str] = Field(default_factory=list, description="Extra #PBS lines.")
     poll_interval_s: Positive = Field(10.0, description="Seconds between qstat polls.")
-    scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
-    keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
 
 
 ExecutorConfig = Annotated[LocalExecutorConfig | SlurmExecutorConfig | PbsExecutorConfig, Field(discriminator="kind")]
