@@ -5,10 +5,11 @@ Structures go out in batches while labels come back, so neither side holds the w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from ase import Atoms
 from google.protobuf import struct_pb2
 
@@ -72,3 +73,31 @@ def stream_labels(
                 yield int(result.index), result.labels
     finally:
         call.cancel()
+
+
+def describe(
+    channel: grpc.Channel,
+    backend: oracle_pb2.BackendSpec,
+    frames: Sequence[Atoms],
+    batch_size: int = 64,
+    timeout: float | None = None,
+) -> np.ndarray:
+    """Descriptors of `frames` from the oracle's Describe, shape (n_frames, n_descriptors); only the matrix is
+    kept while the frames stream out. Raises grpc.RpcError when the call fails and ValueError when the answer is
+    malformed (an index out of range, a ragged row, a structure left out)."""
+    features: np.ndarray | None = None
+    seen = np.zeros(len(frames), dtype=bool)
+    call = oracle_pb2_grpc.OracleServiceStub(channel).Describe(
+        batched_requests(oracle_pb2.DescribeRequest, backend, frames, batch_size), timeout=timeout
+    )
+    for response in call:
+        for descriptor in response.descriptors:
+            if features is None:
+                features = np.empty((len(frames), len(descriptor.values)))
+            if not 0 <= descriptor.index < len(frames) or len(descriptor.values) != features.shape[1]:
+                raise ValueError(f"sent a malformed descriptor for index {descriptor.index}")
+            features[descriptor.index] = descriptor.values
+            seen[descriptor.index] = True
+    if features is None or not seen.all():
+        raise ValueError(f"described {int(seen.sum())} of {len(frames)} structures")
+    return features

@@ -16,8 +16,8 @@ import numpy as np
 from ase import Atoms
 
 from pyacemaker.rpc import InvalidInputError, channel
-from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import batched_requests
+from pyacemaker.v1 import oracle_pb2
+from services.oracle.client import describe
 
 # Deadline of one Describe call: a fixed allowance (model loading) plus a generous time per structure.
 DEADLINE_BASE_S = 300.0
@@ -48,30 +48,11 @@ class OracleFeaturiser:
             raise InvalidInputError("featuriser 'oracle' needs descriptor_backend (e.g. the mace backend and models)")
 
     def __call__(self, frames: Sequence[Atoms]) -> np.ndarray:
-        features: np.ndarray | None = None
-        seen = np.zeros(len(frames), dtype=bool)
         timeout = DEADLINE_BASE_S + DEADLINE_PER_STRUCTURE_S * len(frames)
         with channel(self.address) as oracle:
-            call = oracle_pb2_grpc.OracleServiceStub(oracle).Describe(
-                batched_requests(oracle_pb2.DescribeRequest, self.backend, frames, self.batch_size), timeout=timeout
-            )
             try:
-                for response in call:
-                    for descriptor in response.descriptors:
-                        if features is None:
-                            features = np.empty((len(frames), len(descriptor.values)))
-                        if not 0 <= descriptor.index < len(frames) or len(descriptor.values) != features.shape[1]:
-                            raise OracleCallError(
-                                grpc.StatusCode.INTERNAL,
-                                f"oracle at {self.address} sent a malformed descriptor for index {descriptor.index}",
-                            )
-                        features[descriptor.index] = descriptor.values
-                        seen[descriptor.index] = True
+                return describe(oracle, self.backend, frames, self.batch_size, timeout)
             except grpc.RpcError as exc:
                 raise OracleCallError(exc.code(), f"oracle at {self.address}: {exc.details()}") from None
-        if features is None or not seen.all():
-            raise OracleCallError(
-                grpc.StatusCode.INTERNAL,
-                f"oracle at {self.address} described {int(seen.sum())} of {len(frames)} structures",
-            )
-        return features
+            except ValueError as exc:
+                raise OracleCallError(grpc.StatusCode.INTERNAL, f"oracle at {self.address} {exc}") from None

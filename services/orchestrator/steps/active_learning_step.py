@@ -27,13 +27,12 @@ from pyacemaker.structures import (
 )
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.oracle.client import backend_spec, stream_labels
+from services.oracle.client import backend_spec, describe, stream_labels
 from services.orchestrator.active_learning import calibration_factor, max_force_error, select_uncertain
 from services.orchestrator.dft_labels import DftLabeller, oracle_spec
 from services.orchestrator.ledger import DftLedger
 from services.orchestrator.state import STATE_FILE
 from services.orchestrator.steps import StepContext, StepOutcome
-from services.sampler.oracle_features import OracleFeaturiser
 
 EXPORT_DIR = "step2_active_learning"
 _OK = common_pb2.LABEL_STATUS_OK
@@ -78,7 +77,8 @@ class ActiveLearningStep:
             stds = np.array([p.uncertainty.max_force_std for p in labelled_labels])
             calibration = calibration_factor(stds, np.array(errors))
             ctx.report(common_pb2.Progress(stage="describe", message="teacher descriptors for the diversity guard"))
-            describe = OracleFeaturiser(ctx.oracle_address, spec)
+            with channel(ctx.oracle_address) as ch:
+                pool_features, labelled_features = describe(ch, spec, pool), describe(ch, spec, labelled)
             pool_std = np.array([p.uncertainty.max_force_std for p in pool_labels])
             remaining = max(0, ctx.config.budget.max_dft_calls - ledger.count())
             pool_force = np.array([np.linalg.norm(np.reshape(p.forces, (-1, 3)), axis=1).max() for p in pool_labels])
@@ -87,8 +87,8 @@ class ActiveLearningStep:
                 pool_std,
                 calibration,
                 settings.force_error_threshold,
-                describe(pool),
-                describe(labelled),
+                pool_features,
+                labelled_features,
                 max_count=min(settings.batch_size, remaining),
                 diversity_fraction=settings.diversity_fraction,
                 eligible=eligible,
