@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.rpc import channel
 from pyacemaker.structures import (
     CHARGE_KEY,
@@ -49,7 +50,8 @@ class ActiveLearningStep:
             "oracle": config.oracle.model_dump(mode="json"),
             "active_learning": config.active_learning.model_dump(mode="json"),
             "budget": config.budget.model_dump(mode="json"),
-            "teacher": _teacher_ref(ctx).sha256,
+            # Digest only: computing a key must not write into the store.
+            "teacher": sha256_of_file(resolve_teacher(ctx.config.teacher.model)),
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
@@ -127,11 +129,6 @@ class ActiveLearningStep:
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
 
 
-def _teacher_ref(ctx: StepContext) -> common_pb2.ArtifactRef:
-    """The teacher model in the artifact store (the trainer reads its inputs from there, digest-verified)."""
-    return ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model")
-
-
 def _label(dft: DftLabeller, frames: list[Atoms], ctx: StepContext, stage: str) -> list[Atoms]:
     """DFT-labelled copies of the frames that got an OK label (failed and refused ones are left out)."""
     ctx.report(common_pb2.Progress(stage="dft", done=0, total=len(frames), message=stage))
@@ -170,7 +167,7 @@ def _train_committee(ctx: StepContext, labelled: list[Atoms], e0s: dict[int, flo
     train_file = ctx.store.new_tempfile(".extxyz")
     write_extxyz(train_file, labelled)
     spec = trainer_pb2.MaceFinetuneSpec(
-        foundation_model=_teacher_ref(ctx),
+        foundation_model=ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model"),
         train_data=[ctx.store.put_file(train_file, kind="structures", move=True)],
         committee_size=settings.committee_size,
         random_seed=settings.random_seed,
