@@ -227,6 +227,7 @@ class RunManager:
             previous=previous,
         )
         key = step_key(step, ctx)
+        ctx.key = key
         done = handle.state.step(step.name)
         if done is not None and done.key == key and done.state == _E.STEP_STATE_COMPLETED:
             problem = self._verify(handle.run_dir, done)

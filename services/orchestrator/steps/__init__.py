@@ -40,6 +40,13 @@ class StepContext:
     previous: dict[str, dict[str, common_pb2.ArtifactRef]] = field(default_factory=dict)
     # Client-side deadline for one long streaming call, s.
     call_timeout_s: float = 3600.0
+    # Active-learning iteration this step belongs to (1-based; steps 2-7 and validation repeat per iteration).
+    iteration: int = 1
+    # Prefix of this step's exports in the run directory ("" for step 1, "iteration_01/" for looped steps).
+    export_prefix: str = ""
+    # This step's key (set by the runner before `run`), for work that must survive a crash mid-step and be
+    # reused only by the same step with the same inputs.
+    key: str = ""
 
 
 @dataclass
