@@ -186,8 +186,21 @@ class MaceOracleConfig(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
 
 
+class AceOracleConfig(_Strict):
+    """An ACE potential (.yace), e.g. the run's base or final student; used for validation and MD."""
+
+    backend: Literal["ace"]
+    potential: Path = Field(description="The .yace file.")
+
+
 OracleConfig = Annotated[
-    LjOracleConfig | XtbOracleConfig | PyscfOracleConfig | QeOracleConfig | VaspOracleConfig | MaceOracleConfig,
+    LjOracleConfig
+    | XtbOracleConfig
+    | PyscfOracleConfig
+    | QeOracleConfig
+    | VaspOracleConfig
+    | MaceOracleConfig
+    | AceOracleConfig,
     Field(discriminator="backend"),
 ]
 ORACLE_OPTION_MODELS: dict[str, type[_Strict]] = {
@@ -197,6 +210,7 @@ ORACLE_OPTION_MODELS: dict[str, type[_Strict]] = {
     "qe": QeOracleConfig,
     "vasp": VaspOracleConfig,
     "mace": MaceOracleConfig,
+    "ace": AceOracleConfig,
 }
 
 
@@ -279,15 +293,119 @@ class ActiveLearningConfig(_Strict):
     random_seed: int = Field(0, ge=0)
 
 
+class _DistanceDifferenceRange(_Strict):
+    """Points along ξ = d(a, b) − d(b, c) (the SN2 reaction coordinate), evenly spaced from start to stop."""
+
+    atoms: tuple[int, int, int] = Field(description="0-based indices a, b, c (SN2: Cl1, C, Cl2 = 4, 0, 5).")
+    start: float = Field(description="ξ of the first point, Å.")
+    stop: float = Field(description="ξ of the last point, Å.")
+    count: int = Field(13, ge=1, description="Points, evenly spaced from start to stop.")
+
+    @field_validator("atoms")
+    @classmethod
+    def _distinct(cls, atoms: tuple[int, int, int]) -> tuple[int, int, int]:
+        if len(set(atoms)) != 3 or min(atoms) < 0:
+            raise ValueError(f"need three distinct non-negative atom indices, got {list(atoms)}")
+        return atoms
+
+    def centers(self) -> list[float]:
+        if self.count == 1:
+            return [self.start]
+        return [self.start + (self.stop - self.start) * i / (self.count - 1) for i in range(self.count)]
+
+
+class MdWindowsConfig(_DistanceDifferenceRange):
+    """Restraint windows along ξ with a harmonic bias ½ k (ξ − ξ₀)² on top of the oracle's forces; the window
+    centres ξ₀ run from `start` to `stop`, and every window runs md.replicas replicas."""
+
+    force_constant: Positive = Field(5.0, description="k of the harmonic bias, eV/Å².")
+
+
 class MdConfig(_Strict):
-    """Step 4 (surrogate MD). Validated now; the step itself arrives with the surrogate-MD issue."""
+    """Step 4 (surrogate MD): replicas driven by the fine-tuned committee through the oracle, Langevin NVT (NPT
+    for periodic cells when pressure_gpa is set), optional restraint windows, then frame selection."""
 
     temperatures: list[Positive] = Field(
-        default_factory=lambda: [300.0, 600.0, 1000.0], description="Thermostat temperatures, K."
+        default_factory=lambda: [300.0, 600.0, 1000.0],
+        min_length=1,
+        description="Thermostat temperatures, K; replicas are spread over them.",
     )
     timestep_fs: Positive = Field(0.5, description="Time step, fs.")
     steps: int = Field(2000, ge=1)
-    replicas: int = Field(16, ge=1)
+    replicas: int = Field(16, ge=1, description="Replicas (per restraint window when windows are set).")
+    save_interval: int = Field(10, ge=1, description="A frame is kept every save_interval steps.")
+    friction_per_fs: Positive = Field(0.01, description="Langevin friction, 1/fs (0.01: a 100 fs memory).")
+    pressure_gpa: float | None = Field(None, description="NPT target pressure for periodic cells, GPa; None: NVT.")
+    barostat_time_fs: Positive = Field(1000.0, description="Barostat relaxation time (NPT), fs.")
+    compressibility_per_gpa: Positive = Field(
+        0.01, description="Compressibility the barostat assumes (NPT), 1/GPa; only sets the volume response rate."
+    )
+    min_distance: Positive = Field(
+        0.5, description="A replica whose smallest interatomic distance drops below this is stopped, Å."
+    )
+    max_force_std: Positive = Field(
+        1.0, description="A replica whose committee max force std exceeds this is stopped, eV/Å."
+    )
+    windows: MdWindowsConfig | None = Field(None, description="Restraint windows; None: plain MD.")
+    n_frames: int = Field(2000, ge=1, description="Frames kept for the surrogate set (fewer if MD saved fewer).")
+    frame_selection: Literal["stride", "direct"] = Field(
+        "stride",
+        description="'stride': evenly spaced frames of every trajectory (decorrelation); 'direct': DIRECT on the "
+        "frames' distribution features.",
+    )
+    random_seed: int = Field(0, ge=0)
+
+
+class MaceFinetuneConfig(_Strict):
+    """Step 3: the teacher fine-tuned on every DFT label so far (a committee of active_learning.committee_size,
+    which drives MD in step 4, labels the surrogate set in step 5 and scores the next iteration's candidates)."""
+
+    epochs: int = Field(40, ge=1, description="Epochs of each committee member's fine-tuning.")
+    random_seed: int = Field(1, ge=0)
+
+
+class SurrogateLabellingConfig(_Strict):
+    """Step 5: the surrogate MD frames labelled by the fine-tuned committee through the oracle, streamed into
+    extxyz shards (energy, forces, stress for periodic cells, committee spread in each frame's info)."""
+
+    shard_size: int = Field(
+        5000, ge=1, description="Frames per extxyz shard; a restarted step resumes after the last complete shard."
+    )
+    batch_size: int = Field(64, ge=1, description="Structures per oracle request and per MACE evaluation batch.")
+
+
+class AceConfig(_Strict):
+    """Steps 6 (base ACE on the surrogate set) and 7 (delta learning on the DFT set)."""
+
+    model_kind: Literal["linear", "nonlinear"] = Field(
+        "linear", description="linear: pyace ridge fit (no TensorFlow); nonlinear: pacemaker (the tensorflow extra)."
+    )
+    cutoff: float = Field(0.0, ge=0, description="Radial cutoff, Å; 0 infers it from the elements.")
+    basis_size: int = Field(0, ge=0, description="Target basis functions; 0 infers it from the data size.")
+    delta_surrogate_weight: float = Field(
+        0.0, ge=0, description="Weight of surrogate rows in delta learning; 0 chooses it by cross-validation."
+    )
+    random_seed: int = Field(0, ge=0)
+
+
+class ReactionPathConfig(_DistanceDifferenceRange):
+    """An energy profile along ξ: a relaxed scan with the fine-tuned committee, then DFT, the teacher and both
+    ACEs on the same geometries (the DFT points are charged to the budget, once)."""
+
+    count: int = Field(11, ge=3, description="Points, evenly spaced from start to stop.")
+
+
+class ValidationConfig(_Strict):
+    """The loop's judge: the final ACE against DFT labels of structures it never saw, once per iteration."""
+
+    holdout_size: int = Field(
+        10, ge=2, description="Surrogate-MD frames labelled by DFT as the hold-out set (charged to the budget)."
+    )
+    target_energy_mev_per_atom: Positive = Field(5.0, description="Target energy RMSE on the hold-out, meV/atom.")
+    target_forces_mev_per_a: Positive = Field(100.0, description="Target force RMSE on the hold-out, meV/Å.")
+    max_iterations: int = Field(3, ge=1, description="Active-learning iterations (steps 2-7) at most.")
+    profile: ReactionPathConfig | None = Field(None, description="Energy profile along a reaction coordinate.")
+    random_seed: int = Field(0, ge=0)
 
 
 class RunConfig(_Strict):
@@ -302,9 +420,22 @@ class RunConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     md: MdConfig = Field(default_factory=MdConfig)
-    stop_after: Literal["direct_sampling", "active_learning"] | None = Field(
-        None, description="Run the pipeline only up to this step (default: every step there is)."
-    )
+    mace_finetune: MaceFinetuneConfig = Field(default_factory=MaceFinetuneConfig)
+    surrogate_labelling: SurrogateLabellingConfig = Field(default_factory=SurrogateLabellingConfig)
+    ace: AceConfig = Field(default_factory=AceConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    stop_after: (
+        Literal[
+            "direct_sampling",
+            "active_learning",
+            "mace_finetune",
+            "surrogate_md",
+            "surrogate_labelling",
+            "ace_fit",
+            "delta_fit",
+        ]
+        | None
+    ) = Field(None, description="End the run after this step of the first iteration (default: run to the end).")
 
 
 def _loc_path(loc: tuple[Any, ...], data: Any) -> str:

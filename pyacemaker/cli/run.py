@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import grpc
 from rich.console import Console
@@ -10,29 +11,35 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, fail
 from pyacemaker.cli.status import print_run
-from pyacemaker.config import ConfigError, config_to_json, load_config
+from pyacemaker.config import ConfigError, config_from_json, config_to_json, load_config
 from pyacemaker.deploy.local import service_address
 from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.seeds import load_seeds
 from pyacemaker.structures import StructureFileError, atoms_to_structure
 from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from services.orchestrator.state import saved_config_json
 
 _K = orchestrator_pb2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the pipeline for a config (re-running skips verified steps)")
-    parser.add_argument("config", help="YAML config")
+    parser.add_argument("config", nargs="?", help="YAML config")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with the config it was started with"
+    )
     parser.add_argument("--orchestrator", help="orchestrator address (default: the local deployment)")
     parser.add_argument("--detach", action="store_true", help="submit and return; follow with `pyacemaker status`")
     parser.set_defaults(handler=run_pipeline)
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.resume is None):
+        return fail("give either a config file or --resume RUN_DIR", EXIT_BAD_INPUT)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config) if args.config else config_from_json(saved_config_json(Path(args.resume)))
         seeds = load_seeds(config)
-    except (ConfigError, StructureFileError) as exc:
+    except (ConfigError, StructureFileError, FileNotFoundError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     address = args.orchestrator or service_address("orchestrator")
     console = Console(stderr=True, soft_wrap=True)

@@ -5,7 +5,8 @@ Structures go out in batches while labels come back, so neither side holds the w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -57,12 +58,19 @@ def stream_labels(
     batch_size: int = 16,
     timeout: float | None = None,
     on_submission: Callable[[oracle_pb2.Submission], None] | None = None,
-) -> Iterator[tuple[int, common_pb2.Labels]]:
+    max_in_flight: int | None = None,
+) -> Generator[tuple[int, common_pb2.Labels], None, None]:
     """(index in `frames`, Labels) as the oracle computes them; raises grpc.RpcError when the call fails.
     `on_submission` sees each scheduler job the oracle reports (DFT backends). Stopping the iteration early
-    cancels the call."""
+    cancels the call.
+
+    `max_in_flight` (at least `batch_size`) bounds the structures sent but not yet answered. Without it gRPC's
+    transport window (megabytes) lets a lazily read `frames` run far ahead of the labels, into both processes'
+    buffers. Only for backends that answer each request before reading the next (mace, xtb, lj): the
+    executor-backed DFT backends may read the whole stream before they answer."""
+    window = _InFlightWindow(max_in_flight, batch_size) if max_in_flight is not None else None
     call = oracle_pb2_grpc.OracleServiceStub(channel).Label(
-        label_requests(backend, frames, batch_size), timeout=timeout
+        label_requests(backend, window.admit(frames) if window else frames, batch_size), timeout=timeout
     )
     try:
         for response in call:
@@ -70,9 +78,38 @@ def stream_labels(
                 for submission in response.submissions:
                     on_submission(submission)
             for result in response.results:
+                if window is not None:
+                    window.release()
                 yield int(result.index), result.labels
     finally:
+        if window is not None:
+            window.close()
         call.cancel()
+
+
+class _InFlightWindow:
+    """Admits a structure into the request stream only while fewer than `size` are awaiting their labels."""
+
+    def __init__(self, size: int, batch_size: int) -> None:
+        if size < batch_size:
+            # The oracle answers whole request batches, so a smaller window would never fill one.
+            raise ValueError(f"max_in_flight ({size}) must be at least batch_size ({batch_size})")
+        self._free = threading.Semaphore(size)
+        self._closed = threading.Event()
+
+    def admit(self, frames: Iterable[Atoms]) -> Iterator[Atoms]:
+        # Runs in gRPC's request thread; it stops waiting once the call is over.
+        for atoms in frames:
+            while not self._free.acquire(timeout=0.2):
+                if self._closed.is_set():
+                    return
+            yield atoms
+
+    def release(self) -> None:
+        self._free.release()
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 def describe(

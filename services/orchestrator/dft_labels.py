@@ -7,11 +7,20 @@ oracle re-attaches to jobs it already submitted, so nothing is computed or charg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from ase import Atoms
 
 from pyacemaker.config import OracleConfig
 from pyacemaker.rpc import channel
+from pyacemaker.structures import (
+    CHARGE_KEY,
+    SPIN_KEY,
+    atom_ground_state_multiplicity,
+    atoms_to_structure,
+    attach_labels,
+)
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from services.oracle.client import backend_spec
 from services.orchestrator.ledger import DftLedger
@@ -86,3 +95,48 @@ class DftLabeller:
                     if on_result is not None:
                         on_result(cid, result.labels)
         return outcome
+
+
+def label_frames(
+    dft: DftLabeller, frames: Sequence[Atoms], report: Callable[[common_pb2.Progress], None], stage: str
+) -> list[Atoms]:
+    """DFT-labelled copies of the frames that got an OK label (failed and refused ones are left out), with
+    progress per result."""
+    report(common_pb2.Progress(stage="dft", done=0, total=len(frames), message=stage))
+    structures = [atoms_to_structure(a) for a in frames]
+    done = [0]
+
+    def progress(_cid: str, _labels: common_pb2.Labels) -> None:
+        done[0] += 1
+        report(common_pb2.Progress(stage="dft", done=done[0], total=len(frames), message=stage))
+
+    outcome = dft.label(structures, on_result=progress)
+    labelled = []
+    for atoms, message in zip(frames, structures, strict=True):
+        labels = outcome.labels.get(message.content_id)
+        if labels is not None and labels.status == common_pb2.LABEL_STATUS_OK:
+            labelled.append(attach_labels(atoms.copy(), labels))
+    return labelled
+
+
+def isolated_atoms(numbers: Iterable[int]) -> list[Atoms]:
+    """One neutral atom per element, in its ground-state multiplicity, sorted by atomic number: the structures
+    whose energies are the per-element references E0."""
+    atoms = []
+    for z in sorted({int(z) for z in numbers}):
+        atom = Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]])
+        atom.info.update({CHARGE_KEY: 0, SPIN_KEY: atom_ground_state_multiplicity(z)})
+        atoms.append(atom)
+    return atoms
+
+
+def isolated_atom_energies(
+    dft: DftLabeller, numbers: Iterable[int], report: Callable[[common_pb2.Progress], None]
+) -> dict[int, float]:
+    """E0 per element at the DFT level (charged to the budget like any DFT call; computed once per run and
+    level, then reused from the ledger)."""
+    atoms = isolated_atoms(numbers)
+    labelled = label_frames(dft, atoms, report, "isolated-atom reference energies")
+    if len(labelled) != len(atoms):
+        raise RuntimeError("the DFT oracle could not compute every isolated-atom reference energy (E0)")
+    return {int(a.numbers[0]): float(a.get_potential_energy()) for a in labelled}

@@ -7,6 +7,7 @@ outlives the client that started it; clients follow it through the event log.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import threading
@@ -21,17 +22,38 @@ from pyacemaker.artifacts import ArtifactStore, sha256_of_file
 from pyacemaker.config import ConfigError, RunConfig, config_from_json
 from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2
-from services.orchestrator.state import RunState, StepRow
-from services.orchestrator.steps import RunCancelledError, Step, StepContext, step_key
+from services.orchestrator.ledger import DftLedger
+from services.orchestrator.state import STATE_FILE, SUMMARY_FILE, RunState, StepRow
+from services.orchestrator.steps import RunCancelledError, Step, StepContext, StepOutcome, step_key
+from services.orchestrator.steps.ace_fit import AceFitStep
 from services.orchestrator.steps.active_learning_step import ActiveLearningStep
+from services.orchestrator.steps.delta_fit import DeltaFitStep
 from services.orchestrator.steps.direct_sampling import DirectSamplingStep
+from services.orchestrator.steps.mace_finetune import MaceFinetuneStep
+from services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep
+from services.orchestrator.steps.surrogate_md import SurrogateMdStep
+from services.orchestrator.steps.validation import ValidationStep
 
 log = logging.getLogger(__name__)
 
-# The pipeline, in order; steps 3-7 join it with their issues. `stop_after` in the config ends a run early.
-PIPELINE: tuple[Step, ...] = (DirectSamplingStep(), ActiveLearningStep())
+# Step 1 runs once; steps 2-7 and the validation repeat per active-learning iteration until the target is met,
+# the budget is spent or validation.max_iterations is reached. `stop_after` in the config ends a run early.
+FIRST_STEP: Step = DirectSamplingStep()
+ITERATION_STEPS: tuple[Step, ...] = (
+    ActiveLearningStep(),
+    MaceFinetuneStep(),
+    SurrogateMdStep(),
+    SurrogateLabellingStep(),
+    AceFitStep(),
+    DeltaFitStep(),
+    ValidationStep(),
+)
+# A step that fails because a service is unreachable (restarting, say) is retried after these waits, s.
+RETRY_WAITS_S = (2.0, 5.0, 10.0, 20.0, 40.0)
 
 _E = orchestrator_pb2
+# Codes that mean "the service is (momentarily) not there", not "the request is wrong".
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _FINAL_STATES = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 
 
@@ -52,6 +74,8 @@ class RunHandle:
     changed: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
     first_seq: int = 0
+    # State-row name of the step running (or last run), for the run's failure event.
+    current_step: str = ""
 
     @property
     def finished(self) -> bool:
@@ -152,19 +176,17 @@ class RunManager:
     def _execute(self, handle: RunHandle, seeds: list[common_pb2.Structure]) -> None:
         handle.job_state = common_pb2.JOB_STATE_RUNNING
         started = time.monotonic()
-        current = ""
         try:
             self._check_oracle(handle.config)
-            previous: dict[str, dict[str, common_pb2.ArtifactRef]] = {}
-            for step in PIPELINE:
-                current = step.name
-                previous[step.name] = self._run_step(handle, step, seeds, previous)
-                if step.name == handle.config.stop_after:
-                    break
+            previous = {FIRST_STEP.name: self._run_step(handle, FIRST_STEP, seeds, {}, 0)}
+            iterations, stop_reason = 0, f"stop_after: {FIRST_STEP.name}"
+            if handle.config.stop_after != FIRST_STEP.name:
+                iterations, stop_reason = self._iterate(handle, seeds, previous)
+            summary = self._write_summary(handle, previous, iterations, stop_reason, time.monotonic() - started)
             self._event(
                 handle,
                 _E.RUN_EVENT_KIND_RUN_COMPLETED,
-                message=f"in {time.monotonic() - started:.1f} s",
+                message=f"{stop_reason}; {summary['dft_calls']} DFT calls; in {time.monotonic() - started:.1f} s",
                 final_state=common_pb2.JOB_STATE_SUCCEEDED,
             )
         except RunCancelledError:
@@ -172,20 +194,88 @@ class RunManager:
             self._event(
                 handle,
                 _E.RUN_EVENT_KIND_RUN_FAILED,
-                step=current,
+                step=handle.current_step,
                 message="run cancelled",
                 final_state=common_pb2.JOB_STATE_CANCELLED,
             )
         except Exception as exc:
             handle.error = _describe(exc)
-            log.error("run %s failed in step %s: %s\n%s", handle.run_id, current, handle.error, traceback.format_exc())
+            log.error(
+                "run %s failed in step %s: %s\n%s",
+                handle.run_id,
+                handle.current_step,
+                handle.error,
+                traceback.format_exc(),
+            )
             self._event(
                 handle,
                 _E.RUN_EVENT_KIND_RUN_FAILED,
-                step=current,
+                step=handle.current_step,
                 message=handle.error,
                 final_state=common_pb2.JOB_STATE_FAILED,
             )
+
+    def _iterate(
+        self,
+        handle: RunHandle,
+        seeds: list[common_pb2.Structure],
+        previous: dict[str, dict[str, common_pb2.ArtifactRef]],
+    ) -> tuple[int, str]:
+        """Steps 2-7 and validation per iteration; returns the iterations done and why the loop stopped."""
+        config = handle.config
+        for iteration in range(1, config.validation.max_iterations + 1):
+            for step in ITERATION_STEPS:
+                outputs = self._run_step(handle, step, seeds, previous, iteration)
+                previous[step.name] = previous[f"{step.name}.{iteration}"] = outputs
+                if step.name == config.stop_after:
+                    return iteration, f"stop_after: {step.name}"
+            metrics = handle.state.step(f"{ValidationStep.name}.{iteration}")
+            if metrics is not None and metrics.metrics.get("target_met"):
+                return iteration, "target met"
+            if self._dft_calls(handle) >= config.budget.max_dft_calls:
+                return iteration, "budget spent"
+            selected = handle.state.step(f"{ActiveLearningStep.name}.{iteration}")
+            if selected is not None and iteration > 1 and selected.metrics.get("n_dft_selected", 1) == 0:
+                return iteration, "no candidate above the uncertainty threshold"
+        return config.validation.max_iterations, "max iterations"
+
+    def _dft_calls(self, handle: RunHandle) -> int:
+        ledger = DftLedger(handle.run_dir / STATE_FILE)
+        try:
+            return ledger.count()
+        finally:
+            ledger.close()
+
+    def _write_summary(
+        self,
+        handle: RunHandle,
+        previous: dict[str, dict[str, common_pb2.ArtifactRef]],
+        iterations: int,
+        stop_reason: str,
+        wall_time_s: float,
+    ) -> dict[str, object]:
+        """run_summary.json (why the run stopped, where the potential is), then the HTML report."""
+        final = ""
+        if iterations and "delta_fit" in previous:
+            final = f"iteration_{iterations:02d}/step7_delta/final.yace"
+        summary: dict[str, object] = {
+            "stop_reason": stop_reason,
+            "iterations": iterations,
+            "final_potential": final,
+            "dft_calls": self._dft_calls(handle),
+            "dft_budget": handle.config.budget.max_dft_calls,
+            "wall_time_s": wall_time_s,
+        }
+        (handle.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        try:
+            from services.orchestrator.report import write_report
+
+            report = write_report(handle.run_dir)
+            self._event(handle, _E.RUN_EVENT_KIND_LOG, message=f"report: {report}")
+        except Exception as exc:  # the run's results stand even when its report cannot be drawn
+            log.warning("report for %s failed", handle.run_dir, exc_info=True)
+            self._event(handle, _E.RUN_EVENT_KIND_LOG, message=f"the report could not be written: {_describe(exc)}")
+        return summary
 
     def _check_oracle(self, config: RunConfig) -> None:
         """Fail early when the configured oracle backend is not served, instead of at the first DFT call."""
@@ -209,11 +299,17 @@ class RunManager:
         step: Step,
         seeds: list[common_pb2.Structure],
         previous: dict[str, dict[str, common_pb2.ArtifactRef]],
+        iteration: int,
     ) -> dict[str, common_pb2.ArtifactRef]:
+        """Run one step (iteration 0: step 1, which runs once), or skip it when its key matches a completed
+        record whose outputs verify. State rows are named "<step>" for step 1 and "<step>.<iteration>"."""
+        name = f"{step.name}.{iteration}" if iteration else step.name
+        handle.current_step = name
+
         def report(progress: common_pb2.Progress) -> None:
             if handle.cancel.is_set():
                 raise RunCancelledError()
-            self._event(handle, _E.RUN_EVENT_KIND_STEP_PROGRESS, step=step.name, progress=progress)
+            self._event(handle, _E.RUN_EVENT_KIND_STEP_PROGRESS, step=name, progress=progress)
 
         ctx = StepContext(
             config=handle.config,
@@ -224,31 +320,48 @@ class RunManager:
             oracle_address=self.oracle_address,
             trainer_address=self.trainer_address,
             report=report,
-            previous=previous,
+            previous=dict(previous),
+            iteration=max(iteration, 1),
+            export_prefix=f"iteration_{iteration:02d}/" if iteration else "",
         )
         key = step_key(step, ctx)
         ctx.key = key
-        done = handle.state.step(step.name)
+        done = handle.state.step(name)
         if done is not None and done.key == key and done.state == _E.STEP_STATE_COMPLETED:
             problem = self._verify(handle.run_dir, done)
             if problem is None:
-                self._event(handle, _E.RUN_EVENT_KIND_STEP_SKIPPED, step=step.name, message="outputs verified")
+                self._event(handle, _E.RUN_EVENT_KIND_STEP_SKIPPED, step=name, message="outputs verified")
                 return done.outputs
-            self._event(handle, _E.RUN_EVENT_KIND_LOG, step=step.name, message=f"redoing: {problem}")
-        handle.state.mark_step(step.name, key, _E.STEP_STATE_RUNNING)
-        self._event(handle, _E.RUN_EVENT_KIND_STEP_STARTED, step=step.name)
+            self._event(handle, _E.RUN_EVENT_KIND_LOG, step=name, message=f"redoing: {problem}")
+        handle.state.mark_step(name, key, _E.STEP_STATE_RUNNING)
+        self._event(handle, _E.RUN_EVENT_KIND_STEP_STARTED, step=name)
         try:
-            outcome = step.run(ctx)
+            outcome = self._run_with_retries(handle, step, ctx, name)
             exported = {rel: self._export(handle.run_dir, rel, ref) for rel, ref in outcome.exports.items()}
         except BaseException as exc:
-            handle.state.mark_step(step.name, key, _E.STEP_STATE_FAILED, error=_describe(exc))
-            self._event(handle, _E.RUN_EVENT_KIND_STEP_FAILED, step=step.name, message=_describe(exc))
+            handle.state.mark_step(name, key, _E.STEP_STATE_FAILED, error=_describe(exc))
+            self._event(handle, _E.RUN_EVENT_KIND_STEP_FAILED, step=name, message=_describe(exc))
             raise
-        row = StepRow(step.name, key, _E.STEP_STATE_COMPLETED, outcome.outputs, outcome.metrics, exported)
+        row = StepRow(name, key, _E.STEP_STATE_COMPLETED, outcome.outputs, outcome.metrics, exported)
         handle.state.complete_step(row)
         summary = ", ".join(f"{k}={v:g}" for k, v in sorted(outcome.metrics.items()))
-        self._event(handle, _E.RUN_EVENT_KIND_STEP_COMPLETED, step=step.name, message=summary)
+        self._event(handle, _E.RUN_EVENT_KIND_STEP_COMPLETED, step=name, message=summary)
         return outcome.outputs
+
+    def _run_with_retries(self, handle: RunHandle, step: Step, ctx: StepContext, name: str) -> StepOutcome:
+        """Steps are idempotent (DFT through the ledger, training jobs by key), so a step that lost its service
+        mid-way (UNAVAILABLE: a restart, a crash) is simply run again once the service answers."""
+        for wait in (*RETRY_WAITS_S, None):
+            try:
+                return step.run(ctx)
+            except Exception as exc:
+                if wait is None or _status_code(exc) not in _RETRYABLE:
+                    raise
+                message = f"{_describe(exc)}; retrying in {wait:g} s"
+                self._event(handle, _E.RUN_EVENT_KIND_LOG, step=name, message=message)
+                if handle.cancel.wait(wait):
+                    raise RunCancelledError() from None
+        raise AssertionError("unreachable")
 
     def _export(self, run_dir: Path, relative: str, ref: common_pb2.ArtifactRef) -> str:
         """Copy an artifact into the run directory (a copy, so editing it cannot corrupt the store)."""
@@ -273,9 +386,20 @@ class RunManager:
         return None
 
 
+def _status_code(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status behind an exception: a failed call's, or the one an OracleCallError carries."""
+    if isinstance(exc, grpc.RpcError):
+        return exc.code()  # type: ignore[attr-defined]
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError):
         return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
     if isinstance(exc, RunCancelledError):
         return "cancelled"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, RuntimeError | ValueError | OSError):
+        return str(exc) or type(exc).__name__
+    # Anything else is a bug somewhere: name the exception so the message is not a bare "numbers".
+    return f"{type(exc).__name__}: {exc}"

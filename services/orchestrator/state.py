@@ -19,6 +19,8 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from pyacemaker.v1 import common_pb2, orchestrator_pb2
 
 STATE_FILE = "state.sqlite"
+# Written beside it when a run ends: why it stopped, where the final potential is (read by the report).
+SUMMARY_FILE = "run_summary.json"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -67,7 +69,7 @@ class StepRow:
         return orchestrator_pb2.StepRecord(
             name=self.name,
             key=self.key,
-            state=self.state,
+            state=self.state,  # type: ignore[arg-type]  # the stored int of a StepState
             outputs=list(self.outputs.values()),
             metrics=self.metrics,
             exported=sorted(self.exported),
@@ -187,8 +189,24 @@ class RunState:
     def _event(
         seq: int, when: float, kind: int, step: str, progress_json: str, message: str
     ) -> orchestrator_pb2.RunEvent:
-        event = orchestrator_pb2.RunEvent(seq=seq, kind=kind, step=step, message=message)
+        event = orchestrator_pb2.RunEvent(seq=seq, kind=kind, step=step, message=message)  # type: ignore[arg-type]
         event.time.FromNanoseconds(int(when * 1e9))
         if progress_json:
             ParseDict(json.loads(progress_json), event.progress)
         return event
+
+
+def saved_config_json(run_dir: Path) -> str:
+    """The config a run was started with, read without writing (for `pyacemaker run --resume RUN_DIR`);
+    FileNotFoundError when RUN_DIR holds no run."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run here (no {STATE_FILE})")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT config_json FROM run WHERE id = 1").fetchone()
+    finally:
+        db.close()
+    if row is None:
+        raise FileNotFoundError(f"{path}: the run's config was never saved")
+    return str(row[0])

@@ -18,18 +18,11 @@ from ase import Atoms
 from pyacemaker.rpc import InvalidInputError, channel
 from pyacemaker.v1 import oracle_pb2
 from services.oracle.client import describe
+from services.oracle.force_field import OracleCallError
 
 # Deadline of one Describe call: a fixed allowance (model loading) plus a generous time per structure.
 DEADLINE_BASE_S = 300.0
 DEADLINE_PER_STRUCTURE_S = 0.1
-
-
-class OracleCallError(RuntimeError):
-    """The oracle's Describe call failed; carries its status code so the sampler can pass it on."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterator
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,13 +17,23 @@ from ase import Atoms
 from pydantic import ValidationError
 
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
-from pyacemaker.config import DirectConfig, PoolConfig, format_validation_error
-from pyacemaker.rpc import InvalidInputError, abort, status_on_error
-from pyacemaker.structures import StructureFileError, read_structures, structure_to_atoms, write_extxyz
+from pyacemaker.config import DirectConfig, MdConfig, PoolConfig, format_validation_error
+from pyacemaker.restraints import DistanceDifferenceRestraint
+from pyacemaker.rpc import InvalidInputError, abort, channel, status_on_error
+from pyacemaker.structures import (
+    StructureFileError,
+    atoms_to_structure,
+    read_structures,
+    structure_to_atoms,
+    write_extxyz,
+)
 from pyacemaker.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
+from services.oracle.force_field import OracleCallError, OracleForceField
 from services.sampler.direct import coverage_score, select_direct
 from services.sampler.features import UnknownFeaturiserError, get_featuriser
-from services.sampler.oracle_features import OracleCallError, OracleFeaturiser
+from services.sampler.frames import FRAME_SELECTIONS, select_frames
+from services.sampler.md import REPLICA_KEY, FrameEvent, MdParameters, MdSummary, ReplicaStoppedEvent, run_md
+from services.sampler.oracle_features import OracleFeaturiser
 from services.sampler.pool import ProgressCallback, generate_pool
 
 log = logging.getLogger(__name__)
@@ -46,16 +57,68 @@ def pool_config_from_settings(settings: sampler_pb2.PoolSettings) -> PoolConfig:
         raise InvalidInputError(format_validation_error(exc, data, "settings")) from None
 
 
-def _seeds_from_request(request: sampler_pb2.GeneratePoolRequest) -> list[Atoms]:
-    if not request.seeds:
-        raise InvalidInputError("GeneratePoolRequest has no seeds; send at least one structure")
-    seeds = []
-    for i, structure in enumerate(request.seeds):
+def _atoms_from_request(structures: Iterable[common_pb2.Structure], request: str, field: str) -> list[Atoms]:
+    frames = []
+    for i, structure in enumerate(structures):
         try:
-            seeds.append(structure_to_atoms(structure))
+            frames.append(structure_to_atoms(structure))
         except ValueError as exc:
-            raise InvalidInputError(f"seed {i}: {exc}") from None
-    return seeds
+            raise InvalidInputError(f"{field} {i}: {exc}") from None
+    if not frames:
+        raise InvalidInputError(f"{request} has no {field}s; send at least one structure")
+    return frames
+
+
+def md_parameters_from_settings(settings: sampler_pb2.MdSettings) -> MdParameters:
+    """MdSettings → MdParameters; a zero (or empty) field takes the default of the run config's `md` section,
+    and values out of range are errors that name the field."""
+    defaults = MdConfig()
+    parameters = MdParameters(
+        temperatures_k=tuple(settings.temperatures_k) or tuple(defaults.temperatures),
+        timestep_fs=settings.timestep_fs or defaults.timestep_fs,
+        steps=settings.steps or defaults.steps,
+        save_interval=settings.save_interval or defaults.save_interval,
+        replicas=settings.replicas or defaults.replicas,
+        friction_per_fs=settings.friction_per_fs or defaults.friction_per_fs,
+        min_distance=settings.min_distance or defaults.min_distance,
+        max_force_std=settings.max_force_std or defaults.max_force_std,
+        pressure_gpa=settings.pressure_gpa if settings.HasField("pressure_gpa") else None,
+        barostat_time_fs=settings.barostat_time_fs or defaults.barostat_time_fs,
+        compressibility_per_gpa=settings.compressibility_per_gpa or defaults.compressibility_per_gpa,
+        random_seed=settings.random_seed,
+    )
+    try:
+        parameters.check()
+    except ValueError as exc:
+        raise InvalidInputError(f"settings.{exc}") from None
+    if settings.replicas_per_oracle_call < 0:
+        raise InvalidInputError(
+            f"settings.replicas_per_oracle_call must be 0 (all in one call) or positive, got "
+            f"{settings.replicas_per_oracle_call}"
+        )
+    return parameters
+
+
+def _restraints(request: sampler_pb2.RunMdRequest) -> list[DistanceDifferenceRestraint]:
+    return [
+        DistanceDifferenceRestraint(w.atom_a, w.atom_b, w.atom_c, w.center, w.force_constant) for w in request.windows
+    ]
+
+
+def _md_frame(event: FrameEvent) -> sampler_pb2.MdFrame:
+    frame = sampler_pb2.MdFrame(
+        replica=event.replica,
+        step=event.step,
+        structure=atoms_to_structure(event.atoms),
+        labels=event.labels,
+        temperature_k=event.temperature_k,
+        window=event.window,
+        target_temperature_k=event.target_temperature_k,
+        min_distance=event.min_distance,
+    )
+    if event.collective_variable is not None:
+        frame.collective_variable = event.collective_variable
+    return frame
 
 
 def _run_with_progress(
@@ -113,7 +176,7 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
         self, request: sampler_pb2.GeneratePoolRequest, context: grpc.ServicerContext
     ) -> Iterator[sampler_pb2.GeneratePoolResponse]:
         with status_on_error(context):
-            seeds = _seeds_from_request(request)
+            seeds = _atoms_from_request(request.seeds, "GeneratePoolRequest", "seed")
             config = pool_config_from_settings(request.settings) if request.HasField("settings") else PoolConfig()
             result = yield from _run_with_progress(
                 "generate_pool",
@@ -212,13 +275,144 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
     def RunMd(
         self, request: sampler_pb2.RunMdRequest, context: grpc.ServicerContext
     ) -> Iterator[sampler_pb2.RunMdResponse]:
-        abort(
-            context,
-            grpc.StatusCode.UNIMPLEMENTED,
-            "RunMd (surrogate MD) arrives with step 4 of the pipeline; this sampler offers GeneratePool and "
-            "SelectDirect",
+        with status_on_error(context):
+            starts = _atoms_from_request(request.starts, "RunMdRequest", "start")
+            params = md_parameters_from_settings(request.settings)
+            selection = request.selection
+            method = selection.method or "stride"
+            if method not in FRAME_SELECTIONS:
+                raise InvalidInputError(
+                    f"selection.method {method!r} is unknown (known: {', '.join(FRAME_SELECTIONS)})"
+                )
+            if selection.n_frames < 0:
+                raise InvalidInputError(
+                    f"selection.n_frames must be 0 (keep all) or positive, got {selection.n_frames}"
+                )
+            if not request.oracle_address or not request.force_backend.name:
+                raise InvalidInputError(
+                    "RunMdRequest needs oracle_address and force_backend (the oracle that gives the forces)"
+                )
+            try:
+                with channel(request.oracle_address) as oracle:
+                    force_field = OracleForceField(
+                        oracle, request.force_backend, request.settings.replicas_per_oracle_call
+                    )
+                    trajectory = self.store.new_tempfile(".extxyz")
+                    try:
+                        summary = yield from self._stream_md(
+                            starts, params, force_field, request, trajectory, context.is_active
+                        )
+                        result = self._md_result(summary, force_field, trajectory, selection, method)
+                    finally:
+                        trajectory.unlink(missing_ok=True)
+            except OracleCallError as exc:
+                abort(context, exc.code, f"oracle at {request.oracle_address}: {exc}")
+            yield sampler_pb2.RunMdResponse(result=result)
+
+    def _stream_md(
+        self,
+        starts: list[Atoms],
+        params: MdParameters,
+        force_field: OracleForceField,
+        request: sampler_pb2.RunMdRequest,
+        trajectory: Path,
+        is_active: Callable[[], bool],
+    ) -> Generator[sampler_pb2.RunMdResponse, None, MdSummary]:
+        """Run the MD, stream its frames and stops, append every frame to `trajectory` (one write per step,
+        so memory stays flat), and report progress about a hundred times per run."""
+        try:
+            events = run_md(starts, params, force_field, _restraints(request), is_active)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        n_windows = max(len(request.windows), 1)
+        log.info(
+            "MD: %d replicas x %d window(s), %d steps of %.2f fs, temperatures %s K",
+            params.replicas,
+            n_windows,
+            params.steps,
+            params.timestep_fs,
+            list(params.temperatures_k),
         )
-        yield  # unreachable; makes this a generator like every streaming handler
+        report_every = max(1, params.steps // 100)
+        pending: list[Atoms] = []
+        began = time.perf_counter()
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as finished:
+                summary: MdSummary = finished.value
+                break
+            if isinstance(event, FrameEvent):
+                pending.append(event.atoms)
+                yield sampler_pb2.RunMdResponse(frame=_md_frame(event))
+            elif isinstance(event, ReplicaStoppedEvent):
+                log.warning("MD replica %d stopped at step %d: %s", event.replica, event.step, event.reason)
+                yield sampler_pb2.RunMdResponse(
+                    stopped=sampler_pb2.MdReplicaStopped(replica=event.replica, step=event.step, reason=event.reason)
+                )
+            else:
+                if pending:
+                    write_extxyz(trajectory, pending, append=True)
+                    pending = []
+                if event.step % report_every == 0 or event.step == params.steps or not event.running:
+                    rate = event.step / max(time.perf_counter() - began, 1e-9)
+                    yield sampler_pb2.RunMdResponse(
+                        progress=common_pb2.Progress(
+                            stage="md",
+                            done=event.step,
+                            total=params.steps,
+                            message=f"{event.running} replicas running, {rate:.1f} steps/s",
+                        )
+                    )
+        if pending:
+            write_extxyz(trajectory, pending, append=True)
+        return summary
+
+    def _md_result(
+        self,
+        summary: MdSummary,
+        force_field: OracleForceField,
+        trajectory: Path,
+        selection: sampler_pb2.FrameSelection,
+        method: str,
+    ) -> sampler_pb2.MdResult:
+        result = sampler_pb2.MdResult(
+            steps=summary.steps,
+            wall_time_s=summary.wall_time_s,
+            oracle_time_s=force_field.time_s,
+            oracle_calls=force_field.calls,
+            replica_steps_per_s=summary.replica_steps / max(summary.wall_time_s, 1e-9),
+            replicas=summary.replicas,
+            replicas_stopped=summary.replicas_stopped,
+            n_frames=summary.n_frames,
+        )
+        log.info(
+            "MD finished: %d steps, %d frames, %d of %d replicas stopped, %.1f replica-steps/s, %d oracle calls "
+            "(%.0f%% of the time)",
+            summary.steps,
+            summary.n_frames,
+            summary.replicas_stopped,
+            summary.replicas,
+            result.replica_steps_per_s,
+            force_field.calls,
+            100 * force_field.time_s / max(summary.wall_time_s, 1e-9),
+        )
+        if summary.n_frames == 0:
+            return result  # nothing saved: every replica stopped before its first save, or steps < save_interval
+        result.trajectory.CopyFrom(self.store.put_file(trajectory, "structures"))
+        frames = read_structures(trajectory)
+        n_select = selection.n_frames or len(frames)
+        indices = select_frames(
+            frames,
+            [int(atoms.info[REPLICA_KEY]) for atoms in frames],
+            n_select,
+            method,
+            get_featuriser("distribution"),
+            selection.random_seed,
+        )
+        result.selected.CopyFrom(self._store_structures([frames[int(i)] for i in indices]))
+        result.selected_indices.extend(int(i) for i in indices)
+        return result
 
 
 def add_to_server(server: grpc.Server, store: ArtifactStore) -> list[str]:

@@ -45,7 +45,7 @@ def orchestrator(artifact_store) -> Iterator[orchestrator_pb2_grpc.OrchestratorS
 
 def _config_file(tmp_path: Path, n_select: int = N_SELECT) -> Path:
     shutil.copytree(SN2_DIR / "seeds", tmp_path / "seeds", dirs_exist_ok=True)
-    data = yaml.safe_load((SN2_DIR / "config.yaml").read_text())
+    data = yaml.safe_load((SN2_DIR / "config_quick.yaml").read_text())
     data["sampling"]["pool"].update(rattles_per_amplitude=5, interpolation_images=8, fragment_rotations_per_seed=5)
     data["sampling"]["direct"]["n_select"] = n_select
     data["stop_after"] = "direct_sampling"
@@ -79,7 +79,7 @@ def test_step1_selects_exactly_n_then_skips_then_redoes(orchestrator, tmp_path):
     config_path = _config_file(tmp_path)
     run, events = _run(orchestrator, config_path)
     assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
-    direct = tmp_path / "runs" / "sn2" / "step1_direct" / "direct.extxyz"
+    direct = tmp_path / "runs" / "sn2-quick" / "step1_direct" / "direct.extxyz"
     selected = read_structures(direct)
     assert len(selected) == N_SELECT
     assert all(a.info["charge"] == -1 and len(a) == 6 for a in selected)

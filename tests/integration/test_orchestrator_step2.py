@@ -28,7 +28,8 @@ from tests.conftest import SN2_DIR, running_service
 from tests.integration.test_orchestrator_step1 import _kinds, _run
 
 pytestmark = pytest.mark.slow
-N_DIRECT, BUDGET = 8, 14  # 3 isolated atoms + 8 DIRECT + at most 3 uncertain candidates
+N_DIRECT, AL_BUDGET, HOLDOUT = 8, 14, 2  # 3 isolated atoms + 8 DIRECT + at most 3 uncertain candidates
+BUDGET = AL_BUDGET + HOLDOUT  # step 2 keeps the hold-out's share free for the validation
 
 
 @pytest.fixture
@@ -47,10 +48,12 @@ def orchestrator(artifact_store, tmp_path) -> Iterator[orchestrator_pb2_grpc.Orc
 
 def _config(tmp_path: Path) -> Path:
     shutil.copytree(SN2_DIR / "seeds", tmp_path / "seeds", dirs_exist_ok=True)
-    data = yaml.safe_load((SN2_DIR / "config.yaml").read_text())
+    data = yaml.safe_load((SN2_DIR / "config_quick.yaml").read_text())
     data["sampling"]["pool"].update(rattles_per_amplitude=5, interpolation_images=8, fragment_rotations_per_seed=5)
     data["sampling"]["direct"]["n_select"] = N_DIRECT
     data["budget"]["max_dft_calls"] = BUDGET
+    data["validation"] = {"holdout_size": HOLDOUT}
+    data["stop_after"] = "active_learning"
     data["active_learning"] = {
         "committee_size": 2,
         "finetune_epochs": 3,
@@ -66,13 +69,13 @@ def test_one_active_learning_iteration_within_the_budget(orchestrator, tmp_path)
     config = _config(tmp_path)
     run, events = _run(orchestrator, config)
     assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
-    out = tmp_path / "runs" / "sn2" / "step2_active_learning"
+    out = tmp_path / "runs" / "sn2-quick" / "iteration_01" / "step2_active_learning"
     record = json.loads((out / "iteration.json").read_text())
-    ledger = DftLedger(tmp_path / "runs" / "sn2" / "state.sqlite")
+    ledger = DftLedger(tmp_path / "runs" / "sn2-quick" / "state.sqlite")
     rows = ledger.rows()
-    assert len(rows) == record["dft_calls_charged"] <= BUDGET
+    assert len(rows) == record["dft_calls_charged"] <= AL_BUDGET == record["dft_allowance"]
     chosen = record["chosen_pool_indices"]
-    assert len(rows) == 3 + N_DIRECT + len(chosen) and len(chosen) <= BUDGET - 3 - N_DIRECT
+    assert len(rows) == 3 + N_DIRECT + len(chosen) and len(chosen) <= AL_BUDGET - 3 - N_DIRECT
     assert len(read_structures(out / "dft.extxyz")) == N_DIRECT + len(chosen)
     assert {row.content_id for row in rows} >= set(record["chosen_content_ids"])
 
@@ -86,5 +89,5 @@ def test_one_active_learning_iteration_within_the_budget(orchestrator, tmp_path)
     # Again: the step is skipped and no DFT call is made or charged.
     run, events = _run(orchestrator, config)
     assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
-    assert orchestrator_pb2.RUN_EVENT_KIND_STEP_SKIPPED in _kinds(events, "active_learning")
+    assert orchestrator_pb2.RUN_EVENT_KIND_STEP_SKIPPED in _kinds(events, "active_learning.1")
     assert ledger.count() == len(rows)

@@ -115,7 +115,7 @@ def test_selecting_more_than_the_pool_is_invalid_argument(sampler) -> None:
     assert "exceeds the pool size" in info.value.details()
 
 
-def test_oracle_features_need_an_oracle_and_md_is_not_implemented_yet(sampler) -> None:
+def test_oracle_features_and_md_need_their_inputs(sampler) -> None:
     _, pool = generate(sampler)
     request = sampler_pb2.SelectDirectRequest(pool=pool.pool, n_select=3, featuriser="oracle")
     with pytest.raises(grpc.RpcError) as info:
@@ -124,5 +124,5 @@ def test_oracle_features_need_an_oracle_and_md_is_not_implemented_yet(sampler) -
     assert "oracle_address" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         list(sampler.RunMd(sampler_pb2.RunMdRequest(), timeout=TIMEOUT_S))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "step 4" in info.value.details()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "RunMdRequest has no starts" in info.value.details()

@@ -48,7 +48,7 @@ def services(env: dict[str, str]) -> Iterator[dict]:
 
 def _small_config(tmp_path: Path, **direct) -> Path:
     shutil.copytree(SN2_DIR / "seeds", tmp_path / "seeds", dirs_exist_ok=True)
-    data = yaml.safe_load((SN2_DIR / "config.yaml").read_text())
+    data = yaml.safe_load((SN2_DIR / "config_quick.yaml").read_text())
     data["sampling"]["pool"].update(rattles_per_amplitude=4, interpolation_images=6, fragment_rotations_per_seed=4)
     data["sampling"]["direct"].update(n_select=N_SELECT, **direct)
     data["stop_after"] = "direct_sampling"
@@ -71,7 +71,7 @@ def test_up_run_status_down(services, env, tmp_path):
     config = _small_config(tmp_path)
     first = cli(env, "run", str(config))
     assert first.returncode == 0, first.stderr
-    direct = tmp_path / "runs" / "sn2" / "step1_direct" / "direct.extxyz"
+    direct = tmp_path / "runs" / "sn2-quick" / "step1_direct" / "direct.extxyz"
     assert len(read_structures(direct)) == N_SELECT
     assert "coverage:" in first.stdout and str(direct) in first.stdout
 

@@ -15,7 +15,7 @@ from services.oracle.server import OracleService
 
 def test_unknown_backend_is_named_with_the_known_ones() -> None:
     with pytest.raises(
-        InvalidInputError, match=r"unknown oracle backend 'dftb'.*known: lj, mace, pyscf, qe, vasp, xtb"
+        InvalidInputError, match=r"unknown oracle backend 'dftb'.*known: ace, lj, mace, pyscf, qe, vasp, xtb"
     ):
         create_backend("dftb", {})
 

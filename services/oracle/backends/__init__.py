@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pyacemaker.config import ORACLE_OPTION_MODELS, format_validation_error
 from pyacemaker.rpc import InvalidInputError, WrongStateError
 from pyacemaker.v1 import oracle_pb2
+from services.oracle.backends.ace import AceBackend
 from services.oracle.backends.base import OracleBackend
 from services.oracle.backends.lj import LennardJonesBackend
 from services.oracle.backends.mace import MaceBackend
@@ -19,7 +20,8 @@ from services.oracle.backends.vasp import VaspBackend
 from services.oracle.backends.xtb import XtbBackend
 
 BACKENDS: dict[str, type[OracleBackend]] = {
-    cls.name: cls for cls in (LennardJonesBackend, MaceBackend, PyscfBackend, QeBackend, VaspBackend, XtbBackend)
+    cls.name: cls
+    for cls in (AceBackend, LennardJonesBackend, MaceBackend, PyscfBackend, QeBackend, VaspBackend, XtbBackend)
 }
 
 __all__ = ["BACKENDS", "OracleBackend", "backend_infos", "create_backend", "validate_options"]
@@ -49,7 +51,10 @@ def create_backend(name: str, options: Mapping[str, Any]) -> OracleBackend:
     reason = cls.unavailable_reason()
     if reason is not None:
         raise WrongStateError(f"oracle backend {name!r} is not available here: {reason}")
-    return cls(config)  # type: ignore[call-arg]  # each backend takes its own config model
+    try:
+        return cls(config)  # type: ignore[call-arg]  # each backend takes its own config model
+    except ValueError as exc:  # options that validate but name an unusable file, say
+        raise InvalidInputError(f"oracle backend {name!r}: {exc}") from None
 
 
 def backend_infos() -> list[oracle_pb2.BackendInfo]:

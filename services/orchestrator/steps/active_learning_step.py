@@ -1,14 +1,16 @@
-"""Step 2, one active-learning iteration: DFT labels for the DIRECT set → a committee fine-tuned from the
-teacher → committee uncertainty on the pool, calibrated against the DFT labels → the most uncertain, diverse
-candidates labelled by DFT. Every DFT call goes through the run's budget ledger.
+"""Step 2, one active-learning iteration: a MACE committee scores the candidates, its spread is calibrated
+against DFT labels, and the most uncertain, diverse candidates are labelled by DFT. Every DFT call goes through
+the run's budget ledger.
 
-The loop back to this step after validation belongs to the full run (steps 3-7); one iteration is what a run
-does today.
+Iteration 1: DFT labels for the DIRECT set, then a committee fine-tuned from the teacher on them; candidates
+are the step-1 pool. Later iterations: the committee is the previous iteration's step-3 committee (fine-tuned
+on every DFT label so far), the labelled set is the DFT set so far, and the candidates are the pool plus the
+previous iteration's surrogate-MD frames (where the potential is actually used). Hold-out structures are never
+candidates, and in iteration 1 the hold-out's share of the budget is kept free.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -17,72 +19,90 @@ from ase import Atoms
 
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.rpc import channel
-from pyacemaker.structures import (
-    CHARGE_KEY,
-    SPIN_KEY,
-    atom_ground_state_multiplicity,
-    atoms_to_structure,
-    attach_labels,
-    read_structures,
-    write_extxyz,
-)
+from pyacemaker.structures import atoms_to_structure, read_structures, write_extxyz
 from pyacemaker.teacher import resolve_teacher
-from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.oracle.client import backend_spec, describe, stream_labels
+from pyacemaker.v1 import common_pb2
+from services.oracle.client import describe
 from services.orchestrator.active_learning import calibration_factor, max_force_error, select_uncertain
-from services.orchestrator.dft_labels import DftLabeller, oracle_spec
+from services.orchestrator.dft_labels import DftLabeller, isolated_atom_energies, label_frames, oracle_spec
 from services.orchestrator.ledger import DftLedger
+from services.orchestrator.model_labels import model_labels
 from services.orchestrator.state import STATE_FILE
 from services.orchestrator.steps import StepContext, StepOutcome
+from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, finetune_committee
 
 EXPORT_DIR = "step2_active_learning"
-_OK = common_pb2.LABEL_STATUS_OK
+# Surrogate-MD frames scored as candidates at most (evenly spaced), so scoring stays seconds, not hours.
+MAX_MD_CANDIDATES = 5000
+
+
+def holdout_reserve(ctx: StepContext) -> int:
+    """DFT calls to keep free for validation (the hold-out and the profile points), until a validation has
+    labelled them; later validations reuse them."""
+    if "validation" in ctx.previous:
+        return 0
+    profile = ctx.config.validation.profile
+    return ctx.config.validation.holdout_size + (profile.count if profile is not None else 0)
 
 
 class ActiveLearningStep:
     name = "active_learning"
-    version = 1
+    version = 2
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         config = ctx.config
+        used = ("mace_finetune", "surrogate_md", "validation") if ctx.iteration > 1 else ()
         return {
+            "iteration": ctx.iteration,
             "direct": {k: v.sha256 for k, v in ctx.previous["direct_sampling"].items()},
+            "previous": {
+                step: {k: v.sha256 for k, v in ctx.previous[step].items()} for step in used if step in ctx.previous
+            },
+            "previous_dft": ctx.previous["active_learning"]["dft"].sha256 if ctx.iteration > 1 else "",
             "oracle": config.oracle.model_dump(mode="json"),
             "active_learning": config.active_learning.model_dump(mode="json"),
             "budget": config.budget.model_dump(mode="json"),
+            "holdout_reserve": holdout_reserve(ctx),
             # Digest only: computing a key must not write into the store.
             "teacher": sha256_of_file(resolve_teacher(ctx.config.teacher.model)),
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
         settings = ctx.config.active_learning
-        previous = ctx.previous["direct_sampling"]
-        pool = read_structures(ctx.store.path(previous["pool"]))
-        direct = read_structures(ctx.store.path(previous["direct"]))
+        candidates = _candidates(ctx)
+        pool_size = len(read_structures(ctx.store.path(ctx.previous["direct_sampling"]["pool"])))
         ledger = DftLedger(ctx.run_dir / STATE_FILE)
         try:
-            dft = DftLabeller(
-                ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle), ctx.config.budget.max_dft_calls
-            )
-            e0s = _isolated_atom_energies(dft, pool, ctx)
-            labelled = _label(dft, direct, ctx, "DFT labels of the DIRECT set")
-            if len(labelled) < 2:
-                raise RuntimeError(f"only {len(labelled)} DIRECT structures got DFT labels; a committee needs 2")
-            committee = _train_committee(ctx, labelled, e0s)
-            spec = backend_spec("mace", {"models": [str(ctx.store.path(ref)) for ref in committee]})
-            pool_labels = _committee_labels(ctx, spec, pool, "committee uncertainty on the pool")
-            labelled_labels = _committee_labels(ctx, spec, labelled, "committee on the DFT set")
+            allowance = ctx.config.budget.max_dft_calls - holdout_reserve(ctx)
+            dft = DftLabeller(ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle), allowance)
+            e0s = isolated_atom_energies(dft, {int(z) for frame in candidates for z in frame.numbers}, ctx.report)
+            if ctx.iteration == 1:
+                direct = read_structures(ctx.store.path(ctx.previous["direct_sampling"]["direct"]))
+                labelled = label_frames(dft, direct, ctx.report, "DFT labels of the DIRECT set")
+                if len(labelled) < 2:
+                    raise RuntimeError(
+                        f"only {len(labelled)} DIRECT structures got DFT labels; a committee needs 2 "
+                        f"(budget.max_dft_calls {ctx.config.budget.max_dft_calls}, of which "
+                        f"{holdout_reserve(ctx)} are kept for validation.holdout_size)"
+                    )
+                committee = _train_committee(ctx, labelled, e0s)
+            else:
+                labelled = read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"]))
+                committee = committee_models(ctx)
+            spec = committee_spec(ctx, committee)
+            pool_labels = model_labels(ctx, spec, candidates, "committee uncertainty on the candidates")
+            labelled_labels = model_labels(ctx, spec, labelled, "committee on the DFT set")
             errors = [
                 max_force_error(np.reshape(p.forces, (-1, 3)), a.get_forces())
                 for p, a in zip(labelled_labels, labelled, strict=True)
             ]
             stds = np.array([p.uncertainty.max_force_std for p in labelled_labels])
             calibration = calibration_factor(stds, np.array(errors))
-            ctx.report(common_pb2.Progress(stage="describe", message="teacher descriptors for the diversity guard"))
+            ctx.report(common_pb2.Progress(stage="describe", message="descriptors for the diversity guard"))
             with channel(ctx.oracle_address) as ch:
-                pool_features, labelled_features = describe(ch, spec, pool), describe(ch, spec, labelled)
+                pool_features, labelled_features = describe(ch, spec, candidates), describe(ch, spec, labelled)
             pool_std = np.array([p.uncertainty.max_force_std for p in pool_labels])
-            remaining = max(0, ctx.config.budget.max_dft_calls - ledger.count())
+            remaining = max(0, allowance - ledger.count())
             pool_force = np.array([np.linalg.norm(np.reshape(p.forces, (-1, 3)), axis=1).max() for p in pool_labels])
             eligible = pool_force <= settings.max_candidate_force
             chosen = select_uncertain(
@@ -95,7 +115,9 @@ class ActiveLearningStep:
                 diversity_fraction=settings.diversity_fraction,
                 eligible=eligible,
             )
-            added = _label(dft, [pool[i] for i in chosen], ctx, "DFT labels of the uncertain candidates")
+            added = label_frames(
+                dft, [candidates[i] for i in chosen], ctx.report, "DFT labels of the uncertain candidates"
+            )
             dft_calls = ledger.count()
         finally:
             ledger.close()
@@ -103,108 +125,61 @@ class ActiveLearningStep:
         write_extxyz(dft_file, [*labelled, *added])
         dft_ref = ctx.store.put_file(dft_file, kind="structures", move=True)
         record = {
+            "iteration": ctx.iteration,
             "calibration_factor": calibration,
             "force_error_threshold_ev_per_a": settings.force_error_threshold,
             "labelled_max_force_error_ev_per_a": errors,
             "labelled_committee_max_force_std_ev_per_a": stds.tolist(),
+            # Candidates: the step-1 pool (indices below n_pool), then the previous iteration's MD frames.
+            "n_pool": pool_size,
+            "n_candidates": len(candidates),
             "pool_committee_max_force_std_ev_per_a": pool_std.tolist(),
             "chosen_pool_indices": chosen.tolist(),
             "max_candidate_force_ev_per_a": settings.max_candidate_force,
             "excluded_by_force_pool_indices": np.flatnonzero(~eligible).tolist(),
-            "chosen_content_ids": [atoms_to_structure(pool[i]).content_id for i in chosen],
+            "chosen_content_ids": [atoms_to_structure(candidates[i]).content_id for i in chosen],
             "isolated_atom_energies_ev": {str(z): e for z, e in e0s.items()},
+            "n_dft_labelled_before": len(labelled),
+            "n_dft_added": len(added),
             "dft_calls_charged": dft_calls,
+            "dft_allowance": allowance,
         }
         record_ref = ctx.store.put_bytes(json.dumps(record, indent=1).encode(), kind="al_iteration", suffix=".json")
         outputs = {"dft": dft_ref, "iteration": record_ref}
         outputs.update({f"committee_{i}": ref for i, ref in enumerate(committee)})
         metrics = {
             "calibration_factor": calibration,
-            "n_dft_direct": float(len(labelled)),
+            "n_dft_labelled_before": float(len(labelled)),
             "n_dft_selected": float(len(added)),
             "dft_calls_charged": float(dft_calls),
             "max_pool_uncertainty_ev_per_a": float(calibration * pool_std.max()),
         }
-        exports = {f"{EXPORT_DIR}/dft.extxyz": dft_ref, f"{EXPORT_DIR}/iteration.json": record_ref}
+        exports = {
+            f"{ctx.export_prefix}{EXPORT_DIR}/dft.extxyz": dft_ref,
+            f"{ctx.export_prefix}{EXPORT_DIR}/iteration.json": record_ref,
+        }
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
 
 
-def _label(dft: DftLabeller, frames: list[Atoms], ctx: StepContext, stage: str) -> list[Atoms]:
-    """DFT-labelled copies of the frames that got an OK label (failed and refused ones are left out)."""
-    ctx.report(common_pb2.Progress(stage="dft", done=0, total=len(frames), message=stage))
-    structures = [atoms_to_structure(a) for a in frames]
-    done = [0]
-
-    def progress(_cid: str, _labels: common_pb2.Labels) -> None:
-        done[0] += 1
-        ctx.report(common_pb2.Progress(stage="dft", done=done[0], total=len(frames), message=stage))
-
-    outcome = dft.label(structures, on_result=progress)
-    labelled = []
-    for atoms, message in zip(frames, structures, strict=True):
-        labels = outcome.labels.get(message.content_id)
-        if labels is not None and labels.status == _OK:
-            labelled.append(attach_labels(atoms.copy(), labels))
-    return labelled
-
-
-def _isolated_atom_energies(dft: DftLabeller, pool: list[Atoms], ctx: StepContext) -> dict[int, float]:
-    """E0 per element at the DFT level: the neutral atom in its ground-state multiplicity (charged to the
-    budget like any DFT call; computed once per run and level, then reused from the ledger)."""
-    atoms = []
-    for z in sorted({int(z) for frame in pool for z in frame.numbers}):
-        atom = Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]])
-        atom.info.update({CHARGE_KEY: 0, SPIN_KEY: atom_ground_state_multiplicity(z)})
-        atoms.append(atom)
-    labelled = _label(dft, atoms, ctx, "isolated-atom reference energies")
-    if len(labelled) != len(atoms):
-        raise RuntimeError("the DFT oracle could not compute every isolated-atom reference energy (E0)")
-    return {int(a.numbers[0]): float(a.get_potential_energy()) for a in labelled}
+def _candidates(ctx: StepContext) -> list[Atoms]:
+    """The pool, plus (after iteration 1) the previous iteration's MD frames, less the validation hold-out."""
+    candidates = read_structures(ctx.store.path(ctx.previous["direct_sampling"]["pool"]))
+    if ctx.iteration > 1 and "surrogate_md" in ctx.previous:
+        frames = read_structures(ctx.store.path(ctx.previous["surrogate_md"]["frames"]))
+        stride = max(1, -(-len(frames) // MAX_MD_CANDIDATES))
+        candidates.extend(frames[::stride])
+    if "validation" in ctx.previous:
+        held_out = {
+            atoms_to_structure(a).content_id
+            for a in read_structures(ctx.store.path(ctx.previous["validation"]["holdout"]))
+        }
+        candidates = [a for a in candidates if atoms_to_structure(a).content_id not in held_out]
+    return candidates
 
 
 def _train_committee(ctx: StepContext, labelled: list[Atoms], e0s: dict[int, float]) -> list[common_pb2.ArtifactRef]:
     settings = ctx.config.active_learning
     train_file = ctx.store.new_tempfile(".extxyz")
     write_extxyz(train_file, labelled)
-    spec = trainer_pb2.MaceFinetuneSpec(
-        foundation_model=ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model"),
-        train_data=[ctx.store.put_file(train_file, kind="structures", move=True)],
-        committee_size=settings.committee_size,
-        random_seed=settings.random_seed,
-        max_epochs=settings.finetune_epochs,
-        e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in sorted(e0s.items())],
-    )
-    request = trainer_pb2.StartJobRequest(
-        # Same run and same spec → the same job, also when a restarted orchestrator asks again.
-        idempotency_key=f"{ctx.run_dir}:committee:{hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()}",
-        mace_finetune=spec,
-    )
-    with channel(ctx.trainer_address) as ch:
-        stub = trainer_pb2_grpc.TrainerServiceStub(ch)
-        job = stub.StartJob(request, timeout=60).job
-        for update in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=ctx.call_timeout_s):
-            job = update.job
-            ctx.report(
-                common_pb2.Progress(
-                    stage="committee",
-                    done=job.progress.done,
-                    total=job.progress.total,
-                    message=job.progress.message or job.progress.stage,
-                )
-            )
-    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
-        raise RuntimeError(f"committee fine-tuning (trainer job {job.job_id}) ended {job.state}: {job.error}")
-    return [ref for ref in job.outputs if ref.kind == "model"]
-
-
-def _committee_labels(ctx: StepContext, spec: Any, frames: list[Atoms], stage: str) -> list[common_pb2.Labels]:
-    results: list[common_pb2.Labels | None] = [None] * len(frames)
-    with channel(ctx.oracle_address) as ch:
-        for done, (index, labels) in enumerate(stream_labels(ch, spec, frames, batch_size=64, timeout=3600), 1):
-            results[index] = labels
-            if done % 64 == 0 or done == len(frames):
-                ctx.report(common_pb2.Progress(stage="committee", done=done, total=len(frames), message=stage))
-    missing = [i for i, labels in enumerate(results) if labels is None or labels.status != _OK]
-    if missing:
-        raise RuntimeError(f"the committee could not evaluate {len(missing)} structures (first: {missing[0]})")
-    return [labels for labels in results if labels is not None]
+    train_ref = ctx.store.put_file(train_file, kind="structures", move=True)
+    return finetune_committee(ctx, train_ref, e0s, settings.random_seed, settings.finetune_epochs, "committee")

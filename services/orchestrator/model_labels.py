@@ -1,0 +1,35 @@
+"""Labels from a model served by the oracle (the MACE committee, the teacher, an ACE): not charged to the DFT
+budget, streamed in batches, every structure required to succeed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ase import Atoms
+
+from pyacemaker.rpc import channel
+from pyacemaker.v1 import common_pb2, oracle_pb2
+from services.oracle.client import stream_labels
+from services.orchestrator.steps import StepContext
+
+_BATCH = 64
+
+
+def model_labels(
+    ctx: StepContext, spec: oracle_pb2.BackendSpec, frames: Sequence[Atoms], stage: str
+) -> list[common_pb2.Labels]:
+    results: list[common_pb2.Labels | None] = [None] * len(frames)
+    with channel(ctx.oracle_address) as ch:
+        for done, (index, labels) in enumerate(stream_labels(ch, spec, frames, batch_size=_BATCH, timeout=3600), 1):
+            results[index] = labels
+            if done % _BATCH == 0 or done == len(frames):
+                ctx.report(common_pb2.Progress(stage="model", done=done, total=len(frames), message=stage))
+    failed = [i for i, labels in enumerate(results) if labels is None or labels.status != common_pb2.LABEL_STATUS_OK]
+    if failed:
+        first = results[failed[0]]
+        reason = first.reason if first is not None else "no result"
+        raise RuntimeError(
+            f"{stage}: the {spec.name} oracle could not evaluate {len(failed)} of {len(frames)} structures "
+            f"(first: #{failed[0]}: {reason})"
+        )
+    return [labels for labels in results if labels is not None]
