@@ -331,7 +331,12 @@ class MdConfig(_Strict):
         description="Thermostat temperatures, K; replicas are spread over them.",
     )
     timestep_fs: Positive = Field(0.5, description="Time step, fs.")
-    steps: int = Field(2000, ge=1)
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="MD steps per replica; default: enough for the trajectories to save twice md.n_frames frames "
+        "(at least 500).",
+    )
     replicas: int = Field(16, ge=1, description="Replicas (per restraint window when windows are set).")
     save_interval: int = Field(10, ge=1, description="A frame is kept every save_interval steps.")
     friction_per_fs: Positive = Field(0.01, description="Langevin friction, 1/fs (0.01: a 100 fs memory).")
@@ -347,13 +352,25 @@ class MdConfig(_Strict):
         1.0, description="A replica whose committee max force std exceeds this is stopped, eV/Å."
     )
     windows: MdWindowsConfig | None = Field(None, description="Restraint windows; None: plain MD.")
-    n_frames: int = Field(2000, ge=1, description="Frames kept for the surrogate set (fewer if MD saved fewer).")
+    n_frames: int | None = Field(
+        None,
+        ge=1,
+        description="Frames kept for the surrogate set (fewer if MD saved fewer); default: 50 per DFT call of the "
+        "budget, between 500 and 20000 (the surrogate set should dwarf the DFT set it is corrected with).",
+    )
     frame_selection: Literal["stride", "direct"] = Field(
         "stride",
         description="'stride': evenly spaced frames of every trajectory (decorrelation); 'direct': DIRECT on the "
         "frames' distribution features.",
     )
     random_seed: int = Field(0, ge=0)
+
+    def resolved(self, max_dft_calls: int) -> MdConfig:
+        """This section with the budget-derived defaults (n_frames, steps) filled in."""
+        n_frames = self.n_frames or min(20000, max(500, 50 * max_dft_calls))
+        trajectories = self.replicas * (self.windows.count if self.windows is not None else 1)
+        steps = self.steps or max(500, self.save_interval * -(-2 * n_frames // trajectories))
+        return self.model_copy(update={"n_frames": n_frames, "steps": steps})
 
 
 class MaceFinetuneConfig(_Strict):

@@ -31,7 +31,7 @@ ForceField = Callable[[Sequence[Atoms]], list[common_pb2.Labels]]
 class RestrainedCalculator(Calculator):
     """Energy and forces from a force field (the oracle) plus a harmonic restraint on ξ."""
 
-    implemented_properties = ("energy", "forces")
+    implemented_properties = ["energy", "forces"]  # noqa: RUF012  (ASE declares it a plain list)
 
     def __init__(self, force_field: ForceField, restraint: DistanceDifferenceRestraint) -> None:
         super().__init__()

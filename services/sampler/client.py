@@ -16,6 +16,8 @@ from pyacemaker.v1 import common_pb2, oracle_pb2, sampler_pb2, sampler_pb2_grpc
 
 
 def md_settings(config: MdConfig, replicas_per_oracle_call: int = 0) -> sampler_pb2.MdSettings:
+    if config.steps is None or config.n_frames is None:
+        raise ValueError("md.steps and md.n_frames must be set; MdConfig.resolved(budget) fills in the defaults")
     settings = sampler_pb2.MdSettings(
         temperatures_k=config.temperatures,
         timestep_fs=config.timestep_fs,

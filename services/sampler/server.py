@@ -17,7 +17,7 @@ from ase import Atoms
 from pydantic import ValidationError
 
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
-from pyacemaker.config import DirectConfig, MdConfig, PoolConfig, format_validation_error
+from pyacemaker.config import BudgetConfig, DirectConfig, MdConfig, PoolConfig, format_validation_error
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.rpc import InvalidInputError, abort, channel, status_on_error
 from pyacemaker.structures import (
@@ -72,7 +72,9 @@ def _atoms_from_request(structures: Iterable[common_pb2.Structure], request: str
 def md_parameters_from_settings(settings: sampler_pb2.MdSettings) -> MdParameters:
     """MdSettings → MdParameters; a zero (or empty) field takes the default of the run config's `md` section,
     and values out of range are errors that name the field."""
-    defaults = MdConfig()
+    # An unset steps or frame count takes the run config's default for a budget of its default size.
+    defaults = MdConfig().resolved(BudgetConfig().max_dft_calls)
+    assert defaults.steps is not None
     parameters = MdParameters(
         temperatures_k=tuple(settings.temperatures_k) or tuple(defaults.temperatures),
         timestep_fs=settings.timestep_fs or defaults.timestep_fs,

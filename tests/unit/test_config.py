@@ -96,3 +96,18 @@ def test_schema_is_json_and_forbids_extra_keys():
     schema = json.loads(json.dumps(json_schema()))
     assert schema["additionalProperties"] is False
     assert {"system", "oracle", "sampling"} <= set(schema["properties"])
+
+
+def test_md_defaults_follow_the_budget_and_the_windows() -> None:
+    from pyacemaker.config import MdConfig
+
+    windows = {"atoms": (4, 0, 5), "start": -1.5, "stop": 1.5, "count": 13}
+    md = MdConfig(replicas=3, save_interval=10, windows=windows)
+    resolved = md.resolved(60)
+    assert resolved.n_frames == 3000  # 50 per DFT call
+    # 39 trajectories must save 6000 frames between them: 154 each, every 10 steps.
+    assert resolved.steps == 1540
+    assert MdConfig().resolved(2).n_frames == 500 and MdConfig().resolved(10_000).n_frames == 20_000
+    assert MdConfig(replicas=64).resolved(10).steps == 500  # never shorter than 500 steps
+    explicit = MdConfig(n_frames=7, steps=11).resolved(60)
+    assert (explicit.n_frames, explicit.steps) == (7, 11)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2, sampler_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
@@ -31,13 +32,13 @@ class SurrogateMdStep:
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
-            "md": ctx.config.md.model_dump(mode="json"),
+            "md": _md_config(ctx).model_dump(mode="json"),
             "committee": [ref.sha256 for ref in committee_models(ctx)],
             "seeds": [seed.content_id for seed in ctx.seeds],
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
-        config = ctx.config.md
+        config = _md_config(ctx)
         spec = committee_spec(ctx, committee_models(ctx))
         request = md_request(ctx.seeds, config, ctx.oracle_address, spec)
         n_trajectories = config.replicas * max(len(request.windows), 1)
@@ -84,6 +85,10 @@ class SurrogateMdStep:
         }
         exports = {f"{prefix}/frames.extxyz": result.selected, f"{prefix}/md_record.json": record_ref}
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
+
+
+def _md_config(ctx: StepContext) -> MdConfig:
+    return ctx.config.md.resolved(ctx.config.budget.max_dft_calls)
 
 
 @dataclass
