@@ -7,6 +7,7 @@ import json
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from services.oracle.executors.gateway import LabelGateway, executor_config_of
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
+# A result that took longer than this to produce is sent at once (a slow backend: progress matters more);
+# quicker ones are gathered into one response of at most MAX_RESULTS_PER_RESPONSE.
+SLOW_RESULT_S = 0.01
+MAX_RESULTS_PER_RESPONSE = 64
 # Distinct backend settings kept ready at once; a MACE backend holds a model in memory per entry.
 BACKEND_CACHE_SIZE = 8
 
@@ -66,8 +71,9 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
     def _label_stream(
         self, requests: Iterator[oracle_pb2.LabelRequest], is_active: Callable[[], bool]
     ) -> Iterator[oracle_pb2.LabelResponse]:
-        # One request batch at a time, one response per structure as soon as it is labelled: memory stays
-        # flat however long the stream, and the client sees progress.
+        # One request batch at a time, each result sent as soon as it is labelled: memory stays flat however
+        # long the stream, and the client sees progress. Results that a batched backend (mace) hands over
+        # together travel in one response, so many small structures do not cost a message each.
         backend: OracleBackend | None = None
         first_spec = oracle_pb2.BackendSpec()
         index = 0
@@ -85,11 +91,23 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                     return
             else:
                 _check_same_backend(request, first_spec)
+            pending: list[oracle_pb2.LabelResult] = []
+            produced = time.perf_counter()
             for result in _label_batch(backend, request.structures, index):
+                took = time.perf_counter() - produced
                 if result.labels.status != common_pb2.LABEL_STATUS_OK:
                     failed += 1
                     log.warning("structure %d failed: %s", result.index, result.labels.reason)
-                yield oracle_pb2.LabelResponse(results=[result])
+                if took > SLOW_RESULT_S and pending:
+                    yield oracle_pb2.LabelResponse(results=pending)
+                    pending = []
+                pending.append(result)
+                if took > SLOW_RESULT_S or len(pending) >= MAX_RESULTS_PER_RESPONSE:
+                    yield oracle_pb2.LabelResponse(results=pending)
+                    pending = []
+                produced = time.perf_counter()
+            if pending:
+                yield oracle_pb2.LabelResponse(results=pending)
             index += len(request.structures)
         log.info("label stream finished: %d structures, %d failed", index, failed)
 
