@@ -9,19 +9,21 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/pyacemaker/v1/*.proto)
 PROTO_STAMP := pyacemaker/v1/__init__.py
 
-.PHONY: install install-system protos up down demo test lint format clean docs teacher
+.PHONY: install install-system protos up down demo test lint format clean docs teacher images images-torch apptainer-archives
 
 install: install-system $(STAMP) $(PROTO_STAMP)
 
 # Debian packages the DFT gateway and its tests use: Quantum ESPRESSO (pw.x + pseudopotentials) and a real
-# single-node Slurm (slurm-wlm + munge). Skipped when already present.
-SYSTEM_PACKAGES := quantum-espresso quantum-espresso-data slurm-wlm munge
+# single-node Slurm (slurm-wlm + munge); the container images and their tests: podman, runc, debootstrap.
+# Skipped when already present.
+SYSTEM_PACKAGES := quantum-espresso quantum-espresso-data slurm-wlm munge podman runc debootstrap
 install-system:
-	@if command -v pw.x >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	@if command -v pw.x >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null \
+	  && command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing $(SYSTEM_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
-	else echo "warning: install $(SYSTEM_PACKAGES) (as root) for the qe oracle and the Slurm executor"; fi
+	else echo "warning: install $(SYSTEM_PACKAGES) (as root) for the qe oracle, the Slurm executor and the containers"; fi
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -54,6 +56,18 @@ demo: install
 	  echo "DFT-labelled set:    examples/sn2/runs/sn2/step2_active_learning/dft.extxyz"; \
 	  echo "AL iteration record: examples/sn2/runs/sn2/step2_active_learning/iteration.json"; \
 	fi; exit $$rc
+
+# Container images (containers/, pyacemaker/deploy/images.py): a Debian base from debootstrap, then one image
+# per service, from podman's layer cache when nothing changed. images-torch adds oracle-mace and trainer;
+# apptainer-archives saves the images for containers/apptainer/*.def.
+images: install
+	$(PY) -m pyacemaker.deploy.images
+
+images-torch: install
+	$(PY) -m pyacemaker.deploy.images --all
+
+apptainer-archives: install
+	$(PY) -m pyacemaker.deploy.images --save-archives
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -7,6 +7,7 @@ anything outside the root and verifies the digest before handing the path out.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -28,6 +29,18 @@ def sha256_of_file(path: str | Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _move(source: Path, target: Path) -> None:
+    """A rename, or a copy and delete when the two lie on different file systems (a run dir and the store
+    mounted separately into a container, /tmp on tmpfs)."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(source, target)
+        source.unlink()
 
 
 class ArtifactStore:
@@ -55,7 +68,7 @@ class ArtifactStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = self.new_tempfile()
             if move:
-                os.replace(path, staging)
+                _move(path, staging)
             else:
                 shutil.copyfile(path, staging)
             os.replace(staging, target)  # atomic: readers never see a half-written object

@@ -32,11 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pyacemaker.rpc import SecurityConfigError
+
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SecurityConfigError as exc:  # PYACEMAKER_TLS_* / PYACEMAKER_TOKEN_FILE, read by every client
+        return fail(str(exc), EXIT_BAD_INPUT)
 
 
 def fail(message: str, code: int) -> int:

@@ -1,18 +1,28 @@
-"""`pyacemaker up` and `pyacemaker down`: the local deployment (all services as processes on 127.0.0.1)."""
+"""`pyacemaker up` and `pyacemaker down`: the services as local processes on 127.0.0.1 (default) or as podman
+containers on a private network (`--runtime podman`, see pyacemaker/deploy/podman.py)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from pyacemaker.cli.main import EXIT_FAILED, EXIT_OK, fail
-from pyacemaker.deploy import local
+from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, fail
+from pyacemaker.deploy import local, podman
+from pyacemaker.rpc import SecurityConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    up = subparsers.add_parser("up", help="start all services as local processes and wait until healthy")
+    up = subparsers.add_parser("up", help="start the services (local processes or containers) and wait until healthy")
+    up.add_argument(
+        "--runtime",
+        choices=["local", "podman"],
+        default="local",
+        help="local: processes on 127.0.0.1 (default); podman: containers on a private network, published on "
+        "127.0.0.1 (images from `make images`)",
+    )
     up.add_argument(
         "--ports",
         choices=["default", "auto"],
@@ -20,27 +30,77 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="default: the well-known ports 50051-50054; auto: any free ports (recorded for the other commands)",
     )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each service (default 120)")
+    up.add_argument(
+        "--services",
+        help=f"podman: comma-separated services to start (default: all of {','.join(local.SERVICES)})",
+    )
+    up.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="SERVICE=IMAGE",
+        help="podman: the image of one service (repeatable), e.g. oracle=localhost/pyacemaker-oracle-qe:latest; a "
+        "running service with another image is replaced",
+    )
+    up.add_argument(
+        "--workdir",
+        type=Path,
+        help="podman: directory mounted at the same path in the containers; run dirs must lie under it "
+        "(default: the current directory)",
+    )
     up.set_defaults(handler=run_up)
-    down = subparsers.add_parser("down", help="stop every service that `up` started")
+    down = subparsers.add_parser("down", help="stop every service that `up` started (processes or containers)")
     down.set_defaults(handler=run_down)
+
+
+def _images(pairs: list[str]) -> dict[str, str]:
+    images = {}
+    for pair in pairs:
+        service, sep, image = pair.partition("=")
+        if not sep or not image or service not in local.SERVICES:
+            raise ValueError(
+                f"--image {pair!r}: expected SERVICE=IMAGE with SERVICE one of {', '.join(local.SERVICES)}"
+            )
+        images[service] = image
+    return images
 
 
 def run_up(args: argparse.Namespace) -> int:
     ports = dict.fromkeys(local.SERVICES, 0) if args.ports == "auto" else None
+    if args.runtime == "local" and (args.services or args.image or args.workdir):
+        return fail("--services, --image and --workdir apply to --runtime podman only", EXIT_BAD_INPUT)
     try:
-        processes = local.up(ports=ports, timeout=args.timeout)
-    except (local.DeployError, TimeoutError, OSError) as exc:
+        if args.runtime == "podman":
+            services = [s.strip() for s in args.services.split(",") if s.strip()] if args.services else None
+            processes = podman.up(
+                services=services, images=_images(args.image), ports=ports, workdir=args.workdir, timeout=args.timeout
+            )
+        else:
+            processes = local.up(ports=ports, timeout=args.timeout)
+    except (ValueError, SecurityConfigError) as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    except (local.DeployError, podman.PodmanError, TimeoutError, OSError) as exc:
         return fail(str(exc), EXIT_FAILED)
-    table = Table(title=f"PyAceMaker services (home: {local.home_dir()})")
-    for column in ("service", "address", "pid", "log"):
-        table.add_column(column)
+    table = Table(title=f"PyAceMaker services ({args.runtime}; home: {local.home_dir()})")
+    # Containers: their name (for `podman logs`) and image instead of pid and log file.
+    columns = ("container", "image") if args.runtime == "podman" else ("pid", "log")
+    for column in ("service", "address", *columns):
+        table.add_column(column, overflow="fold")
     for proc in processes.values():
-        table.add_row(proc.name, proc.address, str(proc.pid), proc.log)
+        cells = (proc.container, proc.image) if args.runtime == "podman" else (str(proc.pid), proc.log)
+        table.add_row(proc.name, proc.address, *cells)
     Console().print(table)
     return EXIT_OK
 
 
 def run_down(args: argparse.Namespace) -> int:
-    stopped = local.down()
+    recorded = local.read_registry()
+    if any(proc.runtime == "podman" for proc in recorded.values()):
+        try:
+            stopped = podman.down()
+        except podman.PodmanError as exc:
+            return fail(str(exc), EXIT_FAILED)
+    else:
+        stopped = local.down()
     print(f"stopped: {', '.join(stopped)}" if stopped else "no services were running")
     return EXIT_OK

@@ -34,27 +34,31 @@ class ServiceProcess:
     pid: int
     address: str
     log: str
+    # "local" (a process) or "podman" (a container: its name and image; `pid` is its main process).
+    runtime: str = "local"
+    container: str = ""
+    image: str = ""
 
 
 def home_dir() -> Path:
     return Path(os.environ.get("PYACEMAKER_HOME", Path.home() / ".pyacemaker")).expanduser().resolve()
 
 
-def _registry(home: Path) -> Path:
+def registry_path(home: Path) -> Path:
     return home / "services.json"
 
 
 def read_registry(home: Path | None = None) -> dict[str, ServiceProcess]:
-    path = _registry(home or home_dir())
+    path = registry_path(home or home_dir())
     if not path.is_file():
         return {}
     return {name: ServiceProcess(**entry) for name, entry in json.loads(path.read_text()).items()}
 
 
-def _write_registry(home: Path, processes: dict[str, ServiceProcess]) -> None:
-    staging = _registry(home).with_suffix(".tmp")
+def write_registry(home: Path, processes: dict[str, ServiceProcess]) -> None:
+    staging = registry_path(home).with_suffix(".tmp")
     staging.write_text(json.dumps({n: asdict(p) for n, p in processes.items()}, indent=2))
-    staging.replace(_registry(home))
+    staging.replace(registry_path(home))
 
 
 def service_address(name: str, home: Path | None = None) -> str:
@@ -127,6 +131,25 @@ def _start_one(name: str, port: int, home: Path, started: dict[str, ServiceProce
     return ServiceProcess(name=name, pid=process.pid, address=address, log=str(log_path))
 
 
+def _restart_or_start(
+    name: str,
+    port: int,
+    previous: ServiceProcess | None,
+    home: Path,
+    started: dict[str, ServiceProcess],
+    timeout: float,
+) -> ServiceProcess:
+    """A service that died comes back on its old address when no port was asked for, so the services that
+    talk to it (the orchestrator keeps its peers' addresses) reconnect by themselves; when that port is taken,
+    any free one."""
+    if port == 0 and previous is not None and previous.runtime == "local":
+        try:
+            return _start_one(name, int(previous.address.rsplit(":", 1)[1]), home, started, timeout)
+        except DeployError:
+            pass
+    return _start_one(name, port, home, started, timeout)
+
+
 def up(
     home: Path | None = None, ports: dict[str, int] | None = None, timeout: float = 60.0
 ) -> dict[str, ServiceProcess]:
@@ -135,14 +158,16 @@ def up(
     home = home or home_dir()
     home.mkdir(parents=True, exist_ok=True)
     ports = {**DEFAULT_PORTS, **(ports or {})}
-    processes = {
-        name: proc for name, proc in read_registry(home).items() if pid_alive(proc.pid) and check_health(proc.address)
-    }
+    other = sorted({p.runtime for p in read_registry(home).values()} - {"local"})
+    if other:
+        raise DeployError(f"a {other[0]} deployment is recorded in {home}; run `pyacemaker down` first")
+    recorded = read_registry(home)
+    processes = {name: proc for name, proc in recorded.items() if pid_alive(proc.pid) and check_health(proc.address)}
     try:
         for name in SERVICES:
             if name not in processes:
-                processes[name] = _start_one(name, ports[name], home, processes, timeout)
-                _write_registry(home, processes)
+                processes[name] = _restart_or_start(name, ports[name], recorded.get(name), home, processes, timeout)
+                write_registry(home, processes)
     except Exception:
         down(home)
         raise
@@ -169,10 +194,10 @@ def down(home: Path | None = None) -> list[str]:
     stopped = []
     for name in reversed(SERVICES):
         proc = processes.get(name)
-        if proc is None:
+        if proc is None or proc.runtime != "local":  # containers are removed by their runtime's down()
             continue
         if pid_alive(proc.pid):
             _terminate(proc.pid)
             stopped.append(name)
-    _registry(home).unlink(missing_ok=True)
+    registry_path(home).unlink(missing_ok=True)
     return stopped
