@@ -99,9 +99,17 @@ def step_state(run_dir: Path, name: str) -> int:
         db.close()
 
 
-def orchestrator_pid(env: dict[str, str]) -> int:
+def service_pid(env: dict[str, str], name: str) -> int:
     registry = json.loads((Path(env["PYACEMAKER_HOME"]) / "services.json").read_text())
-    return int(registry["orchestrator"]["pid"])
+    return int(registry[name]["pid"])
+
+
+def wait_for_step(run_dir: Path, step: str, follower: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 300
+    while step not in started_steps(run_dir):
+        assert follower.poll() is None, f"the run ended before {step} started: {follower.stderr.read()!r}"  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, f"{step} did not start within 300 s"
+        time.sleep(0.01)
 
 
 def dft_calls(run_dir: Path) -> int:
@@ -124,12 +132,8 @@ def test_killed_in_every_step_resumes_without_redoing_work(env: dict[str, str], 
     run_dir = tmp_path / "killed" / "runs" / "killed"
     for target in STEPS:
         follower = subprocess.Popen([CLI, "run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 300
-        while target not in started_steps(run_dir):
-            assert follower.poll() is None, f"the run ended before {target} started: {follower.stderr.read()!r}"
-            assert time.monotonic() < deadline, f"{target} did not start within 300 s"
-            time.sleep(0.01)
-        os.kill(orchestrator_pid(env), signal.SIGKILL)
+        wait_for_step(run_dir, target, follower)
+        os.kill(service_pid(env, "orchestrator"), signal.SIGKILL)
         assert step_state(run_dir, target) == _K.STEP_STATE_RUNNING, f"{target} was not in progress when killed"
         follower.communicate(timeout=60)
         assert follower.returncode != 0, f"the client did not notice the kill in {target}"
@@ -144,3 +148,21 @@ def test_killed_in_every_step_resumes_without_redoing_work(env: dict[str, str], 
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["dft_calls"] == expected_calls and summary["iterations"] == 1
     assert (run_dir / "iteration_01" / "step7_delta" / "final.yace").is_file()
+
+    # The other services die too: the trainer while step 3 trains, the oracle while it gives the forces of step 4's
+    # MD (to the sampler, which fails the step with UNAVAILABLE). Each comes back on its old address (`up`), and
+    # the orchestrator, which stays up, retries the step with backoff.
+    config = tiny_config(tmp_path / "services", "services")
+    run_dir = tmp_path / "services" / "runs" / "services"
+    follower = subprocess.Popen([CLI, "run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for step, service in (("mace_finetune.1", "trainer"), ("surrogate_md.1", "oracle")):
+        wait_for_step(run_dir, step, follower)
+        time.sleep(0.3)
+        address = json.loads((Path(env["PYACEMAKER_HOME"]) / "services.json").read_text())[service]["address"]
+        os.kill(service_pid(env, service), signal.SIGKILL)
+        assert cli(env, "up", "--ports", "auto").returncode == 0
+        assert json.loads((Path(env["PYACEMAKER_HOME"]) / "services.json").read_text())[service]["address"] == address
+    _, stderr = follower.communicate(timeout=900)
+    assert follower.returncode == 0, stderr.decode()[-3000:]
+    assert stderr.decode().count("retrying in") >= 2
+    assert dft_calls(run_dir) == expected_calls
