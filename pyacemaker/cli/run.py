@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,7 @@ from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.seeds import load_seeds
 from pyacemaker.structures import StructureFileError, atoms_to_structure
 from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.state import saved_config_json
+from services.orchestrator.state import SUMMARY_FILE, saved_config_json
 
 _K = orchestrator_pb2
 
@@ -62,10 +63,29 @@ def run_pipeline(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("detached; the run goes on in the orchestrator (`pyacemaker status` follows it)")
         return 130
-    print_run(Console(soft_wrap=True), run)
+    out = Console(soft_wrap=True)
+    print_run(out, run)
     if run.state != common_pb2.JOB_STATE_SUCCEEDED:
         return fail(f"run {run.run_id} did not succeed: {run.error}", EXIT_FAILED)
+    _print_outcome(out, Path(run.run_dir))
     return EXIT_OK
+
+
+def _print_outcome(console: Console, run_dir: Path) -> None:
+    """Why the run stopped and where its potential and report are (from run_summary.json, when there is one)."""
+    summary_file = run_dir / SUMMARY_FILE
+    if not summary_file.is_file():
+        return
+    summary = json.loads(summary_file.read_text())
+    console.print(
+        f"stopped: {summary['stop_reason']} after {summary['iterations']} iteration(s); "
+        f"{summary['dft_calls']} of {summary['dft_budget']} DFT calls"
+    )
+    if summary.get("final_potential"):
+        console.print(f"final potential: {run_dir / summary['final_potential']}")
+    report = run_dir / "report" / "index.html"
+    if report.is_file():
+        console.print(f"report: {report}")
 
 
 def _follow(
