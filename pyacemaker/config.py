@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from pyacemaker.teacher.resolve import is_model_name
+
 Positive = Annotated[float, Field(gt=0)]
 
 
@@ -223,6 +225,18 @@ class TeacherConfig(_Strict):
         description="A MACE model file, a mace foundation-model name, or 'bundled' (the project's C/H/Cl teacher).",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _file_relative_to_config(cls, model: str, info: ValidationInfo) -> str:
+        """A model file given by a relative path is taken relative to the config file's directory, like every
+        path of the config (the orchestrator that opens it runs elsewhere); names stay names."""
+        if is_model_name(model):
+            return model
+        path = Path(model).expanduser()
+        if path.is_absolute():
+            return str(path)
+        return str((Path((info.context or {}).get("base_dir", ".")) / path).resolve())
+
 
 class BudgetConfig(_Strict):
     max_dft_calls: int = Field(60, ge=0, description="Hard limit on DFT calls over the whole run.")
@@ -287,7 +301,7 @@ class ActiveLearningConfig(_Strict):
         10.0,
         description="Candidates whose committee-mean largest atomic force exceeds this are not sent to DFT, eV/Å: "
         "near-collision geometries that the dynamics never visits (their spread is large only because their "
-        "forces are).",
+        "forces are); DFT-labelled structures whose largest force exceeds it are charged but not trained on.",
     )
     finetune_epochs: int = Field(20, ge=1, description="Epochs of each committee member's fine-tuning.")
     random_seed: int = Field(0, ge=0)

@@ -109,6 +109,24 @@ def frames_on_teacher_reference(
     return moved
 
 
+def aligned_reference_energies(
+    teacher_energies: Sequence[float], frames: Sequence[Atoms], teacher_e0s: dict[int, float]
+) -> dict[int, float]:
+    """Per-element reference energies E0_teacher + δ_Z that put the labels on the teacher's footing, δ_Z fitted by
+    least squares to E_label − E_teacher over the training frames (minimum norm when the compositions cannot
+    tell the elements apart; then it is one constant per structure).
+
+    Why: another level of theory differs from the teacher's by a large, nearly constant amount per atom (GFN2-xTB
+    vs B3LYP binding energies: ~1 eV/atom for SN2). Left in the targets, that constant dominates the loss of a
+    brief fine-tuning and wrecks the forces; removed here and restored through the model's E0s afterwards, the
+    fine-tuning only has to learn the shape of the difference."""
+    elements = sorted(teacher_e0s)
+    counts = np.array([[np.count_nonzero(a.numbers == z) for z in elements] for a in frames], dtype=float)
+    residuals = np.array([energy_of(a) for a in frames]) - np.asarray(teacher_energies, dtype=float)
+    deltas, *_ = np.linalg.lstsq(counts, residuals, rcond=None)
+    return {z: teacher_e0s[z] + float(d) for z, d in zip(elements, deltas, strict=True)}
+
+
 def bootstrap(n_frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A bootstrap sample (n draws with replacement) and its out-of-bag frames."""
     drawn = np.random.default_rng(seed).integers(0, n_frames, size=n_frames)
@@ -280,7 +298,7 @@ def finetune_committee(
     """Train the committee; returns the model files (predicting energies on the labels' reference) and the
     metrics: per member and mean validation RMSEs (eV/atom, eV/Å) of the final, E0-corrected models on the
     validation set (or the member's out-of-bag frames, or the training set when there is neither)."""
-    from services.trainer.evaluation import evaluate_calculator, mace_calculator
+    from services.trainer.evaluation import evaluate_calculator, mace_calculator, predict
 
     teacher = load_model(settings.foundation_model)
     teacher_e0s = model_atomic_energies(teacher)
@@ -288,8 +306,11 @@ def finetune_committee(
     if missing:
         raise InvalidInputError(f"the teacher model knows no {', '.join(missing)}; it cannot be fine-tuned on them")
     del teacher
-    moved_train = frames_on_teacher_reference(train, settings.label_e0s, teacher_e0s)
-    moved_validation = frames_on_teacher_reference(validation, settings.label_e0s, teacher_e0s)
+    teacher_calculator = mace_calculator([settings.foundation_model])
+    reference_e0s = aligned_reference_energies(predict(teacher_calculator, train).energies, train, teacher_e0s)
+    del teacher_calculator
+    moved_train = frames_on_teacher_reference(train, reference_e0s, teacher_e0s)
+    moved_validation = frames_on_teacher_reference(validation, reference_e0s, teacher_e0s)
     replay_file = None
     if settings.multihead_replay and replay:
         replay_file = work_dir / "replay.xyz"
@@ -345,8 +366,8 @@ def finetune_committee(
         with _MetricsTail(results, member, progress):
             run_mace_training(arguments)
         model = load_model(member_dir / f"{name}.model")
-        if settings.label_e0s:
-            set_model_atomic_energies(model, settings.label_e0s)
+        # Back onto the labels' energy scale (see aligned_reference_energies).
+        set_model_atomic_energies(model, reference_e0s)
         import torch
 
         torch.save(model, final_model)
