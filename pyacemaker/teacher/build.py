@@ -141,8 +141,12 @@ def split(frames: list[Atoms], rng: np.random.Generator) -> dict[str, list[Atoms
     }
 
 
-def train_mace(work_dir: Path, e0s: dict[int, float], name: str) -> Path:
-    """Run mace's own training entry point; returns the stage-two (SWA) model it writes."""
+def train_mace(
+    work_dir: Path, e0s: dict[int, float], name: str, settings: dict[str, str | int | float] = MACE_SETTINGS
+) -> Path:
+    """Run mace's own training entry point on work_dir's train/valid/test.extxyz (REF_energy, REF_forces) with
+    `settings` (mace's command-line options; default: the bundled teacher's); returns the stage-two (SWA) model
+    it writes."""
     args = [
         sys.executable,
         "-m",
@@ -164,7 +168,7 @@ def train_mace(work_dir: Path, e0s: dict[int, float], name: str) -> Path:
         f"--log_dir={work_dir / 'logs'}",
         f"--checkpoints_dir={work_dir / 'checkpoints'}",
         f"--results_dir={work_dir / 'results'}",
-    ] + [f"--{key}={value}" for key, value in MACE_SETTINGS.items()]
+    ] + [f"--{key}={value}" for key, value in settings.items()]
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # a stale checkpoint would be resumed
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log.info("training: %s", " ".join(args[3:]))

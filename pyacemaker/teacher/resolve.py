@@ -95,6 +95,14 @@ def foundation_model(name: str) -> FoundationModel | None:
     return FOUNDATION_MODELS.get(key)
 
 
+def is_model_name(text: str) -> bool:
+    """Whether `teacher.model` text names a model ('bundled' or a foundation model) rather than a file: a name
+    wins over a same-named file in the working directory, and anything with a path separator is a file."""
+    if os.sep in text or "/" in text:
+        return False
+    return text == BUNDLED_NAME or foundation_model(text) is not None
+
+
 def resolve_teacher(name_or_path: str | os.PathLike[str], base_dir: Path | None = None) -> Path:
     """The MACE model file `teacher.model` means.
 
@@ -109,7 +117,7 @@ def resolve_teacher(name_or_path: str | os.PathLike[str], base_dir: Path | None 
                 f"the bundled teacher {BUNDLED_MODEL} is missing; rebuild it with `make teacher`"
             )
         return BUNDLED_MODEL
-    model = None if os.sep in text or "/" in text else foundation_model(text)
+    model = foundation_model(text) if is_model_name(text) else None
     if model is not None:
         return _cached_foundation_model(model)
     path = Path(text).expanduser()
