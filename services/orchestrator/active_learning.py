@@ -6,12 +6,22 @@ so a threshold in eV/Å only means something after the spread is scaled to the o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
 def max_force_error(predicted: np.ndarray, reference: np.ndarray) -> float:
     """Largest per-atom force error norm of one structure, eV/Å."""
     return float(np.linalg.norm(np.asarray(predicted) - np.asarray(reference), axis=-1).max())
+
+
+def below_force_cap(committee_forces: Sequence[np.ndarray], max_force: float) -> np.ndarray:
+    """Mask of the structures whose largest atomic force norm (committee mean, eV/Å) is at most `max_force`:
+    the rest are near-collision geometries that the dynamics never visits, whose committee spread is large
+    only because their forces are."""
+    largest = np.array([np.linalg.norm(np.reshape(f, (-1, 3)), axis=1).max() for f in committee_forces])
+    return largest <= max_force
 
 
 def calibration_factor(committee_std: np.ndarray, true_error: np.ndarray) -> float:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.orchestrator.active_learning import calibration_factor, max_force_error, select_uncertain
+from services.orchestrator.active_learning import (
+    below_force_cap,
+    calibration_factor,
+    max_force_error,
+    select_uncertain,
+)
 
 
 def test_max_force_error_is_the_largest_atomic_error_norm():
@@ -58,3 +63,12 @@ def test_ineligible_candidates_are_never_chosen():
     eligible = np.array([False, True, False, True])  # e.g. near-collision geometries excluded by their forces
     chosen = select_uncertain(std, 1.0, 0.1, features, np.zeros((0, 1)), 4, 0.1, eligible=eligible)
     assert chosen.tolist() == [1, 3]
+
+
+def test_force_cap_judges_the_largest_atomic_force_norm():
+    calm = np.array([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])  # largest norm 5 eV/Å
+    collision = np.array([[0.0, 0.0, 12.0], [0.0, 0.0, -12.0]])
+    components_below_norm_above = np.array([[6.0, 6.0, 6.0], [0.0, 0.0, 0.0]])  # norm 10.4 eV/Å
+    mask = below_force_cap([calm, collision, components_below_norm_above.ravel()], 10.0)
+    assert mask.tolist() == [True, False, False]
+    assert below_force_cap([calm], 5.0).tolist() == [True]  # the cap itself is allowed

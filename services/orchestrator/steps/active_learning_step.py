@@ -23,7 +23,12 @@ from pyacemaker.structures import atoms_to_structure, read_structures, write_ext
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2
 from services.oracle.client import describe
-from services.orchestrator.active_learning import calibration_factor, max_force_error, select_uncertain
+from services.orchestrator.active_learning import (
+    below_force_cap,
+    calibration_factor,
+    max_force_error,
+    select_uncertain,
+)
 from services.orchestrator.dft_labels import DftLabeller, isolated_atom_energies, label_frames, oracle_spec
 from services.orchestrator.ledger import DftLedger
 from services.orchestrator.model_labels import model_labels
@@ -120,8 +125,7 @@ class ActiveLearningStep:
                 pool_features, labelled_features = describe(ch, spec, candidates), describe(ch, spec, labelled)
             pool_std = np.array([p.uncertainty.max_force_std for p in pool_labels])
             remaining = max(0, allowance - ledger.count())
-            pool_force = np.array([np.linalg.norm(np.reshape(p.forces, (-1, 3)), axis=1).max() for p in pool_labels])
-            eligible = pool_force <= settings.max_candidate_force
+            eligible = below_force_cap([p.forces for p in pool_labels], settings.max_candidate_force)
             chosen = select_uncertain(
                 pool_std,
                 calibration,
