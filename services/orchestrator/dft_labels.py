@@ -119,23 +119,34 @@ def label_frames(
     return labelled
 
 
-def isolated_atoms(numbers: Iterable[int]) -> list[Atoms]:
+# Edge of the cubic box an isolated atom sits in when the run's structures are periodic (Å). Plane-wave codes
+# need a cell; the box's small effect on the atom's energy is a constant per element that every label of the
+# run shares through E0, so energy differences and the fits do not see it.
+ISOLATED_ATOM_BOX_A = 10.0
+
+
+def isolated_atoms(numbers: Iterable[int], periodic: bool = False) -> list[Atoms]:
     """One neutral atom per element, in its ground-state multiplicity, sorted by atomic number: the structures
-    whose energies are the per-element references E0."""
+    whose energies are the per-element references E0. `periodic`: each atom at the centre of a periodic cubic
+    box of ISOLATED_ATOM_BOX_A, for an oracle that labels periodic cells (pw.x has no molecular mode)."""
     atoms = []
     for z in sorted({int(z) for z in numbers}):
         atom = Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]])
+        if periodic:
+            atom.set_cell([ISOLATED_ATOM_BOX_A] * 3)
+            atom.center()
+            atom.pbc = True
         atom.info.update({CHARGE_KEY: 0, SPIN_KEY: atom_ground_state_multiplicity(z)})
         atoms.append(atom)
     return atoms
 
 
 def isolated_atom_energies(
-    dft: DftLabeller, numbers: Iterable[int], report: Callable[[common_pb2.Progress], None]
+    dft: DftLabeller, numbers: Iterable[int], report: Callable[[common_pb2.Progress], None], periodic: bool = False
 ) -> dict[int, float]:
     """E0 per element at the DFT level (charged to the budget like any DFT call; computed once per run and
-    level, then reused from the ledger)."""
-    atoms = isolated_atoms(numbers)
+    level, then reused from the ledger); `periodic` as in `isolated_atoms`."""
+    atoms = isolated_atoms(numbers, periodic)
     labelled = label_frames(dft, atoms, report, "isolated-atom reference energies")
     if len(labelled) != len(atoms):
         raise RuntimeError("the DFT oracle could not compute every isolated-atom reference energy (E0)")
