@@ -91,7 +91,10 @@ class AceDesign:
         self._calculator.compute(environment, compute_projections=True, compute_b_grad=True)
         n_atoms = len(atoms)
         energy_row = np.zeros(self.n_columns)
-        for species, projection in zip(environment.species_type, self._calculator.projections, strict=True):
+        # A periodic cell's environment also lists the periodic images (ghost atoms) after the n real atoms;
+        # projections and B-gradients are per real atom, with the images' contributions already folded in.
+        real_species = environment.species_type[:n_atoms]
+        for species, projection in zip(real_species, self._calculator.projections, strict=True):
             start = self.offsets[species]
             energy_row[start : start + len(projection)] += projection
         for column, element in enumerate(self.reference_elements, start=self.n_functions):
