@@ -169,12 +169,16 @@ def test_a_worker_killed_from_outside_is_resubmitted_once_then_failed(oracle) ->
     spec = xtb_spec(retries={"max_retries": 0, "resubmit_lost_tasks": 1})
     submissions: list[oracle_pb2.Submission] = []
     results: dict[int, common_pb2.Labels] = {}
+    killed: set[int] = set()
     for response in open_stream(address, spec, [[slow]]):
         for submission in response.submissions:
             submissions.append(submission)
             record = table.get((content_id(slow), XTB_LEVEL))
             assert record is not None
-            os.kill(wait_for_worker(record.task_dir), signal.SIGKILL)  # the node "dies" under the calculation
+            # The resubmission reuses the task dir: wait for the new worker's pid, not the killed one's.
+            pid = wait_for_worker(record.task_dir, exclude=killed)
+            os.kill(pid, signal.SIGKILL)  # the node "dies" under the calculation
+            killed.add(pid)
         results.update((result.index, result.labels) for result in response.results)
 
     assert [s.reattached for s in submissions] == [False, False]
@@ -184,13 +188,16 @@ def test_a_worker_killed_from_outside_is_resubmitted_once_then_failed(oracle) ->
     assert results[0].attempts == 2
 
 
-def wait_for_worker(task_dir: Path, timeout: float = 30.0) -> int:
+def wait_for_worker(task_dir: Path, timeout: float = 30.0, exclude: set[int] | None = None) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return int((task_dir / PID_FILE).read_text())
+            pid = int((task_dir / PID_FILE).read_text())
+            if pid not in (exclude or set()):
+                return pid
         except (OSError, ValueError):
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise AssertionError(f"no worker started in {task_dir} within {timeout:.0f} s")
 
 
