@@ -37,7 +37,7 @@ from pyacemaker.rpc import channel
 from pyacemaker.structures import read_structures
 from pyacemaker.teacher import resolve_teacher
 from services.oracle.client import backend_spec
-from services.sampler.client import md_request, run_md
+from services.sampler.client import md_request, md_settings, run_md
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [REPO_ROOT / "examples" / "sn2" / "seeds" / f"{n}.xyz" for n in ("reactant_complex", "transition_state")]
@@ -74,21 +74,12 @@ def through_service(address: dict[str, str], model: Path, config: MdConfig, per_
 def in_process_engine(model: Path, config: MdConfig) -> float:
     """Wall s of the sampler's engine with the mace backend called in this process (batched, no gRPC)."""
     from services.oracle.backends.mace import MaceBackend
-    from services.sampler.md import MdParameters
     from services.sampler.md import run_md as run_engine
+    from services.sampler.server import md_parameters_from_settings
 
     backend = MaceBackend(MaceOracleConfig(backend="mace", models=[model]))
     starts = [read_structures(path)[0] for path in SEEDS]
-    params = MdParameters(
-        temperatures_k=tuple(config.temperatures),
-        timestep_fs=config.timestep_fs,
-        steps=config.steps,
-        save_interval=config.save_interval,
-        replicas=config.replicas,
-        friction_per_fs=config.friction_per_fs,
-        min_distance=config.min_distance,
-        max_force_std=config.max_force_std,
-    )
+    params = md_parameters_from_settings(md_settings(config))
     list(backend.label_batch(starts))  # warm-up
     began = time.perf_counter()
     for _ in run_engine(starts, params, lambda frames: list(backend.label_batch(frames))):
