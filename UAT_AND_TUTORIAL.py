@@ -83,10 +83,12 @@ def acceptance(run_dir: Path, quick: bool) -> bool:
     """What a user checks after a run, as numbers: budget kept, the final ACE better than the base ACE on DFT
     data it never saw, the barrier, and a potential that works from ASE."""
     summary = json.loads((run_dir / "run_summary.json").read_text())
-    iteration = summary["iterations"]
+    # The run's final potential is its best validated iteration's (all are scored on the same DFT hold-out).
+    iteration = summary["best_iteration"]
     validation = json.loads((run_dir / f"iteration_{iteration:02d}" / "validation" / "validation.json").read_text())
     models = validation["models"]
-    print(f"\nstopped after {iteration} iteration(s): {summary['stop_reason']}")
+    print(f"\nstopped after {summary['iterations']} iteration(s): {summary['stop_reason']}")
+    print(f"final potential: iteration {iteration}'s, the best on the hold-out")
     print(f"wall time of the run's last attempt: {summary['wall_time_s']:.0f} s")
     print(f"DFT calls: {summary['dft_calls']} of a budget of {summary['dft_budget']} ({validation['level_of_theory']})")
     print(f"hold-out: {validation['n_holdout']} structures")

@@ -239,6 +239,19 @@ class RunManager:
                 return iteration, "no candidate above the uncertainty threshold"
         return config.validation.max_iterations, "max iterations"
 
+    def _best_iteration(self, handle: RunHandle, iterations: int) -> int:
+        """The validated iteration whose final ACE has the lowest hold-out force RMSE (0 when none validated)."""
+        scored = []
+        for iteration in range(1, iterations + 1):
+            row = handle.state.step(f"{ValidationStep.name}.{iteration}")
+            if (
+                row is not None
+                and row.state == _E.STEP_STATE_COMPLETED
+                and "final_ace_forces_rmse_mev_per_a" in row.metrics
+            ):
+                scored.append((row.metrics["final_ace_forces_rmse_mev_per_a"], iteration))
+        return min(scored)[1] if scored else 0
+
     def _dft_calls(self, handle: RunHandle) -> int:
         ledger = DftLedger(handle.run_dir / STATE_FILE)
         try:
@@ -254,13 +267,19 @@ class RunManager:
         stop_reason: str,
         wall_time_s: float,
     ) -> dict[str, object]:
-        """run_summary.json (why the run stopped, where the potential is), then the HTML report."""
-        final = ""
-        if iterations and "delta_fit" in previous:
+        """run_summary.json (why the run stopped, where the potential is), then the HTML report.
+
+        The final potential is the best validated one, not necessarily the last: every iteration is scored on the
+        same DFT hold-out, and a later iteration can come out worse (small sets, a new MD region)."""
+        final, best = "", self._best_iteration(handle, iterations)
+        if best:
+            final = f"iteration_{best:02d}/step7_delta/final.yace"
+        elif iterations and "delta_fit" in previous:
             final = f"iteration_{iterations:02d}/step7_delta/final.yace"
         summary: dict[str, object] = {
             "stop_reason": stop_reason,
             "iterations": iterations,
+            "best_iteration": best or iterations,
             "final_potential": final,
             "dft_calls": self._dft_calls(handle),
             "dft_budget": handle.config.budget.max_dft_calls,
