@@ -232,6 +232,10 @@ class RunManager:
             metrics = handle.state.step(f"{ValidationStep.name}.{iteration}")
             if metrics is not None and metrics.metrics.get("target_met"):
                 return iteration, "target met"
+            if handle.state.step(f"{ActiveLearningStep.name}.{iteration + 1}") is not None:
+                # An earlier attempt of this run already went on (the ledger now holds that iteration's DFT calls,
+                # so judging the budget again would stop a resumed run short of where it was).
+                continue
             if self._dft_calls(handle) >= config.budget.max_dft_calls:
                 return iteration, "budget spent"
             selected = handle.state.step(f"{ActiveLearningStep.name}.{iteration}")
