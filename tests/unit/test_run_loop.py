@@ -1,0 +1,79 @@
+"""The loop's stopping rules in RunManager._iterate, with the steps replaced by stand-ins that record their
+validation figures: target met, budget spent, max iterations, and a resumed run that follows where its earlier
+attempt went instead of re-judging the budget with a ledger that already holds the later iteration's calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.config import parse_config
+from pyacemaker.v1 import orchestrator_pb2
+from services.orchestrator import runner
+from services.orchestrator.runner import RunHandle, RunManager
+from services.orchestrator.state import RunState, StepRow
+from services.orchestrator.steps import StepContext, StepOutcome
+from tests.conftest import SN2_DIR
+
+
+class StandIn:
+    def __init__(self, name: str, metrics: dict[int, dict[str, float]] | None = None) -> None:
+        self.name, self.version, self.metrics, self.ran = name, 1, metrics or {}, []
+
+    def key_material(self, ctx: StepContext) -> dict[str, Any]:
+        return {"iteration": ctx.iteration}
+
+    def run(self, ctx: StepContext) -> StepOutcome:
+        self.ran.append(ctx.iteration)
+        return StepOutcome(outputs={}, metrics=self.metrics.get(ctx.iteration, {}), exports={})
+
+
+def manager_and_handle(tmp_path: Path, max_iterations: int, budget: int) -> tuple[RunManager, RunHandle]:
+    config = parse_config(
+        {
+            "name": "loop",
+            "system": {"seeds": ["seeds/reactant_complex.xyz"], "charge": -1},
+            "oracle": {"backend": "xtb"},
+            "budget": {"max_dft_calls": budget},
+            "validation": {"max_iterations": max_iterations},
+        },
+        SN2_DIR,
+    )
+    manager = RunManager(ArtifactStore(tmp_path / "store"), "", "", "")
+    return manager, RunHandle(run_id="r", config=config, run_dir=tmp_path, state=RunState(tmp_path))
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, StandIn]:
+    stand_ins = {name: StandIn(name) for name in ("active_learning", "validation")}
+    monkeypatch.setattr(runner, "ITERATION_STEPS", tuple(stand_ins.values()))
+    return stand_ins
+
+
+def test_stops_when_the_target_is_met(tmp_path, steps, monkeypatch):
+    steps["validation"].metrics = {1: {"target_met": 0.0}, 2: {"target_met": 1.0}}
+    manager, handle = manager_and_handle(tmp_path, max_iterations=5, budget=100)
+    monkeypatch.setattr(RunManager, "_dft_calls", lambda self, handle: 10)
+    assert manager._iterate(handle, [], {}) == (2, "target met")
+
+
+def test_stops_when_the_budget_is_spent_or_iterations_run_out(tmp_path, steps, monkeypatch):
+    manager, handle = manager_and_handle(tmp_path, max_iterations=3, budget=40)
+    monkeypatch.setattr(RunManager, "_dft_calls", lambda self, handle: 40)
+    assert manager._iterate(handle, [], {}) == (1, "budget spent")
+    manager, handle = manager_and_handle(tmp_path / "other", max_iterations=3, budget=40)
+    monkeypatch.setattr(RunManager, "_dft_calls", lambda self, handle: 12)
+    assert manager._iterate(handle, [], {}) == (3, "max iterations")
+
+
+def test_a_resumed_run_follows_its_earlier_attempt_into_the_next_iteration(tmp_path, steps, monkeypatch):
+    manager, handle = manager_and_handle(tmp_path, max_iterations=2, budget=40)
+    # The earlier attempt reached iteration 2's step 2 before it was killed; the ledger is now at the budget.
+    handle.state.mark_step("active_learning.2", "old", orchestrator_pb2.STEP_STATE_RUNNING)
+    handle.state.complete_step(StepRow("active_learning.2", "old", orchestrator_pb2.STEP_STATE_COMPLETED))
+    monkeypatch.setattr(RunManager, "_dft_calls", lambda self, handle: 40)
+    assert manager._iterate(handle, [], {}) == (2, "budget spent")  # judged after iteration 2, not after 1
+    assert steps["validation"].ran == [1, 2]
