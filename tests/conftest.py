@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +16,7 @@ import pytest
 from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.deploy.local import pid_alive
 from pyacemaker.rpc import create_server
 from pyacemaker.structures import read_structures
 
@@ -20,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SN2_DIR = REPO_ROOT / "examples" / "sn2"
 SN2_SEED_FILES = ("reactant_complex.xyz", "transition_state.xyz", "product_complex.xyz")
+CLI = str(Path(sys.executable).parent / "pyacemaker")
 
 
 def sn2_seeds() -> list[Atoms]:
@@ -41,3 +47,23 @@ def running_service(register: Callable[[grpc.Server], list[str]]) -> Iterator[st
 @pytest.fixture
 def artifact_store(tmp_path: Path) -> ArtifactStore:
     return ArtifactStore(tmp_path / "store")
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """The `pyacemaker` console script, as a user runs it."""
+    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """An environment whose PYACEMAKER_HOME is private to the test; every service started in it (`pyacemaker up`)
+    is stopped afterwards, killed if it does not stop."""
+    env = {**os.environ, "PYACEMAKER_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    try:
+        yield env
+    finally:
+        cli(env, "down")
+        registry = Path(env["PYACEMAKER_HOME"]) / "services.json"
+        for entry in json.loads(registry.read_text()).values() if registry.is_file() else []:
+            if pid_alive(entry["pid"]):
+                os.killpg(entry["pid"], signal.SIGKILL)

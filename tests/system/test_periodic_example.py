@@ -6,12 +6,7 @@ labels, NPT cells that breathe, and an ACE whose E(V) curve matches the DFT leve
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +15,16 @@ import yaml
 
 from examples.si.make_teacher import calculator_energy_function, equation_of_state, qe_energy_function
 from pyacemaker.config import load_config
-from pyacemaker.deploy.local import pid_alive
 from pyacemaker.structures import read_structures
 from services.oracle.backends.qe import QeBackend
 from services.orchestrator.ledger import DftLedger
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("pw.x") is None, reason="needs Quantum ESPRESSO's pw.x (make install-system)"),
 ]
 SI_DIR = REPO_ROOT / "examples" / "si"
-CLI = str(Path(sys.executable).parent / "pyacemaker")
 # How far the final ACE's equilibrium lattice constant may lie from the DFT level's own. The teacher is 0.6 %
 # off (5.449 against 5.418 Å; measured: the final ACE 5.410 Å, the base ACE 5.470 Å); one tiny iteration with
 # 6 + 3 DFT labels is not expected to remove all of it, but a potential that lost the crystal's E(V) curve
@@ -41,23 +34,6 @@ LATTICE_CONSTANT_TOLERANCE = 0.015
 # teacher is ~80 meV/Å off on these hot frames (measured: base 76, final 80), and a broken fit (wrong cell
 # handling, missing periodic images) is several hundred.
 FORCE_RMSE_BOUND_MEV_PER_A = 150.0
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {**os.environ, "PYACEMAKER_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    try:
-        yield env
-    finally:
-        cli(env, "down")
-        registry = Path(env["PYACEMAKER_HOME"]) / "services.json"
-        for entry in json.loads(registry.read_text()).values() if registry.is_file() else []:
-            if pid_alive(entry["pid"]):
-                os.killpg(entry["pid"], signal.SIGKILL)
 
 
 def quick_config(directory: Path) -> Path:
@@ -72,7 +48,8 @@ def quick_config(directory: Path) -> Path:
     return path
 
 
-def test_quick_si_example_runs_all_steps_and_corrects_the_teacher(env: dict[str, str], tmp_path: Path) -> None:
+def test_quick_si_example_runs_all_steps_and_corrects_the_teacher(cli_env: dict[str, str], tmp_path: Path) -> None:
+    env = cli_env
     from pyace import PyACECalculator
 
     config_path = quick_config(tmp_path / "si")

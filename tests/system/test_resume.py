@@ -11,21 +11,17 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pyacemaker.deploy.local import pid_alive
 from pyacemaker.v1 import orchestrator_pb2
 from services.orchestrator.ledger import DftLedger
-from tests.conftest import SN2_DIR
+from tests.conftest import CLI, SN2_DIR, cli
 
 pytestmark = pytest.mark.slow
-CLI = str(Path(sys.executable).parent / "pyacemaker")
 STEPS = (
     "direct_sampling",
     "active_learning.1",
@@ -37,23 +33,6 @@ STEPS = (
     "validation.1",
 )
 _K = orchestrator_pb2
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {**os.environ, "PYACEMAKER_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    try:
-        yield env
-    finally:
-        cli(env, "down")
-        registry = Path(env["PYACEMAKER_HOME"]) / "services.json"
-        for entry in json.loads(registry.read_text()).values() if registry.is_file() else []:
-            if pid_alive(entry["pid"]):
-                os.killpg(entry["pid"], signal.SIGKILL)
 
 
 def tiny_config(directory: Path, name: str) -> Path:
@@ -120,7 +99,8 @@ def dft_calls(run_dir: Path) -> int:
         ledger.close()
 
 
-def test_killed_in_every_step_resumes_without_redoing_work(env: dict[str, str], tmp_path: Path) -> None:
+def test_killed_in_every_step_resumes_without_redoing_work(cli_env: dict[str, str], tmp_path: Path) -> None:
+    env = cli_env
     assert cli(env, "up", "--ports", "auto").returncode == 0
 
     reference = tiny_config(tmp_path / "reference", "reference")
