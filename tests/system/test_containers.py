@@ -51,19 +51,7 @@ def deployment(built_images: None, tmp_path: Path) -> Iterator[Path]:
     """A home with the orchestrator, sampler and oracle (lean image) as containers on auto ports."""
     home = tmp_path / "home"
     env = {"PYACEMAKER_HOME": str(home)}
-    started = _cli(
-        "up",
-        "--runtime",
-        "podman",
-        "--ports",
-        "auto",
-        "--services",
-        "orchestrator,sampler,oracle",
-        "--workdir",
-        str(tmp_path),
-        env=env,
-        cwd=tmp_path,
-    )
+    started = _up_lean_trio(tmp_path, env)
     try:
         assert started.returncode == 0, started.stderr
         yield home
@@ -80,6 +68,13 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **env}
     command = [sys.executable, "-m", "pyacemaker.cli.main", *args]
     return subprocess.run(command, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _up_lean_trio(work_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`pyacemaker up --runtime podman` of the orchestrator, sampler and (lean) oracle on auto ports, with
+    work_dir mounted at the same path in the containers."""
+    services = ("--services", "orchestrator,sampler,oracle", "--workdir", str(work_dir))
+    return _cli("up", "--runtime", "podman", "--ports", "auto", *services, env=env, cwd=work_dir)
 
 
 def _step1_config(directory: Path, oracle: dict, run: str = "run") -> Path:
@@ -232,19 +227,7 @@ def test_tls_and_token_secure_the_containers_and_refuse_a_client_without_the_tok
         ENV_TLS_CA: str(pki / "ca.pem"),
         ENV_TOKEN_FILE: str(pki / "token"),
     }
-    started = _cli(
-        "up",
-        "--runtime",
-        "podman",
-        "--ports",
-        "auto",
-        "--services",
-        "orchestrator,sampler,oracle",
-        "--workdir",
-        str(tmp_path),
-        env=env,
-        cwd=tmp_path,
-    )
+    started = _up_lean_trio(tmp_path, env)
     try:
         assert started.returncode == 0, started.stderr
         registry = read_registry(tmp_path / "home")
