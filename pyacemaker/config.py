@@ -301,7 +301,9 @@ class ActiveLearningConfig(_Strict):
         10.0,
         description="Candidates whose committee-mean largest atomic force exceeds this are not sent to DFT, eV/Å: "
         "near-collision geometries that the dynamics never visits (their spread is large only because their "
-        "forces are); DFT-labelled structures whose largest force exceeds it are charged but not trained on.",
+        "forces are). From iteration 2, when MD frames are among the candidates, the cap falls to the largest "
+        "force among them if that is lower. DFT-labelled structures whose largest force exceeds this are charged "
+        "but not trained on.",
     )
     finetune_epochs: int = Field(20, ge=1, description="Epochs of each committee member's fine-tuning.")
     random_seed: int = Field(0, ge=0)

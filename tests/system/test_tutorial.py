@@ -66,6 +66,10 @@ def test_quick_tutorial_runs_the_loop_and_passes_its_checks(tmp_path: Path) -> N
     # Iteration 2 scored the pool plus iteration 1's MD frames, with the committee step 3 fine-tuned.
     record = json.loads((run_dir / "iteration_02/step2_active_learning/iteration.json").read_text())
     assert record["n_candidates"] > record["n_pool"]
+    # ... and held the pool to the largest force the MD visited (never above the configured cap).
+    assert record["candidate_force_cap_ev_per_a"] <= record["max_candidate_force_ev_per_a"]
+    first = json.loads((run_dir / "iteration_01/step2_active_learning/iteration.json").read_text())
+    assert first["candidate_force_cap_ev_per_a"] == first["max_candidate_force_ev_per_a"]  # no MD frames yet
     first_dft = read_structures(run_dir / "iteration_01" / "step2_active_learning" / "dft.extxyz")
     assert record["n_dft_labelled_before"] == len(first_dft)
     # The report shows both iterations.

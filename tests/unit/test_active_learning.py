@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from services.orchestrator.active_learning import (
     below_force_cap,
     calibration_factor,
+    candidate_force_cap,
     max_force_error,
     select_uncertain,
+    within_force_cap,
 )
 
 
@@ -72,3 +76,22 @@ def test_force_cap_judges_the_largest_atomic_force_norm():
     mask = below_force_cap([calm, collision, components_below_norm_above.ravel()], 10.0)
     assert mask.tolist() == [True, False, False]
     assert below_force_cap([calm], 5.0).tolist() == [True]  # the cap itself is allowed
+
+
+def test_training_set_keeps_labels_within_the_training_force_cap():
+    frames = []
+    for largest in (2.0, 8.0, 12.0):
+        atoms = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
+        atoms.calc = SinglePointCalculator(atoms, forces=[[0, 0, largest], [0, 0, -largest]])
+        frames.append(atoms)
+    kept, dropped = within_force_cap(frames, 10.0)
+    assert [a.get_forces()[0, 2] for a in kept] == [2.0, 8.0]
+    assert [a.get_forces()[0, 2] for a in dropped] == [12.0]
+
+
+def test_candidate_cap_falls_to_the_largest_force_the_md_visited():
+    md_frames = [np.array([[0.0, 3.0, 4.0], [1.0, 0.0, 0.0]]), np.array([[0.0, 0.0, 6.5]])]  # largest norms 5, 6.5
+    assert candidate_force_cap(10.0, md_frames) == pytest.approx(6.5)
+    assert candidate_force_cap(6.0, md_frames) == 6.0  # the configured cap is never raised
+    assert candidate_force_cap(10.0, []) == 10.0  # no MD frames among the candidates (iteration 1)
+    assert candidate_force_cap(10.0, [md_frames[0].ravel()]) == pytest.approx(5.0)  # flat (3N,) forces too

@@ -26,8 +26,10 @@ from services.oracle.client import describe
 from services.orchestrator.active_learning import (
     below_force_cap,
     calibration_factor,
+    candidate_force_cap,
     max_force_error,
     select_uncertain,
+    within_force_cap,
 )
 from services.orchestrator.dft_labels import DftLabeller, isolated_atom_energies, label_frames, oracle_spec
 from services.orchestrator.ledger import DftLedger
@@ -41,16 +43,6 @@ EXPORT_DIR = "step2_active_learning"
 MAX_MD_CANDIDATES = 5000
 
 
-def within_force_cap(frames: list[Atoms], cap: float) -> tuple[list[Atoms], list[Atoms]]:
-    """(frames whose largest DFT force is at most `cap` eV/Å, the others). Near-collision structures with forces
-    of tens of eV/Å lie far outside where the potential is used, and in a small training set they dominate the
-    force loss of a fine-tuning (measured on SN2: the teacher's force RMSE on such a set was 3.1 eV/Å)."""
-    kept, dropped = [], []
-    for atoms in frames:
-        (kept if np.linalg.norm(atoms.get_forces(), axis=1).max() <= cap else dropped).append(atoms)
-    return kept, dropped
-
-
 def holdout_reserve(ctx: StepContext) -> int:
     """DFT calls to keep free for validation (the hold-out and the profile points), until a validation has
     labelled them; later validations reuse them."""
@@ -62,7 +54,7 @@ def holdout_reserve(ctx: StepContext) -> int:
 
 class ActiveLearningStep:
     name = "active_learning"
-    version = 3
+    version = 4
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         config = ctx.config
@@ -84,8 +76,7 @@ class ActiveLearningStep:
 
     def run(self, ctx: StepContext) -> StepOutcome:
         settings = ctx.config.active_learning
-        candidates = _candidates(ctx)
-        pool_size = len(read_structures(ctx.store.path(ctx.previous["direct_sampling"]["pool"])))
+        candidates, pool_size = _candidates(ctx)
         ledger = DftLedger(ctx.run_dir / STATE_FILE)
         try:
             allowance = ctx.config.budget.max_dft_calls - holdout_reserve(ctx)
@@ -125,7 +116,8 @@ class ActiveLearningStep:
                 pool_features, labelled_features = describe(ch, spec, candidates), describe(ch, spec, labelled)
             pool_std = np.array([p.uncertainty.max_force_std for p in pool_labels])
             remaining = max(0, allowance - ledger.count())
-            eligible = below_force_cap([p.forces for p in pool_labels], settings.max_candidate_force)
+            force_cap = candidate_force_cap(settings.max_candidate_force, [p.forces for p in pool_labels[pool_size:]])
+            eligible = below_force_cap([p.forces for p in pool_labels], force_cap)
             chosen = select_uncertain(
                 pool_std,
                 calibration,
@@ -160,6 +152,8 @@ class ActiveLearningStep:
             "pool_committee_max_force_std_ev_per_a": pool_std.tolist(),
             "chosen_pool_indices": chosen.tolist(),
             "max_candidate_force_ev_per_a": settings.max_candidate_force,
+            # The cap applied: max_candidate_force, or the largest committee force among the MD-frame candidates.
+            "candidate_force_cap_ev_per_a": force_cap,
             "excluded_by_force_pool_indices": np.flatnonzero(~eligible).tolist(),
             "chosen_content_ids": [atoms_to_structure(candidates[i]).content_id for i in chosen],
             "isolated_atom_energies_ev": {str(z): e for z, e in e0s.items()},
@@ -187,20 +181,23 @@ class ActiveLearningStep:
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
 
 
-def _candidates(ctx: StepContext) -> list[Atoms]:
-    """The pool, plus (after iteration 1) the previous iteration's MD frames, less the validation hold-out."""
-    candidates = read_structures(ctx.store.path(ctx.previous["direct_sampling"]["pool"]))
+def _candidates(ctx: StepContext) -> tuple[list[Atoms], int]:
+    """(candidates, how many of them come first from the pool): the pool, plus (after iteration 1) the previous
+    iteration's MD frames, less the validation hold-out."""
+    pool = read_structures(ctx.store.path(ctx.previous["direct_sampling"]["pool"]))
+    frames: list[Atoms] = []
     if ctx.iteration > 1 and "surrogate_md" in ctx.previous:
         frames = read_structures(ctx.store.path(ctx.previous["surrogate_md"]["frames"]))
         stride = max(1, -(-len(frames) // MAX_MD_CANDIDATES))
-        candidates.extend(frames[::stride])
+        frames = frames[::stride]
     if "validation" in ctx.previous:
         held_out = {
             atoms_to_structure(a).content_id
             for a in read_structures(ctx.store.path(ctx.previous["validation"]["holdout"]))
         }
-        candidates = [a for a in candidates if atoms_to_structure(a).content_id not in held_out]
-    return candidates
+        pool = [a for a in pool if atoms_to_structure(a).content_id not in held_out]
+        frames = [a for a in frames if atoms_to_structure(a).content_id not in held_out]
+    return pool + frames, len(pool)
 
 
 def _train_committee(ctx: StepContext, labelled: list[Atoms], e0s: dict[int, float]) -> list[common_pb2.ArtifactRef]:
