@@ -2,16 +2,24 @@
 fine-tuned from the bundled teacher on N actively vs N randomly chosen structures, same N, several seeds.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/active_vs_random.py [--n0 20] [--n-total 40] \
-        [--iterations 2] [--seeds 0 1 2]          # ~7 min on one busy core
+        [--iterations 2] [--seeds 0 1 2]          # ~5 min per 3 seeds on one busy core
 
 GFN2-xTB (the xtb oracle backend) plays DFT: its labels are the reference everywhere. The pool and the DIRECT
 start come from the SN2 example config (pool generator and DIRECT on the distribution features, exactly as
 step 1).
 
-Two hold-outs, fixed (seed HELD_OUT_SEED) before any selection was scored:
-  MD hold-out (primary): frames of GFN2-xTB Langevin MD from each seed at each of the config's MD temperatures
-          (300, 600, 1000 K). The finished potential is for MD at these temperatures, so this is where its
-          errors matter; neither selection can draw these frames, so neither gets an i.i.d. advantage.
+Candidates, as step 2 sees them from iteration 2 on: the pool (less DIRECT and the pool hold-out) plus
+`--md-candidates` frames of MD along the config's restraint windows (the sampler's own MD engine, in this
+process). In a run those frames come from step 4's MD with the fine-tuned committee; here from the teacher, so
+every iteration of the benchmark sees the same candidates. `--md-candidates 0` gives the pool alone (iteration
+1 of a run).
+
+Three hold-outs, fixed (seed HELD_OUT_SEED and the MD seeds) before any selection was scored:
+  MD hold-out (primary): frames of GFN2-xTB Langevin MD from each seed at each of the config's MD temperatures.
+          The finished potential is for MD at these temperatures, so this is where its errors matter; neither
+          selection can draw these frames, so neither gets an i.i.d. advantage.
+  window hold-out: frames of GFN2-xTB MD along the config's windows (another MD seed than the candidates'),
+          the states step 4 samples across the barrier.
   pool hold-out: `--held-out` random pool structures outside DIRECT, removed from the candidates. It has the
           pool's distribution, which random selection samples by construction, and is dominated by the pool's
           large rattles (its force RMS is ~3x the MD frames').
@@ -21,15 +29,18 @@ Both selections start from the same n0 DIRECT structures; only the N − n0 addi
           bootstrap samples of the labelled set (different seeds) scores every candidate by its max force std
           (mace oracle backend); the spread is calibrated on the labelled set (calibration_factor against the
           committee mean's true max force error); candidates whose committee-mean largest force exceeds
-          active_learning.max_candidate_force are never chosen (below_force_cap, as step 2); select_uncertain
+          active_learning.max_candidate_force, or the largest among the MD-frame candidates if lower, are never
+          chosen (candidate_force_cap and below_force_cap, as step 2); select_uncertain
           takes the most uncertain candidates above the threshold, with the diversity guard on the committee's
           invariant MACE descriptors. If fewer than the batch pass the threshold, the rest are taken by the
           same ranking, cap and guard without it (said in the output), so both sets have exactly N.
   random: N − n0 candidates drawn uniformly with the seed (no cap: random selection knows no model).
-Then ONE model per set is fine-tuned from the teacher with identical settings and the same seed per pair, long
-enough (`--final-epochs`, 100) that the fine-tuning seed moves its held-out force RMSE by ~1 meV/Å (measured:
-three seeds on one training set gave 56.4, 55.8, 57.4 meV/Å at 100 epochs; 78.7, 66.0, 78.5 at 30), and scored
-on both hold-outs; the teacher's own RMSE on each is printed for reference.
+As in a run, labelled structures whose xtb forces exceed active_learning.max_candidate_force are not trained on
+(either selection; both still count N). Then ONE model per set is fine-tuned from the teacher with identical
+settings and the same seed per pair, long enough (`--final-epochs`, 100) that the fine-tuning seed moves its
+held-out force RMSE by ~1 meV/Å (measured: three seeds on one training set gave 56.4, 55.8, 57.4 meV/Å at 100
+epochs; 78.7, 66.0, 78.5 at 30), and scored on every hold-out; the teacher's own RMSE on each is printed for
+reference.
 
 E0s: xtb is the teacher's own level and the teacher's E0s are GFN2-xTB isolated atoms, so the labels are on the
 teacher's reference already and fine-tuning gets no label E0s (see services.trainer.mace_finetune).
@@ -56,6 +67,7 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from pyacemaker.config import MaceOracleConfig, RunConfig, XtbOracleConfig, load_config
+from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.seeds import load_seeds
 from pyacemaker.teacher import resolve_teacher
 from services.oracle.backends.mace import MaceBackend
@@ -63,12 +75,18 @@ from services.oracle.backends.xtb import XtbBackend
 from services.orchestrator.active_learning import (
     below_force_cap,
     calibration_factor,
+    candidate_force_cap,
     max_force_error,
     select_uncertain,
+    within_force_cap,
 )
+from services.sampler.client import md_settings
 from services.sampler.direct import select_direct
 from services.sampler.features import get_featuriser
+from services.sampler.md import FrameEvent
+from services.sampler.md import run_md as run_md_engine
 from services.sampler.pool import generate_pool
+from services.sampler.server import md_parameters_from_settings
 from services.trainer.evaluation import evaluate_calculator, mace_calculator
 from services.trainer.mace_finetune import FinetuneSettings, finetune_committee
 
@@ -147,9 +165,37 @@ def md_hold_out(
     return snapshots
 
 
+def window_md_frames(
+    seeds: Sequence[Atoms],
+    config: RunConfig,
+    force_field: MaceBackend | XtbBackend,
+    steps: int,
+    skip_steps: int,
+    keep: int,
+    random_seed: int,
+) -> list[Atoms]:
+    """Frames of the config's step-4 MD (its restraint windows along ξ, temperatures and replicas per window)
+    with `force_field`, run by the sampler's own engine in this process: every replica's frames after
+    `skip_steps`, thinned evenly to `keep`. Each frame carries the force field's unbiased labels."""
+    md = config.md.model_copy(update={"steps": steps, "n_frames": keep, "random_seed": random_seed})
+    params = md_parameters_from_settings(md_settings(md))
+    windows = []
+    if md.windows is not None:
+        a, b, c = md.windows.atoms
+        windows = [DistanceDifferenceRestraint(a, b, c, x, md.windows.force_constant) for x in md.windows.centers()]
+    frames = [
+        event.atoms
+        for event in run_md_engine(seeds, params, lambda batch: list(force_field.label_batch(batch)), windows)
+        if isinstance(event, FrameEvent) and event.step > skip_steps
+    ]
+    chosen = np.unique(np.linspace(0, len(frames) - 1, min(keep, len(frames))).round().astype(int))
+    return [frames[i] for i in chosen]
+
+
 @dataclass
 class Experiment:
-    pool: list[Atoms]
+    pool: list[Atoms]  # the step-1 pool's n_pool structures, then the MD-frame candidates
+    n_pool: int
     direct: np.ndarray
     candidates: np.ndarray
     hold_outs: dict[str, list[Atoms]]
@@ -229,7 +275,7 @@ def active_selection(experiment: Experiment, seed: int, n_total: int, iterations
         if remaining <= 0:
             break
         batch = -(-remaining // (iterations - iteration))  # spread the additions evenly over the iterations
-        train = experiment.label(labelled)
+        train, _ = within_force_cap(experiment.label(labelled), al.max_candidate_force)
         committee_dir = experiment.work_dir / f"seed{seed}" / f"committee{iteration}"
         started = time.perf_counter()
         models = quietly_finetune(
@@ -241,7 +287,9 @@ def active_selection(experiment: Experiment, seed: int, n_total: int, iterations
         trained = time.perf_counter() - started
         candidates = np.setdiff1d(experiment.candidates, labelled)
         candidate_std, candidate_forces = committee_predictions(models, [experiment.pool[i] for i in candidates])
-        eligible = below_force_cap(candidate_forces, al.max_candidate_force)
+        md_forces = [f for i, f in zip(candidates, candidate_forces, strict=True) if i >= experiment.n_pool]
+        force_cap = candidate_force_cap(al.max_candidate_force, md_forces)
+        eligible = below_force_cap(candidate_forces, force_cap)
         labelled_std, labelled_forces = committee_predictions(models, train)
         true_error = np.array(
             [max_force_error(f, atoms.get_forces()) for f, atoms in zip(labelled_forces, train, strict=True)]
@@ -285,7 +333,7 @@ def active_selection(experiment: Experiment, seed: int, n_total: int, iterations
             f"error median {1e3 * np.median(true_error):.0f} meV/Å, committee std median "
             f"{1e3 * np.median(labelled_std):.1f} meV/Å); candidates: max force std median "
             f"{1e3 * np.median(candidate_std):.1f}, max {1e3 * candidate_std.max():.1f} meV/Å, "
-            f"{int((~eligible).sum())} over the {al.max_candidate_force} eV/Å force cap, {above} of the rest "
+            f"{int((~eligible).sum())} over the {force_cap:.2f} eV/Å force cap, {above} of the rest "
             f"above {al.force_error_threshold} eV/Å calibrated; chose {len(new)}"
             + (f" ({filled} below the threshold)" if filled else "")
         )
@@ -309,7 +357,7 @@ class Score:
 def final_scores(experiment: Experiment, indices: list[int], seed: int, name: str) -> dict[str, Score]:
     """Held-out RMSEs, per hold-out, of one model fine-tuned on `indices`. The training set doubles as mace's
     validation set (checkpoint choice), so no labelled structure is lost."""
-    train = experiment.label(indices)
+    train, _ = within_force_cap(experiment.label(indices), experiment.config.active_learning.max_candidate_force)
     models = quietly_finetune(
         settings_for(experiment, 1, seed, experiment.final_epochs),
         train,
@@ -325,12 +373,14 @@ def final_scores(experiment: Experiment, indices: list[int], seed: int, name: st
 
 
 def describe_selection(pool: Sequence[Atoms], indices: Sequence[int]) -> str:
-    kinds = Counter(
-        f"rattle {pool[i].info['amplitude']:g} Å"
-        if pool[i].info.get("operation") == "rattle"
-        else pool[i].info["operation"]
-        for i in indices
-    )
+    def kind(atoms: Atoms) -> str:
+        if "md_xi" in atoms.info:
+            return "teacher MD"
+        if atoms.info.get("operation") == "rattle":
+            return f"rattle {atoms.info['amplitude']:g} Å"
+        return atoms.info["operation"]
+
+    kinds = Counter(kind(pool[i]) for i in indices)
     return ", ".join(f"{kind}: {count}" for kind, count in sorted(kinds.items()))
 
 
@@ -373,6 +423,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md-replicas", type=int, default=2, help="MD hold-out: runs per seed and temperature")
     parser.add_argument("--md-frames", type=int, default=10, help="MD hold-out: snapshots per run")
     parser.add_argument("--md-every", type=int, default=40, help="MD hold-out: steps between snapshots")
+    parser.add_argument(
+        "--md-candidates",
+        type=int,
+        default=600,
+        help="teacher MD frames along the config's windows added to the candidates, as step 2 scores the previous "
+        "iteration's MD frames besides the pool (0: the pool alone)",
+    )
+    parser.add_argument("--md-candidate-steps", type=int, default=400, help="steps of that teacher MD")
+    parser.add_argument(
+        "--window-hold-out",
+        type=int,
+        default=120,
+        help="window hold-out: frames of GFN2-xTB MD along the config's windows (0: none)",
+    )
+    parser.add_argument(
+        "--max-candidate-force", type=float, help="eV/Å (default: the config's active_learning.max_candidate_force)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--committee-size", type=int, help="K (default: the config's committee_size)")
     parser.add_argument("--committee-epochs", type=int, help="(default: the config's finetune_epochs)")
@@ -389,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
+    if args.max_candidate_force:
+        al_override = config.active_learning.model_copy(update={"max_candidate_force": args.max_candidate_force})
+        config = config.model_copy(update={"active_learning": al_override})
     seeds = load_seeds(config)
     pool = generate_pool(seeds, config.sampling.pool).structures
     features = get_featuriser("distribution")(pool)  # step 1's featuriser when the oracle is not mace
@@ -397,23 +467,40 @@ def main(argv: list[str] | None = None) -> int:
     ).indices
     outside = np.setdiff1d(np.arange(len(pool)), direct)
     pool_held_out = np.sort(np.random.default_rng(HELD_OUT_SEED).choice(outside, args.held_out, replace=False))
-    candidates = np.setdiff1d(outside, pool_held_out)
     teacher = resolve_teacher("bundled")
     al = config.active_learning
-    label = XtbLabeller(pool)
     md = config.md
+    xtb = XtbBackend(XtbOracleConfig(backend="xtb", method="GFN2-xTB"))
+    skip = MD_EQUILIBRATION_STEPS
+    md_candidates = []
+    if args.md_candidates:
+        teacher_md = MaceBackend(MaceOracleConfig(backend="mace", models=[teacher], batch_size=64))
+        md_candidates = window_md_frames(
+            seeds, config, teacher_md, args.md_candidate_steps, skip, args.md_candidates, random_seed=1
+        )
+        for frame in md_candidates:
+            frame.calc = None  # the teacher's labels: a candidate gets xtb's only when chosen
+    # Candidates index into pool + teacher MD frames; DIRECT (step 1) sees the pool alone.
+    structures = pool + md_candidates
+    candidates = np.concatenate([np.setdiff1d(outside, pool_held_out), np.arange(len(pool), len(structures))])
+    label = XtbLabeller(structures)
     temperatures = ", ".join(f"{t:g}" for t in md.temperatures)
     hold_outs = {
         f"MD hold-out (primary): xtb MD from the {len(seeds)} seeds at {temperatures} K": md_hold_out(
             seeds, md.temperatures, md.timestep_fs, args.md_replicas, args.md_frames, args.md_every
         ),
-        f"pool hold-out: {args.held_out} random pool structures outside DIRECT": label(pool_held_out),
     }
+    if args.window_hold_out:
+        hold_outs[f"window hold-out: xtb MD along the config's {md.windows.count if md.windows else 0} windows"] = (
+            window_md_frames(seeds, config, xtb, args.md_candidate_steps, skip, args.window_hold_out, random_seed=2)
+        )
+    hold_outs[f"pool hold-out: {args.held_out} random pool structures outside DIRECT"] = label(pool_held_out)
 
     with contextlib.ExitStack() as stack:
         work_dir = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="active_vs_random_")))
         experiment = Experiment(
-            pool=pool,
+            pool=structures,
+            n_pool=len(pool),
             direct=direct,
             candidates=candidates,
             hold_outs=hold_outs,
@@ -437,10 +524,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         say(
             f"pool hold-out: {len(pool_held_out)} pool structures outside DIRECT (seed {HELD_OUT_SEED}), removed "
-            f"from the candidates; force component RMS {force_rms(hold_outs[list(hold_outs)[1]]):.0f} meV/Å; "
+            f"from the candidates; force component RMS {force_rms(hold_outs[list(hold_outs)[-1]]):.0f} meV/Å; "
             f"{describe_selection(pool, pool_held_out)}"
         )
-        say(f"candidates: {len(candidates)} (pool − DIRECT − pool hold-out)")
+        say(
+            f"candidates: {len(candidates)} (pool − DIRECT − pool hold-out: {len(candidates) - len(md_candidates)}; "
+            f"teacher MD along the windows, {args.md_candidate_steps} steps, frames after {skip}: "
+            f"{len(md_candidates)})"
+        )
+        for name, frames in list(hold_outs.items())[1:-1]:
+            say(f"{name.split(':')[0]}: {len(frames)} frames; force component RMS {force_rms(frames):.0f} meV/Å")
         teacher_calculator = mace_calculator([teacher])
         teacher_scores = {}
         for name, frames in hold_outs.items():
@@ -450,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             f"settings:  N = {args.n_total} (n0 = {len(direct)} DIRECT + {args.n_total - len(direct)} added), "
             f"{args.iterations} active iterations, committee K = {experiment.committee_size} x "
             f"{experiment.committee_epochs} epochs (bootstrap), threshold {al.force_error_threshold} eV/Å "
-            f"calibrated, force cap {al.max_candidate_force} eV/Å, diversity fraction {al.diversity_fraction}; "
+            f"calibrated, candidate force cap {al.max_candidate_force} eV/Å, diversity fraction "
+            f"{al.diversity_fraction} (the same cap keeps labels with larger xtb forces out of training); "
             f"scored model: one per set, {args.final_epochs} epochs; loss weights energy "
             f"{args.energy_weight or 'mace default'}, forces {args.forces_weight or 'mace default'}"
         )
@@ -459,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             active = active_selection(experiment, seed, args.n_total, args.iterations)
             random = random_selection(experiment, seed, args.n_total)
-            say(f"  seed {seed} active additions: {describe_selection(pool, active[len(direct) :])}")
-            say(f"  seed {seed} random additions: {describe_selection(pool, random[len(direct) :])}")
+            say(f"  seed {seed} active additions: {describe_selection(structures, active[len(direct) :])}")
+            say(f"  seed {seed} random additions: {describe_selection(structures, random[len(direct) :])}")
             active_scores = final_scores(experiment, active, seed, "active")
             random_scores = final_scores(experiment, random, seed, "random")
             for name in hold_outs:
