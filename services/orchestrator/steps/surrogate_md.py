@@ -32,46 +32,14 @@ class SurrogateMdStep:
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
-            "md": _md_config(ctx).model_dump(mode="json"),
+            "md": md_config(ctx).model_dump(mode="json"),
             "committee": [ref.sha256 for ref in committee_models(ctx)],
             "seeds": [seed.content_id for seed in ctx.seeds],
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
-        config = _md_config(ctx)
-        spec = committee_spec(ctx, committee_models(ctx))
-        request = md_request(ctx.seeds, config, ctx.oracle_address, spec)
-        n_trajectories = config.replicas * max(len(request.windows), 1)
-        ctx.report(
-            common_pb2.Progress(
-                stage="md",
-                done=0,
-                total=config.steps,
-                message=f"{n_trajectories} replicas, forces from a committee of {len(committee_models(ctx))}",
-            )
-        )
-        record = MdRecord([w.center for w in request.windows])
-        result: sampler_pb2.MdResult | None = None
-        with channel(ctx.sampler_address) as ch:
-            for event in run_md(ch, request, timeout=ctx.call_timeout_s):
-                if event.HasField("progress"):
-                    ctx.report(event.progress)
-                elif event.HasField("frame"):
-                    record.add_frame(event.frame)
-                elif event.HasField("stopped"):
-                    record.stops.append(
-                        {"replica": event.stopped.replica, "step": event.stopped.step, "reason": event.stopped.reason}
-                    )
-                else:
-                    result = event.result
-        if result is None:
-            raise RuntimeError("the sampler closed the MD stream without a result")
-        if result.n_frames == 0:
-            reasons = "; ".join(f"replica {s['replica']}: {s['reason']}" for s in record.stops[:3]) or "none stopped"
-            raise RuntimeError(
-                f"the surrogate MD saved no frames (md.steps {config.steps}, md.save_interval {config.save_interval}); "
-                f"{reasons}"
-            )
+        config = md_config(ctx)
+        result, record = run_committee_md(ctx, committee_models(ctx), config)
         summary = record.summary(result, config.frame_selection)
         record_ref = ctx.store.put_bytes(json.dumps(summary, indent=1).encode(), kind="md_record", suffix=".json")
         prefix = f"{ctx.export_prefix}{EXPORT_DIR}"
@@ -87,7 +55,49 @@ class SurrogateMdStep:
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
 
 
-def _md_config(ctx: StepContext) -> MdConfig:
+def run_committee_md(
+    ctx: StepContext, committee: list[common_pb2.ArtifactRef], config: MdConfig
+) -> tuple[sampler_pb2.MdResult, MdRecord]:
+    """The `md` section's MD (windows, temperatures, replicas, frame selection as `config` says) from the seeds,
+    with forces from `committee` through the oracle, run by the sampler: its result and what the frames showed.
+    RuntimeError when no frame was saved."""
+    spec = committee_spec(ctx, committee)
+    request = md_request(ctx.seeds, config, ctx.oracle_address, spec)
+    n_trajectories = config.replicas * max(len(request.windows), 1)
+    ctx.report(
+        common_pb2.Progress(
+            stage="md",
+            done=0,
+            total=config.steps,
+            message=f"{n_trajectories} replicas, forces from a committee of {len(committee)}",
+        )
+    )
+    record = MdRecord([w.center for w in request.windows])
+    result: sampler_pb2.MdResult | None = None
+    with channel(ctx.sampler_address) as ch:
+        for event in run_md(ch, request, timeout=ctx.call_timeout_s):
+            if event.HasField("progress"):
+                ctx.report(event.progress)
+            elif event.HasField("frame"):
+                record.add_frame(event.frame)
+            elif event.HasField("stopped"):
+                record.stops.append(
+                    {"replica": event.stopped.replica, "step": event.stopped.step, "reason": event.stopped.reason}
+                )
+            else:
+                result = event.result
+    if result is None:
+        raise RuntimeError("the sampler closed the MD stream without a result")
+    if result.n_frames == 0:
+        reasons = "; ".join(f"replica {s['replica']}: {s['reason']}" for s in record.stops[:3]) or "none stopped"
+        raise RuntimeError(
+            f"the MD saved no frames ({config.steps} steps, md.save_interval {config.save_interval}); {reasons}"
+        )
+    return result, record
+
+
+def md_config(ctx: StepContext) -> MdConfig:
+    """The run's `md` section with its budget-derived defaults filled in."""
     return ctx.config.md.resolved(ctx.config.budget.max_dft_calls)
 
 
