@@ -3,7 +3,7 @@
 Read it as a tutorial, run it as a test:
 
     .venv/bin/python UAT_AND_TUTORIAL.py            # the flagship: B3LYP/def2-SVP (PySCF) as DFT (~15-25 min)
-    .venv/bin/python UAT_AND_TUTORIAL.py --quick    # the same pipeline with GFN2-xTB standing in for DFT (~3 min)
+    .venv/bin/python UAT_AND_TUTORIAL.py --quick    # the same pipeline with GFN1-xTB standing in for DFT (~3 min)
 
 (`make install` first; the README's `make demo` runs the flagship through the same services.) The script starts
 the services if they are not running, runs the pipeline, reads what the run left in its run directory, checks
@@ -43,7 +43,7 @@ CLI = str(Path(sys.executable).parent / "pyacemaker")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="xTB as DFT, small sizes (what the tests run)")
+    parser.add_argument("--quick", action="store_true", help="GFN1-xTB as DFT, small sizes (what the tests run)")
     parser.add_argument("--work-dir", type=Path, help="where the config and the run go (default: a temp dir)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch on a busy 2-core machine: see PLATFORM.md

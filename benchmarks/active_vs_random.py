@@ -8,11 +8,11 @@ GFN2-xTB (the xtb oracle backend) plays DFT: its labels are the reference everyw
 start come from the SN2 example config (pool generator and DIRECT on the distribution features, exactly as
 step 1).
 
-Candidates, as step 2 sees them from iteration 2 on: the pool (less DIRECT and the pool hold-out) plus
-`--md-candidates` frames of MD along the config's restraint windows (the sampler's own MD engine, in this
-process). In a run those frames come from step 4's MD with the fine-tuned committee; here from the teacher, so
-every iteration of the benchmark sees the same candidates. `--md-candidates 0` gives the pool alone (iteration
-1 of a run).
+Candidates, as step 2 sees them: the pool (less DIRECT and the pool hold-out) plus `--md-candidates` frames of
+MD along the config's restraint windows (the sampler's own MD engine, in this process). In a run those frames
+come from a short MD with iteration 1's committee (active_learning.md_candidate_steps) and later from step 4's
+MD with the fine-tuned committee; here from the teacher, so every iteration of the benchmark sees the same
+candidates. `--md-candidates 0` gives the pool alone (what step 2 scored before MD frames were candidates).
 
 Three hold-outs, fixed (seed HELD_OUT_SEED and the MD seeds) before any selection was scored:
   MD hold-out (primary): frames of GFN2-xTB Langevin MD from each seed at each of the config's MD temperatures.

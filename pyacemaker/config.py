@@ -301,11 +301,19 @@ class ActiveLearningConfig(_Strict):
         10.0,
         description="Candidates whose committee-mean largest atomic force exceeds this are not sent to DFT, eV/Å: "
         "near-collision geometries that the dynamics never visits (their spread is large only because their "
-        "forces are). From iteration 2, when MD frames are among the candidates, the cap falls to the largest "
-        "force among them if that is lower. DFT-labelled structures whose largest force exceeds this are charged "
-        "but not trained on.",
+        "forces are). When MD frames are among the candidates (see md_candidate_steps), the cap falls to the "
+        "largest force among them if that is lower. DFT-labelled structures whose largest force exceeds this are "
+        "charged but not trained on.",
     )
     finetune_epochs: int = Field(20, ge=1, description="Epochs of each committee member's fine-tuning.")
+    md_candidate_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Iteration 1 has no MD frames to score yet: after fine-tuning its committee on the DIRECT set, "
+        "step 2 runs this many steps of the md section's MD (windows, temperatures, replicas) with that committee, "
+        "and the frames join the pool as candidates (later iterations score the previous step 4's frames). "
+        "Default: half of md.steps; 0: the pool alone.",
+    )
     random_seed: int = Field(0, ge=0)
 
 

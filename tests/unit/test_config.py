@@ -46,6 +46,10 @@ def test_minimal_config_gets_defaults_and_resolved_paths(tmp_path):
         ({"oracle": {"backend": "vasp9"}}, "oracle: Input tag 'vasp9'"),
         ({"sampling": {"direct": {"n_select": 0}}}, "sampling.direct.n_select: Input should be greater than or equal"),
         ({"name": "bad name!"}, "name: String should match pattern"),
+        (
+            {"active_learning": {"md_candidate_steps": -1}},
+            "active_learning.md_candidate_steps: Input should be greater than or equal to 0",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, expected):

@@ -3,10 +3,12 @@ against DFT labels, and the most uncertain, diverse candidates are labelled by D
 the run's budget ledger.
 
 Iteration 1: DFT labels for the DIRECT set, then a committee fine-tuned from the teacher on them; candidates
-are the step-1 pool. Later iterations: the committee is the previous iteration's step-3 committee (fine-tuned
-on every DFT label so far), the labelled set is the DFT set so far, and the candidates are the pool plus the
-previous iteration's surrogate-MD frames (where the potential is actually used). Hold-out structures are never
-candidates, and in iteration 1 the hold-out's share of the budget is kept free.
+are the step-1 pool plus the frames of a short MD with that committee (active_learning.md_candidate_steps).
+Later iterations: the committee is the previous iteration's step-3 committee (fine-tuned on every DFT label so
+far), the labelled set is the DFT set so far, and the candidates are the pool plus the previous iteration's
+surrogate-MD frames. MD frames are where the potential is actually used: measured on SN2, choosing among them
+is what makes active selection beat random selection on MD frames (benchmarks/active_vs_random.py). Hold-out
+structures are never candidates, and in iteration 1 the hold-out's share of the budget is kept free.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from ase import Atoms
 
 from pyacemaker.artifacts import sha256_of_file
+from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
 from pyacemaker.structures import atoms_to_structure, read_structures, write_extxyz
 from pyacemaker.teacher import resolve_teacher
@@ -37,6 +40,7 @@ from services.orchestrator.model_labels import model_labels
 from services.orchestrator.state import STATE_FILE
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, finetune_committee
+from services.orchestrator.steps.surrogate_md import md_config, run_committee_md
 
 EXPORT_DIR = "step2_active_learning"
 # Surrogate-MD frames scored as candidates at most (evenly spaced), so scoring stays seconds, not hours.
@@ -70,6 +74,7 @@ class ActiveLearningStep:
             "active_learning": config.active_learning.model_dump(mode="json"),
             "budget": config.budget.model_dump(mode="json"),
             "holdout_reserve": holdout_reserve(ctx),
+            "md_candidates": (md.model_dump(mode="json") if (md := md_candidate_config(ctx)) is not None else None),
             # Digest only: computing a key must not write into the store.
             "teacher": sha256_of_file(resolve_teacher(ctx.config.teacher.model)),
         }
@@ -99,8 +104,11 @@ class ActiveLearningStep:
                         f"{holdout_reserve(ctx)} are kept for validation.holdout_size)"
                     )
                 committee = _train_committee(ctx, labelled, e0s)
+                md_frames, md_frames_ref = _md_candidates(ctx, committee)
+                candidates += md_frames
             else:
                 labelled, too_hot = read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"])), []
+                md_frames_ref = None
                 committee = committee_models(ctx)
             spec = committee_spec(ctx, committee)
             pool_labels = model_labels(ctx, spec, candidates, "committee uncertainty on the candidates")
@@ -146,8 +154,10 @@ class ActiveLearningStep:
             "force_error_threshold_ev_per_a": settings.force_error_threshold,
             "labelled_max_force_error_ev_per_a": errors,
             "labelled_committee_max_force_std_ev_per_a": stds.tolist(),
-            # Candidates: the step-1 pool (indices below n_pool), then the previous iteration's MD frames.
+            # Candidates: the step-1 pool (indices below n_pool), then MD frames (iteration 1: this step's short
+            # MD with its committee; later: the previous iteration's step 4).
             "n_pool": pool_size,
+            "n_md_candidates": len(candidates) - pool_size,
             "n_candidates": len(candidates),
             "pool_committee_max_force_std_ev_per_a": pool_std.tolist(),
             "chosen_pool_indices": chosen.tolist(),
@@ -167,6 +177,8 @@ class ActiveLearningStep:
         record_ref = ctx.store.put_bytes(json.dumps(record, indent=1).encode(), kind="al_iteration", suffix=".json")
         outputs = {"dft": dft_ref, "iteration": record_ref}
         outputs.update({f"committee_{i}": ref for i, ref in enumerate(committee)})
+        if md_frames_ref is not None:
+            outputs["md_candidates"] = md_frames_ref
         metrics = {
             "calibration_factor": calibration,
             "n_dft_labelled_before": float(len(labelled)),
@@ -178,7 +190,42 @@ class ActiveLearningStep:
             f"{ctx.export_prefix}{EXPORT_DIR}/dft.extxyz": dft_ref,
             f"{ctx.export_prefix}{EXPORT_DIR}/iteration.json": record_ref,
         }
+        if md_frames_ref is not None:
+            exports[f"{ctx.export_prefix}{EXPORT_DIR}/md_candidates.extxyz"] = md_frames_ref
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
+
+
+def md_candidate_config(ctx: StepContext) -> MdConfig | None:
+    """Iteration 1's MD for candidates (active_learning.md_candidate_steps; default half of md.steps), or None
+    when it is off or the iteration has step-4 frames to score instead."""
+    if ctx.iteration != 1:
+        return None
+    md = md_config(ctx)
+    steps = ctx.config.active_learning.md_candidate_steps
+    steps = md.steps // 2 if steps is None else steps
+    if steps == 0:
+        return None
+    # Another random seed than step 4's MD, whose frames hold the validation hold-out: the same start velocities
+    # would make the first frames of the two runs near-duplicates.
+    return md.model_copy(
+        update={
+            "steps": steps,
+            "n_frames": MAX_MD_CANDIDATES,
+            "frame_selection": "stride",
+            "random_seed": md.random_seed + 1,
+        }
+    )
+
+
+def _md_candidates(
+    ctx: StepContext, committee: list[common_pb2.ArtifactRef]
+) -> tuple[list[Atoms], common_pb2.ArtifactRef | None]:
+    """Frames of iteration 1's MD with its committee (and their artifact), or none when that MD is off."""
+    config = md_candidate_config(ctx)
+    if config is None:
+        return [], None
+    result, _ = run_committee_md(ctx, committee, config)
+    return read_structures(ctx.store.path(result.selected)), result.selected
 
 
 def _candidates(ctx: StepContext) -> tuple[list[Atoms], int]:
