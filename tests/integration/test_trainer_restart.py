@@ -100,11 +100,19 @@ def wait_for(condition, what: str, timeout: float = TIMEOUT_S):
 
 
 def checkpoint_of_unfinished_member(work: Path, min_epoch: int) -> list[int]:
-    """[member] for a committee member still training with a checkpoint at epoch ≥ min_epoch, else []."""
+    """[member] for a committee member still training with a complete checkpoint at epoch ≥ min_epoch, else [].
+    Complete: the member has logged a later epoch since, so the checkpoint file is no longer being written (a kill
+    in mid-write leaves a checkpoint that the resumed job cannot use, and it starts over from epoch 0)."""
+    progress = work.parent / "progress.jsonl"
+    lines = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
     for checkpoint in work.glob("member_*/checkpoints/*_epoch-*.pt"):
         member = int(re.search(r"member_(\d+)", str(checkpoint)).group(1))
         epoch = int(re.search(r"_epoch-(\d+)\.pt$", checkpoint.name).group(1))
-        if epoch >= min_epoch and not (work / f"mace_{member}.json").exists():
+        logged_later = any(
+            line.get("kind") == "training" and line.get("member") == member and line.get("epoch", -1) > epoch
+            for line in lines
+        )
+        if epoch >= min_epoch and logged_later and not (work / f"mace_{member}.json").exists():
             return [member]
     return []
 
