@@ -309,10 +309,9 @@ class ActiveLearningConfig(_Strict):
     md_candidate_steps: int | None = Field(
         None,
         ge=0,
-        description="Iteration 1 has no MD frames to score yet: after fine-tuning its committee on the DIRECT set, "
-        "step 2 runs this many steps of the md section's MD (windows, temperatures, replicas) with that committee, "
-        "and the frames join the pool as candidates (later iterations score the previous step 4's frames). "
-        "Default: half of md.steps; 0: the pool alone.",
+        description="Iteration 1 has no MD frames to score yet: step 2 runs this many steps of the md section's MD "
+        "(windows, temperatures, replicas) with the teacher, and the frames join the pool as candidates (later "
+        "iterations score the previous step 4's frames). Default: half of md.steps; 0: the pool alone.",
     )
     random_seed: int = Field(0, ge=0)
 

@@ -3,7 +3,7 @@ against DFT labels, and the most uncertain, diverse candidates are labelled by D
 the run's budget ledger.
 
 Iteration 1: DFT labels for the DIRECT set, then a committee fine-tuned from the teacher on them; candidates
-are the step-1 pool plus the frames of a short MD with that committee (active_learning.md_candidate_steps).
+are the step-1 pool plus the frames of a short MD with the teacher (active_learning.md_candidate_steps).
 Later iterations: the committee is the previous iteration's step-3 committee (fine-tuned on every DFT label so
 far), the labelled set is the DFT set so far, and the candidates are the pool plus the previous iteration's
 surrogate-MD frames. MD frames are where the potential is actually used: measured on SN2, choosing among them
@@ -104,7 +104,7 @@ class ActiveLearningStep:
                         f"{holdout_reserve(ctx)} are kept for validation.holdout_size)"
                     )
                 committee = _train_committee(ctx, labelled, e0s)
-                md_frames, md_frames_ref = _md_candidates(ctx, committee)
+                md_frames, md_frames_ref = _md_candidates(ctx)
                 candidates += md_frames
             else:
                 labelled, too_hot = read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"])), []
@@ -155,7 +155,7 @@ class ActiveLearningStep:
             "labelled_max_force_error_ev_per_a": errors,
             "labelled_committee_max_force_std_ev_per_a": stds.tolist(),
             # Candidates: the step-1 pool (indices below n_pool), then MD frames (iteration 1: this step's short
-            # MD with its committee; later: the previous iteration's step 4).
+            # MD with the teacher; later: the previous iteration's step 4).
             "n_pool": pool_size,
             "n_md_candidates": len(candidates) - pool_size,
             "n_candidates": len(candidates),
@@ -217,14 +217,16 @@ def md_candidate_config(ctx: StepContext) -> MdConfig | None:
     )
 
 
-def _md_candidates(
-    ctx: StepContext, committee: list[common_pb2.ArtifactRef]
-) -> tuple[list[Atoms], common_pb2.ArtifactRef | None]:
-    """Frames of iteration 1's MD with its committee (and their artifact), or none when that MD is off."""
+def _md_candidates(ctx: StepContext) -> tuple[list[Atoms], common_pb2.ArtifactRef | None]:
+    """Frames of iteration 1's MD with the teacher (and their artifact), or none when that MD is off. The teacher,
+    not the committee just fine-tuned on the few DIRECT labels: its dynamics is what was measured to give
+    candidates worth labelling (benchmarks/active_vs_random.py), and it does not depend on a committee fitted to
+    a handful of structures."""
     config = md_candidate_config(ctx)
     if config is None:
         return [], None
-    result, _ = run_committee_md(ctx, committee, config)
+    teacher = ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model")
+    result, _ = run_committee_md(ctx, [teacher], config)
     return read_structures(ctx.store.path(result.selected)), result.selected
 
 
