@@ -10,9 +10,9 @@ step 1).
 
 Candidates, as step 2 sees them: the pool (less DIRECT and the pool hold-out) plus `--md-candidates` frames of
 MD along the config's restraint windows (the sampler's own MD engine, in this process). In a run those frames
-come from a short MD with iteration 1's committee (active_learning.md_candidate_steps) and later from step 4's
-MD with the fine-tuned committee; here from the teacher, so every iteration of the benchmark sees the same
-candidates. `--md-candidates 0` gives the pool alone (what step 2 scored before MD frames were candidates).
+come from step 4's MD with the fine-tuned committee (iteration 2 on) and, when active_learning.md_candidate_steps
+is set, from a short teacher MD in iteration 1; here from the teacher, so every iteration of the benchmark sees
+the same candidates. `--md-candidates 0` gives the pool alone (what step 2 scored before MD frames were candidates).
 
 Three hold-outs, fixed (seed HELD_OUT_SEED and the MD seeds) before any selection was scored:
   MD hold-out (primary): frames of GFN2-xTB Langevin MD from each seed at each of the config's MD temperatures.

@@ -3,7 +3,7 @@ against DFT labels, and the most uncertain, diverse candidates are labelled by D
 the run's budget ledger.
 
 Iteration 1: DFT labels for the DIRECT set, then a committee fine-tuned from the teacher on them; candidates
-are the step-1 pool plus the frames of a short MD with the teacher (active_learning.md_candidate_steps).
+are the step-1 pool, plus the frames of a short MD with the teacher when active_learning.md_candidate_steps is set.
 Later iterations: the committee is the previous iteration's step-3 committee (fine-tuned on every DFT label so
 far), the labelled set is the DFT set so far, and the candidates are the pool plus the previous iteration's
 surrogate-MD frames. MD frames are where the potential is actually used: measured on SN2, choosing among them
@@ -196,15 +196,12 @@ class ActiveLearningStep:
 
 
 def md_candidate_config(ctx: StepContext) -> MdConfig | None:
-    """Iteration 1's MD for candidates (active_learning.md_candidate_steps; default half of md.steps), or None
-    when it is off or the iteration has step-4 frames to score instead."""
-    if ctx.iteration != 1:
+    """Iteration 1's MD for candidates (active_learning.md_candidate_steps), or None when it is off or the
+    iteration has step-4 frames to score instead."""
+    steps = ctx.config.active_learning.md_candidate_steps
+    if ctx.iteration != 1 or steps == 0:
         return None
     md = md_config(ctx)
-    steps = ctx.config.active_learning.md_candidate_steps
-    steps = md.steps // 2 if steps is None else steps
-    if steps == 0:
-        return None
     # Another random seed than step 4's MD, whose frames hold the validation hold-out: the same start velocities
     # would make the first frames of the two runs near-duplicates.
     return md.model_copy(
