@@ -17,12 +17,16 @@ def max_force_error(predicted: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(predicted) - np.asarray(reference), axis=-1).max())
 
 
+def largest_atomic_force(forces: Sequence[np.ndarray]) -> np.ndarray:
+    """Per structure, the largest atomic force norm (eV/Å); forces as (N, 3) or flat (3N,)."""
+    return np.array([np.linalg.norm(np.reshape(f, (-1, 3)), axis=1).max() for f in forces])
+
+
 def below_force_cap(forces: Sequence[np.ndarray], max_force: float) -> np.ndarray:
     """Mask of the structures whose largest atomic force norm (eV/Å) is at most `max_force`. With committee-mean
     forces it keeps candidates within what the dynamics visits (harsher ones have a large committee spread only
     because their forces are large); with DFT forces it keeps near-collisions out of a training set."""
-    largest = np.array([np.linalg.norm(np.reshape(f, (-1, 3)), axis=1).max() for f in forces])
-    return largest <= max_force
+    return largest_atomic_force(forces) <= max_force
 
 
 def candidate_force_cap(configured: float, md_frame_forces: Sequence[np.ndarray]) -> float:
@@ -33,8 +37,7 @@ def candidate_force_cap(configured: float, md_frame_forces: Sequence[np.ndarray]
     frames that lowered the MD error)."""
     if len(md_frame_forces) == 0:
         return configured
-    largest = max(float(np.linalg.norm(np.reshape(f, (-1, 3)), axis=1).max()) for f in md_frame_forces)
-    return min(configured, largest)
+    return min(configured, float(largest_atomic_force(md_frame_forces).max()))
 
 
 def within_force_cap(frames: Sequence[Atoms], max_force: float) -> tuple[list[Atoms], list[Atoms]]:
