@@ -39,7 +39,12 @@ from services.orchestrator.ledger import DftLedger
 from services.orchestrator.model_labels import model_labels
 from services.orchestrator.state import STATE_FILE
 from services.orchestrator.steps import StepContext, StepOutcome
-from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, finetune_committee
+from services.orchestrator.steps.mace_finetune import (
+    committee_models,
+    committee_spec,
+    finetune_committee,
+    teacher_model,
+)
 from services.orchestrator.steps.surrogate_md import md_config, run_committee_md
 
 EXPORT_DIR = "step2_active_learning"
@@ -222,8 +227,7 @@ def _md_candidates(ctx: StepContext) -> tuple[list[Atoms], common_pb2.ArtifactRe
     config = md_candidate_config(ctx)
     if config is None:
         return [], None
-    teacher = ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model")
-    result, _ = run_committee_md(ctx, [teacher], config)
+    result, _ = run_committee_md(ctx, [teacher_model(ctx)], config)
     return read_structures(ctx.store.path(result.selected)), result.selected
 
 

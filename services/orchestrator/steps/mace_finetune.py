@@ -20,13 +20,19 @@ from services.orchestrator.trainer_jobs import run_trainer_job
 EXPORT_DIR = "step3_mace_finetune"
 
 
+def teacher_model(ctx: StepContext) -> common_pb2.ArtifactRef:
+    """The run's teacher as a store artifact: the oracle and the trainer load model files only from verified
+    artifacts (torch.load unpickles)."""
+    return ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model")
+
+
 def finetune_committee(
     ctx: StepContext, train_data: common_pb2.ArtifactRef, e0s: dict[int, float], seed: int, epochs: int, stage: str
 ) -> list[common_pb2.ArtifactRef]:
     """active_learning.committee_size models fine-tuned from the teacher on `train_data` (each member its own
     seed and bootstrap subset); the same request is the same trainer job, also after an orchestrator restart."""
     spec = trainer_pb2.MaceFinetuneSpec(
-        foundation_model=ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model"),
+        foundation_model=teacher_model(ctx),
         train_data=[train_data],
         committee_size=ctx.config.active_learning.committee_size,
         random_seed=seed,

@@ -27,7 +27,6 @@ from pyacemaker.structures import (
     structure_to_atoms,
     write_extxyz,
 )
-from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2
 from services.oracle.client import backend_spec
 from services.oracle.force_field import OracleForceField
@@ -37,7 +36,7 @@ from services.orchestrator.model_labels import model_labels
 from services.orchestrator.reaction_profile import central_barrier_kcal, relaxed_scan, xi_of
 from services.orchestrator.state import STATE_FILE
 from services.orchestrator.steps import StepContext, StepOutcome
-from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
+from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, teacher_model
 
 EXPORT_DIR = "validation"
 MODELS = ("teacher", "base_ace", "final_ace")
@@ -215,10 +214,8 @@ def _relative(energies: list[float]) -> list[float]:
 
 
 def _model_specs(ctx: StepContext) -> dict[str, Any]:
-    teacher = ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model")
     return {
-        # Through the store: the oracle loads model files only from verified artifacts (torch.load unpickles).
-        "teacher": backend_spec("mace", {"models": [str(ctx.store.path(teacher))]}),
+        "teacher": committee_spec(ctx, [teacher_model(ctx)]),
         "base_ace": backend_spec("ace", {"potential": str(ctx.store.path(ctx.previous["ace_fit"]["yace"]))}),
         "final_ace": backend_spec("ace", {"potential": str(ctx.store.path(ctx.previous["delta_fit"]["yace"]))}),
     }
