@@ -42,8 +42,8 @@ held-out force RMSE by ~1 meV/Å (measured: three seeds on one training set gave
 epochs; 78.7, 66.0, 78.5 at 30), and scored on every hold-out; the teacher's own RMSE on each is printed for
 reference.
 
-E0s: xtb is the teacher's own level and the teacher's E0s are GFN2-xTB isolated atoms, so the labels are on the
-teacher's reference already and fine-tuning gets no label E0s (see services.trainer.mace_finetune).
+E0s: the fine-tuning fits the labels' per-element offset from the teacher itself (see
+services.trainer.mace_finetune.aligned_reference_energies); xtb is the teacher's own level, so it is small here.
 """
 
 from __future__ import annotations
@@ -241,16 +241,18 @@ def settings_for(experiment: Experiment, committee_size: int, seed: int, epochs:
         committee_size=committee_size,
         seed=seed,
         max_epochs=epochs,
-        label_e0s={},  # xtb labels are on the teacher's (GFN2-xTB) reference already
         multihead_replay=False,
         energy_weight=experiment.energy_weight,
         forces_weight=experiment.forces_weight,
     )
 
 
-def committee_predictions(models: list[Path], frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
+def mace_backend(models: list[Path]) -> MaceBackend:
+    return MaceBackend(MaceOracleConfig(backend="mace", models=models, batch_size=64))
+
+
+def committee_predictions(backend: MaceBackend, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Max force std per structure and the committee mean forces, through the mace oracle backend."""
-    backend = MaceBackend(MaceOracleConfig(backend="mace", models=models, batch_size=64))
     std, forces = [], []
     for atoms, labels in zip(frames, backend.label_batch(frames), strict=True):
         std.append(labels.uncertainty.max_force_std)
@@ -258,9 +260,8 @@ def committee_predictions(models: list[Path], frames: Sequence[Atoms]) -> tuple[
     return np.array(std), forces
 
 
-def committee_descriptors(models: list[Path], frames: Sequence[Atoms]) -> np.ndarray:
+def committee_descriptors(backend: MaceBackend, frames: Sequence[Atoms]) -> np.ndarray:
     """The committee's invariant descriptors (its first model's, as the orchestrator's diversity guard uses)."""
-    backend = MaceBackend(MaceOracleConfig(backend="mace", models=models, batch_size=64))
     return np.vstack(list(backend.describe_batch(frames)))
 
 
@@ -286,17 +287,18 @@ def active_selection(experiment: Experiment, seed: int, n_total: int, iterations
         )
         trained = time.perf_counter() - started
         candidates = np.setdiff1d(experiment.candidates, labelled)
-        candidate_std, candidate_forces = committee_predictions(models, [experiment.pool[i] for i in candidates])
+        committee = mace_backend(models)
+        candidate_std, candidate_forces = committee_predictions(committee, [experiment.pool[i] for i in candidates])
         md_forces = [f for i, f in zip(candidates, candidate_forces, strict=True) if i >= experiment.n_pool]
         force_cap = candidate_force_cap(al.max_candidate_force, md_forces)
         eligible = below_force_cap(candidate_forces, force_cap)
-        labelled_std, labelled_forces = committee_predictions(models, train)
+        labelled_std, labelled_forces = committee_predictions(committee, train)
         true_error = np.array(
             [max_force_error(f, atoms.get_forces()) for f, atoms in zip(labelled_forces, train, strict=True)]
         )
         factor = calibration_factor(labelled_std, true_error)
-        candidate_features = committee_descriptors(models, [experiment.pool[i] for i in candidates])
-        labelled_features = committee_descriptors(models, train)
+        candidate_features = committee_descriptors(committee, [experiment.pool[i] for i in candidates])
+        labelled_features = committee_descriptors(committee, train)
         chosen = select_uncertain(
             candidate_std,
             factor,
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = MD_EQUILIBRATION_STEPS
     md_candidates = []
     if args.md_candidates:
-        teacher_md = MaceBackend(MaceOracleConfig(backend="mace", models=[teacher], batch_size=64))
+        teacher_md = mace_backend([teacher])
         md_candidates = window_md_frames(
             seeds, config, teacher_md, args.md_candidate_steps, skip, args.md_candidates, random_seed=1
         )
