@@ -25,6 +25,7 @@ the same model. Measured on 2 shared cores: labelling 7 min, training 5-10 min. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from pyacemaker.config import QeOracleConfig
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, read_structures, write_extxyz
 from pyacemaker.teacher.build import MACE_SETTINGS, rmse_metrics, sha256_of, split, train_mace
 from pyacemaker.teacher.dataset import GROUP_KEY
+from pyacemaker.v1 import common_pb2
 from services.oracle.backends.qe import QeBackend
 from services.orchestrator.dft_labels import isolated_atoms
 
@@ -136,19 +138,20 @@ def training_structures(random_seed: int = RANDOM_SEED) -> list[Atoms]:
     return out
 
 
+def pw_labels(backend: QeBackend, atoms: Atoms, scratch: Path, prefix: str) -> common_pb2.Labels:
+    """pw.x labels of one structure, run in a fresh scratch directory under `scratch`: the backend runs pw.x in
+    the current directory, as the oracle's executor arranges."""
+    with contextlib.chdir(tempfile.mkdtemp(prefix=prefix, dir=scratch)):
+        return backend.label_with_retries(atoms, MAX_RETRIES)
+
+
 def qe_energies_and_forces(backend: QeBackend, frames: Sequence[Atoms], scratch: Path) -> list[Atoms]:
     """Frames with REF_energy / REF_forces (mace's default keys) from pw.x, one scratch dir per calculation;
     a structure that fails every retry is dropped with a log line."""
     labelled = []
     started = time.perf_counter()
     for index, atoms in enumerate(frames):
-        directory = Path(tempfile.mkdtemp(prefix=f"pw{index:04d}_", dir=scratch))
-        previous = Path.cwd()
-        os.chdir(directory)  # the backend runs pw.x in the current directory, as the oracle's executor arranges
-        try:
-            labels = backend.label_with_retries(atoms, MAX_RETRIES)
-        finally:
-            os.chdir(previous)
+        labels = pw_labels(backend, atoms, scratch, f"pw{index:04d}_")
         if not labels.HasField("energy"):
             log.warning("dropping a %s structure: %s", atoms.info.get(GROUP_KEY), labels.reason)
             continue
@@ -166,13 +169,7 @@ def qe_energies_and_forces(backend: QeBackend, frames: Sequence[Atoms], scratch:
 def isolated_atom_energy(backend: QeBackend, scratch: Path) -> dict[int, float]:
     """E0 of Si at this level, from the same boxed atom a run uses for its own E0."""
     (atom,) = isolated_atoms([14], periodic=True)
-    directory = Path(tempfile.mkdtemp(prefix="pw_atom_", dir=scratch))
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        labels = backend.label_with_retries(atom, MAX_RETRIES)
-    finally:
-        os.chdir(previous)
+    labels = pw_labels(backend, atom, scratch, "pw_atom_")
     if not labels.HasField("energy"):
         raise RuntimeError(f"the isolated Si atom could not be computed: {labels.reason}")
     return {14: float(labels.energy)}
@@ -202,14 +199,7 @@ def qe_energy_function(backend: QeBackend, scratch: Path) -> Callable[[Atoms], f
     """Total energy of a cell from pw.x at the backend's level, run in its own scratch directory."""
 
     def energy(atoms: Atoms) -> float:
-        atoms = _tagged(atoms, "eos")
-        directory = Path(tempfile.mkdtemp(prefix="pw_eos_", dir=scratch))
-        previous = Path.cwd()
-        os.chdir(directory)
-        try:
-            labels = backend.label_with_retries(atoms, MAX_RETRIES)
-        finally:
-            os.chdir(previous)
+        labels = pw_labels(backend, _tagged(atoms, "eos"), scratch, "pw_eos_")
         if not labels.HasField("energy"):
             raise RuntimeError(f"E(V) point failed: {labels.reason}")
         return float(labels.energy)
