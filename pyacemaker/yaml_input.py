@@ -90,8 +90,9 @@ def load_yaml_file(path: Path) -> Any:
 
 def load_yaml_text(text: str, source: str) -> Any:
     """The document in `text` (see load_yaml_file); `source` names it in errors."""
-    loader = _Loader(text, source)
+    loader = None
     try:
+        loader = _Loader(text, source)  # the reader refuses non-printable characters (NUL) here already
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -101,4 +102,5 @@ def load_yaml_text(text: str, source: str) -> Any:
     except (RecursionError, MemoryError) as exc:  # defensive: nesting is bounded above, sizes by MAX_BYTES
         raise YamlInputError(f"{source}: too deeply nested or too large ({type(exc).__name__})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
