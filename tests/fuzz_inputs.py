@@ -198,11 +198,10 @@ def invalid_value_case(choose: Choose) -> Case:
         _set(data, leaf.path, value)
         return Case(f"{leaf.key}: missing file", files_for(data), expect=leaf.key)
     options = list(_BAD_VALUES[leaf.kind])
-    if leaf.kind in ("int", "float"):  # past a bound by a wide margin
-        if "le" in leaf.bounds or "lt" in leaf.bounds:
-            options.append(leaf.bounds.get("le", leaf.bounds.get("lt", 0)) * 1000 + 1000)
-        if "ge" in leaf.bounds or "gt" in leaf.bounds:
-            options.append(leaf.bounds.get("ge", leaf.bounds.get("gt", 0)) - 1000)
+    if leaf.kind in ("int", "float"):  # past a bound by a wide margin (always two options: the same draws
+        # pick the same slots whatever bounds a checkout declares, so campaigns on two checkouts compare)
+        options.append(leaf.bounds.get("le", leaf.bounds.get("lt", 10**15)) * 1000 + 1000)
+        options.append(leaf.bounds.get("ge", leaf.bounds.get("gt", -(10**15))) - 1000)
     value = choose(options)
     _set(data, leaf.path, value)
     # A bad tag (`backend`, `kind`) makes the section unreadable: its error names the section.
