@@ -29,9 +29,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_inputs(code: Path) -> Any:
+def _load_inputs(code: Path, generators: Path) -> Any:
     sys.path.insert(0, str(code))
-    spec = importlib.util.spec_from_file_location("fuzz_inputs", REPO / "tests" / "fuzz_inputs.py")
+    spec = importlib.util.spec_from_file_location("fuzz_inputs", generators)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["fuzz_inputs"] = module
@@ -90,8 +90,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a check counts as a hang")
     parser.add_argument("--code", type=Path, default=REPO, help="checkout whose pyacemaker is tested")
     parser.add_argument("--examples", type=int, default=3, help="examples printed per bad outcome")
+    parser.add_argument(
+        "--inputs", type=Path, default=REPO / "tests" / "fuzz_inputs.py", help="the generators (another version's)"
+    )
     args = parser.parse_args()
-    inputs = _load_inputs(args.code.resolve())
+    inputs = _load_inputs(args.code.resolve(), args.inputs.resolve())
     rng = random.Random(args.seed)
     counts: collections.Counter[str] = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)

@@ -99,6 +99,9 @@ def load_yaml_text(text: str, source: str) -> Any:
         where = f" line {mark.line + 1}:" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise YamlInputError(f"{source}:{where} not valid YAML: {problem}") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar that its tag cannot build (a 5000-digit
+        # integer, month 13 in a date, !!int abc)
+        raise YamlInputError(f"{source}: not valid YAML: {str(exc).splitlines()[0][:120]}") from None
     except (RecursionError, MemoryError) as exc:  # defensive: nesting is bounded above, sizes by MAX_BYTES
         raise YamlInputError(f"{source}: too deeply nested or too large ({type(exc).__name__})") from None
     finally:

@@ -237,6 +237,11 @@ def document_case(choose: Choose) -> Case:
         "empty": lambda: b"",
         "malformed": lambda: b"name: fuzz\nsystem: [unclosed\n",
         "tab indent": lambda: b"name: fuzz\nsystem:\n\tseeds: [seed.xyz]\n",
+        "5000-digit integer": lambda: (
+            yaml.safe_dump(data).encode() + b"budget: {max_dft_calls: 1" + b"0" * 5000 + b"}\n"
+        ),
+        "impossible date": lambda: b"name: 2020-13-45\n",
+        "bad tagged scalar": lambda: b"name: !!int abc\n",
         "python tag": lambda: b"name: !!python/object/apply:os.system ['true']\n",
         "binary": lambda: yaml.safe_dump(data).encode().replace(b"name: fuzz", b"name: !!binary aGVsbG8="),
         "unknown key": lambda: yaml.safe_dump({**data, "smapling": {}}).encode(),

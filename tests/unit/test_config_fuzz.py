@@ -64,6 +64,11 @@ DEFECTS = [
     ("non-UTF-8 config", files_for(b"name: f\xffzz\n"), "line 1: not UTF-8 text (byte 0xff)"),
     ("nesting 1000 deep", files_for(b"name: t\nx: " + b"[" * 1000 + b"]" * 1000 + b"\n"), "nested deeper than"),
     ("mappings 5000 deep", files_for(b"x: " + b"{a: " * 5000 + b"1" + b"}" * 5000 + b"\n"), "nested deeper than"),
+    (
+        "5000-digit integer",
+        files_for(b"name: t\nbudget: {max_dft_calls: 1" + b"0" * 5000 + b"}\n"),
+        "Exceeds the limit",
+    ),
     ("NUL byte", files_for(b"name: t\n# \x00\n"), "unacceptable character"),
     ("oversized", files_for(b"name: t\n#" + b"x" * (2 << 20) + b"\n"), "too large for a config"),
     ("seed count 999999999999", files_for(base_config("xtb"), _seed("6\n", "999999999999\n")), "seed.xyz: line 1"),
