@@ -231,8 +231,7 @@ def read_structures(path: str | Path, max_atoms: int | None = None) -> list[Atom
     if not path.is_file():
         raise StructureFileError(f"{path}: no such file")
     if path.suffix.lower() in _XYZ_SUFFIXES:
-        atoms_in_file = sum(int(lines[0]) for _, lines in _numbered_frame_lines(path)) if max_atoms else 0
-        if max_atoms is not None and atoms_in_file > max_atoms:
+        if max_atoms is not None and sum(int(lines[0]) for _, lines in _numbered_frame_lines(path)) > max_atoms:
             raise StructureFileError(f"{path}: more than {max_atoms} atoms in all")
         frames = list(iter_extxyz(path))
     else:
