@@ -11,20 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pyacemaker.teacher.resolve import is_model_name
 
 Positive = Annotated[float, Field(gt=0)]
 # A profile of the oracle's deployment file, chosen by name.
 PROFILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-def _plain_file_name(name: str) -> str:
-    """A file name inside a directory the deployment chose: no separator, no `..`, nothing absolute."""
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ValueError(f"{name!r} must be a plain file name (the directory is a deployment setting)")
-    return name
 
 
 class ConfigError(ValueError):
@@ -203,7 +196,7 @@ class QeOracleConfig(_DftOracle):
         description="The oracle deployment's qe profile: how pw.x runs and where the UPF files are (the deployment "
         "file's qe.profiles; default: pw.x on PATH, $ESPRESSO_PSEUDO or Debian's pseudo dir).",
     )
-    pseudopotentials: dict[str, Annotated[str, AfterValidator(_plain_file_name)]] = Field(
+    pseudopotentials: dict[str, str] = Field(
         description="Element symbol → UPF file name in the profile's pseudo_dir (a plain file name)."
     )
     ecutwfc_ry: Positive = Field(30.0, description="Wave-function cutoff, Ry (pw.x's unit).")
@@ -219,6 +212,16 @@ class QeOracleConfig(_DftOracle):
     @classmethod
     def _no_deployment_settings(cls, data: Any) -> Any:
         return _refuse_deployment_settings(data, "qe", ("command", "pseudo_dir"))
+
+    @field_validator("pseudopotentials")
+    @classmethod
+    def _plain_file_names(cls, pseudopotentials: dict[str, str]) -> dict[str, str]:
+        for element, name in pseudopotentials.items():
+            if not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise ValueError(
+                    f"{element}: {name!r} must be a plain file name (the directory is a deployment setting)"
+                )
+        return pseudopotentials
 
 
 class VaspOracleConfig(_DftOracle):

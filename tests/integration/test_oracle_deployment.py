@@ -107,7 +107,7 @@ def test_an_unknown_profile_and_a_pseudopotential_path_are_refused(deployed) -> 
     message = refused(ch, "qe", {"profile": "nosuch", "pseudopotentials": {"Si": "Si.UPF"}}, silicon())
     assert "no qe profile 'nosuch' (it has: default, marker)" in message
     message = refused(ch, "qe", {"pseudopotentials": {"Si": "../../../etc/passwd"}}, silicon())
-    assert "pseudopotentials.Si" in message and "plain file name" in message
+    assert "pseudopotentials: Si: '../../../etc/passwd' must be a plain file name" in message
     message = refused(ch, "qe", {"pseudo_dir": "/etc", "pseudopotentials": {"Si": "passwd"}}, silicon())
     assert "`pseudo_dir` is a deployment setting" in message
 

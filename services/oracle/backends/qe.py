@@ -117,8 +117,8 @@ class QeBackend(OracleBackend):
         for upf in chosen.values():
             if not (self.profile.pseudo_dir / upf).is_file():
                 raise UnlabellableStructureError(
-                    f"pseudopotential file {upf} is not in the qe profile {self.config.profile!r}'s pseudo_dir "
-                    f"{self.profile.pseudo_dir}"
+                    f"pseudopotential file {self.profile.pseudo_dir / upf} does not exist (the pseudo_dir of the "
+                    f"oracle deployment's qe profile {self.config.profile!r})"
                 )
         return chosen
 
