@@ -8,15 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from ase.build import bulk
 
+from pyacemaker.deploy.local import read_registry
 from pyacemaker.rpc import channel, wait_for_health
 from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
 from services.oracle.client import backend_spec, stream_labels
-from tests.conftest import CLI, REPO_ROOT
+from tests.conftest import CLI, REPO_ROOT, cli
 
 
 def test_oracle_process_serves_and_stops_on_sigterm(tmp_path) -> None:
@@ -70,3 +72,15 @@ def test_a_bad_deployment_file_is_one_line_at_start_up(tmp_path) -> None:
     )
     assert up.returncode == 2, up.stderr
     assert "qe.profiles.default.pseudo_dir" in up.stderr and not (tmp_path / "home" / "services.json").exists()
+
+
+def test_pyacemaker_up_hands_the_oracle_its_deployment_file(cli_env, tmp_path) -> None:
+    deployment = tmp_path / "oracle.yaml"
+    deployment.write_text("vasp:\n  profiles:\n    cluster: {command: srun vasp_std}\n")
+    started = cli(cli_env, "up", "--ports", "auto", "--oracle-deployment", str(deployment), timeout=300)
+    assert started.returncode == 0, started.stderr
+    address = read_registry(Path(cli_env["PYACEMAKER_HOME"]))["oracle"].address
+    with channel(address) as ch, pytest.raises(grpc.RpcError) as caught:
+        list(stream_labels(ch, backend_spec("vasp", {}), [bulk("Si")], timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no vasp profile 'default' (it has: cluster)" in caught.value.details()
