@@ -5,6 +5,7 @@ after the client drops, retries of an unconvergeable SCF, and resubmission of a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sqlite3
 import stat
@@ -277,7 +278,8 @@ def test_orchestrator_killed_after_submission_is_reconciled_not_resubmitted(
         submitted = 0
         while time.monotonic() < deadline and submitted < 8:
             if state.exists():
-                with sqlite3.connect(state) as db:
+                with sqlite3.connect(state) as db, contextlib.suppress(sqlite3.OperationalError):
+                    # (the file exists a moment before its table does)
                     submitted = db.execute("SELECT COUNT(*) FROM dft_ledger WHERE job_id != ''").fetchone()[0]
             time.sleep(0.05)
         assert submitted == 8, "the job id never reached the ledger"
