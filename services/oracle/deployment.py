@@ -41,7 +41,7 @@ class _Strict(BaseModel):
 
 def _absolute(path: Path) -> Path:
     if not path.is_absolute():
-        raise ValueError(f"{path}: must be an absolute path")
+        raise ValueError("must be an absolute path")
     return path
 
 
@@ -72,7 +72,9 @@ class VaspProfile(_Strict):
 
 class QeDeployment(_Strict):
     profiles: dict[ProfileName, QeProfile] = Field(
-        default_factory=dict, description="Named profiles; 'default' (pw.x on PATH) is there unless set here."
+        default_factory=dict,
+        validate_default=True,  # the default profile is there without a file too
+        description="Named profiles; 'default' (pw.x on PATH) is there unless set here.",
     )
 
     @field_validator("profiles")
@@ -204,7 +206,7 @@ def _artifact_path(backend: str, key: str, value: Any, store: ArtifactStore | No
     if store is None:
         raise InvalidInputError(f"{where}: this oracle has no artifact store (start it with --store)")
     size = value.get("size", 0)
-    if not isinstance(size, int | float) or size < 0 or int(size) != size:
+    if isinstance(size, bool) or not isinstance(size, int | float) or not 0 <= size < 2**63 or size != int(size):
         raise InvalidInputError(f"{where}: size must be a whole number of bytes")
     ref = common_pb2.ArtifactRef(
         uri=value["uri"], sha256=value["sha256"], size=int(size), kind=str(value.get("kind", ""))

@@ -9,6 +9,7 @@ import functools
 import os
 import pickle
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +222,14 @@ def test_bundled_and_store_references_are_what_the_mace_oracle_loads(deployed) -
     by_ref = label(ch, "mace", {"models": [ref]}, chloromethane)
     assert by_name.status == common_pb2.LABEL_STATUS_OK, by_name.reason
     assert by_ref.energy == by_name.energy and by_ref.level_of_theory == by_name.level_of_theory
+
+
+def test_without_a_deployment_file_qe_runs_pw_x_from_path_with_debians_pseudopotentials(tmp_path: Path) -> None:
+    if shutil.which("pw.x") is None or not Path("/usr/share/espresso/pseudo/Si.pz-vbc.UPF").is_file():
+        pytest.skip("pw.x or Debian's Si.pz-vbc.UPF is missing: apt-get install quantum-espresso quantum-espresso-data")
+    options = {"pseudopotentials": {"Si": "Si.pz-vbc.UPF"}, "ecutwfc_ry": 12.0, "kpoint_spacing": 1.5}
+    register = functools.partial(add_to_server, work_dir=tmp_path / "work")
+    with running_service(register) as address, channel(address) as ch:
+        labels = label(ch, "qe", options, silicon())
+    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+    assert labels.level_of_theory == "qe:Si=Si.pz-vbc.UPF;ecutwfc=12.0Ry,ecutrho=48.0Ry,dk=1.5/A"
