@@ -6,7 +6,7 @@
 # usage: containers/apptainer/start_services.sh start|status|stop
 #
 # Prerequisites: the .sif files, built from the OCI images (see containers/apptainer/*.def):
-#   make images apptainer-archives     # on a machine with podman; copy build/containers/archives/*.tar over
+#   make apptainer-archives            # on a machine with podman; copy build/containers/archives/*.tar over
 #   for d in orchestrator sampler oracle-qe trainer; do
 #     apptainer build "$PYACEMAKER_SIF_DIR/pyacemaker-$d.sif" "containers/apptainer/$d.def"; done
 #

@@ -53,10 +53,12 @@ from pyacemaker.rpc import (
     check_health,
 )
 
-# Measured on these machines (rootful): overlay storage with runc (vfs works too but copies the whole image
-# for every step and every container: ~20 s each);
-# PYACEMAKER_PODMAN_OPTIONS="" uses podman's own configuration instead.
-DEFAULT_PODMAN_OPTIONS = "--storage-driver overlay --runtime runc"
+# runc: measured to work here (rootful). The storage driver is left to podman's configuration (it picks overlay
+# where the file system allows; vfs works too but copies the whole image for every step and container, ~20 s
+# each): an explicit --storage-driver is refused by a storage first used without one ("database storage graph
+# driver "" does not match"), as happens on a fresh machine after a plain `podman images`.
+# PYACEMAKER_PODMAN_OPTIONS replaces these global options ("" uses podman's configuration alone).
+DEFAULT_PODMAN_OPTIONS = "--runtime runc"
 # runc refuses the host's unlimited defaults here; these are ample for one service per container.
 ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 CONTAINER_PORT = 50051
@@ -99,9 +101,31 @@ def deployment_name(home: Path) -> str:
     return "pyacemaker-" + hashlib.sha256(str(home).encode()).hexdigest()[:8]
 
 
+IMAGE_PREFIX = "localhost/pyacemaker-"
+# The image `up` starts for each service unless --image names another: the oracle must serve mace (the teacher)
+# and ace (validation) besides the DFT backend for a whole run, so it is the torch variant.
+SERVICE_IMAGES = {"orchestrator": "orchestrator", "sampler": "sampler", "oracle": "oracle-mace", "trainer": "trainer"}
+
+
 def image_tag(name: str) -> str:
     """The tag `make images` gives an image (a service name, or a variant such as oracle-qe)."""
-    return f"localhost/pyacemaker-{name}:latest"
+    return f"{IMAGE_PREFIX}{name}:latest"
+
+
+def missing_images_message(missing: Iterable[str]) -> str:
+    """What `up` says when images are absent from podman's storage: each one, and the command that builds it."""
+    missing = list(missing)
+    ours = [tag for tag in missing if tag.startswith(IMAGE_PREFIX)]
+    foreign = [tag for tag in missing if not tag.startswith(IMAGE_PREFIX)]
+    parts = []
+    if ours:
+        parts.append(f"image(s) not built: {', '.join(ours)} (build them with `make images`)")
+    if foreign:
+        parts.append(
+            f"image(s) not in podman's storage: {', '.join(foreign)} (not built by `make images`: build or load "
+            "them with podman, or name another image with --image SERVICE=IMAGE)"
+        )
+    return "; ".join(parts)
 
 
 def _image_id(image: str) -> str:
@@ -232,10 +256,11 @@ def up(
     timeout: float = 120.0,
     oracle_deployment: Path | None = None,
 ) -> dict[str, ServiceProcess]:
-    """Start the named services (default: all) as containers, each from `images[name]` (default
-    localhost/pyacemaker-NAME:latest), unless one is already running healthy from that image; a service
-    running from another image is replaced. `ports` maps names to published host ports (0: any free one).
-    `oracle_deployment` is the oracle's deployment file, mounted read-only into its container."""
+    """Start the named services (default: all) as containers, each from `images[name]` (default: the image of
+    SERVICE_IMAGES, e.g. localhost/pyacemaker-oracle-mace:latest for the oracle), unless one is already running
+    healthy from that image; a service running from another image is replaced. `ports` maps names to published
+    host ports (0: any free one). `oracle_deployment` is the oracle's deployment file, mounted read-only into
+    its container."""
     if not podman_available():
         raise DeployError("podman and runc are needed for --runtime podman: apt-get install podman runc")
     home = home or home_dir()
@@ -248,11 +273,10 @@ def up(
     unknown = [name for name in wanted if name not in SERVICES]
     if unknown:
         raise DeployError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
-    chosen = {name: (images or {}).get(name) or image_tag(name) for name in wanted}
+    chosen = {name: (images or {}).get(name) or image_tag(SERVICE_IMAGES[name]) for name in wanted}
     missing = [image for image in chosen.values() if not image_exists(image)]
-
     if missing:
-        raise DeployError(f"image(s) not built: {', '.join(missing)} (build them with `make images`)")
+        raise DeployError(missing_images_message(missing))
     ports = {**DEFAULT_PORTS, **(ports or {})}
     registry = read_registry(home)
     local = [p.name for p in registry.values() if p.runtime != "podman"]
