@@ -20,6 +20,8 @@ from pyacemaker.teacher.resolve import is_model_name
 from pyacemaker.yaml_input import YamlInputError, load_yaml_file
 
 Positive = Annotated[float, Field(gt=0)]
+# A profile of the oracle's deployment file, chosen by name.
+PROFILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class ConfigError(ValueError):
@@ -158,36 +160,69 @@ class SystemConfig(_Strict):
         return resolved
 
 
+# Settings that name programs, files or directories on the oracle's host belong to the oracle's deployment file
+# (docs/deployment.md), never to a run config or a request: key -> where the deployment file sets it.
+_DEPLOYMENT_SETTINGS = {
+    "command": "{backend}.profiles.<profile>.command",
+    "pseudo_dir": "qe.profiles.<profile>.pseudo_dir",
+    "potcar_dir": "vasp.profiles.<profile>.potcar_dir",
+    "template": "executors.{backend}.template",
+    "scratch_dir": "executors.{backend}.scratch_dir",
+    "extra_directives": "executors.{backend}.extra_directives",
+}
+
+
+def _refuse_deployment_settings(data: Any, owner: str, keys: tuple[str, ...]) -> Any:
+    """A clear error for a key that moved to the oracle's deployment file (it used to be an option here)."""
+    if isinstance(data, dict):
+        for key in keys:
+            if key in data:
+                where = _DEPLOYMENT_SETTINGS[key].format(backend=owner)
+                raise ValueError(
+                    f"`{key}` is a deployment setting of the oracle service, not an option of a run or a request: "
+                    f"set `{where}` in the oracle's deployment file (python -m services.oracle --deployment FILE, "
+                    "pyacemaker up --oracle-deployment FILE; see docs/deployment.md)"
+                )
+    return data
+
+
 class LocalExecutorConfig(_Strict):
     """Run calculations as local processes (a pool of workers on this machine)."""
 
     kind: Literal["local"] = "local"
     max_workers: int = Field(1, ge=1, le=4096, description="Calculations run at once.")
     timeout_s: Positive = Field(3600.0, description="Wall-time limit of one calculation, s.")
-    scratch_dir: Path | None = Field(
-        None, description="Where calculation dirs go (kept on failure); default: the oracle's --work-dir."
-    )
     keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        return _refuse_deployment_settings(data, "local", ("scratch_dir",))
 
 
 class _ArrayJobExecutor(_Strict):
     """What every batch-scheduler executor shares: one array job per request batch."""
 
     array_throttle: int = Field(8, ge=1, le=100_000, description="Array tasks running at once (%N).")
-    template: Path | None = Field(None, description="User-editable job script template; default: the bundled one.")
-    scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
     keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        kind = data.get("kind", "") if isinstance(data, dict) else ""
+        return _refuse_deployment_settings(data, str(kind), ("template", "scratch_dir", "extra_directives"))
 
 
 class SlurmExecutorConfig(_ArrayJobExecutor):
     """Submit calculations as Slurm array jobs (sbatch/squeue/sacct)."""
 
     kind: Literal["slurm"]
-    partition: str | None = Field(None, description="sbatch --partition; default: the cluster's default.")
+    partition: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.,-]+$", description="sbatch --partition; default: the cluster's default."
+    )
     time_limit: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", description="Per task, [D-]HH:MM:SS.")
     cpus_per_task: int = Field(1, ge=1, le=4096)
     memory: str | None = Field(None, pattern=r"^\d+[KMGT]?$", description="sbatch --mem, e.g. 4G.")
-    extra_directives: list[str] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. --account=x.")
     poll_interval_s: Positive = Field(5.0, description="Seconds between squeue/sacct polls.")
 
 
@@ -195,11 +230,10 @@ class PbsExecutorConfig(_ArrayJobExecutor):
     """Submit calculations as PBS array jobs (qsub -J / qstat)."""
 
     kind: Literal["pbs"]
-    queue: str | None = None
+    queue: str | None = Field(None, pattern=r"^[A-Za-z0-9_.@-]+$", description="qsub -q; default: the server's.")
     walltime: str = Field("01:00:00", pattern=r"^\d{1,3}:\d{2}:\d{2}$", description="Per sub-job, HH:MM:SS.")
     ncpus: int = Field(1, ge=1, le=4096)
     memory: str | None = Field(None, pattern=r"^\d+[kmgt]?b$", description="PBS mem, e.g. 4gb.")
-    extra_directives: list[str] = Field(default_factory=list, description="Extra #PBS lines.")
     poll_interval_s: Positive = Field(10.0, description="Seconds between qstat polls.")
 
 
@@ -253,14 +287,28 @@ class PyscfOracleConfig(_DftOracle):
     conv_tol: Positive = Field(1e-9, description="SCF energy convergence, Hartree (PySCF's unit).")
     density_fit: bool = Field(False, description="Density fitting (faster, slightly less exact).")
 
+    @field_validator("basis")
+    @classmethod
+    def _a_name_not_a_file(cls, basis: str) -> str:
+        # PySCF reads a basis that names an existing file from that file.
+        if "/" in basis or "\\" in basis:
+            raise ValueError(f"{basis!r} must be a basis set name as PySCF knows it, not a path")
+        return basis
+
 
 class QeOracleConfig(_DftOracle):
     """Quantum ESPRESSO pw.x through ASE (periodic cells; energy, forces, stress)."""
 
     backend: Literal["qe"]
-    command: str = Field("pw.x", min_length=1, description="How to run pw.x, e.g. 'mpirun -np 4 pw.x'.")
-    pseudo_dir: Path = Field(Path("/usr/share/espresso/pseudo"), description="Directory of the UPF files.")
-    pseudopotentials: dict[str, str] = Field(description="Element symbol → UPF file name in pseudo_dir.")
+    profile: str = Field(
+        "default",
+        pattern=PROFILE_NAME,
+        description="The oracle deployment's qe profile: how pw.x runs and where the UPF files are (the deployment "
+        "file's qe.profiles; default: pw.x on PATH, $ESPRESSO_PSEUDO or Debian's pseudo dir).",
+    )
+    pseudopotentials: dict[str, str] = Field(
+        description="Element symbol → UPF file name in the profile's pseudo_dir (a plain file name)."
+    )
     ecutwfc_ry: Positive = Field(30.0, description="Wave-function cutoff, Ry (pw.x's unit).")
     ecutrho_ry: Positive | None = Field(None, description="Charge-density cutoff, Ry; default 4 × ecutwfc_ry.")
     kpoint_spacing: Positive = Field(
@@ -270,13 +318,32 @@ class QeOracleConfig(_DftOracle):
     smearing: Literal["none", "gaussian", "marzari-vanderbilt", "fermi-dirac"] = "none"
     degauss_ry: Positive = Field(0.01, description="Smearing width, Ry.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        return _refuse_deployment_settings(data, "qe", ("command", "pseudo_dir"))
+
+    @field_validator("pseudopotentials")
+    @classmethod
+    def _plain_file_names(cls, pseudopotentials: dict[str, str]) -> dict[str, str]:
+        for element, name in pseudopotentials.items():
+            if not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise ValueError(
+                    f"{element}: {name!r} must be a plain file name (the directory is a deployment setting)"
+                )
+        return pseudopotentials
+
 
 class VaspOracleConfig(_DftOracle):
     """VASP through ASE: writes INCAR/POSCAR/KPOINTS/POTCAR, runs `command`, parses vasprun.xml."""
 
     backend: Literal["vasp"]
-    command: str = Field(min_length=1, description="How to run VASP, e.g. 'srun vasp_std'.")
-    potcar_dir: Path | None = Field(None, description="VASP_PP_PATH; default: the environment's.")
+    profile: str = Field(
+        "default",
+        pattern=PROFILE_NAME,
+        description="The oracle deployment's vasp profile: how VASP runs and where the POTCARs are (the deployment "
+        "file's vasp.profiles).",
+    )
     xc: str = Field("PBE", description="Functional (ASE's xc names).")
     encut_ev: Positive = Field(520.0, description="Plane-wave cutoff, eV.")
     kpoint_spacing: Positive = Field(
@@ -284,6 +351,19 @@ class VaspOracleConfig(_DftOracle):
     )
     setups: dict[str, str] = Field(default_factory=dict, description="Element → POTCAR variant suffix, e.g. {Cl: ''}.")
     incar: dict[str, Any] = Field(default_factory=dict, description="Extra INCAR tags (ASE Vasp keywords).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        return _refuse_deployment_settings(data, "vasp", ("command", "potcar_dir"))
+
+    @field_validator("setups")
+    @classmethod
+    def _plain_setups(cls, setups: dict[str, str]) -> dict[str, str]:
+        for element, suffix in setups.items():
+            if "/" in suffix or ".." in suffix:
+                raise ValueError(f"setup {element}: {suffix!r} must be a POTCAR variant suffix, not a path")
+        return setups
 
 
 class MaceOracleConfig(_Strict):

@@ -28,7 +28,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _TEST_HOME = tempfile.TemporaryDirectory(prefix="pyacemaker-test-home-")
 os.environ["PYACEMAKER_HOME"] = _TEST_HOME.name
 _ADDRESS_VARIABLES = tuple(f"PYACEMAKER_{name.upper()}_ADDRESS" for name in SERVICES)
-for _variable in (*SECURITY_FILE_VARIABLES, *SECURITY_VALUE_VARIABLES, *_ADDRESS_VARIABLES):
+# The oracle's deployment file too: each test that wants one gives it.
+for _variable in (
+    *SECURITY_FILE_VARIABLES,
+    *SECURITY_VALUE_VARIABLES,
+    *_ADDRESS_VARIABLES,
+    "PYACEMAKER_ORACLE_DEPLOYMENT",
+):
     os.environ.pop(_variable, None)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -40,20 +40,20 @@ _COMMON: dict[str, Any] = {
 ORACLES: dict[str, dict[str, Any]] = {
     "xtb": {
         "backend": "xtb",
-        "executor": {"kind": "slurm", "partition": "short", "extra_directives": ["--account=x"], "template": "job.sh"},
+        "executor": {"kind": "slurm", "partition": "short"},
     },
     "lj": {"backend": "lj"},
     "pyscf": {
         "backend": "pyscf",
-        "executor": {"kind": "pbs", "queue": "q", "extra_directives": ["-l select=1"], "template": "job.sh"},
+        "executor": {"kind": "pbs", "queue": "q"},
     },
     "qe": {"backend": "qe", "pseudopotentials": {"C": "C.UPF", "H": "H.UPF", "Cl": "Cl.UPF"}, "ecutwfc_ry": 30.0},
-    "vasp": {"backend": "vasp", "command": "vasp_std", "incar": {"ISMEAR": 0}},
+    "vasp": {"backend": "vasp", "incar": {"ISMEAR": 0}},
     "mace": {"backend": "mace", "models": ["teacher.model"]},
     "ace": {"backend": "ace", "potential": "pot.yace"},
 }
 # Path fields that name an input file (must exist); other paths are outputs or remote directories.
-INPUT_FILE_KEYS = {"system.seeds", "teacher.model", "oracle.models", "oracle.potential", "oracle.executor.template"}
+INPUT_FILE_KEYS = {"system.seeds", "teacher.model", "oracle.models", "oracle.potential"}
 
 
 @dataclass

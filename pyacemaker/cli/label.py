@@ -113,8 +113,10 @@ class _OrderedWriter:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from pyacemaker.deploy.local import service_address
-    from services.oracle.client import backend_spec, stream_labels
+    from pyacemaker.artifacts import ArtifactStore
+    from pyacemaker.deploy.local import service_address, store_dir
+    from pyacemaker.teacher.resolve import TeacherNotFoundError
+    from services.oracle.client import backend_spec, model_files_as_artifacts, stream_labels
 
     try:
         frames = read_structures(args.input)
@@ -136,6 +138,12 @@ def run_label(args: argparse.Namespace) -> int:
         return fail("--executor-option needs --executor", EXIT_BAD_INPUT)
     if args.executor is not None:
         options["executor"] = {"kind": args.executor, **dict(args.executor_option)}
+    try:
+        # The oracle loads model files (mace `models`, ace `potential`) only from the shared store.
+        if {"models", "potential"} & options.keys():
+            options = model_files_as_artifacts(args.backend, options, ArtifactStore(store_dir()))
+    except (TeacherNotFoundError, OSError) as exc:
+        return fail(f"backend options: {exc}", EXIT_BAD_INPUT)
     try:
         spec = backend_spec(args.backend, options)
     except ValueError as exc:

@@ -34,7 +34,7 @@ _K = orchestrator_pb2
 @pytest.fixture
 def orchestrator(artifact_store) -> Iterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
     with ExitStack() as stack:
-        oracle = stack.enter_context(running_service(add_oracle))
+        oracle = stack.enter_context(running_service(lambda s: add_oracle(s, store=artifact_store)))
         sampler = stack.enter_context(running_service(lambda s: add_sampler(s, artifact_store)))
         runs = RunManager(artifact_store, sampler, oracle)
         stack.callback(runs.shutdown)

@@ -94,9 +94,9 @@ DEFECTS = [
     ("atom index 99", files_for(_with("xtb", "md.windows.atoms", [4, 0, 99])), "md.windows.atoms: atom index 99"),
     ("profile index 99", files_for(_with("xtb", "validation.profile.atoms", [99, 0, 5])), "validation.profile"),
     (
-        "newline in #SBATCH value",
+        "#SBATCH lines from the config",
         files_for(_with("xtb", "oracle.executor.extra_directives", ["--account=x\n#SBATCH --mem=1T"])),
-        "oracle.executor.extra_directives: item 0: control character '\\n'",
+        "`extra_directives` is a deployment setting of the oracle service",
     ),
     ("newline in partition", files_for(_with("xtb", "oracle.executor.partition", "a\nb")), "oracle.executor.partition"),
     ("spin 1000001", files_for(_with("xtb", "system.spin_multiplicity", 1000001)), "system.spin_multiplicity"),
@@ -104,7 +104,11 @@ DEFECTS = [
     ("missing teacher model", files_for(_with("xtb", "teacher.model", "gone/teacher.model")), "teacher.model"),
     ("missing mace model", files_for(_with("mace", "oracle.models", ["gone.model"])), "oracle.models"),
     ("missing ace potential", files_for(_with("ace", "oracle.potential", "gone.yace")), "oracle.potential"),
-    ("missing job template", files_for(_with("pyscf", "oracle.executor.template", "gone.sh")), "executor.template"),
+    (
+        "job template from the config",
+        files_for(_with("pyscf", "oracle.executor.template", "job.sh")),
+        "`template` is a deployment setting of the oracle service",
+    ),
     ("missing seed", files_for(_with("xtb", "system.seeds", ["gone.xyz"])), "system.seeds"),
 ]
 

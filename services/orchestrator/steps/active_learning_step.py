@@ -90,7 +90,7 @@ class ActiveLearningStep:
         ledger = DftLedger(ctx.run_dir / STATE_FILE)
         try:
             allowance = ctx.config.budget.max_dft_calls - holdout_reserve(ctx)
-            dft = DftLabeller(ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle), allowance)
+            dft = DftLabeller(ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle, ctx.store), allowance)
             e0s = isolated_atom_energies(
                 dft,
                 {int(z) for frame in candidates for z in frame.numbers},

@@ -7,12 +7,10 @@ from typing import Any
 
 import grpc
 
-from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.rpc import channel
-from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc, sampler_pb2, sampler_pb2_grpc
-from services.oracle.client import backend_spec
 from services.orchestrator.steps import StepContext, StepOutcome
+from services.orchestrator.steps.mace_finetune import committee_spec, teacher_model
 
 EXPORT_DIR = "step1_direct"
 
@@ -28,7 +26,7 @@ class DirectSamplingStep:
             "pool": sampling.pool.model_dump(mode="json"),
             "direct": sampling.direct.model_dump(mode="json"),
             "featuriser": featuriser,
-            "descriptor_models": [sha256_of_file(p) for p in descriptor_backend.options["models"]]
+            "descriptor_models": [ref["sha256"] for ref in descriptor_backend.options["models"]]
             if descriptor_backend
             else [],
             "seeds": [seed.content_id for seed in ctx.seeds],
@@ -105,7 +103,7 @@ def _featuriser(ctx: StepContext) -> tuple[str, oracle_pb2.BackendSpec | None]:
         name = "oracle" if mace else "distribution"
     if name != "oracle":
         return name, None
-    return name, backend_spec("mace", {"models": [str(resolve_teacher(ctx.config.teacher.model))]})
+    return name, committee_spec(ctx, [teacher_model(ctx)])
 
 
 def _last_result(responses: Any, ctx: StepContext) -> Any:

@@ -28,7 +28,7 @@ from pyacemaker.structures import (
     write_extxyz,
 )
 from pyacemaker.v1 import common_pb2
-from services.oracle.client import backend_spec
+from services.oracle.client import artifact_option, backend_spec
 from services.oracle.force_field import OracleForceField
 from services.orchestrator.dft_labels import DftLabeller, label_frames, oracle_spec
 from services.orchestrator.ledger import DftLedger
@@ -86,7 +86,7 @@ class ValidationStep:
         ledger = DftLedger(ctx.run_dir / STATE_FILE)
         try:
             dft = DftLabeller(
-                ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle), ctx.config.budget.max_dft_calls
+                ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle, ctx.store), ctx.config.budget.max_dft_calls
             )
             if "validation" in ctx.previous:
                 holdout = read_structures(ctx.store.path(ctx.previous["validation"]["holdout"]))
@@ -216,8 +216,8 @@ def _relative(energies: list[float]) -> list[float]:
 def _model_specs(ctx: StepContext) -> dict[str, Any]:
     return {
         "teacher": committee_spec(ctx, [teacher_model(ctx)]),
-        "base_ace": backend_spec("ace", {"potential": str(ctx.store.path(ctx.previous["ace_fit"]["yace"]))}),
-        "final_ace": backend_spec("ace", {"potential": str(ctx.store.path(ctx.previous["delta_fit"]["yace"]))}),
+        "base_ace": backend_spec("ace", {"potential": artifact_option(ctx.previous["ace_fit"]["yace"])}),
+        "final_ace": backend_spec("ace", {"potential": artifact_option(ctx.previous["delta_fit"]["yace"])}),
     }
 
 
