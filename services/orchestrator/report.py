@@ -41,8 +41,10 @@ _ITERATION_DIR = re.compile(r"^iteration_(\d+)$")
 # The models validation compares, in plotting order: key in validation.json, label, colour.
 MODELS = (
     ("teacher", "teacher (MACE)", "tab:gray"),
+    ("committee", "fine-tuned committee", "tab:purple"),
     ("base_ace", "base ACE", "tab:blue"),
     ("final_ace", "final ACE", "tab:red"),
+    ("direct_ace", "direct ACE (no teacher)", "tab:green"),
 )
 _DFT_COLOUR = "black"
 EV_TO_KCAL_PER_MOL = units.mol / units.kcal  # 1 eV ≈ 23.06 kcal/mol
@@ -130,6 +132,13 @@ class RunRecord:
     def last_validation(self) -> Iteration | None:
         validated = [it for it in self.iterations if it.validation.data is not None]
         return validated[-1] if validated else None
+
+    def handed_out_validation(self) -> Iteration | None:
+        """The validation of the potential the run hands out: run_summary.json's best iteration when it was
+        validated, else (a run still going, or one from before the choice existed) the last validation."""
+        best = self.summary.data.get("best_iteration") if self.summary.data is not None else None
+        chosen = [it for it in self.iterations if it.number == best and it.validation.data is not None]
+        return chosen[0] if chosen else self.last_validation()
 
     def budget(self) -> int | None:
         """The DFT budget: the run summary's, else the last validation's, else the config's."""
@@ -272,6 +281,7 @@ def write_report(run_dir: Path) -> Path:
         ("Step 1: DIRECT sampling", _selection_section, [SELECTION_FILE]),
         ("Active learning: DFT calls and uncertainty", _active_learning_section, [f"iteration_NN/{AL_RECORD}"]),
         ("Validation on the DFT hold-out", _validation_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
+        ("Ablation: is distillation earning its place?", _ablation_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Learning curve", _learning_curve_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Energy profile along ξ", _profile_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Time per step", _time_section, [STATE_FILE]),
@@ -327,7 +337,7 @@ def _headline(run: RunRecord, out_dir: Path) -> str:
     for step in run.steps:
         if step.state == "failed":
             rows.append((f"Step {step.name} failed", f'<span class="bad">{_e(step.error)}</span>'))
-    last = run.last_validation()
+    last = run.handed_out_validation()
     if last is None:
         rows.append(("Final ACE vs DFT hold-out", _missing("no validation yet")))
     else:
@@ -366,8 +376,8 @@ def _accuracy_sentence(number: int, validation: dict[str, Any]) -> str:
     verdict = _VERDICT.get(met, "")
     others = "; ".join(
         f"{label} {_rmse_pair(model['energy_rmse_mev_per_atom'], model['forces_rmse_mev_per_a'])}"
-        for key, label, _colour in MODELS[:2]
-        if (model := validation["models"].get(key)) is not None
+        for key, label, _colour in MODELS
+        if key != "final_ace" and (model := validation["models"].get(key)) is not None
     )
     return (
         f"<b>{_rmse_pair(final['energy_rmse_mev_per_atom'], final['forces_rmse_mev_per_a'])}</b> "
@@ -460,7 +470,7 @@ def _active_learning_section(run: RunRecord, out_dir: Path) -> str:
 
 
 def _validation_section(run: RunRecord, out_dir: Path) -> str:
-    last = run.last_validation()
+    last = run.handed_out_validation()
     if last is None:
         return _missing("validation is missing: " + _validation_problems(run))
     validation = last.validation.data
@@ -507,6 +517,63 @@ def _validation_section(run: RunRecord, out_dir: Path) -> str:
     return intro + _rmse_table(validation) + _save(fig, out_dir, "parity.png", "parity plots of energies and forces")
 
 
+def _ablation_section(run: RunRecord, out_dir: Path) -> str:
+    chosen = run.handed_out_validation()
+    if chosen is None:
+        return _missing("no validation yet, so no ablation: " + _validation_problems(run))
+    validation = chosen.validation.data
+    assert validation is not None
+    ablation = validation.get("ablation")
+    if not ablation:
+        return _missing(
+            f"iteration_{chosen.number:02d}/{VALIDATION_RECORD} has no ablation (a run from before the ablation)"
+        )
+    intro = (
+        f"<p>The ablation: the same ACE (settings, cutoff, fit) fitted directly on the "
+        f"{_fmt(ablation.get('n_training_structures'), 0)} DFT training structures of iteration {chosen.number} "
+        "— no teacher, no surrogate data — and scored on the same hold-out and profile as the run's models.</p>"
+    )
+    if ablation.get("error"):
+        return intro + f'<p class="bad">The direct fit could not be made: {_e(str(ablation["error"]))}</p>'
+    profile = validation.get("profile") or {}
+    barriers = profile.get("central_barrier_kcal_per_mol", {})
+    dft = barriers.get("dft")
+    rows = []
+    for key, label, _colour in MODELS:
+        model = validation["models"].get(key)
+        if model is None:
+            continue
+        barrier = barriers.get(key)
+        error = None if barrier is None or dft is None else abs(barrier - dft)
+        name = f"<b>{_e(label)}</b>" if key in ("final_ace", "direct_ace") else _e(label)
+        rows.append(
+            [
+                name,
+                _fmt(model["energy_rmse_mev_per_atom"], 1),
+                _fmt(model["forces_rmse_mev_per_a"], 1),
+                _fmt(barrier, 2),
+                _fmt(error, 2),
+            ]
+        )
+    header = ["model", "energy RMSE (meV/atom)", "force RMSE (meV/Å)", "barrier (kcal/mol)", "|barrier − DFT|"]
+    table = _table(header, rows)
+    gain = ablation.get("gain")
+    if not gain:
+        return intro + table
+    ratio = float(gain["forces_rmse_ratio_final_over_direct"])
+    energy_ratio = float(gain["energy_rmse_ratio_final_over_direct"])
+    verdict = (
+        '<b class="good">the distillation earns its place on forces</b>'
+        if ratio < 1
+        else '<b class="bad">the distillation does not beat a plain fit of the DFT labels on forces</b>'
+    )
+    sentence = (
+        f"<p>Final ACE / direct ACE: force RMSE ratio <b>{_fmt(ratio, 2)}</b>, energy RMSE ratio "
+        f"<b>{_fmt(energy_ratio, 2)}</b> (below 1: the distillation helps): {verdict}.</p>"
+    )
+    return intro + table + sentence
+
+
 def _learning_curve_section(run: RunRecord, out_dir: Path) -> str:
     validated = [it for it in run.iterations if it.validation.data is not None]
     if not validated:
@@ -539,7 +606,7 @@ def _learning_curve_section(run: RunRecord, out_dir: Path) -> str:
 
 
 def _profile_section(run: RunRecord, out_dir: Path) -> str:
-    last = run.last_validation()
+    last = run.handed_out_validation()
     if last is None:
         return _missing("no validation yet, so no energy profile: " + _validation_problems(run))
     validation = last.validation.data

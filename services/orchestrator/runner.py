@@ -32,7 +32,7 @@ from services.orchestrator.steps.direct_sampling import DirectSamplingStep
 from services.orchestrator.steps.mace_finetune import MaceFinetuneStep
 from services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep
 from services.orchestrator.steps.surrogate_md import SurrogateMdStep
-from services.orchestrator.steps.validation import ValidationStep
+from services.orchestrator.steps.validation import ValidationStep, distillation_gain, handed_out_figures
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,12 @@ class RunManager:
             "dft_budget": handle.config.budget.max_dft_calls,
             "wall_time_s": wall_time_s,
         }
+        row = handle.state.step(f"{ValidationStep.name}.{best}") if best else None
+        if row is not None:
+            # The figures of the potential handed out (the best iteration's), and what its distillation gains
+            # over the ablation (the same ACE fitted on the DFT labels alone).
+            summary["final_potential_figures"] = handed_out_figures(row.metrics)
+            summary["distillation_gain"] = distillation_gain(row.metrics)
         (handle.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         try:
             from services.orchestrator.report import write_report

@@ -29,10 +29,22 @@ T0 = 1_790_000_000.0  # a fixed start time, so step durations are known
 LOOPED_STEPS = ("mace_finetune", "surrogate_md", "surrogate_labelling", "ace_fit", "delta_fit", "validation")
 # Noise (energy eV/atom, forces eV/Å) each model gets on top of the reference, per iteration.
 NOISE = {
-    1: {"teacher": (0.030, 0.40), "base_ace": (0.012, 0.15), "final_ace": (0.008, 0.12)},
-    2: {"teacher": (0.030, 0.40), "base_ace": (0.011, 0.14), "final_ace": (0.003, 0.08)},
+    1: {
+        "teacher": (0.030, 0.40),
+        "committee": (0.020, 0.25),
+        "base_ace": (0.012, 0.15),
+        "final_ace": (0.008, 0.12),
+        "direct_ace": (0.009, 0.30),
+    },
+    2: {
+        "teacher": (0.030, 0.40),
+        "committee": (0.019, 0.24),
+        "base_ace": (0.011, 0.14),
+        "final_ace": (0.003, 0.08),
+        "direct_ace": (0.006, 0.20),
+    },
 }
-BARRIER_HEIGHT_EV = {"dft": 0.120, "teacher": 0.150, "base_ace": 0.131, "final_ace": 0.122}
+BARRIER_HEIGHT_EV = {"dft": 0.120, "teacher": 0.150, "base_ace": 0.131, "final_ace": 0.122, "direct_ace": 0.140}
 
 
 @dataclass
@@ -166,6 +178,17 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
         barriers[method] = float((curve.max() - curve.min()) / (units.kcal / units.mol))
     run.barriers = barriers
     final = run.rmse[iteration]["final_ace"]
+    direct = run.rmse[iteration]["direct_ace"]
+    ablation = {
+        "model": "direct_ace",
+        "n_training_structures": 8,
+        "fit": {},
+        "error": "",
+        "gain": {
+            "forces_rmse_ratio_final_over_direct": final[1] / direct[1],
+            "energy_rmse_ratio_final_over_direct": final[0] / direct[0],
+        },
+    }
     return {
         "iteration": iteration,
         "level_of_theory": LEVEL,
@@ -177,10 +200,13 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
         "reference": {"energy_per_atom_ev": ref_energy.tolist(), "forces_ev_per_a": ref_forces.tolist()},
         "models": models,
         "profile": {"xi_a": xi.tolist(), "energies_ev": energies, "central_barrier_kcal_per_mol": barriers},
+        "ablation": ablation,
     }
 
 
-def write_synthetic_run(run_dir: Path, store: ArtifactStore, iterations: int) -> SyntheticRun:
+def write_synthetic_run(
+    run_dir: Path, store: ArtifactStore, iterations: int, best_iteration: int | None = None
+) -> SyntheticRun:
     """A run with step 1 and `iterations` full iterations (iterations=0: a run that stopped after step 1)."""
     rng = np.random.default_rng(7)
     scratch = run_dir.parent / f"{run_dir.name}-scratch"
@@ -254,10 +280,12 @@ def write_synthetic_run(run_dir: Path, store: ArtifactStore, iterations: int) ->
             writer.step(f"{name}.{it}", files, duration_s=10.0 * number)
     ledger.close()
     if iterations:
-        final = f"iteration_{iterations:02d}/step7_delta/final.yace"
+        best = best_iteration or iterations
+        final = f"iteration_{best:02d}/step7_delta/final.yace"
         summary = {
             "stop_reason": "target met",
             "iterations": iterations,
+            "best_iteration": best,
             "final_potential": final,
             "dft_calls": charged[iterations][1],
             "dft_budget": 60,
@@ -290,8 +318,7 @@ def test_report_shows_the_runs_figures_and_plots(tmp_path, artifact_store):
     assert html_path == run.run_dir / "report" / "index.html"
     page = html_path.read_text()
     assert "target met" in page and "sn2-demo" in page
-    teacher, base, final = (run.rmse[2][m] for m in ("teacher", "base_ace", "final_ace"))
-    for e_rmse, f_rmse in (teacher, base, final):
+    for e_rmse, f_rmse in run.rmse[2].values():
         assert f'<td class="num">{e_rmse:.1f}</td><td class="num">{f_rmse:.1f}</td>' in page
     assert f"{run.rmse[1]['final_ace'][1]:.1f}" in page, "the learning curve table lists iteration 1's RMSE"
     for barrier in run.barriers.values():
@@ -308,6 +335,24 @@ def test_report_shows_the_runs_figures_and_plots(tmp_path, artifact_store):
     for name in PLOTS:
         _assert_valid_png(run.run_dir / "report" / name)
         assert f'src="{name}"' in page
+
+
+def test_report_headline_and_ablation_give_the_handed_out_iteration_s_figures(tmp_path, artifact_store):
+    run = write_synthetic_run(tmp_path / "run", artifact_store, iterations=2, best_iteration=1)
+
+    page = write_report(run.run_dir).read_text()
+
+    headline = page.split("<h2>Step 1")[0]
+    final_1, final_2 = run.rmse[1]["final_ace"], run.rmse[2]["final_ace"]
+    assert "iteration_01/step7_delta/final.yace" in headline
+    assert f"<b>{final_1[0]:.1f} meV/atom, {final_1[1]:.1f} meV/Å</b>" in headline
+    assert f"<b>{final_2[0]:.1f} meV/atom, {final_2[1]:.1f} meV/Å</b>" not in headline, "another iteration's figures"
+    ablation = page.split("<h2>Ablation: is distillation earning its place?</h2>")[1].split("<h2>")[0]
+    direct_1 = run.rmse[1]["direct_ace"]
+    assert f"{final_1[1] / direct_1[1]:.2f}" in ablation and f"{final_1[0] / direct_1[0]:.2f}" in ablation
+    assert "the distillation earns its place on forces" in ablation  # 0.12 vs 0.30 eV/Å of noise
+    assert "8 DFT training structures of iteration 1" in ablation
+    assert f"{abs(run.barriers['direct_ace'] - run.barriers['dft']):.2f}" in ablation
 
 
 def test_report_of_a_run_that_stopped_after_step_1_says_what_is_missing(tmp_path, artifact_store):

@@ -5,14 +5,20 @@ The hold-out is drawn once, in iteration 1, at random from the surrogate-MD fram
 will actually be used in), labelled by DFT through the budget ledger, and reused by later iterations so their
 figures compare. Step 2 keeps its share of the budget free until then.
 
-Energies are compared per atom on the DFT level's reference. The ACE models sit on it (they were fitted to
-labels on it); the teacher, trained at another level, is aligned to it by per-element energy shifts fitted on the
-hold-out (for one stoichiometry, a single constant), so its figure measures its energy differences only.
+The ablation: the same ACE (the run's `ace` settings and the base's cutoff, through the same trainer fit) fitted
+directly on the iteration's DFT training labels only — no teacher, no surrogate data — is scored beside the teacher,
+the fine-tuned committee, the base and the final ACE. Its figures say whether the distillation earns its place.
+
+Energies are compared per atom on the DFT level's reference. The ACE models and the committee sit on it (they
+were fitted to labels on it); the teacher, trained at another level, is aligned to it by per-element energy shifts
+fitted on the hold-out (for one stoichiometry, a single constant), so its figure measures its energy differences
+only.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +33,7 @@ from pyacemaker.structures import (
     structure_to_atoms,
     write_extxyz,
 )
-from pyacemaker.v1 import common_pb2
+from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.oracle.client import backend_spec
 from services.oracle.force_field import OracleForceField
 from services.orchestrator.dft_labels import DftLabeller, label_frames, oracle_spec
@@ -36,10 +42,20 @@ from services.orchestrator.model_labels import model_labels
 from services.orchestrator.reaction_profile import central_barrier_kcal, relaxed_scan, xi_of
 from services.orchestrator.state import STATE_FILE
 from services.orchestrator.steps import StepContext, StepOutcome
-from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, teacher_model
+from services.orchestrator.steps.ace_fit import POTENTIAL_FILES
+from services.orchestrator.steps.mace_finetune import (
+    committee_models,
+    committee_spec,
+    dft_reference_energies,
+    teacher_model,
+)
+from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
 
 EXPORT_DIR = "validation"
-MODELS = ("teacher", "base_ace", "final_ace")
+# teacher: the MACE the run distils; committee: the fine-tuned MACE committee (step 3); base_ace / final_ace:
+# steps 6 and 7; direct_ace: the ablation, the same ACE fitted on the DFT training labels alone.
+MODELS = ("teacher", "committee", "base_ace", "final_ace", "direct_ace")
+ABLATION_STEM = "direct_ace"
 
 
 def rmse(predicted: np.ndarray, reference: np.ndarray) -> float:
@@ -64,7 +80,7 @@ def target_met(scores: dict[str, Any], energy_target: float, forces_target: floa
 
 class ValidationStep:
     name = "validation"
-    version = 1
+    version = 2
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         held_out = ctx.previous["validation"]["holdout"].sha256 if "validation" in ctx.previous else ""
@@ -76,6 +92,10 @@ class ValidationStep:
             "final": ctx.previous["delta_fit"]["yace"].sha256,
             "committee": {k: v.sha256 for k, v in ctx.previous["mace_finetune"].items()},
             "e0s": ctx.previous["active_learning"]["iteration"].sha256,
+            # The ablation's inputs: the DFT training set, the ACE settings and the base fit's (cutoff) record.
+            "dft": ctx.previous["active_learning"]["dft"].sha256,
+            "ace": ctx.config.ace.model_dump(mode="json", exclude={"delta_surrogate_weight"}),
+            "base_metrics": ctx.previous["ace_fit"]["metrics"].sha256 if "metrics" in ctx.previous["ace_fit"] else "",
             "validation": ctx.config.validation.model_dump(mode="json"),
             "oracle": ctx.config.oracle.model_dump(mode="json"),
             "budget": ctx.config.budget.max_dft_calls,
@@ -101,6 +121,7 @@ class ValidationStep:
                 f"only {len(holdout)} hold-out structures have DFT labels; validation needs at least 2 "
                 "(raise budget.max_dft_calls or check the oracle's failures in the run's events)"
             )
+        ablation = fit_direct_ace(ctx)
         n_atoms = np.array([len(a) for a in holdout], dtype=float)
         ref_energies = np.array([a.get_potential_energy() for a in holdout]) / n_atoms
         ref_forces = np.concatenate([a.get_forces() for a in holdout])
@@ -109,7 +130,7 @@ class ValidationStep:
         if path:
             profile = {"xi_a": [xi_of(a, _profile_atoms(ctx)) for a in path], "energies_ev": {}}
             profile["energies_ev"]["dft"] = _relative([a.get_potential_energy() for a in path])
-        for model, spec in _model_specs(ctx).items():
+        for model, spec in _model_specs(ctx, ablation.potential).items():
             labels = model_labels(ctx, spec, holdout, f"{model} on the hold-out set")
             energies = np.array([lab.energy for lab in labels])
             if model == "teacher":
@@ -139,27 +160,35 @@ class ValidationStep:
             "reference": {"energy_per_atom_ev": ref_energies.tolist(), "forces_ev_per_a": ref_forces.tolist()},
             "models": scores,
             "profile": profile,
+            "ablation": {
+                "model": ABLATION_STEM,
+                "trained_on": "the iteration's DFT training labels only (no teacher, no surrogate data)",
+                "n_training_structures": ablation.n_training,
+                "fit": ablation.metrics,
+                "error": ablation.error,
+                "gain": distillation_gain(_flat_metrics(scores, profile)),
+            },
         }
         holdout_file = ctx.store.new_tempfile(".extxyz")
         write_extxyz(holdout_file, holdout)
         holdout_ref = ctx.store.put_file(holdout_file, kind="structures", move=True)
         record_ref = ctx.store.put_bytes(json.dumps(record).encode(), kind="validation", suffix=".json")
         metrics = {"target_met": float(met), "dft_calls_total": float(dft_calls), "n_holdout": float(len(holdout))}
-        for model, figures in scores.items():
-            metrics[f"{model}_energy_rmse_mev_per_atom"] = figures["energy_rmse_mev_per_atom"]
-            metrics[f"{model}_forces_rmse_mev_per_a"] = figures["forces_rmse_mev_per_a"]
+        metrics.update(_flat_metrics(scores, profile))
         exports = {
             f"{ctx.export_prefix}{EXPORT_DIR}/validation.json": record_ref,
             f"{ctx.export_prefix}{EXPORT_DIR}/holdout.extxyz": holdout_ref,
         }
         outputs = {"holdout": holdout_ref, "validation": record_ref}
+        for name, ref in ablation.files.items():
+            outputs[f"{ABLATION_STEM}_{name}"] = ref
+            if name in ("yaml", "yace", "asi"):
+                exports[f"{ctx.export_prefix}{EXPORT_DIR}/{ABLATION_STEM}.{name}"] = ref
         if path:
             path_file = ctx.store.new_tempfile(".extxyz")
             write_extxyz(path_file, path)
             outputs["profile"] = ctx.store.put_file(path_file, kind="structures", move=True)
             exports[f"{ctx.export_prefix}{EXPORT_DIR}/profile.extxyz"] = outputs["profile"]
-            for model, barrier in profile["central_barrier_kcal_per_mol"].items():  # type: ignore[index]
-                metrics[f"{model}_barrier_kcal_per_mol"] = barrier
         return StepOutcome(outputs=outputs, metrics=metrics, exports=exports)
 
 
@@ -213,12 +242,122 @@ def _relative(energies: list[float]) -> list[float]:
     return (values - values.min()).tolist()
 
 
-def _model_specs(ctx: StepContext) -> dict[str, Any]:
-    return {
+def _model_specs(ctx: StepContext, ablation: common_pb2.ArtifactRef | None) -> dict[str, Any]:
+    specs = {
         "teacher": committee_spec(ctx, [teacher_model(ctx)]),
+        "committee": committee_spec(ctx, committee_models(ctx)),
         "base_ace": backend_spec("ace", {"potential": str(ctx.store.path(ctx.previous["ace_fit"]["yace"]))}),
         "final_ace": backend_spec("ace", {"potential": str(ctx.store.path(ctx.previous["delta_fit"]["yace"]))}),
     }
+    if ablation is not None:
+        specs[ABLATION_STEM] = backend_spec("ace", {"potential": str(ctx.store.path(ablation))})
+    return specs
+
+
+@dataclass
+class DirectFit:
+    """The ablation's potential (None when it could not be fitted, with the reason in `error`)."""
+
+    potential: common_pb2.ArtifactRef | None
+    files: dict[str, common_pb2.ArtifactRef]
+    metrics: dict[str, float]
+    n_training: int
+    error: str = ""
+
+
+def fit_direct_ace(ctx: StepContext) -> DirectFit:
+    """The ablation: the run's ACE fitted by the trainer, exactly as step 6 fits the base (same `ace` settings,
+    same code path, same reference energies), with the base's cutoff, on the iteration's DFT training labels
+    alone. An explicit ace.basis_size is kept; an inferred one follows the same rule from this (much smaller)
+    set, since a basis as large as the base's would leave a fit on a few dozen structures under-determined.
+    A fit the trainer refuses (too few structures for the configured basis) is recorded, not fatal: the run's
+    own potential stands without its ablation."""
+    settings = ctx.config.ace
+    dft_ref = ctx.previous["active_learning"]["dft"]
+    n_training = sum(1 for _ in iter_extxyz(ctx.store.path(dft_ref)))
+    spec = trainer_pb2.AceFitSpec(
+        train_data=[dft_ref],
+        cutoff=settings.cutoff or _base_cutoff(ctx),
+        basis_size=settings.basis_size,
+        model_kind=settings.model_kind,
+        e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in dft_reference_energies(ctx).items()],
+        random_seed=settings.random_seed,
+    )
+    try:
+        job = run_trainer_job(
+            ctx, trainer_pb2.StartJobRequest(ace_fit=spec), "ablation: the ACE fitted on the DFT labels alone"
+        )
+    except RuntimeError as exc:
+        return DirectFit(None, {}, {}, n_training, str(exc))
+    by_suffix = outputs_by_suffix(job)
+    files = {POTENTIAL_FILES[suffix]: ref for suffix, ref in by_suffix.items() if suffix in POTENTIAL_FILES}
+    if "yace" not in files:
+        return DirectFit(None, files, dict(job.metrics), n_training, f"trainer job {job.job_id} returned no .yace")
+    return DirectFit(files["yace"], files, dict(job.metrics), n_training)
+
+
+def _base_cutoff(ctx: StepContext) -> float:
+    """The cutoff step 6 used (its metrics record), 0 (inferred again, by the same rule) when it has none."""
+    ref = ctx.previous["ace_fit"].get("metrics")
+    if ref is None:
+        return 0.0
+    data = json.loads(ctx.store.path(ref).read_text())
+    return float(data.get("metrics", {}).get("cutoff_a", 0.0))
+
+
+def _flat_metrics(scores: dict[str, dict[str, Any]], profile: dict[str, Any] | None) -> dict[str, float]:
+    """The step's metrics: <model>_energy_rmse_mev_per_atom, <model>_forces_rmse_mev_per_a and, with a profile,
+    <model>_barrier_kcal_per_mol (dft_barrier_kcal_per_mol the reference)."""
+    metrics: dict[str, float] = {}
+    for model, figures in scores.items():
+        metrics[f"{model}_energy_rmse_mev_per_atom"] = figures["energy_rmse_mev_per_atom"]
+        metrics[f"{model}_forces_rmse_mev_per_a"] = figures["forces_rmse_mev_per_a"]
+    if profile is not None:
+        for model, barrier in profile["central_barrier_kcal_per_mol"].items():
+            metrics[f"{model}_barrier_kcal_per_mol"] = barrier
+    return metrics
+
+
+def handed_out_figures(metrics: dict[str, float]) -> dict[str, float]:
+    """The final ACE's figures from one validation's metrics (hold-out RMSEs, barrier and its DFT reference)."""
+    keys = (
+        "final_ace_energy_rmse_mev_per_atom",
+        "final_ace_forces_rmse_mev_per_a",
+        "final_ace_barrier_kcal_per_mol",
+        "dft_barrier_kcal_per_mol",
+        "n_holdout",
+    )
+    return {key.removeprefix("final_ace_"): metrics[key] for key in keys if key in metrics}
+
+
+def distillation_gain(metrics: dict[str, float]) -> dict[str, Any] | None:
+    """What the distillation (teacher, surrogate data, delta learning) gains over the ablation, from one
+    validation's metrics: final / direct RMSE ratios (below 1: the distillation earns its place) and both
+    potentials' central-barrier errors against DFT. None when the ablation was not scored."""
+    needed = ("final_ace", "direct_ace")
+    if any(f"{m}_forces_rmse_mev_per_a" not in metrics for m in needed):
+        return None
+
+    def ratio(quantity: str) -> float:
+        direct = metrics[f"direct_ace_{quantity}"]
+        return metrics[f"final_ace_{quantity}"] / direct if direct > 0 else float("inf")
+
+    gain: dict[str, Any] = {
+        "forces_rmse_ratio_final_over_direct": ratio("forces_rmse_mev_per_a"),
+        "energy_rmse_ratio_final_over_direct": ratio("energy_rmse_mev_per_atom"),
+        "final_ace_forces_rmse_mev_per_a": metrics["final_ace_forces_rmse_mev_per_a"],
+        "direct_ace_forces_rmse_mev_per_a": metrics["direct_ace_forces_rmse_mev_per_a"],
+        "final_ace_energy_rmse_mev_per_atom": metrics["final_ace_energy_rmse_mev_per_atom"],
+        "direct_ace_energy_rmse_mev_per_atom": metrics["direct_ace_energy_rmse_mev_per_atom"],
+    }
+    if "dft_barrier_kcal_per_mol" in metrics:
+        dft = metrics["dft_barrier_kcal_per_mol"]
+        gain["barrier_error_kcal_per_mol"] = {
+            model: abs(metrics[f"{model}_barrier_kcal_per_mol"] - dft)
+            for model in needed
+            if f"{model}_barrier_kcal_per_mol" in metrics
+        }
+    return gain
 
 
 def reference_alignment(frames: list[Atoms], model_energies: np.ndarray, reference_energies: np.ndarray) -> np.ndarray:
