@@ -437,12 +437,40 @@ class ReactionPathConfig(_DistanceDifferenceRange):
     count: int = Field(11, ge=3, description="Points, evenly spaced from start to stop.")
 
 
+class MdStabilityConfig(_Strict):
+    """MD with the final ACE from every seed at each temperature: a replica survives when no atom pair comes
+    closer than min_distance, no atom drifts farther than max_neighbour_distance from its nearest neighbour
+    (a fragment flying apart) and every energy is finite. An iteration whose final ACE loses a replica is never
+    the run's best and never meets the target."""
+
+    steps: int = Field(2000, ge=0, description="Steps of each run (0: no stability test).")
+    temperatures: list[Positive] | None = Field(
+        None, description="Thermostat temperatures, K; default: md.temperatures."
+    )
+    runs_per_seed: int = Field(1, ge=1, description="Runs per seed and temperature (each its own random seed).")
+    min_distance: Positive = Field(0.5, description="Closest approach of two atoms a survivor never goes below, Å.")
+    max_neighbour_distance: Positive = Field(
+        8.0, description="Largest distance from an atom to its nearest neighbour a survivor never exceeds, Å."
+    )
+
+
 class ValidationConfig(_Strict):
     """The loop's judge: the final ACE against DFT labels of structures it never saw, once per iteration."""
 
     holdout_size: int = Field(
-        10, ge=2, description="Surrogate-MD frames labelled by DFT as the hold-out set (charged to the budget)."
+        10,
+        ge=2,
+        description="Structures labelled by DFT as the hold-out set (charged to the budget): surrogate-MD frames "
+        "and, external_fraction of them, frames of an MD the pipeline does not fit to.",
     )
+    external_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the hold-out drawn from an independent MD: the teacher (not the fine-tuned "
+        "committee) along the restraint windows, another random seed, up to 1.25 × the highest md temperature.",
+    )
+    md_stability: MdStabilityConfig = Field(default_factory=MdStabilityConfig)
     target_energy_mev_per_atom: Positive = Field(5.0, description="Target energy RMSE on the hold-out, meV/atom.")
     target_forces_mev_per_a: Positive = Field(100.0, description="Target force RMSE on the hold-out, meV/Å.")
     max_iterations: int = Field(3, ge=1, description="Active-learning iterations (steps 2-7) at most.")

@@ -379,11 +379,17 @@ def _accuracy_sentence(number: int, validation: dict[str, Any]) -> str:
         for key, label, _colour in MODELS
         if key != "final_ace" and (model := validation["models"].get(key)) is not None
     )
+    stability = validation.get("md_stability")
+    stable = (
+        f" MD stability: {stability['n_survivors']}/{stability['n_runs']} runs survive {stability['steps']} steps."
+        if stability
+        else ""
+    )
     return (
         f"<b>{_rmse_pair(final['energy_rmse_mev_per_atom'], final['forces_rmse_mev_per_a'])}</b> "
         f"(target {_rmse_pair(target['energy_mev_per_atom'], target['forces_mev_per_a'])}): "
         f"{verdict}. For comparison: {_e(others)}. Iteration {number}, {_e(str(validation.get('n_holdout', '?')))} "
-        f"hold-out structures at {_e(str(validation.get('level_of_theory', '?')))}."
+        f"hold-out structures at {_e(str(validation.get('level_of_theory', '?')))}.{_e(stable)}"
     )
 
 
@@ -514,7 +520,13 @@ def _validation_section(run: RunRecord, out_dir: Path) -> str:
         f"{_e(str(validation.get('level_of_theory', '?')))}, never used for training. "
         f"{_VERDICT.get(validation.get('target_met'), '')}</p>"
     )
-    return intro + _rmse_table(validation) + _save(fig, out_dir, "parity.png", "parity plots of energies and forces")
+    return (
+        intro
+        + _rmse_table(validation)
+        + _source_table(validation)
+        + _stability_text(validation)
+        + _save(fig, out_dir, "parity.png", "parity plots of energies and forces")
+    )
 
 
 def _ablation_section(run: RunRecord, out_dir: Path) -> str:
@@ -713,6 +725,58 @@ def _rmse_table(validation: dict[str, Any]) -> str:
         rows.append([label, _fmt(model["energy_rmse_mev_per_atom"], 1), _fmt(model["forces_rmse_mev_per_a"], 1)])
     rows.append(["<i>target</i>", _fmt(target["energy_mev_per_atom"], 1), _fmt(target["forces_mev_per_a"], 1)])
     return _table(["model", "energy RMSE (meV/atom)", "force RMSE (meV/Å)"], rows)
+
+
+_SOURCE_LABELS = {
+    "surrogate_md": "the run's own surrogate MD",
+    "teacher_md": "an independent MD (the teacher, other seed, hotter)",
+}
+
+
+def _source_table(validation: dict[str, Any]) -> str:
+    """Force and energy RMSE per hold-out source: the run's own MD against the independent one."""
+    sources = sorted(validation.get("n_holdout_by_source") or {})
+    if len(sources) < 2:
+        return ""
+    header = ["model"] + [
+        f"{_SOURCE_LABELS.get(src, src)} ({validation['n_holdout_by_source'][src]}): E, F" for src in sources
+    ]
+    rows = []
+    for key, label, _colour in MODELS:
+        by_source = validation["models"].get(key, {}).get("by_source")
+        if not by_source:
+            continue
+        rows.append(
+            [_e(label)]
+            + [
+                _rmse_pair(by_source[src]["energy_rmse_mev_per_atom"], by_source[src]["forces_rmse_mev_per_a"])
+                if src in by_source
+                else "–"
+                for src in sources
+            ]
+        )
+    return "<p>By source of the hold-out structures:</p>" + _table(header, rows)
+
+
+def _stability_text(validation: dict[str, Any]) -> str:
+    stability = validation.get("md_stability")
+    if not stability:
+        return ""
+    n_runs, survivors = int(stability["n_runs"]), int(stability["n_survivors"])
+    css = "good" if survivors == n_runs else "bad"
+    per_t = ", ".join(f"{t} K: {s}/{n}" for t, (s, n) in stability["survivors_by_temperature"].items())
+    lost = [
+        f"seed {run['seed']} at {_fmt(run['temperature_k'], 0)} K: {run['problem']}"
+        for run in stability["runs"]
+        if not run["survived"]
+    ]
+    text = (
+        f'<p>MD stability of the final ACE: <b class="{css}">{survivors}/{n_runs} runs survive</b> '
+        f"{_e(str(stability['steps']))} steps of {_fmt(stability['timestep_fs'], 2)} fs ({_e(per_t)}).</p>"
+    )
+    if lost:
+        text += "<ul>" + "".join(f"<li>{_e(item)}</li>" for item in lost) + "</ul>"
+    return text
 
 
 def _rmse(validation: dict[str, Any], model: str, key: str) -> float | None:

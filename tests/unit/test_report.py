@@ -52,6 +52,7 @@ class SyntheticRun:
     run_dir: Path
     # Figures computed here that the report must show.
     rmse: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # iteration -> model -> (E, F)
+    rmse_by_source: dict[tuple[int, str, str], tuple[float, float]] = field(default_factory=dict)
     barriers: dict[str, float] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)  # exported path -> sha256 of the file
     coverage: float = 0.0
@@ -158,17 +159,32 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
     ref_forces = rng.normal(0.0, 1.5, (n * n_atoms, 3))
     models = {}
     run.rmse[iteration] = {}
+    sources = np.array(["surrogate_md"] * 6 + ["teacher_md"] * 4)
     for model, (e_noise, f_noise) in NOISE[iteration].items():
         energy = ref_energy + e_noise * rng.standard_normal(n)
         forces = ref_forces + f_noise * rng.standard_normal(ref_forces.shape)
         e_rmse = 1000 * float(np.sqrt(np.mean((energy - ref_energy) ** 2)))
         f_rmse = 1000 * float(np.sqrt(np.mean((forces - ref_forces) ** 2)))
         run.rmse[iteration][model] = (e_rmse, f_rmse)
+        by_source = {}
+        for src in ("surrogate_md", "teacher_md"):
+            frames = sources == src
+            rows = np.repeat(frames, n_atoms)
+            by_source[src] = {
+                "n": int(frames.sum()),
+                "energy_rmse_mev_per_atom": 1000 * float(np.sqrt(np.mean((energy - ref_energy)[frames] ** 2))),
+                "forces_rmse_mev_per_a": 1000 * float(np.sqrt(np.mean((forces - ref_forces)[rows] ** 2))),
+            }
+            run.rmse_by_source[(iteration, model, src)] = (
+                by_source[src]["energy_rmse_mev_per_atom"],
+                by_source[src]["forces_rmse_mev_per_a"],
+            )
         models[model] = {
             "energy_rmse_mev_per_atom": e_rmse,
             "forces_rmse_mev_per_a": f_rmse,
             "energy_per_atom_ev": energy.tolist(),
             "forces_ev_per_a": forces.tolist(),
+            "by_source": by_source,
         }
     xi = np.linspace(-1.2, 1.2, 13)
     energies, barriers = {}, {}
@@ -193,6 +209,7 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
         "iteration": iteration,
         "level_of_theory": LEVEL,
         "n_holdout": n,
+        "n_holdout_by_source": {"surrogate_md": 6, "teacher_md": 4},
         "dft_calls_total": dft_calls,
         "dft_budget": 60,
         "target": {"energy_mev_per_atom": 5.0, "forces_mev_per_a": 100.0},
@@ -201,6 +218,18 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
         "models": models,
         "profile": {"xi_a": xi.tolist(), "energies_ev": energies, "central_barrier_kcal_per_mol": barriers},
         "ablation": ablation,
+        "md_stability": {
+            "steps": 400,
+            "timestep_fs": 0.5,
+            "n_runs": 6,
+            "n_survivors": 6 if iteration == 1 else 5,
+            "survivors_by_temperature": {"300": [3, 3], "600": [3 if iteration == 1 else 2, 3]},
+            "runs": [
+                {"seed": 0, "temperature_k": 600.0, "steps_done": 120, "survived": False, "problem": "step 120: boom"}
+            ]
+            if iteration == 2
+            else [],
+        },
     }
 
 
@@ -329,6 +358,7 @@ def test_report_shows_the_runs_figures_and_plots(tmp_path, artifact_store):
     assert f'<code title="{final_digest}">{final_digest[:12]}</code>' in page
     assert run.digests["step1_direct/pool.extxyz"][:12] in page
     assert "56 of a budget of 60" in page
+    assert "5/6 runs survive" in page and "seed 0 at 600 K: step 120: boom" in page
     assert "56 at PBE/def2-SVP (pyscf) (failed 1, ok 54, requested 1)" in page
     assert "2 min 05 s" in page, "active_learning.1 took 125 s"
     assert "20 min 34 s" in page, "the run summary's wall time"
@@ -352,6 +382,11 @@ def test_report_headline_and_ablation_give_the_handed_out_iteration_s_figures(tm
     assert f"{final_1[1] / direct_1[1]:.2f}" in ablation and f"{final_1[0] / direct_1[0]:.2f}" in ablation
     assert "the distillation earns its place on forces" in ablation  # 0.12 vs 0.30 eV/Å of noise
     assert "8 DFT training structures of iteration 1" in ablation
+    assert "MD stability: 6/6 runs survive 400 steps." in headline
+    validation = page.split("<h2>Validation on the DFT hold-out</h2>")[1].split("<h2>")[0]
+    e_rmse, f_rmse = run.rmse_by_source[(1, "final_ace", "teacher_md")]
+    assert f"{e_rmse:.1f} meV/atom, {f_rmse:.1f} meV/Å" in validation
+    assert "an independent MD (the teacher, other seed, hotter) (4)" in validation
     assert f"{abs(run.barriers['direct_ace'] - run.barriers['dft']):.2f}" in ablation
 
 

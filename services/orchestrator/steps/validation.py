@@ -1,9 +1,16 @@
 """Validation, the loop's judge: the final ACE (and, for comparison, the teacher and the base ACE) against DFT
 labels of a hold-out set the potential never saw.
 
-The hold-out is drawn once, in iteration 1, at random from the surrogate-MD frames (the states the potential
-will actually be used in), labelled by DFT through the budget ledger, and reused by later iterations so their
-figures compare. Step 2 keeps its share of the budget free until then.
+The hold-out is drawn once, in iteration 1, labelled by DFT through the budget ledger, and reused by later
+iterations so their figures compare; step 2 keeps its share of the budget free until then. It has two sources,
+scored apart as well as together: frames of step 4's surrogate MD (the states the pipeline trained on) and,
+validation.external_fraction of it, frames of an MD the pipeline does not fit to: the teacher's, along the same
+restraint windows, with another random seed and up to 1.25 × the highest md temperature. A hold-out drawn only
+from the training distribution flatters the potential (measured on the SN2 flagship: 96 meV/Å on its own frames,
+catastrophic on independent ones).
+
+MD stability: the final ACE runs short MDs from every seed at each temperature (validation.md_stability); an
+iteration that loses a run never meets the target and is never the run's best (services.orchestrator.runner).
 
 The ablation: the same ACE (the run's `ace` settings and the base's cutoff, through the same trainer fit) fitted
 directly on the iteration's DFT training labels only — no teacher, no surrogate data — is scored beside the teacher,
@@ -38,6 +45,7 @@ from services.oracle.client import backend_spec
 from services.oracle.force_field import OracleForceField
 from services.orchestrator.dft_labels import DftLabeller, label_frames, oracle_spec
 from services.orchestrator.ledger import DftLedger
+from services.orchestrator.md_stability import StabilityRun, frame_problem, stability_summary
 from services.orchestrator.model_labels import model_labels
 from services.orchestrator.reaction_profile import central_barrier_kcal, relaxed_scan, xi_of
 from services.orchestrator.state import STATE_FILE
@@ -49,13 +57,20 @@ from services.orchestrator.steps.mace_finetune import (
     dft_reference_energies,
     teacher_model,
 )
+from services.orchestrator.steps.surrogate_md import md_config, run_committee_md
 from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
+from services.sampler.client import md_request, run_md
 
 EXPORT_DIR = "validation"
 # teacher: the MACE the run distils; committee: the fine-tuned MACE committee (step 3); base_ace / final_ace:
 # steps 6 and 7; direct_ace: the ablation, the same ACE fitted on the DFT training labels alone.
 MODELS = ("teacher", "committee", "base_ace", "final_ace", "direct_ace")
 ABLATION_STEM = "direct_ace"
+# Where a hold-out structure comes from (atoms.info key, and the per-source figures' keys).
+SOURCE_KEY = "holdout_source"
+SURROGATE_SOURCE, EXTERNAL_SOURCE = "surrogate_md", "teacher_md"
+# The independent MD reaches this many times the highest md temperature.
+EXTERNAL_TEMPERATURE_MARGIN = 1.25
 
 
 def rmse(predicted: np.ndarray, reference: np.ndarray) -> float:
@@ -97,6 +112,9 @@ class ValidationStep:
             "ace": ctx.config.ace.model_dump(mode="json", exclude={"delta_surrogate_weight"}),
             "base_metrics": ctx.previous["ace_fit"]["metrics"].sha256 if "metrics" in ctx.previous["ace_fit"] else "",
             "validation": ctx.config.validation.model_dump(mode="json"),
+            # The independent hold-out MD and the stability MD follow the md section and the seeds.
+            "md": md_config(ctx).model_dump(mode="json"),
+            "seeds": [seed.content_id for seed in ctx.seeds],
             "oracle": ctx.config.oracle.model_dump(mode="json"),
             "budget": ctx.config.budget.max_dft_calls,
         }
@@ -125,6 +143,8 @@ class ValidationStep:
         n_atoms = np.array([len(a) for a in holdout], dtype=float)
         ref_energies = np.array([a.get_potential_energy() for a in holdout]) / n_atoms
         ref_forces = np.concatenate([a.get_forces() for a in holdout])
+        sources = np.array([str(a.info.get(SOURCE_KEY, SURROGATE_SOURCE)) for a in holdout])
+        atom_sources = np.repeat(sources, n_atoms.astype(int))
         scores = {}
         profile: dict[str, Any] | None = None
         if path:
@@ -138,6 +158,16 @@ class ValidationStep:
                 energies = energies + reference_alignment(holdout, energies, ref_energies * n_atoms)
             forces = np.concatenate([np.reshape(lab.forces, (-1, 3)) for lab in labels])
             scores[model] = model_scores(energies / n_atoms, forces, ref_energies, ref_forces)
+            scores[model]["by_source"] = {
+                src: {
+                    "n": int(np.count_nonzero(sources == src)),
+                    "energy_rmse_mev_per_atom": 1000.0
+                    * rmse((energies / n_atoms)[sources == src], ref_energies[sources == src]),
+                    "forces_rmse_mev_per_a": 1000.0
+                    * rmse(forces[atom_sources == src], ref_forces[atom_sources == src]),
+                }
+                for src in sorted(set(sources))
+            }
             if profile is not None:
                 on_path = model_labels(ctx, spec, path, f"{model} along the reaction path")
                 profile["energies_ev"][model] = _relative([lab.energy for lab in on_path])
@@ -145,11 +175,17 @@ class ValidationStep:
             profile["central_barrier_kcal_per_mol"] = {
                 model: central_barrier_kcal(values) for model, values in profile["energies_ev"].items()
             }
-        met = target_met(scores["final_ace"], settings.target_energy_mev_per_atom, settings.target_forces_mev_per_a)
+        stability = final_md_stability(ctx)
+        stable = stability is None or stability["n_survivors"] == stability["n_runs"]
+        met = stable and target_met(
+            scores["final_ace"], settings.target_energy_mev_per_atom, settings.target_forces_mev_per_a
+        )
         record = {
             "iteration": ctx.iteration,
             "level_of_theory": holdout[0].info.get(LEVEL_KEY, ctx.config.oracle.backend),
             "n_holdout": len(holdout),
+            "n_holdout_by_source": {src: int(np.count_nonzero(sources == src)) for src in sorted(set(sources))},
+            "holdout_sources": sources.tolist(),
             "dft_calls_total": dft_calls,
             "dft_budget": ctx.config.budget.max_dft_calls,
             "target": {
@@ -160,6 +196,7 @@ class ValidationStep:
             "reference": {"energy_per_atom_ev": ref_energies.tolist(), "forces_ev_per_a": ref_forces.tolist()},
             "models": scores,
             "profile": profile,
+            "md_stability": stability,
             "ablation": {
                 "model": ABLATION_STEM,
                 "trained_on": "the iteration's DFT training labels only (no teacher, no surrogate data)",
@@ -175,6 +212,9 @@ class ValidationStep:
         record_ref = ctx.store.put_bytes(json.dumps(record).encode(), kind="validation", suffix=".json")
         metrics = {"target_met": float(met), "dft_calls_total": float(dft_calls), "n_holdout": float(len(holdout))}
         metrics.update(_flat_metrics(scores, profile))
+        if stability is not None:
+            metrics["final_ace_md_survivors"] = float(stability["n_survivors"])
+            metrics["final_ace_md_runs"] = float(stability["n_runs"])
         exports = {
             f"{ctx.export_prefix}{EXPORT_DIR}/validation.json": record_ref,
             f"{ctx.export_prefix}{EXPORT_DIR}/holdout.extxyz": holdout_ref,
@@ -193,21 +233,113 @@ class ValidationStep:
 
 
 def _draw_holdout(ctx: StepContext) -> list[Atoms]:
-    """validation.holdout_size surrogate-MD frames at random (seeded), never one already in the DFT set;
-    the frames file is streamed twice (count, then pick), so its size does not matter."""
-    frames_path = ctx.store.path(ctx.previous["surrogate_md"]["frames"])
-    n_frames = sum(1 for _ in iter_extxyz(frames_path))
-    size = min(ctx.config.validation.holdout_size, n_frames)
-    rng = np.random.default_rng(ctx.config.validation.random_seed)
-    wanted = set(rng.choice(n_frames, size=size, replace=False).tolist())
+    """validation.holdout_size structures, never one already in the DFT set: external_fraction of them from
+    the independent teacher MD, the rest surrogate-MD frames, each at random (seeded), tagged with their source."""
+    settings = ctx.config.validation
+    n_external = round(settings.holdout_size * settings.external_fraction)
+    surrogate_frames = ctx.store.path(ctx.previous["surrogate_md"]["frames"])
+    drawn = _draw_frames(ctx, surrogate_frames, settings.holdout_size - n_external)
+    for atoms in drawn:
+        atoms.info[SOURCE_KEY] = SURROGATE_SOURCE
+    if n_external:
+        external = _draw_frames(ctx, ctx.store.path(independent_md_frames(ctx, n_external)), n_external)
+        for atoms in external:
+            atoms.info[SOURCE_KEY] = EXTERNAL_SOURCE
+        drawn += external
     trained = {
         atoms_to_structure(a).content_id
         for a in read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"]))
     }
+    return [a for a in drawn if atoms_to_structure(a).content_id not in trained]
+
+
+def _draw_frames(ctx: StepContext, frames_path: Any, size: int) -> list[Atoms]:
+    """`size` frames of an extxyz file at random (seeded), without their MD labels; the file is streamed twice
+    (count, then pick), so its size does not matter."""
+    n_frames = sum(1 for _ in iter_extxyz(frames_path))
+    size = min(size, n_frames)
+    rng = np.random.default_rng(ctx.config.validation.random_seed)
+    wanted = set(rng.choice(n_frames, size=size, replace=False).tolist())
     drawn = [a for i, a in enumerate(iter_extxyz(frames_path)) if i in wanted]
     for atoms in drawn:
         atoms.calc = None  # the MD's own labels must not pass for DFT labels
-    return [a for a in drawn if atoms_to_structure(a).content_id not in trained]
+    return drawn
+
+
+def independent_md_frames(ctx: StepContext, n_wanted: int) -> common_pb2.ArtifactRef:
+    """Frames of an MD the pipeline does not fit to: the teacher (never the fine-tuned committee) along the md
+    section's restraint windows, one replica per window and temperature, the md temperatures plus
+    EXTERNAL_TEMPERATURE_MARGIN × the highest, another random seed than step 4's and iteration 1's MD."""
+    md = md_config(ctx)
+    hottest = EXTERNAL_TEMPERATURE_MARGIN * max(md.temperatures)
+    temperatures = sorted({*md.temperatures, float(round(hottest))})
+    config = md.model_copy(
+        update={
+            "temperatures": temperatures,
+            "replicas": len(temperatures),
+            "random_seed": md.random_seed + 2,
+            "n_frames": max(10 * n_wanted, 20),
+            "frame_selection": "stride",
+        }
+    )
+    result, _ = run_committee_md(ctx, [teacher_model(ctx)], config)
+    return result.selected
+
+
+def final_md_stability(ctx: StepContext) -> dict[str, Any] | None:
+    """validation.md_stability: the final ACE's MD from every seed at each temperature through the sampler (plain
+    MD, no restraint), each run judged by `frame_problem` on its saved frames and by the sampler's own stops.
+    None when md_stability.steps is 0."""
+    settings = ctx.config.validation.md_stability
+    if settings.steps == 0:
+        return None
+    md = md_config(ctx)
+    temperatures = list(settings.temperatures or md.temperatures)
+    n_seeds = len(ctx.seeds)
+    config = md.model_copy(
+        update={
+            "temperatures": temperatures,
+            "steps": settings.steps,
+            "replicas": n_seeds * len(temperatures) * settings.runs_per_seed,
+            "save_interval": max(1, settings.steps // 50),
+            "windows": None,
+            "min_distance": settings.min_distance,
+            "n_frames": 1,
+            "frame_selection": "stride",
+            "random_seed": md.random_seed + 3,
+        }
+    )
+    spec = backend_spec("ace", {"potential": str(ctx.store.path(ctx.previous["delta_fit"]["yace"]))})
+    request = md_request(ctx.seeds, config, ctx.oracle_address, spec)
+    runs = [
+        StabilityRun(seed=r % n_seeds, temperature_k=temperatures[(r // n_seeds) % len(temperatures)], steps_done=0)
+        for r in range(config.replicas)
+    ]
+    ctx.report(common_pb2.Progress(stage="md_stability", total=settings.steps, message="final ACE MD stability"))
+    stopped: set[int] = set()
+    with channel(ctx.sampler_address) as ch:
+        for event in run_md(ch, request, timeout=ctx.call_timeout_s):
+            if event.HasField("progress"):
+                ctx.report(event.progress)
+            elif event.HasField("frame"):
+                frame = event.frame
+                run = runs[frame.replica]
+                run.steps_done = max(run.steps_done, int(frame.step))
+                energy = frame.labels.energy if frame.labels.HasField("energy") else float("nan")
+                problem = frame_problem(
+                    structure_to_atoms(frame.structure), energy, settings.min_distance, settings.max_neighbour_distance
+                )
+                if run.problem is None and problem is not None:
+                    run.problem = f"step {frame.step}: {problem}"
+            elif event.HasField("stopped"):
+                run = runs[event.stopped.replica]
+                stopped.add(event.stopped.replica)
+                run.steps_done = int(event.stopped.step)
+                run.problem = run.problem or f"step {event.stopped.step}: {event.stopped.reason}"
+    for index, run in enumerate(runs):
+        if index not in stopped and run.problem is None:
+            run.steps_done = settings.steps
+    return stability_summary(runs, settings.steps, md.timestep_fs)
 
 
 def _profile_atoms(ctx: StepContext) -> tuple[int, int, int]:
@@ -318,6 +450,20 @@ def _flat_metrics(scores: dict[str, dict[str, Any]], profile: dict[str, Any] | N
     return metrics
 
 
+def best_iteration(metrics_by_iteration: dict[int, dict[str, float]]) -> int:
+    """From each validated iteration's metrics, the one to hand out: the largest share of surviving stability MD
+    runs first (an unstable potential is never best while a stabler one exists), then the lowest hold-out force
+    RMSE of the final ACE; 0 when none was scored."""
+    scored = []
+    for iteration, metrics in metrics_by_iteration.items():
+        if "final_ace_forces_rmse_mev_per_a" not in metrics:
+            continue
+        runs = metrics.get("final_ace_md_runs", 0.0)
+        surviving = metrics.get("final_ace_md_survivors", 0.0) / runs if runs else 1.0
+        scored.append((-surviving, metrics["final_ace_forces_rmse_mev_per_a"], iteration))
+    return min(scored)[2] if scored else 0
+
+
 def handed_out_figures(metrics: dict[str, float]) -> dict[str, float]:
     """The final ACE's figures from one validation's metrics (hold-out RMSEs, barrier and its DFT reference)."""
     keys = (
@@ -325,6 +471,8 @@ def handed_out_figures(metrics: dict[str, float]) -> dict[str, float]:
         "final_ace_forces_rmse_mev_per_a",
         "final_ace_barrier_kcal_per_mol",
         "dft_barrier_kcal_per_mol",
+        "final_ace_md_survivors",
+        "final_ace_md_runs",
         "n_holdout",
     )
     return {key.removeprefix("final_ace_"): metrics[key] for key in keys if key in metrics}
