@@ -242,12 +242,29 @@ class BudgetConfig(_Strict):
     max_dft_calls: int = Field(60, ge=0, description="Hard limit on DFT calls over the whole run.")
 
 
+# Thermal rattles: per Cartesian component, σ = sqrt(k_B·T / k) with this stiffness, eV/Å² (between a soft
+# bend and a C–H stretch: 0.05 Å at 300 K, 0.09 Å at 1000 K).
+THERMAL_STIFFNESS_EV_PER_A2 = 10.0
+# The thermal rattles reach this many times the highest temperature.
+THERMAL_TEMPERATURE_MARGIN = 1.25
+BOLTZMANN_EV_PER_K = 8.617333262e-5
+
+
+def thermal_rattle_amplitudes(temperatures: list[float]) -> list[float]:
+    """Rattle amplitudes (Å) of the thermal displacements at the given temperatures and at
+    THERMAL_TEMPERATURE_MARGIN × the highest, so the pool covers what MD at these temperatures visits without
+    the harsh rattles that only make near-collisions."""
+    wanted = sorted({*temperatures, THERMAL_TEMPERATURE_MARGIN * max(temperatures)})
+    return [round((BOLTZMANN_EV_PER_K * t / THERMAL_STIFFNESS_EV_PER_A2) ** 0.5, 4) for t in wanted]
+
+
 class PoolConfig(_Strict):
     """Step 1a: candidate pool generation from the seeds."""
 
-    rattle_amplitudes: list[Positive] = Field(
-        default_factory=lambda: [0.02, 0.05, 0.1, 0.2],
-        description="Gaussian displacement amplitudes (per Cartesian component), Å.",
+    rattle_amplitudes: list[Positive] | None = Field(
+        None,
+        description="Gaussian displacement amplitudes (per Cartesian component), Å; default: thermal ones, "
+        "sqrt(k_B·T / 10 eV/Å²) at each md temperature and 1.25 × the highest.",
     )
     rattles_per_amplitude: int = Field(25, ge=0, description="Rattled copies per seed and amplitude.")
     max_strain: float = Field(0.03, ge=0, le=0.3, description="Largest strain component (periodic seeds).")
@@ -260,6 +277,12 @@ class PoolConfig(_Strict):
     max_rotation_deg: float = Field(30.0, gt=0, le=180, description="Largest fragment rotation, degrees.")
     min_distance: Positive = Field(0.6, description="Candidates with a shorter interatomic distance are dropped, Å.")
     random_seed: int = Field(0, ge=0)
+
+    def resolved(self, temperatures: list[float]) -> PoolConfig:
+        """This section with thermal rattle amplitudes for `temperatures` (K) when none were given."""
+        if self.rattle_amplitudes is not None:
+            return self
+        return self.model_copy(update={"rattle_amplitudes": thermal_rattle_amplitudes(temperatures)})
 
 
 class DirectConfig(_Strict):

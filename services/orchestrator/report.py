@@ -329,6 +329,15 @@ def _headline(run: RunRecord, out_dir: Path) -> str:
     rows.append(("DFT calls", f"{_fmt(used, 0)} of a budget of {_fmt(run.budget(), 0)}"))
     if run.ledger:
         rows.append(("DFT ledger", _e(_ledger_text(run.ledger))))
+    if summary is not None and "dft_calls_not_trained_on" in summary:
+        wasted = int(summary["dft_calls_not_trained_on"])
+        css = "good" if wasted == 0 else "bad"
+        rows.append(
+            (
+                "DFT calls charged but not trained on",
+                f'<b class="{css}">{wasted}</b> (DFT forces above active_learning.max_candidate_force)',
+            )
+        )
     if summary is not None and "wall_time_s" in summary:
         rows.append(("Wall time", _duration(float(summary["wall_time_s"]))))
     elif run.created is not None and run.events:
@@ -401,6 +410,8 @@ def _selection_section(run: RunRecord, out_dir: Path) -> str:
     rows = [
         ("Pool structures", _fmt(data.get("n_pool"), 0)),
         ("Rejected while building the pool", _fmt(data.get("n_rejected"), 0)),
+        ("Dropped for teacher forces above the cap", _fmt(data.get("n_rejected_teacher_force"), 0)),
+        ("Rattle amplitudes (Å)", _e(", ".join(f"{a:g}" for a in data.get("rattle_amplitudes_a") or []))),
         ("Selected by DIRECT", _fmt(data["n_selected"], 0)),
         ("Coverage of the pool's feature space", _fmt(data["coverage"], 3)),
         ("Featuriser", _e(str(data.get("featuriser", "?")))),

@@ -292,6 +292,15 @@ class RunManager:
             "dft_budget": handle.config.budget.max_dft_calls,
             "wall_time_s": wall_time_s,
         }
+        # DFT labels charged but not trained on (DFT forces above active_learning.max_candidate_force), all
+        # iterations: the pool's teacher-force filter and step 2's committee caps exist to keep this at 0.
+        summary["dft_calls_not_trained_on"] = int(
+            sum(
+                row.metrics.get("n_dft_not_trained_on", 0.0)
+                for iteration in range(1, iterations + 1)
+                if (row := handle.state.step(f"{ActiveLearningStep.name}.{iteration}")) is not None
+            )
+        )
         row = handle.state.step(f"{ValidationStep.name}.{best}") if best else None
         if row is not None:
             # The figures of the potential handed out (the best iteration's), and what its distillation gains

@@ -115,3 +115,13 @@ def test_md_defaults_follow_the_budget_and_the_windows() -> None:
     assert MdConfig(replicas=64).resolved(10).steps == 500  # never shorter than 500 steps
     explicit = MdConfig(n_frames=7, steps=11).resolved(60)
     assert (explicit.n_frames, explicit.steps) == (7, 11)
+
+
+def test_thermal_rattle_amplitudes_follow_the_temperatures_unless_given():
+    from pyacemaker.config import PoolConfig, thermal_rattle_amplitudes
+
+    kb = 8.617333262e-5
+    expected = [round((kb * t / 10.0) ** 0.5, 4) for t in (300.0, 1000.0, 1250.0)]
+    assert thermal_rattle_amplitudes([1000.0, 300.0]) == expected
+    assert PoolConfig().resolved([300.0, 1000.0]).rattle_amplitudes == expected
+    assert PoolConfig(rattle_amplitudes=[0.2]).resolved([300.0]).rattle_amplitudes == [0.2]

@@ -319,6 +319,7 @@ def write_synthetic_run(
             "dft_calls": charged[iterations][1],
             "dft_budget": 60,
             "wall_time_s": 1234.0,
+            "dft_calls_not_trained_on": 2,
         }
         (run_dir / "run_summary.json").write_text(json.dumps(summary))
         writer.state.add_event(orchestrator_pb2.RUN_EVENT_KIND_RUN_COMPLETED, message="done")
@@ -358,6 +359,7 @@ def test_report_shows_the_runs_figures_and_plots(tmp_path, artifact_store):
     assert f'<code title="{final_digest}">{final_digest[:12]}</code>' in page
     assert run.digests["step1_direct/pool.extxyz"][:12] in page
     assert "56 of a budget of 60" in page
+    assert '<th>DFT calls charged but not trained on</th><td><b class="bad">2</b>' in page
     assert "5/6 runs survive" in page and "seed 0 at 600 K: step 120: boom" in page
     assert "56 at PBE/def2-SVP (pyscf) (failed 1, ok 54, requested 1)" in page
     assert "2 min 05 s" in page, "active_learning.1 took 125 s"
