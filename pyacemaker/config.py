@@ -192,7 +192,12 @@ class AceOracleConfig(_Strict):
     """An ACE potential (.yace), e.g. the run's base or final student; used for validation and MD."""
 
     backend: Literal["ace"]
-    potential: Path = Field(description="The .yace file.")
+    potential: Path = Field(description="The .yace file (or the .yaml B-basis, which active_set needs).")
+    active_set: Path | None = Field(
+        None,
+        description="The potential's active set (.asi); with it the labels carry the per-atom extrapolation "
+        "grade γ. Needs the .yaml potential.",
+    )
 
 
 OracleConfig = Annotated[

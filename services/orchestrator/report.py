@@ -576,9 +576,17 @@ def _ablation_section(run: RunRecord, out_dir: Path) -> str:
                 _fmt(model["forces_rmse_mev_per_a"], 1),
                 _fmt(barrier, 2),
                 _fmt(error, 2),
+                _gamma(model.get("max_gamma")),
             ]
         )
-    header = ["model", "energy RMSE (meV/atom)", "force RMSE (meV/Å)", "barrier (kcal/mol)", "|barrier − DFT|"]
+    header = [
+        "model",
+        "energy RMSE (meV/atom)",
+        "force RMSE (meV/Å)",
+        "barrier (kcal/mol)",
+        "|barrier − DFT|",
+        "max γ on the hold-out",
+    ]
     table = _table(header, rows)
     gain = ablation.get("gain")
     if not gain:
@@ -788,6 +796,14 @@ def _stability_text(validation: dict[str, Any]) -> str:
     if lost:
         text += "<ul>" + "".join(f"<li>{_e(item)}</li>" for item in lost) + "</ul>"
     return text
+
+
+def _gamma(value: Any) -> str:
+    """An extrapolation grade: 2 decimals near 1, scientific notation when huge; "–" when not computed."""
+    if value is None:
+        return "–"
+    number = float(value)
+    return f"{number:.2f}" if number < 1000 else f"{number:.2e}"
 
 
 def _rmse(validation: dict[str, Any], model: str, key: str) -> float | None:

@@ -180,6 +180,7 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
                 by_source[src]["forces_rmse_mev_per_a"],
             )
         models[model] = {
+            "max_gamma": 3.5e6 if model == "direct_ace" else 1.25,
             "energy_rmse_mev_per_atom": e_rmse,
             "forces_rmse_mev_per_a": f_rmse,
             "energy_per_atom_ev": energy.tolist(),
@@ -384,6 +385,7 @@ def test_report_headline_and_ablation_give_the_handed_out_iteration_s_figures(tm
     assert f"{final_1[1] / direct_1[1]:.2f}" in ablation and f"{final_1[0] / direct_1[0]:.2f}" in ablation
     assert "the distillation earns its place on forces" in ablation  # 0.12 vs 0.30 eV/Å of noise
     assert "8 DFT training structures of iteration 1" in ablation
+    assert "3.50e+06" in ablation and "1.25" in ablation
     assert "MD stability: 6/6 runs survive 400 steps." in headline
     validation = page.split("<h2>Validation on the DFT hold-out</h2>")[1].split("<h2>")[0]
     e_rmse, f_rmse = run.rmse_by_source[(1, "final_ace", "teacher_md")]

@@ -3,6 +3,8 @@ validation and MD can use it through the same contract as the teacher and DFT.
 
 The .yace carries its per-element reference energies, so the labels are totals on the level of theory the
 potential was fitted to. The level of theory names the file's digest: two different fits never compare equal.
+With an active set (.asi, and the .yaml B-basis as the potential) the labels also carry the per-atom
+extrapolation grade γ (pyace's D-optimality grade) in their uncertainty.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ase.calculators.calculator import Calculator
 
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.config import AceOracleConfig
+from pyacemaker.v1 import common_pb2
 from services.oracle.backends.base import OracleBackend
 
 
@@ -23,10 +26,15 @@ class AceBackend(OracleBackend):
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces", "stress")
 
     def __init__(self, config: AceOracleConfig) -> None:
-        if config.potential.suffix != ".yace":
-            raise ValueError(f"{config.potential}: the ace backend evaluates .yace files (pace_yaml2yace converts)")
+        if config.potential.suffix not in (".yace", ".yaml"):
+            raise ValueError(f"{config.potential}: the ace backend evaluates .yace (or .yaml) potential files")
         if not config.potential.is_file():
             raise ValueError(f"{config.potential}: no such potential file")
+        if config.active_set is not None:
+            if config.potential.suffix != ".yaml":
+                raise ValueError(f"{config.potential}: γ with an active set needs the .yaml potential, not the .yace")
+            if not config.active_set.is_file():
+                raise ValueError(f"{config.active_set}: no such active-set file")
         self.config = config
         self.digest = sha256_of_file(config.potential)
 
@@ -41,8 +49,20 @@ class AceBackend(OracleBackend):
     def calculator(self, atoms: Atoms, attempt: int = 0) -> Calculator:
         from pyace import PyACECalculator
 
+        if self.config.active_set is not None:
+            calc = PyACECalculator(str(self.config.potential))
+            calc.set_active_set(str(self.config.active_set))
+            return calc
         # The recursive evaluator is pyace's fast one; loading a .yace takes milliseconds.
         return PyACECalculator(str(self.config.potential), recursive_evaluator=True, recursive=True)
+
+    def annotate(self, results: dict[str, object], labels: common_pb2.Labels) -> None:
+        gamma = results.get("gamma")
+        # Without an active set pyace reports zeros, which would read as "no extrapolation".
+        if gamma is not None and self.config.active_set is not None:
+            grades = [float(g) for g in gamma]  # type: ignore[attr-defined]
+            labels.uncertainty.extrapolation_grade.extend(grades)
+            labels.uncertainty.max_extrapolation_grade = max(grades, default=0.0)
 
 
 @functools.cache

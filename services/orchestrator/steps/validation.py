@@ -95,7 +95,7 @@ def target_met(scores: dict[str, Any], energy_target: float, forces_target: floa
 
 class ValidationStep:
     name = "validation"
-    version = 2
+    version = 3
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         held_out = ctx.previous["validation"]["holdout"].sha256 if "validation" in ctx.previous else ""
@@ -105,6 +105,7 @@ class ValidationStep:
             "frames": ctx.previous["surrogate_md"]["frames"].sha256,
             "base": ctx.previous["ace_fit"]["yace"].sha256,
             "final": ctx.previous["delta_fit"]["yace"].sha256,
+            "final_active_set": ctx.previous["delta_fit"]["asi"].sha256 if "asi" in ctx.previous["delta_fit"] else "",
             "committee": {k: v.sha256 for k, v in ctx.previous["mace_finetune"].items()},
             "e0s": ctx.previous["active_learning"]["iteration"].sha256,
             # The ablation's inputs: the DFT training set, the ACE settings and the base fit's (cutoff) record.
@@ -171,6 +172,14 @@ class ValidationStep:
             if profile is not None:
                 on_path = model_labels(ctx, spec, path, f"{model} along the reaction path")
                 profile["energies_ev"][model] = _relative([lab.energy for lab in on_path])
+        for model, outputs in (("final_ace", ctx.previous["delta_fit"]), (ABLATION_STEM, ablation.files)):
+            if model in scores and "yaml" in outputs and "asi" in outputs:
+                grades = extrapolation_grades(ctx, outputs["yaml"], outputs["asi"], holdout, model)
+                scores[model]["max_gamma_per_structure"] = grades.tolist()
+                scores[model]["max_gamma"] = float(grades.max())
+                scores[model]["max_gamma_by_source"] = {
+                    src: float(grades[sources == src].max()) for src in sorted(set(sources))
+                }
         if profile is not None:
             profile["central_barrier_kcal_per_mol"] = {
                 model: central_barrier_kcal(values) for model, values in profile["energies_ev"].items()
@@ -437,6 +446,23 @@ def _base_cutoff(ctx: StepContext) -> float:
     return float(data.get("metrics", {}).get("cutoff_a", 0.0))
 
 
+def extrapolation_grades(
+    ctx: StepContext,
+    yaml_ref: common_pb2.ArtifactRef,
+    asi_ref: common_pb2.ArtifactRef,
+    frames: list[Atoms],
+    model: str,
+) -> np.ndarray:
+    """Per structure, the largest per-atom extrapolation grade γ of an ACE (its .yaml with its active set .asi),
+    computed by the oracle's ace backend: below 1 interpolation, above a few the potential extrapolates."""
+    spec = backend_spec(
+        "ace",
+        {"potential": str(ctx.store.path(yaml_ref)), "active_set": str(ctx.store.path(asi_ref))},
+    )
+    labels = model_labels(ctx, spec, frames, f"extrapolation grade of the {model} on the hold-out set")
+    return np.array([lab.uncertainty.max_extrapolation_grade for lab in labels])
+
+
 def _flat_metrics(scores: dict[str, dict[str, Any]], profile: dict[str, Any] | None) -> dict[str, float]:
     """The step's metrics: <model>_energy_rmse_mev_per_atom, <model>_forces_rmse_mev_per_a and, with a profile,
     <model>_barrier_kcal_per_mol (dft_barrier_kcal_per_mol the reference)."""
@@ -444,6 +470,8 @@ def _flat_metrics(scores: dict[str, dict[str, Any]], profile: dict[str, Any] | N
     for model, figures in scores.items():
         metrics[f"{model}_energy_rmse_mev_per_atom"] = figures["energy_rmse_mev_per_atom"]
         metrics[f"{model}_forces_rmse_mev_per_a"] = figures["forces_rmse_mev_per_a"]
+        if "max_gamma" in figures:
+            metrics[f"{model}_max_gamma"] = figures["max_gamma"]
     if profile is not None:
         for model, barrier in profile["central_barrier_kcal_per_mol"].items():
             metrics[f"{model}_barrier_kcal_per_mol"] = barrier
@@ -473,6 +501,7 @@ def handed_out_figures(metrics: dict[str, float]) -> dict[str, float]:
         "dft_barrier_kcal_per_mol",
         "final_ace_md_survivors",
         "final_ace_md_runs",
+        "final_ace_max_gamma",
         "n_holdout",
     )
     return {key.removeprefix("final_ace_"): metrics[key] for key in keys if key in metrics}
