@@ -92,3 +92,20 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
         .label(far)
         .uncertainty.extrapolation_grade
     )
+
+
+def test_the_loaded_potential_is_reused_and_gives_the_same_labels(potential: Path) -> None:
+    import time
+
+    backend = AceBackend(AceOracleConfig(backend="ace", potential=potential))
+    frames = xtb_frames()[:6]
+    for atoms in frames:
+        atoms.calc = None
+    first = [backend.label(a) for a in frames]
+    started = time.perf_counter()
+    again = [backend.label(a) for a in reversed(frames)][::-1]
+    per_label = (time.perf_counter() - started) / len(frames)
+    fresh = [AceBackend(AceOracleConfig(backend="ace", potential=potential)).label(a) for a in frames]
+    for a, b, c in zip(first, again, fresh, strict=True):
+        assert a.energy == b.energy == c.energy and list(a.forces) == list(b.forces) == list(c.forces)
+    assert per_label < 0.1  # loading the potential again for each label took ~0.7 s (measured)
