@@ -16,10 +16,10 @@ The ablation: the same ACE (the run's `ace` settings and the base's cutoff, thro
 directly on the iteration's DFT training labels only — no teacher, no surrogate data — is scored beside the teacher,
 the fine-tuned committee, the base and the final ACE. Its figures say whether the distillation earns its place.
 
-Energies are compared per atom on the DFT level's reference. The ACE models and the committee sit on it (they
-were fitted to labels on it); the teacher, trained at another level, is aligned to it by per-element energy shifts
-fitted on the hold-out (for one stoichiometry, a single constant), so its figure measures its energy differences
-only.
+Energies are compared per atom on the DFT level's reference. The ACE models sit on it (they were fitted to labels
+on it); the teacher and the fine-tuned committee, MACE models with their own energy zero (a fine-tuning keeps the
+teacher's atomic energies), are aligned to it by per-element energy shifts fitted on the hold-out (for one
+stoichiometry, a single constant), so their figures measure their energy differences only.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ EXPORT_DIR = "validation"
 # steps 6 and 7; direct_ace: the ablation, the same ACE fitted on the DFT training labels alone.
 MODELS = ("teacher", "committee", "base_ace", "final_ace", "direct_ace")
 ABLATION_STEM = "direct_ace"
+# Models whose energies are aligned to the reference's zero before scoring (see the module docstring).
+ALIGNED_MODELS = ("teacher", "committee")
 # Where a hold-out structure comes from (atoms.info key, and the per-source figures' keys).
 SOURCE_KEY = "holdout_source"
 SURROGATE_SOURCE, EXTERNAL_SOURCE = "surrogate_md", "teacher_md"
@@ -95,7 +97,7 @@ def target_met(scores: dict[str, Any], energy_target: float, forces_target: floa
 
 class ValidationStep:
     name = "validation"
-    version = 3
+    version = 4
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         held_out = ctx.previous["validation"]["holdout"].sha256 if "validation" in ctx.previous else ""
@@ -154,8 +156,8 @@ class ValidationStep:
         for model, spec in _model_specs(ctx, ablation.potential).items():
             labels = model_labels(ctx, spec, holdout, f"{model} on the hold-out set")
             energies = np.array([lab.energy for lab in labels])
-            if model == "teacher":
-                # The teacher's level of theory has its own energy zero; only its energy differences compare.
+            if model in ALIGNED_MODELS:
+                # A MACE's energy zero is its own; only its energy differences compare.
                 energies = energies + reference_alignment(holdout, energies, ref_energies * n_atoms)
             forces = np.concatenate([np.reshape(lab.forces, (-1, 3)) for lab in labels])
             scores[model] = model_scores(energies / n_atoms, forces, ref_energies, ref_forces)
