@@ -12,7 +12,8 @@ seed nearest its ξ₀; after an equilibration, a frame every `--stride` steps. 
 the oracle's own backends and written to build/ood_holdout/<level>.extxyz, the level in each frame's info.
 
 score: every potential on that set: force RMSE (meV/Å), energy RMSE (meV/atom), the frames whose own force RMSE
-exceeds 1 eV/Å, and for an ACE with its .yaml and .asi beside it the largest extrapolation grade γ. `--run RUN_DIR`
+exceeds 1 eV/Å (and the force RMSE on the rest, and the worst frame's), and for an ACE with its .yaml and .asi
+beside it the largest extrapolation grade γ. `--run RUN_DIR`
 adds the run's handed-out final ACE (run_summary.json), its ablation (the same iteration's validation/direct_ace)
 and its fine-tuned committee (step 3 of that iteration; energies aligned to the level by one fitted constant,
 as the validation does for the teacher, since a MACE's energy zero is its own).
@@ -197,8 +198,9 @@ def run_potentials(run_dir: Path) -> dict[str, list[Path]]:
 def score_one(paths: list[Path], frames: list[Atoms]) -> dict[str, float]:
     is_ace = paths[0].suffix in (".yace", ".yaml")
     gamma = is_ace and paths[0].with_suffix(".yaml").is_file() and paths[0].with_suffix(".asi").is_file()
+    grader = _ace_calculator(paths[0], gamma=True) if gamma else None
     if is_ace:
-        calc = _ace_calculator(paths[0], gamma)
+        calc = _ace_calculator(paths[0], gamma=False)
     else:
         from mace.calculators import MACECalculator
 
@@ -209,8 +211,11 @@ def score_one(paths: list[Path], frames: list[Atoms]) -> dict[str, float]:
         probe.calc = calc
         energies.append(probe.get_potential_energy())
         forces.append(probe.get_forces())
-        if gamma:
-            grades.append(float(np.max(calc.results["gamma"])))
+        if grader is not None:  # the .yaml with its active set (its energies lack E0: only γ is taken)
+            graded = frame.copy()
+            graded.calc = grader
+            graded.get_potential_energy()
+            grades.append(float(np.max(grader.results["gamma"])))
     ref_e = np.array([f.get_potential_energy() for f in frames])
     model_e = np.array(energies)
     if not is_ace:  # a MACE's energy zero is its own: align by the fitted per-element shifts (one constant here)
@@ -219,8 +224,12 @@ def score_one(paths: list[Path], frames: list[Atoms]) -> dict[str, float]:
     ref_f = [f.get_forces() for f in frames]
     per_frame = np.array([np.sqrt(np.mean((p - r) ** 2)) for p, r in zip(forces, ref_f, strict=True)])
     all_errors = np.concatenate([(p - r).ravel() for p, r in zip(forces, ref_f, strict=True)])
+    sane = per_frame <= CATASTROPHIC_FORCE_RMSE
+    rest = np.concatenate([(p - r).ravel() for p, r, ok in zip(forces, ref_f, sane, strict=True) if ok] or [[]])
     return {
         "forces_rmse_mev_per_a": 1000 * float(np.sqrt(np.mean(all_errors**2))),
+        "forces_rmse_rest_mev_per_a": 1000 * float(np.sqrt(np.mean(rest**2))) if rest.size else float("nan"),
+        "worst_frame_forces_rmse_ev_per_a": float(per_frame.max()),
         "energy_rmse_mev_per_atom": 1000 * float(np.sqrt(np.mean(((model_e - ref_e) / n_atoms) ** 2))),
         "frames_above_1_ev_per_a": int(np.count_nonzero(per_frame > CATASTROPHIC_FORCE_RMSE)),
         "n_frames": len(frames),
@@ -240,14 +249,18 @@ def score(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         name, _, file = item.partition("=")
         potentials[name] = [Path(file)]
     print(f"hold-out: {len(frames)} frames at {frames[0].info.get(LEVEL_KEY)} ({path})")
-    print(f"{'potential':<42} {'F RMSE meV/Å':>13} {'E RMSE meV/atom':>16} {'frames >1 eV/Å':>15} {'max γ':>10}")
+    print(
+        f"{'potential':<42} {'F RMSE meV/Å':>13} {'E RMSE meV/atom':>16} {'frames >1 eV/Å':>15} {'max γ':>10} "
+        f"{'F RMSE rest':>12} {'worst frame eV/Å':>17}"
+    )
     results = {}
     for name, paths in potentials.items():
         figures = score_one(paths, frames)
         results[name] = figures
         print(
             f"{name:<42} {figures['forces_rmse_mev_per_a']:>13.1f} {figures['energy_rmse_mev_per_atom']:>16.2f} "
-            f"{figures['frames_above_1_ev_per_a']:>8d} of {figures['n_frames']:<4d} {figures['max_gamma']:>10.3g}"
+            f"{figures['frames_above_1_ev_per_a']:>8d} of {figures['n_frames']:<4d} {figures['max_gamma']:>10.3g} "
+            f"{figures['forces_rmse_rest_mev_per_a']:>12.1f} {figures['worst_frame_forces_rmse_ev_per_a']:>17.3g}"
         )
     return results
 

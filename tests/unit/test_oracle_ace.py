@@ -15,7 +15,7 @@ from services.oracle.backends.ace import AceBackend
 from services.trainer import linear_ace
 from services.trainer.ace_fit import basis_config
 from tests.finite_differences import numerical_forces
-from tests.sn2_training_data import xtb_frames
+from tests.sn2_training_data import xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
 
@@ -67,7 +67,7 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
     from services.trainer.ace_fit import fit_linear_ace
 
     frames = xtb_frames()
-    fit = fit_linear_ace(frames[:40], tmp_path, cutoff=4.5)
+    fit = fit_linear_ace(frames[:40], tmp_path, e0s=xtb_e0s(), cutoff=4.5)
     backend = AceBackend(AceOracleConfig(backend="ace", potential=fit.yaml_path, active_set=fit.asi_path))
     far = frames[0].copy()
     far.positions[4] += 0.9 * (far.positions[4] - far.positions[0])  # one chloride pulled far out
@@ -83,6 +83,11 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
         reference.get_potential_energy()
         np.testing.assert_allclose(labels.uncertainty.extrapolation_grade, reference.calc.results["gamma"])
         assert labels.uncertainty.max_extrapolation_grade == pytest.approx(max(reference.calc.results["gamma"]))
+        # The .yaml labels as its .yace does: total energies with the reference energies, the same forces.
+        plain = probe.copy()
+        plain.calc = pyace.PyACECalculator(str(fit.yace_path))
+        assert labels.energy == pytest.approx(plain.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), plain.get_forces(), atol=1e-8)
     # A training structure interpolates (γ ≤ 1 up to round-off); the stretched one extrapolates.
     assert backend.label(frames[1]).uncertainty.max_extrapolation_grade <= 1.0 + 1e-6
     assert backend.label(far).uncertainty.max_extrapolation_grade > 1.0

@@ -4,7 +4,9 @@ validation and MD can use it through the same contract as the teacher and DFT.
 The .yace carries its per-element reference energies, so the labels are totals on the level of theory the
 potential was fitted to. The level of theory names the file's digest: two different fits never compare equal.
 With an active set (.asi, and the .yaml B-basis as the potential) the labels also carry the per-atom
-extrapolation grade γ (pyace's D-optimality grade) in their uncertainty.
+extrapolation grade γ (pyace's D-optimality grade) in their uncertainty. pyace evaluates a .yaml without the
+reference energies the trainer records in its metadata; they are added here, so a .yaml and its .yace label
+alike.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.config import AceOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.base import OracleBackend
+from services.trainer.linear_ace import potential_e0s
 
 
 class AceBackend(OracleBackend):
@@ -42,6 +45,7 @@ class AceBackend(OracleBackend):
         # 372 functions), evaluating it ~3 ms, so a fresh one per structure would make MD with the ACE crawl.
         # Per thread, so concurrent streams never share one; reset before each use, so no result carries over.
         self._local = threading.local()
+        self._yaml_e0s = potential_e0s(config.potential) if config.potential.suffix == ".yaml" else {}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -69,8 +73,11 @@ class AceBackend(OracleBackend):
         # The recursive evaluator is pyace's fast one.
         return PyACECalculator(str(self.config.potential), recursive_evaluator=True, recursive=True)
 
-    def annotate(self, results: dict[str, object], labels: common_pb2.Labels) -> None:
-        gamma = results.get("gamma")
+    def annotate(self, atoms: Atoms, labels: common_pb2.Labels) -> None:
+        if self._yaml_e0s and labels.HasField("energy"):
+            labels.energy += sum(self._yaml_e0s.get(int(z), 0.0) for z in atoms.numbers)
+        assert atoms.calc is not None
+        gamma = atoms.calc.results.get("gamma")
         # Without an active set pyace reports zeros, which would read as "no extrapolation".
         if gamma is not None and self.config.active_set is not None:
             grades = [float(g) for g in gamma]  # type: ignore[attr-defined]

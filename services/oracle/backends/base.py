@@ -111,7 +111,7 @@ class OracleBackend(ABC):
                 work.calc.get_property(name, work)
             _check_finite(work.calc.results)
             labels = labels_from_atoms(work, self.level_of_theory, wall_time_s=time.perf_counter() - start)
-            self.annotate(work.calc.results, labels)
+            self.annotate(work, labels)
             labels.attempts = 1
             return labels, False
         except Exception as exc:  # every failure of one structure becomes its label, see the module docstring
@@ -122,9 +122,9 @@ class OracleBackend(ABC):
             labels.wall_time_s = time.perf_counter() - start
             return labels, not isinstance(exc, UnlabellableStructureError)
 
-    def annotate(self, results: dict[str, object], labels: common_pb2.Labels) -> None:
-        """Add what this backend computes beyond energy, forces and stress (its calculator's `results`) to the
-        labels; nothing by default."""
+    def annotate(self, atoms: Atoms, labels: common_pb2.Labels) -> None:
+        """Complete the labels of `atoms` (its calculator holds the results) with what this backend computes
+        beyond energy, forces and stress; nothing by default."""
         return None
 
     def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
