@@ -496,7 +496,8 @@ class ValidationConfig(_Strict):
         ge=0,
         le=1,
         description="Share of the hold-out drawn from an independent MD: the teacher (not the fine-tuned "
-        "committee) along the restraint windows, another random seed, up to 1.25 × the highest md temperature.",
+        "committee) along the restraint windows' ξ range, another random seed, up to 1.25 × the highest md "
+        "temperature.",
     )
     md_stability: MdStabilityConfig = Field(default_factory=MdStabilityConfig)
     target_energy_mev_per_atom: Positive = Field(5.0, description="Target energy RMSE on the hold-out, meV/atom.")
