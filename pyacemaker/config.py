@@ -382,7 +382,12 @@ class AceOracleConfig(_Strict):
     """An ACE potential (.yace), e.g. the run's base or final student; used for validation and MD."""
 
     backend: Literal["ace"]
-    potential: Path = Field(description="The .yace file.")
+    potential: Path = Field(description="The .yace file (or the .yaml B-basis, which active_set needs).")
+    active_set: Path | None = Field(
+        None,
+        description="The potential's active set (.asi); with it the labels carry the per-atom extrapolation "
+        "grade γ. Needs the .yaml potential.",
+    )
 
 
 OracleConfig = Annotated[
@@ -435,13 +440,29 @@ class BudgetConfig(_Strict):
     max_dft_calls: int = Field(60, ge=0, le=10_000_000, description="Hard limit on DFT calls over the whole run.")
 
 
+# Thermal rattles: per Cartesian component, σ = sqrt(k_B·T / k) with this stiffness, eV/Å² (between a soft
+# bend and a C–H stretch: 0.05 Å at 300 K, 0.09 Å at 1000 K).
+THERMAL_STIFFNESS_EV_PER_A2 = 10.0
+# The thermal rattles reach this many times the highest temperature.
+THERMAL_TEMPERATURE_MARGIN = 1.25
+BOLTZMANN_EV_PER_K = 8.617333262e-5
+
+
+def thermal_rattle_amplitudes(temperatures: list[float]) -> list[float]:
+    """Rattle amplitudes (Å) of the thermal displacements at the given temperatures and at
+    THERMAL_TEMPERATURE_MARGIN × the highest, so the pool covers what MD at these temperatures visits without
+    the harsh rattles that only make near-collisions."""
+    wanted = sorted({*temperatures, THERMAL_TEMPERATURE_MARGIN * max(temperatures)})
+    return [round((BOLTZMANN_EV_PER_K * t / THERMAL_STIFFNESS_EV_PER_A2) ** 0.5, 4) for t in wanted]
+
+
 class PoolConfig(_Strict):
     """Step 1a: candidate pool generation from the seeds."""
 
-    rattle_amplitudes: list[Positive] = Field(
-        default_factory=lambda: [0.02, 0.05, 0.1, 0.2],
-        max_length=1000,
-        description="Gaussian displacement amplitudes (per Cartesian component), Å.",
+    rattle_amplitudes: Annotated[list[Positive], Field(max_length=1000)] | None = Field(
+        None,
+        description="Gaussian displacement amplitudes (per Cartesian component), Å; default: thermal ones, "
+        "sqrt(k_B·T / 10 eV/Å²) at each md temperature and 1.25 × the highest.",
     )
     rattles_per_amplitude: int = Field(25, ge=0, le=100_000, description="Rattled copies per seed and amplitude.")
     max_strain: float = Field(0.03, ge=0, le=0.3, description="Largest strain component (periodic seeds).")
@@ -456,6 +477,12 @@ class PoolConfig(_Strict):
     max_rotation_deg: float = Field(30.0, gt=0, le=180, description="Largest fragment rotation, degrees.")
     min_distance: Positive = Field(0.6, description="Candidates with a shorter interatomic distance are dropped, Å.")
     random_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    def resolved(self, temperatures: list[float]) -> PoolConfig:
+        """This section with thermal rattle amplitudes for `temperatures` (K) when none were given."""
+        if self.rattle_amplitudes is not None:
+            return self
+        return self.model_copy(update={"rattle_amplitudes": thermal_rattle_amplitudes(temperatures)})
 
 
 class DirectConfig(_Strict):
@@ -648,6 +675,23 @@ class ReactionPathConfig(_DistanceDifferenceRange):
     count: int = Field(11, ge=3, le=10_000, description="Points, evenly spaced from start to stop.")
 
 
+class MdStabilityConfig(_Strict):
+    """MD with the final ACE from every seed at each temperature: a replica survives when no atom pair comes
+    closer than min_distance, no atom drifts farther than max_neighbour_distance from its nearest neighbour
+    (a fragment flying apart) and every energy is finite. An iteration whose final ACE loses a replica is never
+    the run's best and never meets the target."""
+
+    steps: int = Field(2000, ge=0, description="Steps of each run (0: no stability test).")
+    temperatures: list[Positive] | None = Field(
+        None, description="Thermostat temperatures, K; default: md.temperatures."
+    )
+    runs_per_seed: int = Field(1, ge=1, description="Runs per seed and temperature (each its own random seed).")
+    min_distance: Positive = Field(0.5, description="Closest approach of two atoms a survivor never goes below, Å.")
+    max_neighbour_distance: Positive = Field(
+        8.0, description="Largest distance from an atom to its nearest neighbour a survivor never exceeds, Å."
+    )
+
+
 class ValidationConfig(_Strict):
     """The loop's judge: the final ACE against DFT labels of structures it never saw, once per iteration."""
 
@@ -655,8 +699,18 @@ class ValidationConfig(_Strict):
         10,
         ge=2,
         le=1_000_000,
-        description="Surrogate-MD frames labelled by DFT as the hold-out set (charged to the budget).",
+        description="Structures labelled by DFT as the hold-out set (charged to the budget): surrogate-MD frames "
+        "and, external_fraction of them, frames of an MD the pipeline does not fit to.",
     )
+    external_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the hold-out drawn from an independent MD: the teacher (not the fine-tuned "
+        "committee) along the restraint windows' ξ range, another random seed, up to 1.25 × the highest md "
+        "temperature.",
+    )
+    md_stability: MdStabilityConfig = Field(default_factory=MdStabilityConfig)
     target_energy_mev_per_atom: Positive = Field(5.0, description="Target energy RMSE on the hold-out, meV/atom.")
     target_forces_mev_per_a: Positive = Field(100.0, description="Target force RMSE on the hold-out, meV/Å.")
     max_iterations: int = Field(3, ge=1, le=1000, description="Active-learning iterations (steps 2-7) at most.")

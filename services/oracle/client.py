@@ -44,9 +44,6 @@ def model_files_as_artifacts(name: str, options: Mapping[str, Any], store: Artif
     from services.oracle.deployment import ARTIFACT_OPTIONS
 
     options = dict(options)
-    if name not in ARTIFACT_OPTIONS or ARTIFACT_OPTIONS[name][0] not in options:
-        return options
-    key, is_list = ARTIFACT_OPTIONS[name]
 
     def as_ref(value: Any) -> Any:
         if isinstance(value, Mapping) or (value == BUNDLED_NAME and name == "mace"):
@@ -54,8 +51,10 @@ def model_files_as_artifacts(name: str, options: Mapping[str, Any], store: Artif
         path = resolve_teacher(str(value)) if name == "mace" else Path(str(value))
         return artifact_option(store.put_file(path, kind="model" if name == "mace" else "potential"))
 
-    value = options[key]
-    options[key] = [as_ref(entry) for entry in value] if is_list and isinstance(value, list) else as_ref(value)
+    for key, is_list in ARTIFACT_OPTIONS.get(name, ()):
+        if key in options:
+            value = options[key]
+            options[key] = [as_ref(v) for v in value] if is_list and isinstance(value, list) else as_ref(value)
     return options
 
 

@@ -166,25 +166,30 @@ def load_deployment(path: str | Path | None) -> OracleDeployment:
 
 # -- model and potential files: store artifacts only ------------------------------------------------------------
 
-# Backend → its option that names model files, and whether it is a list.
-ARTIFACT_OPTIONS: dict[str, tuple[str, bool]] = {"mace": ("models", True), "ace": ("potential", False)}
+# Backend → its options that name model files (models, potentials, active sets), each with whether it is a list.
+ARTIFACT_OPTIONS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "mace": (("models", True),),
+    "ace": (("potential", False), ("active_set", False)),
+}
 
 
 def resolve_artifact_options(name: str, options: Mapping[str, Any], store: ArtifactStore | None) -> dict[str, Any]:
-    """`options` with the model files of mace (`models`) and ace (`potential`) resolved to verified paths in the
-    store; "bundled" (mace) is the teacher shipped inside the package. Anything else (a path, a name, a ref that
-    leaves the store or whose digest differs) raises InvalidInputError naming the option."""
+    """`options` with the model files of mace (`models`) and ace (`potential`, `active_set`) resolved to verified
+    paths in the store; "bundled" (mace) is the teacher shipped inside the package. Anything else (a path, a name,
+    a ref that leaves the store or whose digest differs) raises InvalidInputError naming the option."""
     options = dict(options)
-    if name not in ARTIFACT_OPTIONS or ARTIFACT_OPTIONS[name][0] not in options:
-        return options
-    key, is_list = ARTIFACT_OPTIONS[name]
-    value = options[key]
-    if is_list:
-        if not isinstance(value, list):
-            raise InvalidInputError(f"oracle backend {name!r}: option '{key}' must be a list of artifact references")
-        options[key] = [str(_artifact_path(name, f"{key}.{i}", entry, store)) for i, entry in enumerate(value)]
-    else:
-        options[key] = str(_artifact_path(name, key, value, store))
+    for key, is_list in ARTIFACT_OPTIONS.get(name, ()):
+        if key not in options:
+            continue
+        value = options[key]
+        if is_list:
+            if not isinstance(value, list):
+                raise InvalidInputError(
+                    f"oracle backend {name!r}: option '{key}' must be a list of artifact references"
+                )
+            options[key] = [str(_artifact_path(name, f"{key}.{i}", entry, store)) for i, entry in enumerate(value)]
+        else:
+            options[key] = str(_artifact_path(name, key, value, store))
     return options
 
 

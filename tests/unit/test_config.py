@@ -151,3 +151,13 @@ def test_qe_and_vasp_name_a_profile_and_plain_file_names(tmp_path):
     ):
         with pytest.raises(ConfigError, match=rf"{key}: "):
             load_config(_write(tmp_path, _minimal(oracle=oracle)))
+
+
+def test_thermal_rattle_amplitudes_follow_the_temperatures_unless_given():
+    from pyacemaker.config import PoolConfig, thermal_rattle_amplitudes
+
+    kb = 8.617333262e-5
+    expected = [round((kb * t / 10.0) ** 0.5, 4) for t in (300.0, 1000.0, 1250.0)]
+    assert thermal_rattle_amplitudes([1000.0, 300.0]) == expected
+    assert PoolConfig().resolved([300.0, 1000.0]).rattle_amplitudes == expected
+    assert PoolConfig(rattle_amplitudes=[0.2]).resolved([300.0]).rattle_amplitudes == [0.2]

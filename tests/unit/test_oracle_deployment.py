@@ -79,15 +79,25 @@ def test_model_files_resolve_only_from_the_store_or_as_bundled(tmp_path: Path) -
     ref = artifact_option(store.put_bytes(b"a potential", kind="potential", suffix=".yace"))
     resolved = resolve_artifact_options("ace", {"potential": ref}, store)
     assert Path(resolved["potential"]).read_bytes() == b"a potential"
+    asi = artifact_option(store.put_bytes(b"an active set", kind="active_set", suffix=".asi"))
+    with_grades = resolve_artifact_options("ace", {"potential": ref, "active_set": asi}, store)
+    assert Path(with_grades["active_set"]).read_bytes() == b"an active set"
     assert resolve_artifact_options("mace", {"models": ["bundled"]}, store)["models"] == [str(BUNDLED_MODEL)]
     assert resolve_artifact_options("xtb", {"method": "GFN1-xTB"}, None) == {"method": "GFN1-xTB"}
     refused = {
-        "ace": [{"potential": "bundled"}, {"potential": {**ref, "size": float("nan")}}, {"potential": {**ref, "x": 1}}],
+        "ace": [
+            {"potential": "bundled"},
+            {"potential": {**ref, "size": float("nan")}},
+            {"potential": {**ref, "x": 1}},
+            {"potential": ref, "active_set": "/etc/passwd"},  # the active set (γ) is a model file too
+        ],
         "mace": [{"models": ref}, {"models": [str(BUNDLED_MODEL)]}, {"models": [{**ref, "uri": "/etc/passwd"}]}],
     }
     for backend, cases in refused.items():
         for options in cases:
-            with pytest.raises(InvalidInputError, match=rf"oracle backend '{backend}': option '(potential|models)"):
+            with pytest.raises(
+                InvalidInputError, match=rf"oracle backend '{backend}': option '(potential|models|active_set)"
+            ):
                 resolve_artifact_options(backend, options, store)
     with pytest.raises(InvalidInputError, match="this oracle has no artifact store"):
         resolve_artifact_options("ace", {"potential": ref}, None)
