@@ -53,8 +53,10 @@ def main() -> None:
     print(f"{args.frames} frames of {len(seed)} atoms, xtb GFN2")
     print(f"in-process: {in_process:.2f} s ({ok_in} OK), {1000 * in_process / args.frames:.2f} ms/structure")
     print(f"isolated:   {isolated:.2f} s ({ok_iso} OK), {1000 * isolated / args.frames:.2f} ms/structure")
-    print(f"overhead:   {1000 * (isolated - in_process) / args.frames:+.2f} ms/structure "
-          f"({100 * (isolated / in_process - 1):+.1f} %)")
+    print(
+        f"overhead:   {1000 * (isolated - in_process) / args.frames:+.2f} ms/structure "
+        f"({100 * (isolated / in_process - 1):+.1f} %)"
+    )
 
 
 if __name__ == "__main__":

@@ -165,9 +165,11 @@ def structure_to_atoms(message: common_pb2.Structure) -> Atoms:
         atoms.info.update(_json_object(message.info_json, "info_json"))
     if message.arrays_json:
         for name, values in _json_object(message.arrays_json, "arrays_json").items():
+            if name in atoms.arrays:
+                raise ValueError(f"arrays_json: {name[:40]!r} is carried by the Structure's own fields")
             try:
                 atoms.new_array(name, np.asarray(values))
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, RuntimeError) as exc:
                 raise ValueError(f"arrays_json: array {name[:40]!r}: {exc}") from None
     atoms.info[CHARGE_KEY] = int(message.charge)
     atoms.info[SPIN_KEY] = int(message.spin_multiplicity) or default_spin_multiplicity(atoms.numbers, message.charge)

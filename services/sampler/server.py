@@ -58,9 +58,13 @@ def pool_config_from_settings(settings: sampler_pb2.PoolSettings) -> PoolConfig:
         raise InvalidInputError(format_validation_error(exc, data, "settings")) from None
 
 
+# scikit-learn's random_state (PCA, BIRCH) takes seeds in [0, 2**32).
+MAX_RANDOM_SEED = 2**32 - 1
+
+
 def _random_seed(value: int, field: str) -> int:
-    if value < 0:
-        raise InvalidInputError(f"{field} must not be negative, got {value}")
+    if not 0 <= value <= MAX_RANDOM_SEED:
+        raise InvalidInputError(f"{field} must be between 0 and {MAX_RANDOM_SEED}, got {value}")
     return value
 
 
