@@ -70,7 +70,7 @@ def charge_of(atoms: Atoms) -> int:
     except (TypeError, ValueError):
         raise ValueError(f"charge must be an integer, got {value!r}") from None
     if not np.isfinite(as_float) or as_float != int(as_float):
-        raise ValueError(f"charge must be an integer, got {value!r}")
+        raise ValueError(f"charge must be an integer, got {as_float:g}")
     return int(as_float)
 
 

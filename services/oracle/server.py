@@ -40,7 +40,10 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         # Keyed by name and canonical options, so repeated streams with the same settings share a backend.
         self._backend_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(_create_backend_from_json)
         # Worker pools of isolated backends (xtb), one per backend setting like the backends themselves.
-        self._pool_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(self._create_pool)
+        # (A partial, not a bound method: no reference cycle, so the pools and their workers end with the servicer.)
+        self._pool_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(
+            functools.partial(_create_pool, self._backend_for)
+        )
         # Task dirs and the durable job table of executor backends; made on first use.
         self._work_dir = work_dir
         self._temporary_work_dir: tempfile.TemporaryDirectory[str] | None = None  # removed with this servicer
@@ -67,9 +70,6 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         if not backend.isolated:
             return backend
         return self._pool_for(spec.name, json.dumps(json_format.MessageToDict(spec.options), sort_keys=True))
-
-    def _create_pool(self, name: str, options_json: str) -> WorkerPool:
-        return WorkerPool(self._backend_for(name, options_json), json.loads(options_json))
 
     def GetInfo(self, request: oracle_pb2.GetInfoRequest, context: grpc.ServicerContext) -> oracle_pb2.GetInfoResponse:
         level = ""
@@ -184,6 +184,10 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
 
 def _create_backend_from_json(name: str, options_json: str) -> OracleBackend:
     return create_backend(name, json.loads(options_json))
+
+
+def _create_pool(backend_for: Callable[[str, str], OracleBackend], name: str, options_json: str) -> WorkerPool:
+    return WorkerPool(backend_for(name, options_json), json.loads(options_json))
 
 
 def _required_backend_spec(
