@@ -81,8 +81,8 @@ def _check_numbers(numbers_: np.ndarray, limits: StructureLimits) -> None:
         unknown = sorted({int(z) for z in numbers_} - limits.elements)
         if unknown:
             raise StructureCheckError(
-                f"atomic_numbers: {_listed(unknown)} not supported by {_who(limits) or 'the backend '}"
-                f"(it knows {_ranges(sorted(limits.elements))})"
+                f"atomic_numbers: elements [{_listed(unknown)}] are not supported by {_who(limits) or 'the backend '}"
+                f"(it knows Z {_ranges(sorted(limits.elements))})"
             )
 
 
@@ -166,7 +166,7 @@ def _listed(values: list[int]) -> str:
 
 
 def _ranges(values: list[int]) -> str:
-    """[1, 2, 3, 6, 7] -> "Z 1-3, 6-7"."""
+    """[1, 2, 3, 6, 7] -> "1-3, 6-7"."""
     parts = []
     start = previous = values[0]
     for value in [*values[1:], None]:
@@ -176,7 +176,7 @@ def _ranges(values: list[int]) -> str:
         parts.append(str(start) if start == previous else f"{start}-{previous}")
         if value is not None:
             start = previous = value
-    return "Z " + ", ".join(parts)
+    return ", ".join(parts)
 
 
 def _short(value: object, limit: int = 40) -> str:

@@ -165,7 +165,7 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                     atoms = structure_to_atoms(message)
                     check_structure(atoms, limits)
                 except ValueError as exc:
-                    raise InvalidInputError(f"structure {index + offset}: {exc}") from None
+                    raise InvalidInputError(f"structure {index + offset} cannot be described: {exc}") from None
                 frames.append(atoms)
             descriptors = [
                 oracle_pb2.Descriptor(

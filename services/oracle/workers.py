@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
@@ -43,6 +44,12 @@ WORKER_TIMEOUT_S = 900.0
 # Address space of a worker: an allocation beyond it fails inside the worker (MemoryError or a crash), never
 # the machine. Python + numpy + tblite map ~1 GB of address space before the first calculation.
 WORKER_MEMORY_LIMIT_BYTES = 8 * 1024**3
+# Requests queued ahead in a worker: enough to hide the round trip, few enough to lose little on a crash.
+PIPELINE_DEPTH = 4
+PIPELINE_BYTES = 32 * 1024  # well below a pipe's 64 KiB, so a write to the worker never blocks
+# Workers found dead before taking a request, replaced in a row before the structure is sent anyway (and fails
+# with the way the worker ended): a worker that cannot even start must not loop forever.
+MAX_IDLE_DEATHS = 3
 _HEADER = struct.Struct(">I")
 
 
@@ -90,12 +97,17 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def call(self, payload: bytes, timeout: float) -> bytes:
-        """Send a request and wait for its answer; WorkerEndedError when the worker dies or overruns `timeout`."""
+    def send(self, payload: bytes) -> bool:
+        """Queue a request; False when the worker is gone (its end shows in the next `receive`)."""
         try:
             _send(self._stdin, payload)
         except OSError:
-            raise WorkerEndedError(self._how_it_ended()) from None
+            return False
+        return True
+
+    def receive(self, timeout: float) -> bytes:
+        """The answer to the oldest unanswered request; WorkerEndedError when the worker dies first or
+        overruns `timeout` (it is killed then)."""
         ready, _, _ = select.select([self._stdout], [], [], timeout)
         if not ready:
             self.kill()
@@ -172,25 +184,60 @@ class WorkerPool:
             return [worker.process.pid for worker in self._all]
 
     def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
-        for atoms in frames:
-            yield self.label(atoms)
+        """Labels in order. Requests are pipelined (a few queued in the worker's stdin, never more than
+        PIPELINE_BYTES, so neither pipe can fill up and block both sides), which hides the round trip. When the
+        worker dies, the oldest unanswered structure is the one it was labelling: it gets the FAILED label and
+        the structures queued behind it go to a fresh worker."""
+        waiting = deque(atoms_to_structure(atoms).SerializeToString() for atoms in frames)
+        in_flight: deque[bytes] = deque()
+        idle_deaths = 0
+        worker = self._acquire()
+        try:
+            while waiting or in_flight:
+                while (
+                    waiting
+                    and len(in_flight) < PIPELINE_DEPTH
+                    and (not in_flight or sum(map(len, in_flight)) + len(waiting[0]) <= PIPELINE_BYTES)
+                ):
+                    if not worker.send(waiting[0]) and not in_flight and idle_deaths < MAX_IDLE_DEATHS:
+                        idle_deaths += 1  # died while idle: nothing of ours was in it
+                        worker = self._replace(worker)
+                        continue
+                    in_flight.append(waiting.popleft())
+                start = time.perf_counter()
+                try:
+                    answer = worker.receive(self.timeout_s)
+                except WorkerEndedError as exc:
+                    in_flight.popleft()
+                    waiting.extendleft(reversed(in_flight))
+                    in_flight.clear()
+                    worker = self._replace(worker)
+                    yield self._crash_labels(str(exc), time.perf_counter() - start)
+                    continue
+                in_flight.popleft()
+                idle_deaths = 0
+                yield common_pb2.Labels.FromString(answer)
+        finally:
+            if in_flight:  # the consumer stopped early: answers are still due, so this worker cannot be reused
+                self._discard(worker)
+            else:
+                self._release(worker)
 
     def label(self, atoms: Atoms) -> common_pb2.Labels:
-        payload = atoms_to_structure(atoms).SerializeToString()
-        worker = self._acquire()
-        start = time.perf_counter()
-        try:
-            answer = worker.call(payload, self.timeout_s)
-        except WorkerEndedError as exc:
-            self._discard(worker)
-            reason = f"the {self.backend.name} worker process {exc} while labelling this structure"
-            log.warning("%s; a new worker takes the next structure", reason)
-            labels = failed_labels(reason, self.backend.level_of_theory)
-            labels.attempts = 1
-            labels.wall_time_s = time.perf_counter() - start
-            return labels
-        self._release(worker)
-        return common_pb2.Labels.FromString(answer)
+        (labels,) = self.label_batch([atoms])
+        return labels
+
+    def _crash_labels(self, how: str, seconds: float) -> common_pb2.Labels:
+        reason = f"the {self.backend.name} worker process {how} while labelling this structure"
+        log.warning("%s; a new worker takes the next structure", reason)
+        labels = failed_labels(reason, self.backend.level_of_theory)
+        labels.attempts = 1
+        labels.wall_time_s = seconds
+        return labels
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        self._discard(worker)
+        return self._acquire()
 
     def _acquire(self) -> _Worker:
         with self._available:
@@ -214,9 +261,11 @@ class WorkerPool:
 
     def _discard(self, worker: _Worker) -> None:
         with self._available:
-            self._forget(worker)
+            if worker in self._all:
+                self._all.remove(worker)
             self.restarts += 1
             self._available.notify()
+        worker.close()  # outside the lock: a live worker may take a moment to finish what it was given
 
     def _forget(self, worker: _Worker) -> None:
         worker.close()

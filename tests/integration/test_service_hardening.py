@@ -129,7 +129,7 @@ def test_an_element_xtb_does_not_know_fails_naming_it(oracle) -> None:
     _, stub = oracle
     (result,) = label(stub, "xtb", [raw([88, 1], [0, 0, 0, 0, 0, 2.0], spin_multiplicity=2)])
     assert result.labels.status == FAILED
-    assert "88 not supported by oracle backend 'xtb' (it knows Z 1-86)" in result.labels.reason
+    assert "elements [88] are not supported by oracle backend 'xtb' (it knows Z 1-86)" in result.labels.reason
 
 
 @pytest.mark.parametrize("side", [0.1, 0.01])
@@ -177,7 +177,8 @@ def test_describe_refuses_a_tiny_cell_before_building_the_graph(oracle) -> None:
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Describe(iter([oracle_pb2.DescribeRequest(backend=spec, structures=[good, tiny])]), timeout=120))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "structure 1: cell:" in error.value.details() and "far too small" in error.value.details()
+    details = error.value.details()
+    assert "structure 1 cannot be described: cell:" in details and "far too small" in details
 
 
 def test_the_label_cli_refuses_a_fractional_charge_and_an_absurd_one(tmp_path: Path, capsys) -> None:
