@@ -36,14 +36,16 @@ def campaign(services: Services, rpc: str, examples: int, random_seed: int) -> t
     @settings(max_examples=examples, database=None, deadline=None, suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def fuzz(data: st.DataObject) -> None:
-        outcome = call(services, rpc, data.draw(strategy))
+        request = data.draw(strategy)
+        outcome = call(services, rpc, request)
         kind = kind_of(outcome)
         counts["tried"] += 1
         counts[kind] += 1
         if any("results for indices" in v for v in violations(outcome)):
             counts["wrong_result_count"] += 1
         if kind in ("unknown", "internal", "crash", "hang") and kind not in samples:
-            samples[kind] = outcome.details[:160]
+            shown = " ".join(str(request).split())
+            samples[kind] = f"{outcome.details[:160]} | request: {shown[:4000]}"
         if outcome.crashed:
             services.restart_crashed()
 

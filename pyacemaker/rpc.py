@@ -364,6 +364,20 @@ def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
+def check_address(address: str, field: str) -> str:
+    """A service address from a request ("host:port" or "unix:PATH"); InvalidInputError naming `field` for
+    anything gRPC could not even turn into a channel target (empty, control characters, no port)."""
+    shown = bounded_message(repr(address), 80)
+    if not address or len(address) > 255 or any(ch.isspace() or not ch.isprintable() for ch in address):
+        raise InvalidInputError(f"{field} {shown} is not a service address (host:port)")
+    if address.startswith("unix:"):
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"{field} {shown} is not a service address (host:port)")
+    return address
+
+
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, bounded_message(message))
     raise AssertionError("unreachable")  # context.abort raises

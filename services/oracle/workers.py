@@ -58,7 +58,10 @@ class WorkerEndedError(RuntimeError):
 
 
 def _send(stream: IO[bytes], payload: bytes) -> None:
-    stream.write(_HEADER.pack(len(payload)) + payload)
+    data = memoryview(_HEADER.pack(len(payload)) + payload)
+    while data:  # an unbuffered stream may take a message in parts
+        written = stream.write(data)
+        data = data[written if written is not None else len(data) :]
     stream.flush()
 
 
@@ -87,6 +90,8 @@ class _Worker:
             [sys.executable, "-m", "services.oracle.workers", str(memory_limit)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            # Unbuffered: `receive` selects on the pipe, so no answer may hide in a Python-side read buffer.
+            bufsize=0,
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self._stdin = self.process.stdin

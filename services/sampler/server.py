@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
 from pyacemaker.config import BudgetConfig, DirectConfig, MdConfig, PoolConfig, format_validation_error
 from pyacemaker.restraints import DistanceDifferenceRestraint
-from pyacemaker.rpc import InvalidInputError, abort, channel, status_on_error
+from pyacemaker.rpc import InvalidInputError, abort, channel, check_address, status_on_error
 from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import (
     StructureFileError,
@@ -245,6 +245,7 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
             featuriser: Callable[[list[Atoms]], np.ndarray]
             if featuriser_name == OracleFeaturiser.name:
                 featuriser = OracleFeaturiser(request.oracle_address, request.descriptor_backend)
+                check_address(request.oracle_address, "oracle_address")
             else:
                 try:
                     featuriser = get_featuriser(featuriser_name)
@@ -313,6 +314,7 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
                 raise InvalidInputError(
                     "RunMdRequest needs oracle_address and force_backend (the oracle that gives the forces)"
                 )
+            check_address(request.oracle_address, "oracle_address")
             try:
                 with channel(request.oracle_address) as oracle:
                     force_field = OracleForceField(

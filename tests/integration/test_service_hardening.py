@@ -125,6 +125,18 @@ def test_bad_structures_in_an_xtb_stream_fail_alone_and_the_oracle_lives(oracle)
     assert check_health(address)
 
 
+def test_answers_that_arrive_together_from_an_xtb_worker_are_all_read(oracle) -> None:
+    """Coinciding atoms fail in microseconds, so several answers reach the oracle in one read (found by the
+    fuzz campaign: a buffered pipe hid them from select and the stream hung)."""
+    _, stub = oracle
+    coinciding = raw([1, 1], [0.0] * 6)
+    start = time.perf_counter()
+    results = label(stub, "xtb", [coinciding] * 6)
+    assert time.perf_counter() - start < 60
+    assert [r.labels.status for r in results] == [FAILED] * 6
+    assert all("Too close interatomic distances" in r.labels.reason for r in results)
+
+
 def test_an_element_xtb_does_not_know_fails_naming_it(oracle) -> None:
     _, stub = oracle
     (result,) = label(stub, "xtb", [raw([88, 1], [0, 0, 0, 0, 0, 2.0], spin_multiplicity=2)])
