@@ -61,15 +61,14 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
             return self._gateway
 
     def backend(self, spec: oracle_pb2.BackendSpec) -> OracleBackend:
-        options = json_format.MessageToDict(spec.options)
-        return self._backend_for(spec.name, json.dumps(options, sort_keys=True))
+        return self._backend_for(spec.name, json.dumps(backend_options(spec), sort_keys=True))
 
     def labeller(self, spec: oracle_pb2.BackendSpec, backend: OracleBackend) -> OracleBackend | WorkerPool:
         """What labels in-process structures: the backend itself, or its worker pool when its native code can
         crash (`OracleBackend.isolated`)."""
         if not backend.isolated:
             return backend
-        return self._pool_for(spec.name, json.dumps(json_format.MessageToDict(spec.options), sort_keys=True))
+        return self._pool_for(spec.name, json.dumps(backend_options(spec), sort_keys=True))
 
     def GetInfo(self, request: oracle_pb2.GetInfoRequest, context: grpc.ServicerContext) -> oracle_pb2.GetInfoResponse:
         level = ""
@@ -102,7 +101,7 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                 log.info("label stream started: backend %s (%s)", backend.name, backend.level_of_theory)
                 if executor_config_of(backend) is not None:
                     # Expensive backends: task dirs, array jobs, re-attachment (services/oracle/executors).
-                    options = json_format.MessageToDict(first_spec.options)
+                    options = backend_options(first_spec)
                     batches = _structure_batches(request, requests, first_spec)
                     yield from self.gateway().label_stream(backend, options, batches, is_active)
                     return
@@ -180,6 +179,15 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
             yield oracle_pb2.DescribeResponse(descriptors=descriptors)
             index += len(frames)
         log.info("describe stream finished: %d structures", index)
+
+
+def backend_options(spec: oracle_pb2.BackendSpec) -> dict[str, object]:
+    """The spec's options as plain JSON values; a NaN or infinite number (which JSON cannot carry) is an
+    InvalidInputError naming the backend's options."""
+    try:
+        return json_format.MessageToDict(spec.options)
+    except ValueError as exc:
+        raise InvalidInputError(f"backend.options of {spec.name[:40]!r}: {exc}") from None
 
 
 def _create_backend_from_json(name: str, options_json: str) -> OracleBackend:

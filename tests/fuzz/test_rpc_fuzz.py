@@ -18,15 +18,15 @@ from tests.fuzz.rpc_fuzz import Services, call, request_strategies, running_serv
 
 # Examples per RPC: the cheap ones more, the ones that run real work (MD steps, xtb, pools) fewer.
 EXAMPLES = {
-    "OracleService.Label": 30,
-    "OracleService.Describe": 10,
+    "OracleService.Label": 25,
+    "OracleService.Describe": 8,
     "SamplerService.GeneratePool": 12,
-    "SamplerService.SelectDirect": 20,
+    "SamplerService.SelectDirect": 15,
     "SamplerService.RunMd": 15,
-    "TrainerService.StartJob": 25,
-    "OrchestratorService.StartRun": 25,
+    "TrainerService.StartJob": 20,
+    "OrchestratorService.StartRun": 20,
 }
-DEFAULT_EXAMPLES = 12
+DEFAULT_EXAMPLES = 10
 RPCS = [
     "OracleService.GetInfo",
     "OracleService.Label",
