@@ -19,6 +19,10 @@ from pyacemaker.v1 import common_pb2
 _CHUNK = 1 << 20
 
 
+# Longest artifact uri accepted (store paths are a few dozen characters).
+MAX_URI_CHARS = 1024
+
+
 class ArtifactError(ValueError):
     """An artifact that is missing, altered, or points outside the store."""
 
@@ -82,6 +86,10 @@ class ArtifactStore:
         return self.put_file(staging, kind, move=True)
 
     def _resolve(self, uri: str) -> Path:
+        if "\0" in uri or len(uri) > MAX_URI_CHARS:
+            raise ArtifactError(
+                f"artifact uri {uri[:80]!r} is not a store path (NUL byte or over {MAX_URI_CHARS} characters)"
+            )
         if not uri or Path(uri).is_absolute():
             raise ArtifactError(f"artifact uri {uri!r} must be a path relative to the store root")
         candidate = (self.root / uri).resolve()
@@ -92,7 +100,11 @@ class ArtifactStore:
     def path(self, ref: common_pb2.ArtifactRef, verify: bool = True) -> Path:
         """The local path of an artifact, after checking that it exists and (by default) its digest."""
         path = self._resolve(ref.uri)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as exc:  # a name too long for the file system, say
+            raise ArtifactError(f"artifact {ref.uri[:80]!r} cannot be looked up ({exc.strerror})") from None
+        if not is_file:
             raise ArtifactError(f"artifact {ref.uri} is missing from the store {self.root}")
         if verify:
             if ref.size and path.stat().st_size != ref.size:

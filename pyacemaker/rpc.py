@@ -354,20 +354,55 @@ def wait_for_health(address: str, timeout: float = 30.0, security: Security | No
     raise TimeoutError(f"service at {address} did not report SERVING within {timeout:.0f} s")
 
 
+# Status messages are cut to this length: an error that quotes a client's input stays readable and small.
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+
+def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """`message` cut to `limit` characters (with "..." when cut), NUL characters shown as \\0."""
+    message = message.replace("\0", "\\0")
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def check_address(address: str, field: str) -> str:
+    """A service address from a request ("host:port" or "unix:PATH"); InvalidInputError naming `field` for
+    anything gRPC could not even turn into a channel target (empty, control characters, no port)."""
+    shown = bounded_message(repr(address), 80)
+    if not address or len(address) > 255 or any(ch.isspace() or not ch.isprintable() for ch in address):
+        raise InvalidInputError(f"{field} {shown} is not a service address (host:port)")
+    if address.startswith("unix:"):
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"{field} {shown} is not a service address (host:port)")
+    return address
+
+
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
+    context.abort(code, bounded_message(message))
     raise AssertionError("unreachable")  # context.abort raises
 
 
 @contextmanager
 def status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
-    """Turn the exceptions plain code raises into gRPC status codes with a human message."""
+    """Turn the exceptions plain code raises into gRPC status codes with a human message. Anything else that
+    escapes (a bug) becomes INTERNAL with its type and message, logged with its traceback, never UNKNOWN."""
     try:
         yield
     except InvalidInputError as exc:
         abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except WrongStateError as exc:
         abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except Exception as exc:
+        if _aborted(context):
+            raise  # context.abort's own exception: the status is set already
+        log.exception("unhandled error in an RPC handler")
+        abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _aborted(context: grpc.ServicerContext) -> bool:
+    code = getattr(context, "code", None)
+    return callable(code) and code() is not None
 
 
 def describe_rpc_error(exc: grpc.RpcError, address: str = "") -> str:

@@ -63,7 +63,15 @@ def atom_ground_state_multiplicity(atomic_number: int) -> int:
 
 
 def charge_of(atoms: Atoms) -> int:
-    return int(atoms.info.get(CHARGE_KEY, 0))
+    """The total charge; a fractional one (1.5 from a file) is a ValueError, never silently truncated."""
+    value = atoms.info.get(CHARGE_KEY, 0)
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"charge must be an integer, got {value!r}") from None
+    if not np.isfinite(as_float) or as_float != int(as_float):
+        raise ValueError(f"charge must be an integer, got {as_float:g}")
+    return int(as_float)
 
 
 def spin_multiplicity_of(atoms: Atoms) -> int:
@@ -129,8 +137,14 @@ def atoms_to_structure(atoms: Atoms, provenance: common_pb2.Provenance | None = 
     return message
 
 
+# Longest info_json / arrays_json accepted, characters: generous for per-atom arrays of large cells, and a bound
+# on what parsing one structure's JSON may cost.
+MAX_JSON_CHARS = 16_000_000
+
+
 def structure_to_atoms(message: common_pb2.Structure) -> Atoms:
-    """Structure → ase.Atoms, with charge and spin multiplicity in `info`."""
+    """Structure → ase.Atoms, with charge and spin multiplicity in `info`. A message that does not describe
+    Atoms (wrong counts, bad JSON in info_json / arrays_json) is a ValueError naming the field."""
     n_atoms = len(message.atomic_numbers)
     positions = np.array(message.positions, dtype=np.float64)
     if positions.size != 3 * n_atoms:
@@ -148,13 +162,32 @@ def structure_to_atoms(message: common_pb2.Structure) -> Atoms:
         pbc=pbc,
     )
     if message.info_json:
-        atoms.info.update(_from_jsonable(json.loads(message.info_json)))
+        atoms.info.update(_json_object(message.info_json, "info_json"))
     if message.arrays_json:
-        for name, values in _from_jsonable(json.loads(message.arrays_json)).items():
-            atoms.new_array(name, np.asarray(values))
+        for name, values in _json_object(message.arrays_json, "arrays_json").items():
+            if name in atoms.arrays:
+                raise ValueError(f"arrays_json: {name[:40]!r} is carried by the Structure's own fields")
+            try:
+                atoms.new_array(name, np.asarray(values))
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise ValueError(f"arrays_json: array {name[:40]!r}: {exc}") from None
     atoms.info[CHARGE_KEY] = int(message.charge)
     atoms.info[SPIN_KEY] = int(message.spin_multiplicity) or default_spin_multiplicity(atoms.numbers, message.charge)
     return atoms
+
+
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    """The JSON object of info_json / arrays_json with numpy values restored; ValueError naming the field."""
+    if len(text) > MAX_JSON_CHARS:
+        raise ValueError(f"{field} has {len(text)} characters (at most {MAX_JSON_CHARS})")
+    try:
+        value = _from_jsonable(json.loads(text))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise ValueError(f"{field} is not a valid JSON object of values ({why})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def labels_from_atoms(atoms: Atoms, level_of_theory: str, wall_time_s: float = 0.0) -> common_pb2.Labels:
@@ -177,7 +210,13 @@ def labels_from_atoms(atoms: Atoms, level_of_theory: str, wall_time_s: float = 0
     return labels
 
 
+# A FAILED label's reason is cut to this length, so a code that dumps a long error cannot bloat every message.
+MAX_REASON_CHARS = 2000
+
+
 def failed_labels(reason: str, level_of_theory: str) -> common_pb2.Labels:
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 3] + "..."
     return common_pb2.Labels(status=common_pb2.LABEL_STATUS_FAILED, reason=reason, level_of_theory=level_of_theory)
 
 

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, fail
 from pyacemaker.rpc import channel, describe_rpc_error
+from pyacemaker.structure_checks import StructureCheckError, check_structure
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, StructureFileError, attach_labels, read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, oracle_pb2
 from pyacemaker.yaml_input import YamlInputError, load_yaml_text
@@ -128,11 +129,15 @@ def run_label(args: argparse.Namespace) -> int:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}", EXIT_BAD_INPUT)
     if args.spin_multiplicity is not None and args.spin_multiplicity < 1:
         return fail(f"--spin-multiplicity must be at least 1, got {args.spin_multiplicity}", EXIT_BAD_INPUT)
-    for atoms in frames:
+    for index, atoms in enumerate(frames):
         if args.charge is not None:
             atoms.info[CHARGE_KEY] = args.charge
         if args.spin_multiplicity is not None:
             atoms.info[SPIN_KEY] = args.spin_multiplicity
+        try:
+            check_structure(atoms)
+        except StructureCheckError as exc:
+            return fail(f"{args.input}: frame {index}: {exc}", EXIT_BAD_INPUT)
     options = dict(args.option)
     if args.executor_option and args.executor is None:
         return fail("--executor-option needs --executor", EXIT_BAD_INPUT)

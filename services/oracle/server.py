@@ -16,11 +16,13 @@ from google.protobuf import json_format
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError, abort, status_on_error
+from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from services.oracle.backends import OracleBackend, backend_infos, create_backend
 from services.oracle.deployment import OracleDeployment
 from services.oracle.executors.gateway import LabelGateway, executor_config_of
+from services.oracle.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ SLOW_RESULT_S = 0.01
 MAX_RESULTS_PER_RESPONSE = 64
 # Distinct backend settings kept ready at once; a MACE backend holds a model in memory per entry.
 BACKEND_CACHE_SIZE = 8
+# A client's content_id is echoed in FAILED results only up to this length.
+MAX_CONTENT_ID_CHARS = 128
 
 
 class OracleService(oracle_pb2_grpc.OracleServiceServicer):
@@ -44,7 +48,15 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         self._store = store
         self._deployment = deployment if deployment is not None else OracleDeployment()
         # Keyed by name and canonical options, so repeated streams with the same settings share a backend.
-        self._backend_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(self._create_backend_from_json)
+        # (Partials, not bound methods: no reference cycle, so the backends, the pools and their workers end with
+        # the servicer.)
+        self._backend_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(
+            functools.partial(_create_backend_from_json, self._deployment, self._store)
+        )
+        # Worker pools of isolated backends (xtb), one per backend setting like the backends themselves.
+        self._pool_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(
+            functools.partial(_create_pool, self._backend_for)
+        )
         # Task dirs and the durable job table of executor backends; made on first use.
         self._work_dir = work_dir
         self._temporary_work_dir: tempfile.TemporaryDirectory[str] | None = None  # removed with this servicer
@@ -62,11 +74,14 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
             return self._gateway
 
     def backend(self, spec: oracle_pb2.BackendSpec) -> OracleBackend:
-        options = json_format.MessageToDict(spec.options)
-        return self._backend_for(spec.name, json.dumps(options, sort_keys=True))
+        return self._backend_for(spec.name, json.dumps(backend_options(spec), sort_keys=True))
 
-    def _create_backend_from_json(self, name: str, options_json: str) -> OracleBackend:
-        return create_backend(name, json.loads(options_json), self._deployment, self._store)
+    def labeller(self, spec: oracle_pb2.BackendSpec, backend: OracleBackend) -> OracleBackend | WorkerPool:
+        """What labels in-process structures: the backend itself, or its worker pool when its native code can
+        crash (`OracleBackend.isolated`)."""
+        if not backend.isolated:
+            return backend
+        return self._pool_for(spec.name, json.dumps(backend_options(spec), sort_keys=True))
 
     def GetInfo(self, request: oracle_pb2.GetInfoRequest, context: grpc.ServicerContext) -> oracle_pb2.GetInfoResponse:
         level = ""
@@ -88,6 +103,7 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         # long the stream, and the client sees progress. Results that a batched backend (mace) hands over
         # together travel in one response, so many small structures do not cost a message each.
         backend: OracleBackend | None = None
+        labeller: OracleBackend | WorkerPool | None = None
         first_spec = oracle_pb2.BackendSpec()
         index = 0
         failed = 0
@@ -98,15 +114,17 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                 log.info("label stream started: backend %s (%s)", backend.name, backend.level_of_theory)
                 if executor_config_of(backend) is not None:
                     # Expensive backends: task dirs, array jobs, re-attachment (services/oracle/executors).
-                    options = json_format.MessageToDict(first_spec.options)
+                    options = backend_options(first_spec)
                     batches = _structure_batches(request, requests, first_spec)
                     yield from self.gateway().label_stream(backend, options, batches, is_active)
                     return
+                labeller = self.labeller(first_spec, backend)
             else:
                 _check_same_backend(request, first_spec)
+            assert labeller is not None
             pending: list[oracle_pb2.LabelResult] = []
             produced = time.perf_counter()
-            for result in _label_batch(backend, request.structures, index):
+            for result in _label_batch(backend, labeller, request.structures, index):
                 took = time.perf_counter() - produced
                 if result.labels.status != common_pb2.LABEL_STATUS_OK:
                     failed += 1
@@ -151,12 +169,16 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                 log.info("describe stream started: backend %s (%s)", backend.name, backend.level_of_theory)
             elif request.HasField("backend") and request.backend != first_spec:
                 raise InvalidInputError("only the first DescribeRequest of a stream may name a backend")
+            assert describe_batch is not None
             frames = []
+            limits = backend.structure_limits()
             for offset, message in enumerate(request.structures):
                 try:
-                    frames.append(structure_to_atoms(message))
+                    atoms = structure_to_atoms(message)
+                    check_structure(atoms, limits)
                 except ValueError as exc:
-                    raise InvalidInputError(f"structure {index + offset}: {exc}") from None
+                    raise InvalidInputError(f"structure {index + offset} cannot be described: {exc}") from None
+                frames.append(atoms)
             descriptors = [
                 oracle_pb2.Descriptor(
                     index=index + offset,
@@ -170,6 +192,25 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
             yield oracle_pb2.DescribeResponse(descriptors=descriptors)
             index += len(frames)
         log.info("describe stream finished: %d structures", index)
+
+
+def backend_options(spec: oracle_pb2.BackendSpec) -> dict[str, object]:
+    """The spec's options as plain JSON values; a NaN or infinite number (which JSON cannot carry) is an
+    InvalidInputError naming the backend's options."""
+    try:
+        return json_format.MessageToDict(spec.options)
+    except ValueError as exc:
+        raise InvalidInputError(f"backend.options of {spec.name[:40]!r}: {exc}") from None
+
+
+def _create_backend_from_json(
+    deployment: OracleDeployment, store: ArtifactStore | None, name: str, options_json: str
+) -> OracleBackend:
+    return create_backend(name, json.loads(options_json), deployment, store)
+
+
+def _create_pool(backend_for: Callable[[str, str], OracleBackend], name: str, options_json: str) -> WorkerPool:
+    return WorkerPool(backend_for(name, options_json), json.loads(options_json))
 
 
 def _required_backend_spec(
@@ -195,21 +236,28 @@ def _structure_batches(
 
 
 def _label_batch(
-    backend: OracleBackend, structures: Iterable[common_pb2.Structure], first_index: int
+    backend: OracleBackend,
+    labeller: OracleBackend | WorkerPool,
+    structures: Iterable[common_pb2.Structure],
+    first_index: int,
 ) -> Iterator[oracle_pb2.LabelResult]:
-    """LabelResults in request order; a Structure that does not describe a valid geometry gets a FAILED
-    label like a failed calculation, so the rest of the stream goes on."""
+    """LabelResults in request order; a Structure that does not describe a valid geometry, or that the
+    backend cannot take (pyacemaker.structure_checks), gets a FAILED label like a failed calculation, so the
+    rest of the stream goes on."""
     entries: list[tuple[int, str, str | None]] = []  # (index, content id, reason it cannot be labelled)
     valid = []
+    limits = backend.structure_limits()
     for offset, message in enumerate(structures):
         try:
             atoms = structure_to_atoms(message)
+            check_structure(atoms, limits)
         except ValueError as exc:
-            entries.append((first_index + offset, message.content_id, f"invalid structure: {exc}"))
+            cid = message.content_id[:MAX_CONTENT_ID_CHARS]
+            entries.append((first_index + offset, cid, f"invalid structure: {exc}"))
             continue
-        entries.append((first_index + offset, message.content_id or content_id(atoms), None))
+        entries.append((first_index + offset, message.content_id[:MAX_CONTENT_ID_CHARS] or content_id(atoms), None))
         valid.append(atoms)
-    labels = backend.label_batch(valid)
+    labels = labeller.label_batch(valid)
     for index, cid, reason in entries:
         result = failed_labels(reason, backend.level_of_theory) if reason is not None else next(labels)
         yield oracle_pb2.LabelResult(index=index, content_id=cid, labels=result)

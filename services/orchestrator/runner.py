@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 import traceback
@@ -21,6 +22,8 @@ import grpc
 from pyacemaker.artifacts import ArtifactStore, sha256_of_file
 from pyacemaker.config import ConfigError, RunConfig, config_from_json
 from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
+from pyacemaker.structure_checks import check_structure
+from pyacemaker.structures import structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2
 from services.orchestrator.ledger import DftLedger
 from services.orchestrator.state import STATE_FILE, SUMMARY_FILE, RunState, StepRow
@@ -115,11 +118,20 @@ class RunManager:
             config = config_from_json(config_json)
         except ConfigError as exc:
             raise InvalidInputError(str(exc)) from None
+        except (ValueError, TypeError, RecursionError) as exc:  # not JSON, or JSON that is not a config object
+            raise InvalidInputError(f"config_json is not a JSON run config ({type(exc).__name__}: {exc})") from None
         if not seeds:
             raise InvalidInputError("no seed structures in the request (system.seeds)")
-        if not run_dir or not Path(run_dir).is_absolute():
-            raise InvalidInputError(f"run_dir must be an absolute path, got {run_dir!r}")
+        for index, seed in enumerate(seeds):
+            try:
+                check_structure(structure_to_atoms(seed))
+            except ValueError as exc:
+                raise InvalidInputError(f"seeds[{index}]: {exc}") from None
+        if not run_dir or "\0" in run_dir or not Path(run_dir).is_absolute():
+            raise InvalidInputError(f"run_dir must be an absolute path, got {run_dir[:200]!r}")
         path = Path(run_dir)
+        if path.exists() and not path.is_dir():
+            raise InvalidInputError(f"run_dir {run_dir[:200]!r} exists and is not a directory")
         run_id = run_id_for(path)
         with self._lock:
             existing = self._runs.get(run_id)
@@ -127,7 +139,11 @@ class RunManager:
                 raise WrongStateError(f"run {run_id} in {path} is already in progress")
             if existing is not None:
                 existing.state.close()
-            handle = RunHandle(run_id=run_id, config=config, run_dir=path, state=RunState(path))
+            try:
+                state = RunState(path)
+            except (OSError, sqlite3.Error) as exc:
+                raise InvalidInputError(f"run_dir {run_dir[:200]!r} cannot hold the run's state: {exc}") from None
+            handle = RunHandle(run_id=run_id, config=config, run_dir=path, state=state)
             self._runs[run_id] = handle
         handle.state.save_config(config.name, config_json)
         started = handle.state.add_event(_E.RUN_EVENT_KIND_RUN_STARTED, message=f"run {config.name} in {path}")

@@ -24,33 +24,37 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def StartRun(self, request, context):
         with status_on_error(context):
             handle = self.runs.start(request.config_json, list(request.seeds), request.run_dir)
-        return orchestrator_pb2.StartRunResponse(run=handle.to_proto())
+            return orchestrator_pb2.StartRunResponse(run=handle.to_proto())
 
     def WatchRun(self, request, context) -> Iterator[orchestrator_pb2.WatchRunResponse]:
-        handle = self._handle(request.run_id, context)
-        seq = request.after_seq
-        while context.is_active():
-            with handle.changed:
-                finished = handle.finished
-            events = handle.state.events_after(seq)
-            for event in events:
-                seq = event.seq
-                yield orchestrator_pb2.WatchRunResponse(event=event, run=handle.to_proto())
-            if finished:
-                return
-            if not events:
+        with status_on_error(context):
+            handle = self._handle(request.run_id, context)
+            seq = request.after_seq
+            while context.is_active():
                 with handle.changed:
-                    handle.changed.wait(timeout=1.0)
+                    finished = handle.finished
+                events = handle.state.events_after(seq)
+                for event in events:
+                    seq = event.seq
+                    yield orchestrator_pb2.WatchRunResponse(event=event, run=handle.to_proto())
+                if finished:
+                    return
+                if not events:
+                    with handle.changed:
+                        handle.changed.wait(timeout=1.0)
 
     def GetRun(self, request, context):
-        return orchestrator_pb2.GetRunResponse(run=self._handle(request.run_id, context).to_proto())
+        with status_on_error(context):
+            return orchestrator_pb2.GetRunResponse(run=self._handle(request.run_id, context).to_proto())
 
     def ListRuns(self, request, context):
-        return orchestrator_pb2.ListRunsResponse(runs=[h.to_proto() for h in self.runs.list()])
+        with status_on_error(context):
+            return orchestrator_pb2.ListRunsResponse(runs=[h.to_proto() for h in self.runs.list()])
 
     def CancelRun(self, request, context):
-        self._handle(request.run_id, context)
-        return orchestrator_pb2.CancelRunResponse(run=self.runs.cancel(request.run_id).to_proto())
+        with status_on_error(context):
+            self._handle(request.run_id, context)
+            return orchestrator_pb2.CancelRunResponse(run=self.runs.cancel(request.run_id).to_proto())
 
 
 def add_to_server(server: grpc.Server, runs: RunManager) -> list[str]:

@@ -25,6 +25,7 @@ Units inside: ASE's (Å, eV, amu, time in Å·√(amu/eV)); parameters in fs, K,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ from pyacemaker.v1 import common_pb2
 
 ForceField = Callable[[Sequence[Atoms]], list[common_pb2.Labels]]
 
+# Upper bounds of MdParameters: a longer time step is no MD any more (hydrogen needs ≤ 1 fs, heavy atoms a few),
+# a hotter bath melts everything into plasma, more replicas than this do not fit one batched oracle call.
+MAX_TIMESTEP_FS = 20.0
+MAX_TEMPERATURE_K = 100_000.0
+MAX_REPLICAS = 10_000
 # Radius of the neighbour search for the smallest distance in periodic cells, Å; beyond it all pairs are taken.
 _PERIODIC_SEARCH_RADIUS = 5.0
 # info keys of saved frames.
@@ -73,14 +79,27 @@ class MdParameters:
             "compressibility_per_gpa": self.compressibility_per_gpa,
         }
         for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
+        if self.timestep_fs > MAX_TIMESTEP_FS:
+            raise ValueError(f"timestep_fs must be at most {MAX_TIMESTEP_FS:g} fs, got {self.timestep_fs:g}")
         counts = {"steps": self.steps, "save_interval": self.save_interval, "replicas": self.replicas}
         for name, count in counts.items():
             if count < 1:
                 raise ValueError(f"{name} must be at least 1, got {count}")
-        if not self.temperatures_k or min(self.temperatures_k) <= 0:
-            raise ValueError(f"temperatures_k must be positive and not empty, got {list(self.temperatures_k)}")
+        if self.replicas > MAX_REPLICAS:
+            raise ValueError(f"replicas must be at most {MAX_REPLICAS}, got {self.replicas}")
+        if not self.temperatures_k:
+            raise ValueError("temperatures_k must not be empty")
+        for temperature in self.temperatures_k:
+            if not (0 < temperature <= MAX_TEMPERATURE_K):
+                raise ValueError(
+                    f"temperatures_k must be positive and at most {MAX_TEMPERATURE_K:g} K, got {temperature}"
+                )
+        if self.pressure_gpa is not None and not math.isfinite(self.pressure_gpa):
+            raise ValueError(f"pressure_gpa must be finite, got {self.pressure_gpa}")
+        if self.random_seed < 0:
+            raise ValueError(f"random_seed must not be negative, got {self.random_seed}")
 
 
 @dataclass

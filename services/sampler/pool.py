@@ -221,6 +221,29 @@ def _interpolated(start: Atoms, end: Atoms, n_images: int, rattle: float, rng: n
         yield atoms
 
 
+# Candidates one pool may plan: each is held in memory until the pool is written (a few kB apiece).
+MAX_POOL_CANDIDATES = 200_000
+
+
+def check_pool_size(n_seeds: int, config: PoolConfig) -> None:
+    """ValueError when the settings could plan more than MAX_POOL_CANDIDATES candidates (an upper bound that
+    counts every variant for every seed, before any is made)."""
+    config = config.resolved(MdConfig().temperatures)
+    assert config.rattle_amplitudes is not None
+    per_seed = (
+        1
+        + len(config.rattle_amplitudes) * config.rattles_per_amplitude
+        + config.strains_per_seed
+        + config.fragment_rotations_per_seed
+    )
+    bound = n_seeds * per_seed + config.interpolation_images * max(n_seeds - 1, 0)
+    if bound > MAX_POOL_CANDIDATES:
+        raise ValueError(
+            f"these settings plan up to {bound} candidates from {n_seeds} seed(s) (at most {MAX_POOL_CANDIDATES}); "
+            "lower rattles_per_amplitude, strains_per_seed, fragment_rotations_per_seed or interpolation_images"
+        )
+
+
 def generate_pool(seeds: list[Atoms], config: PoolConfig, progress: ProgressCallback | None = None) -> PoolResult:
     """The seeds plus rattled, strained (periodic only), fragment-rotated and interpolated variants.
 
@@ -234,6 +257,7 @@ def generate_pool(seeds: list[Atoms], config: PoolConfig, progress: ProgressCall
         raise ValueError("generate_pool needs at least one seed structure")
     config = config.resolved(MdConfig().temperatures)
     assert config.rattle_amplitudes is not None
+    check_pool_size(len(seeds), config)
     rng = np.random.default_rng(config.random_seed)
     seed_ids = [content_id(seed) for seed in seeds]
     rotatable = [_rotatable_fragments(seed) for seed in seeds]

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
 from pyacemaker.config import BudgetConfig, DirectConfig, MdConfig, PoolConfig, format_validation_error
 from pyacemaker.restraints import DistanceDifferenceRestraint
-from pyacemaker.rpc import InvalidInputError, abort, channel, status_on_error
+from pyacemaker.rpc import InvalidInputError, abort, channel, check_address, status_on_error
+from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import (
     StructureFileError,
     atoms_to_structure,
@@ -34,7 +35,7 @@ from services.sampler.features import UnknownFeaturiserError, get_featuriser
 from services.sampler.frames import FRAME_SELECTIONS, select_frames
 from services.sampler.md import REPLICA_KEY, FrameEvent, MdParameters, MdSummary, ReplicaStoppedEvent, run_md
 from services.sampler.oracle_features import OracleFeaturiser
-from services.sampler.pool import ProgressCallback, generate_pool
+from services.sampler.pool import ProgressCallback, check_pool_size, generate_pool
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,25 @@ def pool_config_from_settings(settings: sampler_pb2.PoolSettings) -> PoolConfig:
         raise InvalidInputError(format_validation_error(exc, data, "settings")) from None
 
 
+# scikit-learn's random_state (PCA, BIRCH) takes seeds in [0, 2**32).
+MAX_RANDOM_SEED = 2**32 - 1
+
+
+def _random_seed(value: int, field: str) -> int:
+    if not 0 <= value <= MAX_RANDOM_SEED:
+        raise InvalidInputError(f"{field} must be between 0 and {MAX_RANDOM_SEED}, got {value}")
+    return value
+
+
 def _atoms_from_request(structures: Iterable[common_pb2.Structure], request: str, field: str) -> list[Atoms]:
     frames = []
     for i, structure in enumerate(structures):
         try:
-            frames.append(structure_to_atoms(structure))
+            atoms = structure_to_atoms(structure)
+            check_structure(atoms)
         except ValueError as exc:
             raise InvalidInputError(f"{field} {i}: {exc}") from None
+        frames.append(atoms)
     if not frames:
         raise InvalidInputError(f"{request} has no {field}s; send at least one structure")
     return frames
@@ -180,6 +193,10 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
         with status_on_error(context):
             seeds = _atoms_from_request(request.seeds, "GeneratePoolRequest", "seed")
             config = pool_config_from_settings(request.settings) if request.HasField("settings") else PoolConfig()
+            try:
+                check_pool_size(len(seeds), config)
+            except ValueError as exc:
+                raise InvalidInputError(f"settings: {exc}") from None
             result = yield from _run_with_progress(
                 "generate_pool",
                 lambda progress: generate_pool(seeds, config, progress),
@@ -224,9 +241,11 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
                 raise InvalidInputError(f"k_per_cluster must be at least 1, got {k_per_cluster}")
             if coverage_bins < 1:
                 raise InvalidInputError(f"coverage_bins must be at least 1, got {coverage_bins}")
+            _random_seed(request.random_seed, "random_seed")
             featuriser: Callable[[list[Atoms]], np.ndarray]
             if featuriser_name == OracleFeaturiser.name:
                 featuriser = OracleFeaturiser(request.oracle_address, request.descriptor_backend)
+                check_address(request.oracle_address, "oracle_address")
             else:
                 try:
                     featuriser = get_featuriser(featuriser_name)
@@ -290,10 +309,12 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
                 raise InvalidInputError(
                     f"selection.n_frames must be 0 (keep all) or positive, got {selection.n_frames}"
                 )
+            _random_seed(selection.random_seed, "selection.random_seed")
             if not request.oracle_address or not request.force_backend.name:
                 raise InvalidInputError(
                     "RunMdRequest needs oracle_address and force_backend (the oracle that gives the forces)"
                 )
+            check_address(request.oracle_address, "oracle_address")
             try:
                 with channel(request.oracle_address) as oracle:
                     force_field = OracleForceField(

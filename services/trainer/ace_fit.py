@@ -27,7 +27,7 @@ from pyacemaker.rpc import InvalidInputError
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace
 from services.trainer.datasets import (
-    artifact_paths,
+    check_finite,
     e0s_by_number,
     elements_of,
     energy_of,
@@ -35,6 +35,7 @@ from services.trainer.datasets import (
     load_labelled,
     reference_energy,
     require_e0s,
+    shard_paths,
 )
 from services.trainer.progress import ProgressWriter
 from services.trainer.results import JobResult
@@ -42,6 +43,8 @@ from services.trainer.results import JobResult
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("linear", "nonlinear")
+# A larger ACE cutoff is not a local potential any more (pyace's basis grows with it); 0 means inferred.
+MAX_CUTOFF_A = 20.0
 # Cutoff = this many times the largest sum of two covalent radii, clamped to the range below (Å).
 CUTOFF_PER_BOND_LENGTH = 2.5
 CUTOFF_RANGE_A = (4.0, 7.0)
@@ -221,11 +224,16 @@ def validate_ace_fit(spec: trainer_pb2.AceFitSpec, store: ArtifactStore) -> None
         raise InvalidInputError("ace_fit.train_data is empty; give at least one labelled extxyz shard")
     if spec.model_kind not in ("", *MODEL_KINDS):
         raise InvalidInputError(f"ace_fit.model_kind {spec.model_kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    check_finite({"ace_fit.cutoff": spec.cutoff})
     if spec.cutoff < 0 or spec.basis_size < 0:
         raise InvalidInputError("ace_fit.cutoff and ace_fit.basis_size must not be negative (0 means inferred)")
+    if spec.cutoff > MAX_CUTOFF_A:
+        raise InvalidInputError(f"ace_fit.cutoff must be at most {MAX_CUTOFF_A:g} Å, got {spec.cutoff:g}")
+    if spec.random_seed < 0:
+        raise InvalidInputError(f"ace_fit.random_seed must not be negative, got {spec.random_seed}")
     e0s_by_number(spec.e0s)
-    artifact_paths(store, spec.train_data, "ace_fit.train_data")
-    artifact_paths(store, spec.validation_data, "ace_fit.validation_data")
+    shard_paths(store, spec.train_data, "ace_fit.train_data")
+    shard_paths(store, spec.validation_data, "ace_fit.validation_data")
     if spec.model_kind == "nonlinear":
         from services.trainer.pacemaker_nonlinear import require_tensorflow
 

@@ -8,7 +8,8 @@ missing is an error that names the file and frame.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from ase.data import atomic_numbers, chemical_symbols
 
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
 from pyacemaker.rpc import InvalidInputError
-from pyacemaker.structures import StructureFileError, read_structures
+from pyacemaker.structures import StructureFileError, count_extxyz_frames, read_structures
 from pyacemaker.v1 import common_pb2, trainer_pb2
 
 
@@ -30,6 +31,27 @@ def artifact_paths(store: ArtifactStore, refs: Iterable[common_pb2.ArtifactRef],
         except ArtifactError as exc:
             raise InvalidInputError(f"{what}[{i}]: {exc}") from None
     return paths
+
+
+def shard_paths(store: ArtifactStore, refs: Iterable[common_pb2.ArtifactRef], what: str) -> list[Path]:
+    """`artifact_paths` of extxyz shards, each checked to hold at least one frame (a quick scan of its atom-count
+    lines, no parsing), so a job is never started on a file that is not a structure file."""
+    paths = artifact_paths(store, refs, what)
+    for i, path in enumerate(paths):
+        try:
+            frames = count_extxyz_frames(path)
+        except StructureFileError as exc:
+            raise InvalidInputError(f"{what}[{i}]: not an extxyz structure file ({exc})") from None
+        if frames == 0:
+            raise InvalidInputError(f"{what}[{i}]: {path.name} holds no structures")
+    return paths
+
+
+def check_finite(values: Mapping[str, float]) -> None:
+    """InvalidInputError naming the first value (by its field name) that is NaN or infinite."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{name} must be a finite number, got {value}")
 
 
 def has_labels(atoms: Atoms) -> bool:
@@ -79,6 +101,8 @@ def e0s_by_number(entries: Iterable[trainer_pb2.AtomicEnergy]) -> dict[int, floa
     for entry in entries:
         if entry.atomic_number <= 0 or entry.atomic_number >= len(chemical_symbols):
             raise InvalidInputError(f"e0s: atomic number {entry.atomic_number} is not an element")
+        if not math.isfinite(entry.energy):
+            raise InvalidInputError(f"e0s: the energy of Z={entry.atomic_number} is {entry.energy}, not finite")
         if entry.atomic_number in table:
             raise InvalidInputError(f"e0s: element {chemical_symbols[entry.atomic_number]} is given twice")
         table[int(entry.atomic_number)] = float(entry.energy)

@@ -41,11 +41,13 @@ from services.trainer import linear_ace
 from services.trainer.ace_fit import AceFitResult, report_cross_validation, store_fit_outputs
 from services.trainer.datasets import (
     artifact_paths,
+    check_finite,
     elements_of,
     energy_of,
     forces_of,
     load_labelled,
     reference_energy,
+    shard_paths,
 )
 from services.trainer.progress import ProgressWriter
 from services.trainer.results import JobResult
@@ -178,14 +180,23 @@ def validate_delta_fit(spec: trainer_pb2.DeltaFitSpec, store: ArtifactStore) -> 
         raise InvalidInputError("delta_fit.base_potential is not set; give the base ACE .yaml")
     if not spec.dft_data:
         raise InvalidInputError("delta_fit.dft_data is empty; give the labelled DFT set")
+    check_finite({"delta_fit.surrogate_weight": spec.surrogate_weight})
     if spec.surrogate_weight < 0:
         raise InvalidInputError("delta_fit.surrogate_weight must not be negative (0 means chosen by cross-validation)")
+    if spec.random_seed < 0:
+        raise InvalidInputError(f"delta_fit.random_seed must not be negative, got {spec.random_seed}")
     (base,) = artifact_paths(store, [spec.base_potential], "delta_fit.base_potential")
     if base.suffix != ".yaml":
         raise InvalidInputError(f"delta_fit.base_potential must be the B-basis .yaml, got {base.suffix or 'no suffix'}")
-    artifact_paths(store, spec.dft_data, "delta_fit.dft_data")
-    artifact_paths(store, spec.surrogate_data, "delta_fit.surrogate_data")
-    if not _is_linear(base):
+    shard_paths(store, spec.dft_data, "delta_fit.dft_data")
+    shard_paths(store, spec.surrogate_data, "delta_fit.surrogate_data")
+    try:
+        linear = _is_linear(base)
+    except Exception as exc:  # pyace raises assorted errors for a file that is not a B-basis
+        raise InvalidInputError(
+            f"delta_fit.base_potential: not a readable ACE B-basis .yaml ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+    if not linear:
         from services.trainer.pacemaker_nonlinear import require_tensorflow
 
         require_tensorflow()

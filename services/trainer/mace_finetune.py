@@ -39,6 +39,7 @@ from pyacemaker.structures import write_extxyz
 from pyacemaker.v1 import trainer_pb2
 from services.trainer.datasets import (
     artifact_paths,
+    check_finite,
     e0s_by_number,
     elements_of,
     energy_of,
@@ -46,6 +47,7 @@ from services.trainer.datasets import (
     load_labelled,
     reference_energy,
     require_e0s,
+    shard_paths,
 )
 from services.trainer.progress import ProgressWriter
 from services.trainer.results import JobResult
@@ -401,17 +403,25 @@ def validate_mace_finetune(spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactSt
         raise InvalidInputError("mace_finetune.train_data is empty; give the labelled DFT set")
     if spec.committee_size < 0 or spec.max_epochs < 0:
         raise InvalidInputError("mace_finetune.committee_size and max_epochs must not be negative (0: default)")
+    check_finite({"mace_finetune.energy_weight": spec.energy_weight, "mace_finetune.forces_weight": spec.forces_weight})
     if spec.energy_weight < 0 or spec.forces_weight < 0:
         raise InvalidInputError("mace_finetune loss weights must not be negative (0: mace's default)")
+    if spec.random_seed < 0:
+        raise InvalidInputError(f"mace_finetune.random_seed must not be negative, got {spec.random_seed}")
     if spec.multihead_replay and not spec.replay_data:
         raise InvalidInputError(
             "mace_finetune.multihead_replay needs replay_data (teacher-labelled frames the run has)"
         )
     e0s_by_number(spec.e0s)
-    artifact_paths(store, [spec.foundation_model], "mace_finetune.foundation_model")
-    artifact_paths(store, spec.train_data, "mace_finetune.train_data")
-    artifact_paths(store, spec.validation_data, "mace_finetune.validation_data")
-    artifact_paths(store, spec.replay_data, "mace_finetune.replay_data")
+    (foundation,) = artifact_paths(store, [spec.foundation_model], "mace_finetune.foundation_model")
+    with open(foundation, "rb") as handle:
+        magic = handle.read(4)
+    # torch.save writes a zip archive (or, in old versions, a pickle): anything else cannot be a model.
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise InvalidInputError("mace_finetune.foundation_model: not a PyTorch model file (no zip or pickle header)")
+    shard_paths(store, spec.train_data, "mace_finetune.train_data")
+    shard_paths(store, spec.validation_data, "mace_finetune.validation_data")
+    shard_paths(store, spec.replay_data, "mace_finetune.replay_data")
 
 
 def run_mace_finetune(

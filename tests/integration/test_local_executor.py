@@ -91,7 +91,8 @@ def collect(responses: Any) -> tuple[list[oracle_pb2.Submission], dict[int, comm
         submissions.extend(response.submissions)
         for result in response.results:
             announced = {index for submission in submissions for index in submission.indices}
-            assert result.index in announced, f"result {result.index} arrived before its Submission"
+            refused = result.labels.reason.startswith("invalid structure: ")  # never submitted
+            assert result.index in announced or refused, f"result {result.index} arrived before its Submission"
             assert result.index not in results, f"result {result.index} arrived twice"
             results[result.index] = result.labels
     return submissions, results
@@ -150,14 +151,15 @@ def test_a_timeout_and_a_failed_calculation_are_labelled_and_their_dirs_kept(ora
     assert results[0].reason == "timed out after 4 s, without a result"
     assert_labels_equal_tblite(results[1], good)
     assert results[2].status == common_pb2.LABEL_STATUS_FAILED
-    assert "spin multiplicity 2 is impossible with 44 electrons" in results[2].reason
+    # Refused by the structure check before any task is written (pyacemaker.structure_checks).
+    assert "invalid structure: spin_multiplicity 2 is impossible with 44 electrons" in results[2].reason
     assert elapsed < 30, f"the slow calculation was not stopped at its timeout ({elapsed:.0f} s)"
 
     table = JobTable(work_dir / JOB_TABLE_FILE)
-    for atoms in (slow, impossible):
-        record = table.get((content_id(atoms), XTB_LEVEL))
-        assert record is not None and record.task_dir.is_dir(), "a failed calculation's dir is kept"
-        assert (record.task_dir / STRUCTURE_FILE).is_file() and (record.task_dir / "task.log").is_file()
+    record = table.get((content_id(slow), XTB_LEVEL))
+    assert record is not None and record.task_dir.is_dir(), "a failed calculation's dir is kept"
+    assert (record.task_dir / STRUCTURE_FILE).is_file() and (record.task_dir / "task.log").is_file()
+    assert table.get((content_id(impossible), XTB_LEVEL)) is None
     good_record = table.get((content_id(good), XTB_LEVEL))
     assert good_record is not None and not good_record.task_dir.exists()
 

@@ -27,6 +27,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import BaseCalculator, CalculatorError
 
+from pyacemaker.structure_checks import StructureLimits
 from pyacemaker.structures import failed_labels, labels_from_atoms
 from pyacemaker.v1 import common_pb2
 
@@ -56,11 +57,19 @@ class OracleBackend(ABC):
     # True for expensive backends (DFT) whose calculations go through an executor (`config.executor`, with
     # `config.retries`); False for cheap ones labelled in the server's own process.
     uses_executor: ClassVar[bool] = False
+    # True for cheap backends whose native code can crash the process (tblite): the oracle labels with them in
+    # worker subprocesses (services/oracle/workers.py), so a crash fails one structure, not the service.
+    isolated: ClassVar[bool] = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why this backend cannot run in this process (e.g. a missing library), or None when it can."""
         return None
+
+    def structure_limits(self) -> StructureLimits:
+        """What this backend can take (elements, cutoff of its interactions, most atoms): the oracle checks
+        every structure against it before the backend sees it (pyacemaker.structure_checks)."""
+        return StructureLimits(owner=f"oracle backend {self.name!r}")
 
     @property
     @abstractmethod

@@ -13,6 +13,7 @@ from ase import Atoms
 from ase.calculators.lj import LennardJones
 
 from pyacemaker.config import LjOracleConfig
+from pyacemaker.structure_checks import StructureLimits
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.base import OracleBackend
 
@@ -23,6 +24,9 @@ class LennardJonesBackend(OracleBackend):
 
     def __init__(self, config: LjOracleConfig) -> None:
         self.config = config
+
+    def structure_limits(self) -> StructureLimits:
+        return StructureLimits(cutoff=self.config.cutoff, owner="oracle backend 'lj'")
 
     @property
     def level_of_theory(self) -> str:

@@ -46,6 +46,7 @@ from ase.calculators.calculator import Calculator
 
 from pyacemaker.config import MaceOracleConfig
 from pyacemaker.rpc import InvalidInputError, WrongStateError
+from pyacemaker.structure_checks import StructureLimits
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, failed_labels
 from pyacemaker.teacher.resolve import TeacherNotFoundError, resolve_teacher
 from pyacemaker.v1 import common_pb2
@@ -334,6 +335,13 @@ class MaceBackend(OracleBackend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return _missing_packages()
+
+    def structure_limits(self) -> StructureLimits:
+        return StructureLimits(
+            cutoff=self.committee.r_max,
+            elements=frozenset(self.committee.atomic_numbers),
+            owner="oracle backend 'mace'",
+        )
 
     @property
     def level_of_theory(self) -> str:

@@ -13,16 +13,25 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from pyacemaker.config import XtbOracleConfig
+from pyacemaker.structure_checks import StructureLimits
 from pyacemaker.structures import charge_of, spin_multiplicity_of
 from services.oracle.backends.base import OracleBackend, UnlabellableStructureError
 
 # tblite's and xtb's own default; a label at another electronic temperature is a different level of theory.
 DEFAULT_ELECTRONIC_TEMPERATURE_K = 300.0
+# GFN1/GFN2/IPEA1-xTB are parametrised for H..Rn. tblite reads Z outside silently as nothing (Z = 0, -1) or
+# crashes; the oracle refuses such structures first.
+XTB_ELEMENTS = frozenset(range(1, 87))
+# Range used to estimate neighbours per atom in periodic cells, Å (tblite's real-space sums reach about this far).
+XTB_NEIGHBOUR_CUTOFF_A = 10.0
+# tblite holds dense matrices of ~4 basis functions per atom: 1000 atoms is ~130 MB each, more gets heavy fast.
+XTB_MAX_ATOMS = 1000
 
 
 class XtbBackend(OracleBackend):
     name: ClassVar[str] = "xtb"
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces", "stress")
+    isolated: ClassVar[bool] = True
 
     def __init__(self, config: XtbOracleConfig) -> None:
         self.config = config
@@ -30,6 +39,11 @@ class XtbBackend(OracleBackend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return _tblite_import_error()
+
+    def structure_limits(self) -> StructureLimits:
+        return StructureLimits(
+            cutoff=XTB_NEIGHBOUR_CUTOFF_A, elements=XTB_ELEMENTS, max_atoms=XTB_MAX_ATOMS, owner="oracle backend 'xtb'"
+        )
 
     @property
     def level_of_theory(self) -> str:

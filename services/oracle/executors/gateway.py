@@ -30,6 +30,7 @@ from typing import Any
 
 from pyacemaker.config import ExecutorConfig, LocalExecutorConfig
 from pyacemaker.rpc import WrongStateError
+from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2
 from services.oracle.backends import OracleBackend
@@ -348,6 +349,7 @@ class _Stream:
                 index = first_index + offset
                 try:
                     atoms = structure_to_atoms(message)
+                    check_structure(atoms, self.backend.structure_limits())
                 except ValueError as exc:
                     labels = failed_labels(f"invalid structure: {exc}", self.level)
                     self.events.put(
