@@ -427,6 +427,11 @@ class AceConfig(_Strict):
     delta_surrogate_weight: float = Field(
         0.0, ge=0, description="Weight of surrogate rows in delta learning; 0 chooses it by cross-validation."
     )
+    core_repulsion: bool = Field(
+        True,
+        description="Linear ACE: below the shortest distance of each element pair in the training data, switch "
+        "the fitted part off and a core repulsion on (bounded extrapolation; carried by the .yace).",
+    )
     random_seed: int = Field(0, ge=0)
 
 

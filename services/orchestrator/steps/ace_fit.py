@@ -55,6 +55,7 @@ class AceFitStep:
             # The committee's labels sit on the DFT level's reference energies (step 3), so the ACE does too.
             e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in dft_reference_energies(ctx).items()],
             random_seed=settings.random_seed,
+            no_core_repulsion=not settings.core_repulsion,
         )
         job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(ace_fit=spec), "base ACE fit on the surrogate set")
         return potential_outcome(job, ctx, "base", EXPORT_DIR)
