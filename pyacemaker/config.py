@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pyacemaker.teacher.resolve import is_model_name
 
@@ -193,6 +193,18 @@ class AceOracleConfig(_Strict):
 
     backend: Literal["ace"]
     potential: Path = Field(description="The .yace file.")
+    active_set: Path | None = Field(
+        None, description="The potential's active set (.asi): labels then carry the extrapolation grade γ."
+    )
+    basis: Path | None = Field(
+        None, description="The potential's B-basis .yaml, which γ needs beside the .asi (give both or neither)."
+    )
+
+    @model_validator(mode="after")
+    def _active_set_with_basis(self) -> AceOracleConfig:
+        if (self.active_set is None) != (self.basis is None):
+            raise ValueError("active_set and basis go together: γ needs the .asi and the .yaml it was made for")
+        return self
 
 
 OracleConfig = Annotated[
@@ -435,6 +447,40 @@ class AceConfig(_Strict):
     random_seed: int = Field(0, ge=0)
 
 
+class StudentRefinementConfig(_Strict):
+    """Step 6b, between the base fit and delta learning: the base ACE runs MD itself (plain and in the md
+    section's restraint windows, at md.temperatures plus one hotter by temperature_margin) with its
+    extrapolation grade γ watched; frames above gamma_threshold, and the structures where a replica ran off
+    (γ above stop_gamma, or atoms closer than md.min_distance), are labelled by the fine-tuned committee and
+    added to the surrogate set, and the base is refitted, until the student's MD stays below the threshold or
+    max_rounds refits are done."""
+
+    enabled: bool = Field(True, description="Run the refinement (false: step 7 corrects the base of step 6).")
+    max_rounds: int = Field(3, ge=1, description="Refits at most.")
+    gamma_threshold: Positive = Field(
+        3.0, description="Frames whose largest per-atom γ exceeds this are labelled and added (1: the data's span)."
+    )
+    stop_gamma: Positive = Field(
+        30.0, description="A replica whose γ exceeds this stops there (the structure is labelled too)."
+    )
+    steps: int = Field(400, ge=1, description="MD steps per replica and round.")
+    save_interval: int = Field(5, ge=1, description="γ is read on every step; a frame is kept every this many.")
+    temperature_margin: float = Field(
+        1.25, ge=1.0, description="One more temperature, this factor above the highest of md.temperatures."
+    )
+    max_frames_per_round: int = Field(200, ge=1, description="Frames labelled and added per round at most.")
+    random_seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _stop_above_threshold(self) -> StudentRefinementConfig:
+        if self.stop_gamma <= self.gamma_threshold:
+            raise ValueError(
+                f"stop_gamma ({self.stop_gamma}) must exceed gamma_threshold ({self.gamma_threshold}): a replica "
+                "must be able to visit frames worth labelling before it stops"
+            )
+        return self
+
+
 class ReactionPathConfig(_DistanceDifferenceRange):
     """An energy profile along ξ: a relaxed scan with the fine-tuned committee, then DFT, the teacher and both
     ACEs on the same geometries (the DFT points are charged to the budget, once)."""
@@ -470,6 +516,7 @@ class RunConfig(_Strict):
     mace_finetune: MaceFinetuneConfig = Field(default_factory=MaceFinetuneConfig)
     surrogate_labelling: SurrogateLabellingConfig = Field(default_factory=SurrogateLabellingConfig)
     ace: AceConfig = Field(default_factory=AceConfig)
+    student_refinement: StudentRefinementConfig = Field(default_factory=StudentRefinementConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     stop_after: (
         Literal[
@@ -479,6 +526,7 @@ class RunConfig(_Strict):
             "surrogate_md",
             "surrogate_labelling",
             "ace_fit",
+            "student_refinement",
             "delta_fit",
         ]
         | None

@@ -54,3 +54,33 @@ def test_level_of_theory_names_the_file_and_yaml_is_refused(potential: Path) -> 
     assert backend.level_of_theory.startswith("ace:") and len(backend.level_of_theory) == 20
     with pytest.raises(ValueError, match=r"p\.yaml: the ace backend evaluates \.yace files"):
         AceBackend(AceOracleConfig(backend="ace", potential=potential.with_suffix(".yaml")))
+
+
+def test_labels_carry_the_extrapolation_grade_with_the_active_set(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from services.trainer.ace_fit import fit_linear_ace
+    from services.trainer.evaluation import extrapolation_grades
+    from tests.conftest import sn2_seeds
+    from tests.sn2_training_data import xtb_e0s
+
+    frames = xtb_frames()[:40]
+    fit = fit_linear_ace(frames, tmp_path / "fit", e0s=xtb_e0s(), functions_per_element=10)
+    backend = AceBackend(
+        AceOracleConfig(backend="ace", potential=fit.yace_path, active_set=fit.asi_path, basis=fit.yaml_path)
+    )
+    stretched = sn2_seeds()[1]
+    stretched.positions *= 1.35
+    for atoms in (frames[3], stretched):
+        labels = backend.label(atoms)
+        expected = extrapolation_grades(fit.yaml_path, fit.asi_path, [atoms])[0]
+        assert len(labels.uncertainty.extrapolation_grade) == len(atoms)
+        assert labels.uncertainty.max_extrapolation_grade == pytest.approx(expected, rel=1e-9)
+        # Energies and forces are the .yace's, as without the active set.
+        plain = AceBackend(AceOracleConfig(backend="ace", potential=fit.yace_path)).label(atoms)
+        assert labels.energy == pytest.approx(plain.energy, abs=1e-9)
+        assert not plain.uncertainty.extrapolation_grade
+    assert backend.label(frames[3]).uncertainty.max_extrapolation_grade <= 1.01 + 1e-6
+    assert backend.label(stretched).uncertainty.max_extrapolation_grade > 2.0
+    with pytest.raises(ValidationError, match="active_set and basis go together"):
+        AceOracleConfig(backend="ace", potential=fit.yace_path, active_set=fit.asi_path)
