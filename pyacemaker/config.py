@@ -469,6 +469,11 @@ class StudentRefinementConfig(_Strict):
         1.25, ge=1.0, description="One more temperature, this factor above the highest of md.temperatures."
     )
     max_frames_per_round: int = Field(200, ge=1, description="Frames labelled and added per round at most.")
+    window_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas per restraint window; 0: one per temperature. Fewer run the hottest temperatures.",
+    )
     random_seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")

@@ -153,8 +153,8 @@ def refinement_temperatures(md: MdConfig, margin: float) -> list[float]:
 
 
 def student_md_configs(ctx: StepContext, number: int) -> list[MdConfig]:
-    """The round's MD: plain MD (every seed at every temperature) and, when md.windows is set, one replica per
-    temperature in every restraint window."""
+    """The round's MD: plain MD (every seed at every temperature) and, when md.windows is set, MD in every
+    restraint window (one replica per temperature, or `window_replicas` at the hottest temperatures)."""
     settings = ctx.config.student_refinement
     md = md_config(ctx)
     temperatures = refinement_temperatures(md, settings.temperature_margin)
@@ -178,11 +178,13 @@ def student_md_configs(ctx: StepContext, number: int) -> list[MdConfig]:
         )
     ]
     if md.windows is not None:
-        per_window = len(temperatures)
+        # Replica r of a window runs at temperatures[r % T]: hottest first, so fewer replicas run the hottest.
+        per_window = settings.window_replicas or len(temperatures)
         configs.append(
             md.model_copy(
                 update={
                     **common,
+                    "temperatures": sorted(temperatures, reverse=True),
                     "replicas": per_window,
                     "n_frames": max(1, md.windows.count * per_window * saved_per_replica),
                 }
