@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/pyacemaker/v1/*.proto)
 PROTO_STAMP := pyacemaker/v1/__init__.py
 
-.PHONY: install install-system protos up down demo test lint format clean docs teacher images images-torch apptainer-archives
+.PHONY: install install-system protos up down demo test lint format clean docs teacher images images-lean apptainer-archives test-fresh
 
 install: install-system $(STAMP) $(PROTO_STAMP)
 
@@ -55,13 +55,14 @@ demo: install
 	exit $$rc
 
 # Container images (containers/, pyacemaker/deploy/images.py): a Debian base from debootstrap, then one image
-# per service, from podman's layer cache when nothing changed. images-torch adds oracle-mace and trainer;
-# apptainer-archives saves the images for containers/apptainer/*.def.
+# per service, from podman's layer cache when nothing changed. `images` builds every image `pyacemaker up
+# --runtime podman` starts (trainer and oracle-mace carry torch); images-lean only those without torch (step 1,
+# DFT oracles); apptainer-archives saves the images for containers/apptainer/*.def.
 images: install
 	$(PY) -m pyacemaker.deploy.images
 
-images-torch: install
-	$(PY) -m pyacemaker.deploy.images --all
+images-lean: install
+	$(PY) -m pyacemaker.deploy.images --lean
 
 apptainer-archives: install
 	$(PY) -m pyacemaker.deploy.images --save-archives
@@ -89,3 +90,8 @@ test: install lint
 
 clean:
 	rm -rf $(VENV) pyacemaker/v1 .pytest_cache .ruff_cache .mypy_cache
+
+# `make test` in a clean clone of HEAD with a new venv, empty podman storage and empty home/caches (.ci/test-fresh):
+# what a fresh machine sees, whatever this one has accumulated.
+test-fresh:
+	bash .ci/test-fresh

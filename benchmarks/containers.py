@@ -51,7 +51,7 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[float, subprocess.
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cold", action="store_true", help="remove the images and the wheelhouse first")
-    parser.add_argument("--images", nargs="*", default=list(images.DEFAULT_IMAGES))
+    parser.add_argument("--images", nargs="*", default=list(images.LEAN_IMAGES))
     args = parser.parse_args()
     if not podman.podman_available():
         print("podman and runc are needed: apt-get install podman runc debootstrap")

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
+from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel, wait_for_health
 from pyacemaker.structures import read_structures
 from pyacemaker.teacher import resolve_teacher
-from services.oracle.client import backend_spec, stream_labels
+from services.oracle.client import artifact_option, backend_spec, stream_labels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +103,9 @@ def through_service(model_path: Path, frames: list[Atoms], batch_size: int, repe
                 time.sleep(0.1)
             address = f"127.0.0.1:{port_file.read_text()}"
             wait_for_health(address)
-            spec = backend_spec("mace", {"models": [str(model_path)], "batch_size": batch_size})
+            # The oracle loads model files only from its store.
+            model = artifact_option(ArtifactStore(tmp).put_file(model_path, kind="model"))
+            spec = backend_spec("mace", {"models": [model], "batch_size": batch_size})
             with channel(address) as oracle:
                 list(stream_labels(oracle, spec, frames[:batch_size], batch_size=batch_size, timeout=120))  # warm-up
                 energies = np.empty(len(frames))

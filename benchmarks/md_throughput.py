@@ -31,12 +31,13 @@ from ase.constraints import FixCom
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import MaceOracleConfig, MdConfig
-from pyacemaker.deploy.local import SERVICES, down, up
+from pyacemaker.deploy.local import SERVICES, down, store_dir, up
 from pyacemaker.rpc import channel
 from pyacemaker.structures import read_structures
 from pyacemaker.teacher import resolve_teacher
-from services.oracle.client import backend_spec
+from services.oracle.client import artifact_option, backend_spec
 from services.sampler.client import md_request, md_settings, run_md
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +57,13 @@ def md_config(replicas: int, steps: int) -> MdConfig:
     )
 
 
-def through_service(address: dict[str, str], model: Path, config: MdConfig, per_call: int) -> tuple[float, object]:
+def through_service(
+    address: dict[str, str], model: Path, config: MdConfig, per_call: int, home: Path
+) -> tuple[float, object]:
     """(wall s of the RunMd call, its MdResult); a 5-step warm-up first loads the model in the oracle."""
     starts = [read_structures(path)[0] for path in SEEDS]
-    spec = backend_spec("mace", {"models": [str(model)]})
+    # The oracle loads model files only from the deployment's store.
+    spec = backend_spec("mace", {"models": [artifact_option(ArtifactStore(store_dir(home)).put_file(model, "model"))]})
     with channel(address["sampler"]) as sampler:
         warm = config.model_copy(update={"steps": 5})
         list(run_md(sampler, md_request(starts, warm, address["oracle"], spec, per_call), timeout=600))
@@ -133,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             processes = up(Path(home), ports=dict.fromkeys(SERVICES, 0))
             address = {name: proc.address for name, proc in processes.items()}
-            batched_s, batched = through_service(address, model, config, per_call=0)
+            batched_s, batched = through_service(address, model, config, per_call=0, home=Path(home))
             rows.append(("service, one oracle call per step (batched)", batched_s))
             print(
                 f"  batched RunMd: {batched.oracle_calls} oracle calls, {batched.oracle_time_s:.1f} of "
                 f"{batched.wall_time_s:.1f} s waiting for the oracle",
                 flush=True,
             )
-            single_s, single = through_service(address, model, config, per_call=1)
+            single_s, single = through_service(address, model, config, per_call=1, home=Path(home))
             rows.append(("service, one oracle call per replica per step", single_s))
             print(f"  per-replica RunMd: {single.oracle_calls} oracle calls", flush=True)
         finally:

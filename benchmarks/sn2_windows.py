@@ -25,7 +25,6 @@ from pyacemaker.config import load_config
 from pyacemaker.deploy.local import SERVICES, down, up
 from pyacemaker.rpc import channel
 from pyacemaker.seeds import load_seeds
-from pyacemaker.teacher import resolve_teacher
 from services.oracle.client import backend_spec
 from services.sampler.client import md_request, run_md
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     assert md.windows is not None, f"{CONFIG} has no md.windows"
     a, b, c = md.windows.atoms
     starts = load_seeds(config)
-    spec = backend_spec("mace", {"models": [str(resolve_teacher("bundled"))]})
+    spec = backend_spec("mace", {"models": ["bundled"]})
     print(
         f"{md.windows.count} windows ξ₀ = {md.windows.start:+.2f} … {md.windows.stop:+.2f} Å, k = "
         f"{md.windows.force_constant} eV/Å², {args.replicas} replicas each at {md.temperatures} K in turn, "

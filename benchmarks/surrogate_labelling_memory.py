@@ -31,6 +31,7 @@ from pyacemaker.artifacts import ArtifactStore  # noqa: E402
 from pyacemaker.rpc import wait_for_health  # noqa: E402
 from pyacemaker.structures import read_structures, write_extxyz  # noqa: E402
 from pyacemaker.teacher import resolve_teacher  # noqa: E402
+from services.oracle.client import artifact_option  # noqa: E402
 
 SN2_SEEDS = REPO_ROOT / "examples" / "sn2" / "seeds"
 SEED_FILES = ("reactant_complex.xyz", "transition_state.xyz", "product_complex.xyz")
@@ -110,8 +111,8 @@ def measure(count: int, models: list[Path], shard_size: int, scratch: Path) -> d
     write_frames(frames_file, count)
     job = {
         "store": str(store_root),
-        "frames": _ref_json(store.put_file(frames_file, kind="structures", move=True)),
-        "models": [_ref_json(store.put_file(path, kind="model")) for path in models],
+        "frames": artifact_option(store.put_file(frames_file, kind="structures", move=True)),
+        "models": [artifact_option(store.put_file(path, kind="model")) for path in models],
         "run_dir": str(scratch / f"run_{count}"),
         "shard_size": shard_size,
     }
@@ -138,10 +139,6 @@ def measure(count: int, models: list[Path], shard_size: int, scratch: Path) -> d
     if result["n_labelled"] != count:
         raise RuntimeError(f"labelled {result['n_labelled']} of {count} frames")
     return {"labeller_mb": result["peak_rss_mb"], "oracle_mb": oracle_peak, "seconds": seconds, **result}
-
-
-def _ref_json(ref) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    return {"uri": ref.uri, "sha256": ref.sha256, "size": ref.size, "kind": ref.kind}
 
 
 def run_worker(job_file: Path) -> None:

@@ -18,6 +18,8 @@ TARGET = Path(__file__).resolve().parent / "configuration.md"
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
     text = re.sub(r"Annotated\[float, FieldInfo\(.*?metadata=\[Gt\(gt=0\)\]\)\]", "float > 0", text)
+    bounded = r"Annotated\[float, FieldInfo\(.*?metadata=\[Gt\(gt=0\), Le\(le=(\w+)\)\]\)\]"
+    text = re.sub(bounded, r"float in (0, \1]", text)
     return text.replace("pyacemaker.config.", "").replace(" | ", " or ")
 
 
@@ -62,6 +64,16 @@ def render() -> str:
         "`make test` fails when this file is out of date. `pyacemaker config schema` prints the JSON schema;",
         "`pyacemaker config check FILE` validates a file. Unknown keys are errors. Relative paths are relative to",
         "the config file. Units: eV, Å, K, fs.",
+        "",
+        "Values are strict: numbers are finite, within the constraints below and within ±1e12; an integer key",
+        'takes a whole number (not `true`, not `"5"`), a number key takes no string, a true/false key only',
+        "`true` or `false`; strings and paths hold no control characters (a newline in an `#SBATCH` value is an",
+        "error). The input files a config names (seeds, a teacher model file, `oracle.models`,",
+        "`oracle.potential`, `oracle.executor.template`) must exist; every seed frame must have atoms of real",
+        "elements at finite positions, an integer `charge`/`spin_multiplicity` if it gives one, and as many atoms",
+        "as `md.windows.atoms` and `validation.profile.atoms` index. The file must be UTF-8, at most 1 MiB, nested",
+        "at most 32 levels, and without YAML anchors or aliases (`&a`, `*a`: write the value out); `1e-9` is a",
+        "number, as in YAML 1.2. Each problem is one line naming the key or file; `config check` exits with 2.",
         "",
         "| key | type | default | constraints | meaning |",
         "|---|---|---|---|---|",

@@ -7,34 +7,144 @@ Relative paths are relative to the config file's directory.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, Any, Literal
+import math
+import numbers
+import types
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pyacemaker.teacher.resolve import is_model_name
+from pyacemaker.yaml_input import YamlInputError, load_yaml_file
 
 Positive = Annotated[float, Field(gt=0)]
+# A profile of the oracle's deployment file, chosen by name.
+PROFILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; `str()` is one line per problem, each naming the key or file."""
 
 
+# No value in a run config is this large in its unit (K, fs, s, Å, eV, Ry, counts); larger is a typo or an attack.
+MAX_MAGNITUDE = 1e12
+# Random seeds reach numpy's legacy seeding and int64 wire fields.
+MAX_SEED = 2**32 - 1
+# Fields (of any section) that name an input file, checked to exist when a config file is loaded; entries that
+# are model names ('bundled', a foundation model) are not files.
+_INPUT_FILE_FIELDS = ("template", "potential", "models")
+
+
+def _scalar_problem(annotation: Any, value: Any) -> str | None:
+    """Why `value` does not fit `annotation` strictly: no booleans or strings for numbers, no numbers for
+    booleans, integers and floats within ±MAX_MAGNITUDE, no control characters (a newline) in strings. None when
+    it fits or when pydantic's own validation decides (sub-models, literals, Any)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_problem(get_args(annotation)[0], value)
+    if origin in (Union, types.UnionType):
+        problems = [_scalar_problem(option, value) for option in get_args(annotation)]
+        return None if any(problem is None for problem in problems) else problems[0]
+    if annotation is type(None):
+        return None if value is None else "expected null"
+    if origin in (list, tuple) and isinstance(value, list | tuple):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        for index, item in enumerate(value):
+            problem = _scalar_problem(args[min(index, len(args) - 1)], item) if args else None
+            if problem is not None:
+                return f"item {index}: {problem}"
+        return None
+    if origin is dict and isinstance(value, dict):
+        key_type, value_type = get_args(annotation) or (Any, Any)
+        for key, item in value.items():
+            problem = _scalar_problem(key_type, key) or _scalar_problem(value_type, item)
+            if problem is not None:
+                return f"{key!r}: {problem}"
+        return None
+    if annotation is bool:
+        return None if isinstance(value, bool) else f"expected true or false, got {_kind(value)}"
+    if annotation is int:  # a whole float is an integer: a protobuf Struct carries every number as a double
+        whole = isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+        if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or whole):
+            return f"expected an integer, got {_kind(value)}"
+        return None if abs(value) <= MAX_MAGNITUDE else f"{value} is out of range (|value| ≤ {MAX_MAGNITUDE:g})"
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"expected a number, got {_kind(value)}"
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)
+        if not math.isfinite(number):
+            return f"expected a finite number, got {value}"
+        return None if abs(number) <= MAX_MAGNITUDE else f"{value} is out of range (|value| ≤ {MAX_MAGNITUDE:g})"
+    if annotation is str or (isinstance(annotation, type) and issubclass(annotation, PurePath)):
+        text = value if isinstance(value, str) else str(value) if isinstance(value, PurePath) else None
+        if text is None:
+            return f"expected a {'string' if annotation is str else 'path'}, got {_kind(value)}"
+        bad = next((c for c in text if ord(c) < 0x20 or ord(c) == 0x7F), None)
+        return None if bad is None else f"control character {bad!r} is not allowed"
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list | tuple):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of every config section: unknown keys are errors, values are immutable, numbers are finite and of
+    the field's type (see `_scalar_problem`), and input files exist when a config file is loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_scalars(cls, data: Any) -> Any:
+        """The first value that fails `_scalar_problem`, as a `strict_type` error whose context names the key
+        (format_validation_error appends it to the location: a before-validator cannot sit on the `kind` and
+        `backend` discriminator fields, so this runs once per section instead of once per field)."""
+        if not isinstance(data, dict):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key) if isinstance(key, str) else None
+            problem = _scalar_problem(field.annotation, value) if field is not None else None
+            if problem is not None:
+                raise PydanticCustomError("strict_type", "{problem}", {"key": key, "problem": problem})
+        return data
+
+    @field_validator(*_INPUT_FILE_FIELDS, mode="after", check_fields=False)
+    @classmethod
+    def _input_files_exist(cls, value: Any, info: ValidationInfo) -> Any:
+        context = info.context or {}
+        if not context.get("check_files"):
+            return value
+        base = Path(context.get("base_dir", "."))
+        for entry in value if isinstance(value, list) else [value]:
+            if entry is None or (info.field_name == "models" and is_model_name(str(entry))):
+                continue
+            path = Path(entry).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise ValueError(f"file not found: {path}")
+        return value
 
 
 class SystemConfig(_Strict):
     """What is being modelled."""
 
     seeds: list[Path] = Field(
-        min_length=1, description="Seed structure files (xyz/extxyz), relative to the config file."
+        min_length=1, max_length=10_000, description="Seed structure files (xyz/extxyz), relative to the config file."
     )
-    charge: int = Field(0, description="Total charge of every structure, elementary charges.")
+    charge: int = Field(0, ge=-1000, le=1000, description="Total charge of every structure, elementary charges.")
     spin_multiplicity: int | None = Field(
-        None, ge=1, description="2S+1; default: 1 for an even electron count, 2 for odd."
+        None, ge=1, le=1001, description="2S+1; default: 1 for an even electron count, 2 for odd."
     )
 
     @field_validator("seeds")
@@ -50,36 +160,69 @@ class SystemConfig(_Strict):
         return resolved
 
 
+# Settings that name programs, files or directories on the oracle's host belong to the oracle's deployment file
+# (docs/deployment.md), never to a run config or a request: key -> where the deployment file sets it.
+_DEPLOYMENT_SETTINGS = {
+    "command": "{backend}.profiles.<profile>.command",
+    "pseudo_dir": "qe.profiles.<profile>.pseudo_dir",
+    "potcar_dir": "vasp.profiles.<profile>.potcar_dir",
+    "template": "executors.{backend}.template",
+    "scratch_dir": "executors.{backend}.scratch_dir",
+    "extra_directives": "executors.{backend}.extra_directives",
+}
+
+
+def _refuse_deployment_settings(data: Any, owner: str, keys: tuple[str, ...]) -> Any:
+    """A clear error for a key that moved to the oracle's deployment file (it used to be an option here)."""
+    if isinstance(data, dict):
+        for key in keys:
+            if key in data:
+                where = _DEPLOYMENT_SETTINGS[key].format(backend=owner)
+                raise ValueError(
+                    f"`{key}` is a deployment setting of the oracle service, not an option of a run or a request: "
+                    f"set `{where}` in the oracle's deployment file (python -m services.oracle --deployment FILE, "
+                    "pyacemaker up --oracle-deployment FILE; see docs/deployment.md)"
+                )
+    return data
+
+
 class LocalExecutorConfig(_Strict):
     """Run calculations as local processes (a pool of workers on this machine)."""
 
     kind: Literal["local"] = "local"
-    max_workers: int = Field(1, ge=1, description="Calculations run at once.")
+    max_workers: int = Field(1, ge=1, le=4096, description="Calculations run at once.")
     timeout_s: Positive = Field(3600.0, description="Wall-time limit of one calculation, s.")
-    scratch_dir: Path | None = Field(
-        None, description="Where calculation dirs go (kept on failure); default: the oracle's --work-dir."
-    )
     keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        return _refuse_deployment_settings(data, "local", ("scratch_dir",))
 
 
 class _ArrayJobExecutor(_Strict):
     """What every batch-scheduler executor shares: one array job per request batch."""
 
-    array_throttle: int = Field(8, ge=1, description="Array tasks running at once (%N).")
-    template: Path | None = Field(None, description="User-editable job script template; default: the bundled one.")
-    scratch_dir: Path | None = Field(None, description="Shared directory for job files; must be visible on the nodes.")
+    array_throttle: int = Field(8, ge=1, le=100_000, description="Array tasks running at once (%N).")
     keep_finished: bool = Field(False, description="Keep the dirs of successful calculations too (failed: always).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        kind = data.get("kind", "") if isinstance(data, dict) else ""
+        return _refuse_deployment_settings(data, str(kind), ("template", "scratch_dir", "extra_directives"))
 
 
 class SlurmExecutorConfig(_ArrayJobExecutor):
     """Submit calculations as Slurm array jobs (sbatch/squeue/sacct)."""
 
     kind: Literal["slurm"]
-    partition: str | None = Field(None, description="sbatch --partition; default: the cluster's default.")
+    partition: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.,-]+$", description="sbatch --partition; default: the cluster's default."
+    )
     time_limit: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", description="Per task, [D-]HH:MM:SS.")
-    cpus_per_task: int = Field(1, ge=1)
+    cpus_per_task: int = Field(1, ge=1, le=4096)
     memory: str | None = Field(None, pattern=r"^\d+[KMGT]?$", description="sbatch --mem, e.g. 4G.")
-    extra_directives: list[str] = Field(default_factory=list, description="Extra #SBATCH lines, e.g. --account=x.")
     poll_interval_s: Positive = Field(5.0, description="Seconds between squeue/sacct polls.")
 
 
@@ -87,11 +230,10 @@ class PbsExecutorConfig(_ArrayJobExecutor):
     """Submit calculations as PBS array jobs (qsub -J / qstat)."""
 
     kind: Literal["pbs"]
-    queue: str | None = None
+    queue: str | None = Field(None, pattern=r"^[A-Za-z0-9_.@-]+$", description="qsub -q; default: the server's.")
     walltime: str = Field("01:00:00", pattern=r"^\d{1,3}:\d{2}:\d{2}$", description="Per sub-job, HH:MM:SS.")
-    ncpus: int = Field(1, ge=1)
+    ncpus: int = Field(1, ge=1, le=4096)
     memory: str | None = Field(None, pattern=r"^\d+[kmgt]?b$", description="PBS mem, e.g. 4gb.")
-    extra_directives: list[str] = Field(default_factory=list, description="Extra #PBS lines.")
     poll_interval_s: Positive = Field(10.0, description="Seconds between qstat polls.")
 
 
@@ -101,8 +243,10 @@ ExecutorConfig = Annotated[LocalExecutorConfig | SlurmExecutorConfig | PbsExecut
 class RetryConfig(_Strict):
     """Self-healing of failed calculations."""
 
-    max_retries: int = Field(2, ge=0, description="Retries with escalated SCF settings before a structure is Failed.")
-    resubmit_lost_tasks: int = Field(1, ge=0, description="Resubmissions of a task whose node died.")
+    max_retries: int = Field(
+        2, ge=0, le=20, description="Retries with escalated SCF settings before a structure is Failed."
+    )
+    resubmit_lost_tasks: int = Field(1, ge=0, le=20, description="Resubmissions of a task whose node died.")
 
 
 class _DftOracle(_Strict):
@@ -126,7 +270,7 @@ class XtbOracleConfig(_Strict):
     method: Literal["GFN2-xTB", "GFN1-xTB", "IPEA1-xTB"] = "GFN2-xTB"
     accuracy: Positive = Field(1.0, description="tblite numerical accuracy (smaller is tighter).")
     electronic_temperature: Positive = Field(300.0, description="Fermi smearing temperature, K.")
-    max_iterations: int = Field(250, ge=1, description="SCC iterations before the calculation fails.")
+    max_iterations: int = Field(250, ge=1, le=100_000, description="SCC iterations before the calculation fails.")
     executor: ExecutorConfig | None = Field(
         None, description="Run each calculation as a task through this executor; default: in the oracle's process."
     )
@@ -139,34 +283,67 @@ class PyscfOracleConfig(_DftOracle):
     backend: Literal["pyscf"]
     functional: str = Field("PBE", min_length=1, description="Exchange-correlation functional as PySCF names it.")
     basis: str = Field("def2-SVP", min_length=1, description="Basis set as PySCF names it.")
-    max_cycle: int = Field(100, ge=1, description="SCF iterations before the first retry.")
+    max_cycle: int = Field(100, ge=1, le=100_000, description="SCF iterations before the first retry.")
     conv_tol: Positive = Field(1e-9, description="SCF energy convergence, Hartree (PySCF's unit).")
     density_fit: bool = Field(False, description="Density fitting (faster, slightly less exact).")
+
+    @field_validator("basis")
+    @classmethod
+    def _a_name_not_a_file(cls, basis: str) -> str:
+        # PySCF reads a basis that names an existing file from that file.
+        if "/" in basis or "\\" in basis:
+            raise ValueError(f"{basis!r} must be a basis set name as PySCF knows it, not a path")
+        return basis
 
 
 class QeOracleConfig(_DftOracle):
     """Quantum ESPRESSO pw.x through ASE (periodic cells; energy, forces, stress)."""
 
     backend: Literal["qe"]
-    command: str = Field("pw.x", min_length=1, description="How to run pw.x, e.g. 'mpirun -np 4 pw.x'.")
-    pseudo_dir: Path = Field(Path("/usr/share/espresso/pseudo"), description="Directory of the UPF files.")
-    pseudopotentials: dict[str, str] = Field(description="Element symbol → UPF file name in pseudo_dir.")
+    profile: str = Field(
+        "default",
+        pattern=PROFILE_NAME,
+        description="The oracle deployment's qe profile: how pw.x runs and where the UPF files are (the deployment "
+        "file's qe.profiles; default: pw.x on PATH, $ESPRESSO_PSEUDO or Debian's pseudo dir).",
+    )
+    pseudopotentials: dict[str, str] = Field(
+        description="Element symbol → UPF file name in the profile's pseudo_dir (a plain file name)."
+    )
     ecutwfc_ry: Positive = Field(30.0, description="Wave-function cutoff, Ry (pw.x's unit).")
     ecutrho_ry: Positive | None = Field(None, description="Charge-density cutoff, Ry; default 4 × ecutwfc_ry.")
     kpoint_spacing: Positive = Field(
         0.25, description="Largest k-point spacing, Å⁻¹ with the 2π (as VASP's KSPACING); sets the Γ-centred grid."
     )
-    electron_maxstep: int = Field(100, ge=1, description="SCF iterations before the first retry.")
+    electron_maxstep: int = Field(100, ge=1, le=100_000, description="SCF iterations before the first retry.")
     smearing: Literal["none", "gaussian", "marzari-vanderbilt", "fermi-dirac"] = "none"
     degauss_ry: Positive = Field(0.01, description="Smearing width, Ry.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        return _refuse_deployment_settings(data, "qe", ("command", "pseudo_dir"))
+
+    @field_validator("pseudopotentials")
+    @classmethod
+    def _plain_file_names(cls, pseudopotentials: dict[str, str]) -> dict[str, str]:
+        for element, name in pseudopotentials.items():
+            if not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise ValueError(
+                    f"{element}: {name!r} must be a plain file name (the directory is a deployment setting)"
+                )
+        return pseudopotentials
 
 
 class VaspOracleConfig(_DftOracle):
     """VASP through ASE: writes INCAR/POSCAR/KPOINTS/POTCAR, runs `command`, parses vasprun.xml."""
 
     backend: Literal["vasp"]
-    command: str = Field(min_length=1, description="How to run VASP, e.g. 'srun vasp_std'.")
-    potcar_dir: Path | None = Field(None, description="VASP_PP_PATH; default: the environment's.")
+    profile: str = Field(
+        "default",
+        pattern=PROFILE_NAME,
+        description="The oracle deployment's vasp profile: how VASP runs and where the POTCARs are (the deployment "
+        "file's vasp.profiles).",
+    )
     xc: str = Field("PBE", description="Functional (ASE's xc names).")
     encut_ev: Positive = Field(520.0, description="Plane-wave cutoff, eV.")
     kpoint_spacing: Positive = Field(
@@ -174,6 +351,19 @@ class VaspOracleConfig(_DftOracle):
     )
     setups: dict[str, str] = Field(default_factory=dict, description="Element → POTCAR variant suffix, e.g. {Cl: ''}.")
     incar: dict[str, Any] = Field(default_factory=dict, description="Extra INCAR tags (ASE Vasp keywords).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_deployment_settings(cls, data: Any) -> Any:
+        return _refuse_deployment_settings(data, "vasp", ("command", "potcar_dir"))
+
+    @field_validator("setups")
+    @classmethod
+    def _plain_setups(cls, setups: dict[str, str]) -> dict[str, str]:
+        for element, suffix in setups.items():
+            if "/" in suffix or ".." in suffix:
+                raise ValueError(f"setup {element}: {suffix!r} must be a POTCAR variant suffix, not a path")
+        return setups
 
 
 class MaceOracleConfig(_Strict):
@@ -183,7 +373,7 @@ class MaceOracleConfig(_Strict):
     models: list[Path] = Field(
         default_factory=list, description="Model files; empty means the run's teacher (teacher.model)."
     )
-    batch_size: int = Field(32, ge=1, description="Structures per evaluation batch.")
+    batch_size: int = Field(32, ge=1, le=100_000, description="Structures per evaluation batch.")
     default_dtype: Literal["float64", "float32"] = "float64"
     device: Literal["cpu", "cuda"] = "cpu"
 
@@ -192,19 +382,12 @@ class AceOracleConfig(_Strict):
     """An ACE potential (.yace), e.g. the run's base or final student; used for validation and MD."""
 
     backend: Literal["ace"]
-    potential: Path = Field(description="The .yace file.")
+    potential: Path = Field(description="The .yace file (or the .yaml B-basis, which active_set needs).")
     active_set: Path | None = Field(
-        None, description="The potential's active set (.asi): labels then carry the extrapolation grade γ."
+        None,
+        description="The potential's active set (.asi); with it the labels carry the per-atom extrapolation "
+        "grade γ. Needs the .yaml potential.",
     )
-    basis: Path | None = Field(
-        None, description="The potential's B-basis .yaml, which γ needs beside the .asi (give both or neither)."
-    )
-
-    @model_validator(mode="after")
-    def _active_set_with_basis(self) -> AceOracleConfig:
-        if (self.active_set is None) != (self.basis is None):
-            raise ValueError("active_set and basis go together: γ needs the .asi and the .yaml it was made for")
-        return self
 
 
 OracleConfig = Annotated[
@@ -244,49 +427,77 @@ class TeacherConfig(_Strict):
         path of the config (the orchestrator that opens it runs elsewhere); names stay names."""
         if is_model_name(model):
             return model
+        context = info.context or {}
         path = Path(model).expanduser()
-        if path.is_absolute():
-            return str(path)
-        return str((Path((info.context or {}).get("base_dir", ".")) / path).resolve())
+        if not path.is_absolute():
+            path = (Path(context.get("base_dir", ".")) / path).resolve()
+        if context.get("check_files") and not path.is_file():
+            raise ValueError(f"not a model name ('bundled' or a mace foundation model) and no such file: {path}")
+        return str(path)
 
 
 class BudgetConfig(_Strict):
-    max_dft_calls: int = Field(60, ge=0, description="Hard limit on DFT calls over the whole run.")
+    max_dft_calls: int = Field(60, ge=0, le=10_000_000, description="Hard limit on DFT calls over the whole run.")
+
+
+# Thermal rattles: per Cartesian component, σ = sqrt(k_B·T / k) with this stiffness, eV/Å² (between a soft
+# bend and a C–H stretch: 0.05 Å at 300 K, 0.09 Å at 1000 K).
+THERMAL_STIFFNESS_EV_PER_A2 = 10.0
+# The thermal rattles reach this many times the highest temperature.
+THERMAL_TEMPERATURE_MARGIN = 1.25
+BOLTZMANN_EV_PER_K = 8.617333262e-5
+
+
+def thermal_rattle_amplitudes(temperatures: list[float]) -> list[float]:
+    """Rattle amplitudes (Å) of the thermal displacements at the given temperatures and at
+    THERMAL_TEMPERATURE_MARGIN × the highest, so the pool covers what MD at these temperatures visits without
+    the harsh rattles that only make near-collisions."""
+    wanted = sorted({*temperatures, THERMAL_TEMPERATURE_MARGIN * max(temperatures)})
+    return [round((BOLTZMANN_EV_PER_K * t / THERMAL_STIFFNESS_EV_PER_A2) ** 0.5, 4) for t in wanted]
 
 
 class PoolConfig(_Strict):
     """Step 1a: candidate pool generation from the seeds."""
 
-    rattle_amplitudes: list[Positive] = Field(
-        default_factory=lambda: [0.02, 0.05, 0.1, 0.2],
-        description="Gaussian displacement amplitudes (per Cartesian component), Å.",
+    rattle_amplitudes: Annotated[list[Positive], Field(max_length=1000)] | None = Field(
+        None,
+        description="Gaussian displacement amplitudes (per Cartesian component), Å; default: thermal ones, "
+        "sqrt(k_B·T / 10 eV/Å²) at each md temperature and 1.25 × the highest.",
     )
-    rattles_per_amplitude: int = Field(25, ge=0, description="Rattled copies per seed and amplitude.")
+    rattles_per_amplitude: int = Field(25, ge=0, le=100_000, description="Rattled copies per seed and amplitude.")
     max_strain: float = Field(0.03, ge=0, le=0.3, description="Largest strain component (periodic seeds).")
-    strains_per_seed: int = Field(0, ge=0, description="Strained copies per periodic seed.")
-    interpolation_images: int = Field(10, ge=0, description="Images between consecutive seeds with the same atoms.")
+    strains_per_seed: int = Field(0, ge=0, le=100_000, description="Strained copies per periodic seed.")
+    interpolation_images: int = Field(
+        10, ge=0, le=100_000, description="Images between consecutive seeds with the same atoms."
+    )
     interpolation_rattle: float = Field(0.05, ge=0, description="Rattle of interpolated images, Å.")
     fragment_rotations_per_seed: int = Field(
-        10, ge=0, description="Copies per seed with one molecular fragment rotated about its centroid."
+        10, ge=0, le=100_000, description="Copies per seed with one molecular fragment rotated about its centroid."
     )
     max_rotation_deg: float = Field(30.0, gt=0, le=180, description="Largest fragment rotation, degrees.")
     min_distance: Positive = Field(0.6, description="Candidates with a shorter interatomic distance are dropped, Å.")
-    random_seed: int = Field(0, ge=0)
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    def resolved(self, temperatures: list[float]) -> PoolConfig:
+        """This section with thermal rattle amplitudes for `temperatures` (K) when none were given."""
+        if self.rattle_amplitudes is not None:
+            return self
+        return self.model_copy(update={"rattle_amplitudes": thermal_rattle_amplitudes(temperatures)})
 
 
 class DirectConfig(_Strict):
     """Step 1b: DIRECT selection (Qi et al., npj Comput. Mater. 2024)."""
 
-    n_select: int = Field(50, ge=1, description="Exactly this many structures are selected.")
-    k_per_cluster: int = Field(1, ge=1, description="Structures taken from each BIRCH cluster.")
+    n_select: int = Field(50, ge=1, le=10_000_000, description="Exactly this many structures are selected.")
+    k_per_cluster: int = Field(1, ge=1, le=100_000, description="Structures taken from each BIRCH cluster.")
     featuriser: Literal["auto", "distribution", "oracle"] = Field(
         "auto",
         description="'distribution': radial/angular distribution histograms (invariant, cheap); 'oracle': the MACE "
         "teacher's invariant descriptors from the mace oracle's Describe; 'auto': 'oracle' when the oracle serves "
         "the mace backend, else 'distribution'.",
     )
-    coverage_bins: int = Field(20, ge=2, description="Histogram bins per principal component for coverage.")
-    random_seed: int = Field(0, ge=0)
+    coverage_bins: int = Field(20, ge=2, le=10_000, description="Histogram bins per principal component for coverage.")
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class SamplingConfig(_Strict):
@@ -297,8 +508,10 @@ class SamplingConfig(_Strict):
 class ActiveLearningConfig(_Strict):
     """Step 2: committee uncertainty → the most uncertain, diverse candidates go to DFT, within the budget."""
 
-    committee_size: int = Field(3, ge=2, description="Committee members fine-tuned from the teacher.")
-    batch_size: int = Field(10, ge=1, description="Structures sent to DFT per active-learning iteration at most.")
+    committee_size: int = Field(3, ge=2, le=64, description="Committee members fine-tuned from the teacher.")
+    batch_size: int = Field(
+        10, ge=1, le=100_000, description="Structures sent to DFT per active-learning iteration at most."
+    )
     force_error_threshold: Positive = Field(
         0.1, description="Candidates whose calibrated max force error exceeds this are labelled, eV/Å."
     )
@@ -317,26 +530,27 @@ class ActiveLearningConfig(_Strict):
         "largest force among them if that is lower. DFT-labelled structures whose largest force exceeds this are "
         "charged but not trained on.",
     )
-    finetune_epochs: int = Field(20, ge=1, description="Epochs of each committee member's fine-tuning.")
+    finetune_epochs: int = Field(20, ge=1, le=100_000, description="Epochs of each committee member's fine-tuning.")
     md_candidate_steps: int = Field(
         0,
         ge=0,
+        le=100_000_000,
         description="Iteration 1 has no MD frames to score yet: when > 0, step 2 runs this many steps of the md "
         "section's MD (windows, temperatures, replicas) with the teacher, and the frames join the pool as "
         "candidates (later iterations score the previous step 4's frames either way). 0: the pool alone. Off by "
         "default: on the B3LYP SN2 flagship (one run each) it gave better hold-out forces (84 vs 92 meV/Å) but "
         "worse energies (9.3 vs 6.7 meV/atom) and barrier.",
     )
-    random_seed: int = Field(0, ge=0)
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class _DistanceDifferenceRange(_Strict):
     """Points along ξ = d(a, b) − d(b, c) (the SN2 reaction coordinate), evenly spaced from start to stop."""
 
     atoms: tuple[int, int, int] = Field(description="0-based indices a, b, c (SN2: Cl1, C, Cl2 = 4, 0, 5).")
-    start: float = Field(description="ξ of the first point, Å.")
-    stop: float = Field(description="ξ of the last point, Å.")
-    count: int = Field(13, ge=1, description="Points, evenly spaced from start to stop.")
+    start: float = Field(ge=-1000, le=1000, description="ξ of the first point, Å.")
+    stop: float = Field(ge=-1000, le=1000, description="ξ of the last point, Å.")
+    count: int = Field(13, ge=1, le=10_000, description="Points, evenly spaced from start to stop.")
 
     @field_validator("atoms")
     @classmethod
@@ -362,22 +576,26 @@ class MdConfig(_Strict):
     """Step 4 (surrogate MD): replicas driven by the fine-tuned committee through the oracle, Langevin NVT (NPT
     for periodic cells when pressure_gpa is set), optional restraint windows, then frame selection."""
 
-    temperatures: list[Positive] = Field(
+    temperatures: list[Annotated[float, Field(gt=0, le=100_000)]] = Field(
         default_factory=lambda: [300.0, 600.0, 1000.0],
         min_length=1,
+        max_length=10_000,
         description="Thermostat temperatures, K; replicas are spread over them.",
     )
-    timestep_fs: Positive = Field(0.5, description="Time step, fs.")
+    timestep_fs: Positive = Field(0.5, le=100, description="Time step, fs.")
     steps: int | None = Field(
         None,
         ge=1,
+        le=1_000_000_000,
         description="MD steps per replica; default: enough for the trajectories to save twice md.n_frames frames "
         "(at least 500).",
     )
-    replicas: int = Field(16, ge=1, description="Replicas (per restraint window when windows are set).")
-    save_interval: int = Field(10, ge=1, description="A frame is kept every save_interval steps.")
+    replicas: int = Field(16, ge=1, le=100_000, description="Replicas (per restraint window when windows are set).")
+    save_interval: int = Field(10, ge=1, le=1_000_000, description="A frame is kept every save_interval steps.")
     friction_per_fs: Positive = Field(0.01, description="Langevin friction, 1/fs (0.01: a 100 fs memory).")
-    pressure_gpa: float | None = Field(None, description="NPT target pressure for periodic cells, GPa; None: NVT.")
+    pressure_gpa: float | None = Field(
+        None, ge=-1000, le=1000, description="NPT target pressure for periodic cells, GPa; None: NVT."
+    )
     barostat_time_fs: Positive = Field(1000.0, description="Barostat relaxation time (NPT), fs.")
     compressibility_per_gpa: Positive = Field(
         0.01, description="Compressibility the barostat assumes (NPT), 1/GPa; only sets the volume response rate."
@@ -392,6 +610,7 @@ class MdConfig(_Strict):
     n_frames: int | None = Field(
         None,
         ge=1,
+        le=100_000_000,
         description="Frames kept for the surrogate set (fewer if MD saved fewer); default: 50 per DFT call of the "
         "budget, between 500 and 20000 (the surrogate set should dwarf the DFT set it is corrected with).",
     )
@@ -400,7 +619,7 @@ class MdConfig(_Strict):
         description="'stride': evenly spaced frames of every trajectory (decorrelation); 'direct': DIRECT on the "
         "frames' distribution features.",
     )
-    random_seed: int = Field(0, ge=0)
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
     def resolved(self, max_dft_calls: int) -> MdConfig:
         """This section with the budget-derived defaults (n_frames, steps) filled in."""
@@ -414,8 +633,8 @@ class MaceFinetuneConfig(_Strict):
     """Step 3: the teacher fine-tuned on every DFT label so far (a committee of active_learning.committee_size,
     which drives MD in step 4, labels the surrogate set in step 5 and scores the next iteration's candidates)."""
 
-    epochs: int = Field(40, ge=1, description="Epochs of each committee member's fine-tuning.")
-    random_seed: int = Field(1, ge=0)
+    epochs: int = Field(40, ge=1, le=100_000, description="Epochs of each committee member's fine-tuning.")
+    random_seed: int = Field(1, ge=0, le=MAX_SEED)
 
 
 class SurrogateLabellingConfig(_Strict):
@@ -423,9 +642,14 @@ class SurrogateLabellingConfig(_Strict):
     extxyz shards (energy, forces, stress for periodic cells, committee spread in each frame's info)."""
 
     shard_size: int = Field(
-        5000, ge=1, description="Frames per extxyz shard; a restarted step resumes after the last complete shard."
+        5000,
+        ge=1,
+        le=100_000_000,
+        description="Frames per extxyz shard; a restarted step resumes after the last complete shard.",
     )
-    batch_size: int = Field(64, ge=1, description="Structures per oracle request and per MACE evaluation batch.")
+    batch_size: int = Field(
+        64, ge=1, le=100_000, description="Structures per oracle request and per MACE evaluation batch."
+    )
 
 
 class AceConfig(_Strict):
@@ -434,8 +658,10 @@ class AceConfig(_Strict):
     model_kind: Literal["linear", "nonlinear"] = Field(
         "linear", description="linear: pyace ridge fit (no TensorFlow); nonlinear: pacemaker (the tensorflow extra)."
     )
-    cutoff: float = Field(0.0, ge=0, description="Radial cutoff, Å; 0 infers it from the elements.")
-    basis_size: int = Field(0, ge=0, description="Target basis functions; 0 infers it from the data size.")
+    cutoff: float = Field(0.0, ge=0, le=100, description="Radial cutoff, Å; 0 infers it from the elements.")
+    basis_size: int = Field(
+        0, ge=0, le=10_000_000, description="Target basis functions; 0 infers it from the data size."
+    )
     delta_surrogate_weight: float = Field(
         0.0, ge=0, description="Weight of surrogate rows in delta learning; 0 chooses it by cross-validation."
     )
@@ -444,7 +670,7 @@ class AceConfig(_Strict):
         description="Linear ACE: below the shortest distance of each element pair in the training data, switch "
         "the fitted part off and a core repulsion on (bounded extrapolation; carried by the .yace).",
     )
-    random_seed: int = Field(0, ge=0)
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class StudentRefinementConfig(_Strict):
@@ -456,25 +682,30 @@ class StudentRefinementConfig(_Strict):
     max_rounds refits are done."""
 
     enabled: bool = Field(True, description="Run the refinement (false: step 7 corrects the base of step 6).")
-    max_rounds: int = Field(3, ge=1, description="Refits at most.")
+    max_rounds: int = Field(3, ge=1, le=100, description="Refits at most.")
     gamma_threshold: Positive = Field(
         3.0, description="Frames whose largest per-atom γ exceeds this are labelled and added (1: the data's span)."
     )
     stop_gamma: Positive = Field(
         30.0, description="A replica whose γ exceeds this stops there (the structure is labelled too)."
     )
-    steps: int = Field(400, ge=1, description="MD steps per replica and round.")
-    save_interval: int = Field(5, ge=1, description="γ is read on every step; a frame is kept every this many.")
-    temperature_margin: float = Field(
-        1.25, ge=1.0, description="One more temperature, this factor above the highest of md.temperatures."
+    steps: int = Field(400, ge=1, le=10_000_000, description="MD steps per replica and round.")
+    save_interval: int = Field(
+        5, ge=1, le=10_000_000, description="γ is read on every step; a frame is kept every this many."
     )
-    max_frames_per_round: int = Field(200, ge=1, description="Frames labelled and added per round at most.")
+    temperature_margin: float = Field(
+        1.25, ge=1.0, le=10.0, description="One more temperature, this factor above the highest of md.temperatures."
+    )
+    max_frames_per_round: int = Field(
+        200, ge=1, le=10_000_000, description="Frames labelled and added per round at most."
+    )
     window_replicas: int = Field(
         0,
         ge=0,
+        le=100_000,
         description="Replicas per restraint window; 0: one per temperature. Fewer run the hottest temperatures.",
     )
-    random_seed: int = Field(0, ge=0)
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _stop_above_threshold(self) -> StudentRefinementConfig:
@@ -490,20 +721,50 @@ class ReactionPathConfig(_DistanceDifferenceRange):
     """An energy profile along ξ: a relaxed scan with the fine-tuned committee, then DFT, the teacher and both
     ACEs on the same geometries (the DFT points are charged to the budget, once)."""
 
-    count: int = Field(11, ge=3, description="Points, evenly spaced from start to stop.")
+    count: int = Field(11, ge=3, le=10_000, description="Points, evenly spaced from start to stop.")
+
+
+class MdStabilityConfig(_Strict):
+    """MD with the final ACE from every seed at each temperature: a replica survives when no atom pair comes
+    closer than min_distance, no atom drifts farther than max_neighbour_distance from its nearest neighbour
+    (a fragment flying apart) and every energy is finite. An iteration whose final ACE loses a replica is never
+    the run's best and never meets the target."""
+
+    steps: int = Field(2000, ge=0, description="Steps of each run (0: no stability test).")
+    temperatures: list[Positive] | None = Field(
+        None, description="Thermostat temperatures, K; default: md.temperatures."
+    )
+    runs_per_seed: int = Field(1, ge=1, description="Runs per seed and temperature (each its own random seed).")
+    min_distance: Positive = Field(0.5, description="Closest approach of two atoms a survivor never goes below, Å.")
+    max_neighbour_distance: Positive = Field(
+        8.0, description="Largest distance from an atom to its nearest neighbour a survivor never exceeds, Å."
+    )
 
 
 class ValidationConfig(_Strict):
     """The loop's judge: the final ACE against DFT labels of structures it never saw, once per iteration."""
 
     holdout_size: int = Field(
-        10, ge=2, description="Surrogate-MD frames labelled by DFT as the hold-out set (charged to the budget)."
+        10,
+        ge=2,
+        le=1_000_000,
+        description="Structures labelled by DFT as the hold-out set (charged to the budget): surrogate-MD frames "
+        "and, external_fraction of them, frames of an MD the pipeline does not fit to.",
     )
+    external_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the hold-out drawn from an independent MD: the teacher (not the fine-tuned "
+        "committee) along the restraint windows' ξ range, another random seed, up to 1.25 × the highest md "
+        "temperature.",
+    )
+    md_stability: MdStabilityConfig = Field(default_factory=MdStabilityConfig)
     target_energy_mev_per_atom: Positive = Field(5.0, description="Target energy RMSE on the hold-out, meV/atom.")
     target_forces_mev_per_a: Positive = Field(100.0, description="Target force RMSE on the hold-out, meV/Å.")
-    max_iterations: int = Field(3, ge=1, description="Active-learning iterations (steps 2-7) at most.")
+    max_iterations: int = Field(3, ge=1, le=1000, description="Active-learning iterations (steps 2-7) at most.")
     profile: ReactionPathConfig | None = Field(None, description="Energy profile along a reaction coordinate.")
-    random_seed: int = Field(0, ge=0)
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class RunConfig(_Strict):
@@ -559,7 +820,10 @@ def format_validation_error(exc: ValidationError, data: Any, source: str) -> str
     lines = []
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")
-        key = _loc_path(tuple(error["loc"]), data)
+        loc = tuple(error["loc"])
+        if error["type"] == "strict_type":  # raised for a whole section; the context names the key
+            loc = (*loc, error["ctx"]["key"])
+        key = _loc_path(loc, data)
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif "input" in error and not isinstance(error["input"], dict | list) and error["type"] != "missing":
@@ -568,11 +832,13 @@ def format_validation_error(exc: ValidationError, data: Any, source: str) -> str
     return "\n".join(lines)
 
 
-def parse_config(data: Any, base_dir: Path, source: str = "config") -> RunConfig:
+def parse_config(data: Any, base_dir: Path, source: str = "config", check_files: bool = False) -> RunConfig:
+    """Validate a config mapping; relative paths are taken relative to `base_dir`. With `check_files`, the input
+    files it names (teacher model, oracle models/potential, job template) must exist here."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping of keys, got {type(data).__name__}")
     try:
-        config = RunConfig.model_validate(data, context={"base_dir": base_dir})
+        config = RunConfig.model_validate(data, context={"base_dir": base_dir, "check_files": check_files})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, data, source)) from None
     if config.run_dir is None:
@@ -585,16 +851,11 @@ def parse_config(data: Any, base_dir: Path, source: str = "config") -> RunConfig
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML config; raises ConfigError with one line per problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
-    return parse_config(data, path.parent.resolve(), source=str(path))
+        data = load_yaml_file(path)
+    except YamlInputError as exc:
+        raise ConfigError(str(exc)) from None
+    return parse_config(data, path.parent.resolve(), source=str(path), check_files=True)
 
 
 def config_to_json(config: RunConfig) -> str:
@@ -603,7 +864,10 @@ def config_to_json(config: RunConfig) -> str:
 
 def config_from_json(text: str) -> RunConfig:
     """The orchestrator's side: the client already resolved paths, so they are absolute here."""
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"config: not valid JSON ({type(exc).__name__})") from None
     return parse_config(data, Path("/"), source="config")
 
 

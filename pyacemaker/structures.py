@@ -230,19 +230,33 @@ def labelled_copies(calculator: Any, frames: Iterable[Atoms]) -> list[Atoms]:
     return labelled
 
 
-def read_structures(path: str | Path) -> list[Atoms]:
-    """Read every frame of an xyz/extxyz (or any ASE-readable) file; errors name the file."""
-    from ase.io import read
+# Atoms in one frame at most: far beyond what an ACE/MACE training frame holds, and a bound on what a count
+# line can make the reader allocate.
+MAX_ATOMS_PER_FRAME = 1_000_000
+_XYZ_SUFFIXES = {".xyz", ".extxyz"}
 
+
+def read_structures(path: str | Path, max_atoms: int | None = None) -> list[Atoms]:
+    """Read every frame of an xyz/extxyz (or any ASE-readable) file; errors name the file (and for xyz the frame
+    and line). xyz/extxyz frames are delimited from their count lines first, so a count larger than the file
+    holds is an error at once rather than a read to the end; `max_atoms` bounds the atoms of all frames."""
     path = Path(path)
     if not path.is_file():
         raise StructureFileError(f"{path}: no such file")
-    try:
-        frames = read(str(path), index=":")
-    except Exception as exc:  # ASE raises many types for malformed files; all mean "cannot read"
-        raise StructureFileError(f"{path}: not a readable structure file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(frames, list):
-        frames = [frames]
+    if path.suffix.lower() in _XYZ_SUFFIXES:
+        if max_atoms is not None and sum(int(lines[0]) for _, lines in _numbered_frame_lines(path)) > max_atoms:
+            raise StructureFileError(f"{path}: more than {max_atoms} atoms in all")
+        frames = list(iter_extxyz(path))
+    else:
+        from ase.io import read
+
+        try:
+            read_frames = read(str(path), index=":")
+        except Exception as exc:  # ASE raises many types for malformed files; all mean "cannot read"
+            raise StructureFileError(f"{path}: not a readable structure file ({type(exc).__name__}: {exc})") from exc
+        frames = read_frames if isinstance(read_frames, list) else [read_frames]
+        if max_atoms is not None and sum(len(atoms) for atoms in frames) > max_atoms:
+            raise StructureFileError(f"{path}: more than {max_atoms} atoms in all")
     if not frames:
         raise StructureFileError(f"{path}: contains no structures")
     return frames
@@ -264,30 +278,37 @@ def iter_extxyz(path: str | Path, start: int = 0) -> Iterator[Atoms]:
     from ase.io.extxyz import read_xyz
 
     path = Path(path)
-    for index, lines in enumerate(_extxyz_frame_lines(path)):
+    for index, (line_number, lines) in enumerate(_numbered_frame_lines(path)):
         if index < start:
             continue
         try:
-            atoms = next(read_xyz(io.StringIO(b"".join(lines).decode()), index=0))
+            atoms = next(read_xyz(io.StringIO(b"".join(lines).decode("utf-8")), index=0))
+        except UnicodeDecodeError:
+            raise StructureFileError(f"{path}: frame {index} (line {line_number}) is not UTF-8 text") from None
         except Exception as exc:  # ASE raises many types for a malformed frame; all mean "cannot read"
             raise StructureFileError(
-                f"{path}: frame {index} is not valid extxyz ({type(exc).__name__}: {exc})"
-            ) from exc
+                f"{path}: frame {index} (line {line_number}) is not valid extxyz ({type(exc).__name__}: {exc})"
+            ) from None
         yield atoms
 
 
 def count_extxyz_frames(path: str | Path) -> int:
     """Frames in an (ext)xyz file, counted from the atom-count lines without parsing the frames (about a second
     for 100 000 small frames, flat memory); errors name the file and line."""
-    return sum(1 for _ in _extxyz_frame_lines(Path(path)))
+    return sum(1 for _ in _numbered_frame_lines(Path(path)))
 
 
-def _extxyz_frame_lines(path: Path) -> Iterator[list[bytes]]:
-    """The raw lines of each frame: the atom count, the comment line, one line per atom, and any VEC lines
-    (the old xyz way of giving a cell) that follow."""
+def _numbered_frame_lines(path: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """The raw lines of each frame, with the line number of its count line: the atom count, the comment line,
+    one line per atom, and any VEC lines (the old xyz way of giving a cell) that follow. A count must be a
+    whole number from 0 to MAX_ATOMS_PER_FRAME, and the file must hold the lines it announces."""
     if not path.is_file():
         raise StructureFileError(f"{path}: no such file")
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below; open's OSError named here)
+    except OSError as exc:
+        raise StructureFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    with handle:
         line_number = 1
         line = handle.readline()
         frame = 0
@@ -295,20 +316,24 @@ def _extxyz_frame_lines(path: Path) -> Iterator[list[bytes]]:
             if not line.strip():  # blank lines between or after frames
                 line, line_number = handle.readline(), line_number + 1
                 continue
-            try:
-                n_atoms = int(line)
-            except ValueError:
-                raise StructureFileError(
-                    f"{path}: line {line_number}: expected the atom count of frame {frame}, got {line[:40]!r}"
-                ) from None
+            text = line.strip()
+            if not text.isdigit() or len(text) > 7 or int(text) > MAX_ATOMS_PER_FRAME:
+                expected = f"the atom count of frame {frame}"
+                if text.isdigit():
+                    expected += f" (at most {MAX_ATOMS_PER_FRAME})"
+                raise StructureFileError(f"{path}: line {line_number}: expected {expected}, got {line[:40]!r}")
+            n_atoms = int(text)
             lines = [line]
             for _ in range(n_atoms + 1):  # the comment line, then one line per atom
                 lines.append(handle.readline())
                 if not lines[-1]:
-                    raise StructureFileError(f"{path}: frame {frame} (line {line_number}) is cut short")
-            line, line_number = handle.readline(), line_number + n_atoms + 2
+                    raise StructureFileError(
+                        f"{path}: frame {frame} (line {line_number}) is cut short: its count line announces "
+                        f"{n_atoms} atoms"
+                    )
+            start, line, line_number = line_number, handle.readline(), line_number + n_atoms + 2
             while line.lstrip().startswith(b"VEC"):
                 lines.append(line)
                 line, line_number = handle.readline(), line_number + 1
-            yield lines
+            yield start, lines
             frame += 1

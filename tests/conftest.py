@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +17,25 @@ import pytest
 from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
-from pyacemaker.deploy.local import pid_alive
-from pyacemaker.rpc import create_server
+from pyacemaker.deploy.local import SERVICES, pid_alive
+from pyacemaker.rpc import SECURITY_FILE_VARIABLES, SECURITY_VALUE_VARIABLES, create_server
 from pyacemaker.structures import read_structures
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests depend on nothing outside the checkout and their own temporary dirs: no service registry or store in the
+# user's ~/.pyacemaker (a test that starts services makes its own home, see cli_env; the rest get this empty one,
+# removed at the end), no service address, TLS or token setting of the caller's shell.
+_TEST_HOME = tempfile.TemporaryDirectory(prefix="pyacemaker-test-home-")
+os.environ["PYACEMAKER_HOME"] = _TEST_HOME.name
+_ADDRESS_VARIABLES = tuple(f"PYACEMAKER_{name.upper()}_ADDRESS" for name in SERVICES)
+# The oracle's deployment file too: each test that wants one gives it.
+for _variable in (
+    *SECURITY_FILE_VARIABLES,
+    *SECURITY_VALUE_VARIABLES,
+    *_ADDRESS_VARIABLES,
+    "PYACEMAKER_ORACLE_DEPLOYMENT",
+):
+    os.environ.pop(_variable, None)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SN2_DIR = REPO_ROOT / "examples" / "sn2"

@@ -1,8 +1,9 @@
 #!/bin/bash
 # PyAceMaker oracle job for an oracle running as an Apptainer instance (containers/apptainer/start_services.sh):
 # one Slurm array task per calculation, run inside the oracle's own image, so the compute nodes need only
-# Apptainer and the shared PYACEMAKER_HOME. Use it with, in the run config:
-#   oracle: {executor: {kind: slurm, template: /path/to/containers/apptainer/slurm_task.sh}}
+# Apptainer and the shared PYACEMAKER_HOME. Use it with, in the oracle's deployment file (start_services.sh writes
+# one that does, with a copy of this file in $PYACEMAKER_HOME):
+#   executors: {slurm: {template: /path/to/slurm_task.sh}}
 # The job inherits PYACEMAKER_ORACLE_SIF and PYACEMAKER_HOME from the instance that submits it (sbatch exports
 # the submitter's environment). Placeholders in double braces are filled in at submission, as in the bundled
 # template (services/oracle/executors/templates/slurm.sh); the task_command placeholder is not used here: the

@@ -6,7 +6,7 @@
 # usage: containers/apptainer/start_services.sh start|status|stop
 #
 # Prerequisites: the .sif files, built from the OCI images (see containers/apptainer/*.def):
-#   make images apptainer-archives     # on a machine with podman; copy build/containers/archives/*.tar over
+#   make apptainer-archives            # on a machine with podman; copy build/containers/archives/*.tar over
 #   for d in orchestrator sampler oracle-qe trainer; do
 #     apptainer build "$PYACEMAKER_SIF_DIR/pyacemaker-$d.sif" "containers/apptainer/$d.def"; done
 #
@@ -22,11 +22,15 @@
 #   PYACEMAKER_SLURM_BINDS comma-separated host paths the oracle instance needs for sbatch/squeue/scancel/sacct
 #                          (binaries, their libraries, slurm.conf, the munge socket); default: Debian's layout
 #   PYACEMAKER_TLS_*, PYACEMAKER_TOKEN_FILE   passed to every instance (their files are bound read-only)
+#   PYACEMAKER_ORACLE_DEPLOYMENT  the oracle's deployment file (qe/vasp profiles, job template, scratch dirs; see
+#                          docs/deployment.md), bound read-only into the oracle instance (default:
+#                          $PYACEMAKER_HOME/oracle-deployment.yaml, written at the first start when absent)
 #   PYACEMAKER_APPTAINER   the apptainer command (default: apptainer; "echo" prints the commands: a dry run)
 #
-# The oracle's Slurm array tasks must run inside the same image: set, in the run config,
-#   oracle: {executor: {kind: slurm, template: <repo>/containers/apptainer/slurm_task.sh, ...}}
-# (the job inherits PYACEMAKER_ORACLE_SIF and PYACEMAKER_HOME from the oracle instance).
+# The oracle's Slurm array tasks must run inside the same image: the default deployment file written here sets
+#   executors: {slurm: {template: $PYACEMAKER_HOME/slurm_task.sh}}
+# (a copy of containers/apptainer/slurm_task.sh; the job inherits PYACEMAKER_ORACLE_SIF and PYACEMAKER_HOME from
+# the oracle instance). A run config then selects it with oracle: {executor: {kind: slurm, ...}}.
 #
 # After `start`, `source "$PYACEMAKER_HOME/apptainer.env"` points the pyacemaker CLI at the instances.
 set -euo pipefail
@@ -41,6 +45,8 @@ port_base=${PYACEMAKER_PORT_BASE:-50051}
 apptainer=${PYACEMAKER_APPTAINER:-apptainer}
 slurm_binds=${PYACEMAKER_SLURM_BINDS:-/etc/slurm,/run/munge,/usr/bin/sbatch,/usr/bin/squeue,/usr/bin/scancel,/usr/bin/sacct,/usr/lib/x86_64-linux-gnu/slurm-wlm}
 health_timeout=${PYACEMAKER_HEALTH_TIMEOUT:-120}
+oracle_deployment=${PYACEMAKER_ORACLE_DEPLOYMENT:-$home/oracle-deployment.yaml}
+script_dir=$(dirname "$(realpath "$0")")
 # Where the services reach each other and the CLI reaches them (instances share the node's network).
 peer_host=$bind_host
 if [ "$bind_host" = 0.0.0.0 ]; then peer_host=127.0.0.1; fi
@@ -85,7 +91,7 @@ service_arguments() {
     orchestrator)
       echo --sampler "$peer_host:$(port_of sampler)" --oracle "$peer_host:$(port_of oracle)"
       echo --trainer "$peer_host:$(port_of trainer)" ;;
-    oracle) echo --work-dir "$home/oracle" ;;
+    oracle) echo --work-dir "$home/oracle" --deployment "$oracle_deployment" ;;
     trainer) echo --work-dir "$home/trainer" ;;
   esac
 }
@@ -104,8 +110,20 @@ wait_healthy() {
   done
 }
 
+# The default oracle deployment: array tasks through the Apptainer Slurm template, the image's pw.x and pseudos.
+write_default_deployment() {
+  cp "$script_dir/slurm_task.sh" "$home/slurm_task.sh"
+  {
+    echo "# Written by containers/apptainer/start_services.sh; edit it (docs/deployment.md), then restart the oracle."
+    echo "executors:"
+    echo "  slurm:"
+    echo "    template: $home/slurm_task.sh"
+  } > "$oracle_deployment"
+}
+
 start() {
   mkdir -p "$home/store" "$home/oracle" "$home/trainer"
+  if [ ! -e "$oracle_deployment" ]; then write_default_deployment; fi
   local service options arguments image
   for service in $services; do
     image=$(image_of "$service")
@@ -116,6 +134,7 @@ start() {
     mapfile -t options < <(common_options "$service")
     if [ "$service" = oracle ]; then
       options+=(--bind "$slurm_binds" --env "PYACEMAKER_ORACLE_SIF=$(realpath -m "$image")")
+      options+=(--bind "$oracle_deployment:$oracle_deployment:ro")
     fi
     read -r -a arguments <<< "$(service_arguments "$service" | tr '\n' ' ')"
     "$apptainer" instance start "${options[@]}" "$image" "$(instance_of "$service")" "${arguments[@]}"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from ase import Atoms
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,6 +21,7 @@ from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVA
 from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, StructureFileError, attach_labels, read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, oracle_pb2
+from pyacemaker.yaml_input import YamlInputError, load_yaml_text
 
 _EXIT_FOR_STATUS = {grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT: EXIT_BAD_INPUT}
 
@@ -77,9 +77,9 @@ def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else value
-    except yaml.YAMLError:
+    try:  # as in a config file: 1e-9 is a number
+        parsed = load_yaml_text(value, f"--option {key.strip()}") if value.strip() else value
+    except YamlInputError:
         parsed = value  # not a YAML scalar: keep the text and let the oracle judge it
     return key.strip(), parsed
 
@@ -113,8 +113,10 @@ class _OrderedWriter:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from pyacemaker.deploy.local import service_address
-    from services.oracle.client import backend_spec, stream_labels
+    from pyacemaker.artifacts import ArtifactStore
+    from pyacemaker.deploy.local import service_address, store_dir
+    from pyacemaker.teacher.resolve import TeacherNotFoundError
+    from services.oracle.client import backend_spec, model_files_as_artifacts, stream_labels
 
     try:
         frames = read_structures(args.input)
@@ -136,6 +138,12 @@ def run_label(args: argparse.Namespace) -> int:
         return fail("--executor-option needs --executor", EXIT_BAD_INPUT)
     if args.executor is not None:
         options["executor"] = {"kind": args.executor, **dict(args.executor_option)}
+    try:
+        # The oracle loads model files (mace `models`, ace `potential`) only from the shared store.
+        if {"models", "potential"} & options.keys():
+            options = model_files_as_artifacts(args.backend, options, ArtifactStore(store_dir()))
+    except (TeacherNotFoundError, OSError) as exc:
+        return fail(f"backend options: {exc}", EXIT_BAD_INPUT)
     try:
         spec = backend_spec(args.backend, options)
     except ValueError as exc:

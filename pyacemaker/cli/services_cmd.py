@@ -4,6 +4,7 @@ containers on a private network (`--runtime podman`, see pyacemaker/deploy/podma
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -12,6 +13,7 @@ from rich.table import Table
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, fail
 from pyacemaker.deploy import local, podman
 from pyacemaker.rpc import SecurityConfigError
+from services.oracle.deployment import DEPLOYMENT_ENV, DeploymentError, load_deployment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="podman: directory mounted at the same path in the containers; run dirs must lie under it "
         "(default: the current directory)",
     )
+    up.add_argument(
+        "--oracle-deployment",
+        type=Path,
+        metavar="FILE",
+        help="the oracle's deployment file: qe/vasp profiles (commands, pseudopotential and POTCAR dirs), job "
+        "templates and scratch dirs of its executors; see docs/deployment.md (default: "
+        "$PYACEMAKER_ORACLE_DEPLOYMENT, else the oracle's defaults)",
+    )
     up.set_defaults(handler=run_up)
     down = subparsers.add_parser("down", help="stop every service that `up` started (processes or containers)")
     down.set_defaults(handler=run_down)
@@ -69,14 +79,28 @@ def run_up(args: argparse.Namespace) -> int:
     ports = dict.fromkeys(local.SERVICES, 0) if args.ports == "auto" else None
     if args.runtime == "local" and (args.services or args.image or args.workdir):
         return fail("--services, --image and --workdir apply to --runtime podman only", EXIT_BAD_INPUT)
+    deployment = args.oracle_deployment or (
+        Path(os.environ[DEPLOYMENT_ENV]) if os.environ.get(DEPLOYMENT_ENV) else None
+    )
+    if deployment is not None:
+        try:
+            load_deployment(deployment)  # a bad file is one line here, not a service that dies at start-up
+        except DeploymentError as exc:
+            return fail(str(exc), EXIT_BAD_INPUT)
+        deployment = deployment.resolve()
     try:
         if args.runtime == "podman":
             services = [s.strip() for s in args.services.split(",") if s.strip()] if args.services else None
             processes = podman.up(
-                services=services, images=_images(args.image), ports=ports, workdir=args.workdir, timeout=args.timeout
+                services=services,
+                images=_images(args.image),
+                ports=ports,
+                workdir=args.workdir,
+                timeout=args.timeout,
+                oracle_deployment=deployment,
             )
         else:
-            processes = local.up(ports=ports, timeout=args.timeout)
+            processes = local.up(ports=ports, timeout=args.timeout, oracle_deployment=deployment)
     except (ValueError, SecurityConfigError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     except (local.DeployError, podman.PodmanError, TimeoutError, OSError) as exc:

@@ -8,15 +8,15 @@ Layers, each cached by podman so a second build only redoes what changed:
    the health probe and the entrypoint.
 3. one image per service (containers/Containerfile), each installing only its extras from pyproject.toml:
    the sampler and the orchestrator get no torch; `oracle` serves lj, xtb and pyscf; `oracle-qe` adds
-   Quantum ESPRESSO from Debian; `oracle-mace` (mace and ace backends besides lj/xtb/pyscf) and `trainer`
-   carry torch and are built only on request.
+   Quantum ESPRESSO from Debian; `oracle-mace` (mace and ace backends besides lj/xtb/pyscf; the oracle image
+   `up` starts by default) and `trainer` carry torch.
 
 Python packages come from a wheelhouse built on the host with the host's own pip configuration (so the
 pinned CPU torch wheel lying on disk is used, not a multi-GB CUDA build) and mounted read-only into the build
 (`podman build --volume`), so the images hold no wheel files and the build needs no index.
 
-`python -m pyacemaker.deploy.images [NAME ...]` builds the named images (default: the ones without torch)
-and prints the build times and image sizes.
+`python -m pyacemaker.deploy.images [NAME ...]` builds the named images (default: all of them; `--lean`: the
+ones without torch) and prints the build times and image sizes.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ IMAGES = {
         ImageSpec("trainer", "trainer", ("trainer",), needs_torch=True),
     )
 }
-# What `make images` builds: everything without torch (the torch images add ~1.5 GB each; `make images-torch`).
-DEFAULT_IMAGES = tuple(name for name, spec in IMAGES.items() if not spec.needs_torch)
+# `make images` builds every image, so `pyacemaker up --runtime podman` finds all it starts by default;
+# `make images-lean` only those without torch (each torch image adds ~1.5 GB): enough for step 1 and a DFT oracle.
+DEFAULT_IMAGES = tuple(IMAGES)
+LEAN_IMAGES = tuple(name for name, spec in IMAGES.items() if not spec.needs_torch)
 
 
 def requirements(extras: tuple[str, ...], pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
@@ -255,12 +257,14 @@ def archive_path(name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyacemaker.deploy.images", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"images to build (default: {' '.join(DEFAULT_IMAGES)})")
-    parser.add_argument("--all", action="store_true", help="also the torch images (oracle-mace, trainer)")
+    parser.add_argument("--lean", action="store_true", help=f"only the images without torch ({' '.join(LEAN_IMAGES)})")
     parser.add_argument(
         "--save-archives", action="store_true", help="then `podman save` them for the Apptainer definitions"
     )
     args = parser.parse_args(argv)
-    names = list(IMAGES) if args.all else (args.names or list(DEFAULT_IMAGES))
+    if args.lean and args.names:
+        parser.error("give image names or --lean, not both")
+    names = list(LEAN_IMAGES) if args.lean else (args.names or list(DEFAULT_IMAGES))
     total = time.monotonic()
     try:
         timings = build_images(names)

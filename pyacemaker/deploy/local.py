@@ -92,16 +92,32 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def _service_command(name: str, port: int, port_file: Path, store: Path, started: dict[str, ServiceProcess]):
+def _service_command(
+    name: str,
+    port: int,
+    port_file: Path,
+    store: Path,
+    started: dict[str, ServiceProcess],
+    oracle_deployment: Path | None = None,
+):
     command = [sys.executable, "-m", f"services.{name}", "--port", str(port), "--port-file", str(port_file)]
     command += ["--store", str(store)]
+    if name == "oracle" and oracle_deployment is not None:
+        command += ["--deployment", str(oracle_deployment)]
     if name == "orchestrator":
         command += ["--sampler", started["sampler"].address, "--oracle", started["oracle"].address]
         command += ["--trainer", started["trainer"].address]
     return command
 
 
-def _start_one(name: str, port: int, home: Path, started: dict[str, ServiceProcess], timeout: float):
+def _start_one(
+    name: str,
+    port: int,
+    home: Path,
+    started: dict[str, ServiceProcess],
+    timeout: float,
+    oracle_deployment: Path | None = None,
+):
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{name}.log"
@@ -111,7 +127,7 @@ def _start_one(name: str, port: int, home: Path, started: dict[str, ServiceProce
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log_handle:
         process = subprocess.Popen(
-            _service_command(name, port, port_file, store_dir(home), started),
+            _service_command(name, port, port_file, store_dir(home), started, oracle_deployment),
             stdout=log_handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -138,23 +154,29 @@ def _restart_or_start(
     home: Path,
     started: dict[str, ServiceProcess],
     timeout: float,
+    oracle_deployment: Path | None = None,
 ) -> ServiceProcess:
     """A service that died comes back on its old address when no port was asked for, so the services that
     talk to it (the orchestrator keeps its peers' addresses) reconnect by themselves; when that port is taken,
     any free one."""
     if port == 0 and previous is not None and previous.runtime == "local":
         try:
-            return _start_one(name, int(previous.address.rsplit(":", 1)[1]), home, started, timeout)
+            port = int(previous.address.rsplit(":", 1)[1])
+            return _start_one(name, port, home, started, timeout, oracle_deployment)
         except DeployError:
             pass
-    return _start_one(name, port, home, started, timeout)
+    return _start_one(name, port, home, started, timeout, oracle_deployment)
 
 
 def up(
-    home: Path | None = None, ports: dict[str, int] | None = None, timeout: float = 60.0
+    home: Path | None = None,
+    ports: dict[str, int] | None = None,
+    timeout: float = 60.0,
+    oracle_deployment: Path | None = None,
 ) -> dict[str, ServiceProcess]:
     """Start every service not already running and healthy. `ports` maps names to ports (0 = any free one);
-    default: the well-known ports."""
+    default: the well-known ports. `oracle_deployment` is the oracle's deployment file (--deployment; without
+    it the oracle reads $PYACEMAKER_ORACLE_DEPLOYMENT, else uses its defaults)."""
     home = home or home_dir()
     home.mkdir(parents=True, exist_ok=True)
     ports = {**DEFAULT_PORTS, **(ports or {})}
@@ -166,7 +188,9 @@ def up(
     try:
         for name in SERVICES:
             if name not in processes:
-                processes[name] = _restart_or_start(name, ports[name], recorded.get(name), home, processes, timeout)
+                processes[name] = _restart_or_start(
+                    name, ports[name], recorded.get(name), home, processes, timeout, oracle_deployment
+                )
                 write_registry(home, processes)
     except Exception:
         down(home)

@@ -10,7 +10,9 @@ addresses go into services.json. Every container mounts:
 - `$PYACEMAKER_HOME/oracle` and `$PYACEMAKER_HOME/trainer` at /data/oracle and /data/trainer (the oracle's and
   the trainer's durable work dirs);
 - the work dir (default: the current directory) at the same path, so a run dir under it, given by the CLI as
-  an absolute host path, is the same path for the orchestrator in its container.
+  an absolute host path, is the same path for the orchestrator in its container;
+- the oracle's deployment file, when `up` is given one, read-only at /run/pyacemaker/oracle-deployment.yaml
+  (the programs and directories it names must exist inside the oracle's image or its mounts).
 
 Containers run as the calling user (uid:gid), so the files they write belong to the caller. Security files
 named by PYACEMAKER_TLS_* / PYACEMAKER_TOKEN_FILE at `up` are mounted read-only and passed on, so the
@@ -51,14 +53,17 @@ from pyacemaker.rpc import (
     check_health,
 )
 
-# Measured on these machines (rootful): overlay storage with runc (vfs works too but copies the whole image
-# for every step and every container: ~20 s each);
-# PYACEMAKER_PODMAN_OPTIONS="" uses podman's own configuration instead.
-DEFAULT_PODMAN_OPTIONS = "--storage-driver overlay --runtime runc"
+# runc: measured to work here (rootful). The storage driver is left to podman's configuration (it picks overlay
+# where the file system allows; vfs works too but copies the whole image for every step and container, ~20 s
+# each): an explicit --storage-driver is refused by a storage first used without one ("database storage graph
+# driver "" does not match"), as happens on a fresh machine after a plain `podman images`.
+# PYACEMAKER_PODMAN_OPTIONS replaces these global options ("" uses podman's configuration alone).
+DEFAULT_PODMAN_OPTIONS = "--runtime runc"
 # runc refuses the host's unlimited defaults here; these are ample for one service per container.
 ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 CONTAINER_PORT = 50051
 SECRETS_DIR = "/run/pyacemaker"
+ORACLE_DEPLOYMENT_PATH = f"{SECRETS_DIR}/oracle-deployment.yaml"
 
 
 class PodmanError(RuntimeError):
@@ -96,9 +101,31 @@ def deployment_name(home: Path) -> str:
     return "pyacemaker-" + hashlib.sha256(str(home).encode()).hexdigest()[:8]
 
 
+IMAGE_PREFIX = "localhost/pyacemaker-"
+# The image `up` starts for each service unless --image names another: the oracle must serve mace (the teacher)
+# and ace (validation) besides the DFT backend for a whole run, so it is the torch variant.
+SERVICE_IMAGES = {"orchestrator": "orchestrator", "sampler": "sampler", "oracle": "oracle-mace", "trainer": "trainer"}
+
+
 def image_tag(name: str) -> str:
     """The tag `make images` gives an image (a service name, or a variant such as oracle-qe)."""
-    return f"localhost/pyacemaker-{name}:latest"
+    return f"{IMAGE_PREFIX}{name}:latest"
+
+
+def missing_images_message(missing: Iterable[str]) -> str:
+    """What `up` says when images are absent from podman's storage: each one, and the command that builds it."""
+    missing = list(missing)
+    ours = [tag for tag in missing if tag.startswith(IMAGE_PREFIX)]
+    foreign = [tag for tag in missing if not tag.startswith(IMAGE_PREFIX)]
+    parts = []
+    if ours:
+        parts.append(f"image(s) not built: {', '.join(ours)} (build them with `make images`)")
+    if foreign:
+        parts.append(
+            f"image(s) not in podman's storage: {', '.join(foreign)} (not built by `make images`: build or load "
+            "them with podman, or name another image with --image SERVICE=IMAGE)"
+        )
+    return "; ".join(parts)
 
 
 def _image_id(image: str) -> str:
@@ -132,17 +159,26 @@ def _security_arguments(environ: Mapping[str, str]) -> list[str]:
     return arguments
 
 
-def _service_arguments(service: str) -> list[str]:
+def _service_arguments(service: str, oracle_deployment: Path | None = None) -> list[str]:
     if service == "orchestrator":
         peers = ("sampler", "oracle", "trainer")
         return [arg for peer in peers for arg in (f"--{peer}", f"{peer}:{CONTAINER_PORT}")]
+    if service == "oracle" and oracle_deployment is not None:
+        return ["--work-dir", "/data/oracle", "--deployment", ORACLE_DEPLOYMENT_PATH]
     if service in ("oracle", "trainer"):
         return ["--work-dir", f"/data/{service}"]
     return []
 
 
 def _start_one(
-    service: str, image: str, port: int, home: Path, workdir: Path, network: str, timeout: float
+    service: str,
+    image: str,
+    port: int,
+    home: Path,
+    workdir: Path,
+    network: str,
+    timeout: float,
+    oracle_deployment: Path | None = None,
 ) -> ServiceProcess:
     container = f"{deployment_name(home)}-{service}"
     _podman("rm", "--force", "--ignore", container)
@@ -151,6 +187,8 @@ def _start_one(
     if service in ("oracle", "trainer"):
         (home / service).mkdir(parents=True, exist_ok=True)
         mounts += ["--volume", f"{home / service}:/data/{service}"]
+    if service == "oracle" and oracle_deployment is not None:
+        mounts += ["--volume", f"{oracle_deployment.resolve()}:{ORACLE_DEPLOYMENT_PATH}:ro"]
     command = podman("run", "--detach", "--name", container, "--network", network, "--network-alias", service)
     command += ["--publish", publish, "--user", f"{os.getuid()}:{os.getgid()}", *ULIMITS, *mounts]
     command += ["--label", f"io.pyacemaker.home={home}", "--label", f"io.pyacemaker.service={service}"]
@@ -159,7 +197,7 @@ def _start_one(
         # podman schedules the image's periodic HEALTHCHECK through systemd; without it, keep the check for
         # `podman healthcheck run` only (up waits on health itself).
         command += ["--health-interval", "disable"]
-    command += [*_security_arguments(os.environ), image, *_service_arguments(service)]
+    command += [*_security_arguments(os.environ), image, *_service_arguments(service, oracle_deployment)]
     started = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     if started.returncode != 0:
         raise DeployError(f"{service}: podman run failed: {started.stderr.strip()}")
@@ -216,10 +254,13 @@ def up(
     ports: Mapping[str, int] | None = None,
     workdir: Path | None = None,
     timeout: float = 120.0,
+    oracle_deployment: Path | None = None,
 ) -> dict[str, ServiceProcess]:
-    """Start the named services (default: all) as containers, each from `images[name]` (default
-    localhost/pyacemaker-NAME:latest), unless one is already running healthy from that image; a service
-    running from another image is replaced. `ports` maps names to published host ports (0: any free one)."""
+    """Start the named services (default: all) as containers, each from `images[name]` (default: the image of
+    SERVICE_IMAGES, e.g. localhost/pyacemaker-oracle-mace:latest for the oracle), unless one is already running
+    healthy from that image; a service running from another image is replaced. `ports` maps names to published
+    host ports (0: any free one). `oracle_deployment` is the oracle's deployment file, mounted read-only into
+    its container."""
     if not podman_available():
         raise DeployError("podman and runc are needed for --runtime podman: apt-get install podman runc")
     home = home or home_dir()
@@ -232,11 +273,10 @@ def up(
     unknown = [name for name in wanted if name not in SERVICES]
     if unknown:
         raise DeployError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
-    chosen = {name: (images or {}).get(name) or image_tag(name) for name in wanted}
+    chosen = {name: (images or {}).get(name) or image_tag(SERVICE_IMAGES[name]) for name in wanted}
     missing = [image for image in chosen.values() if not image_exists(image)]
-
     if missing:
-        raise DeployError(f"image(s) not built: {', '.join(missing)} (build them with `make images`)")
+        raise DeployError(missing_images_message(missing))
     ports = {**DEFAULT_PORTS, **(ports or {})}
     registry = read_registry(home)
     local = [p.name for p in registry.values() if p.runtime != "podman"]
@@ -254,7 +294,7 @@ def up(
                 continue
             # A replaced service keeps its published port, so recorded addresses stay valid.
             port = int(current.address.rpartition(":")[2]) if current is not None else ports[name]
-            registry[name] = _start_one(name, chosen[name], port, home, workdir, network, timeout)
+            registry[name] = _start_one(name, chosen[name], port, home, workdir, network, timeout, oracle_deployment)
             write_registry(home, registry)
     except Exception:
         down(home)

@@ -1,9 +1,11 @@
-"""`python -m services.oracle --port 0 --port-file F --store DIR [--work-dir DIR]` starts the oracle service."""
+"""`python -m services.oracle --port 0 --port-file F --store DIR [--work-dir DIR] [--deployment FILE]` starts the
+oracle service."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,15 @@ import grpc
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import run_service_cli
+from services.oracle.deployment import DEPLOYMENT_ENV, DeploymentError, OracleDeployment, load_deployment
 from services.oracle.server import add_to_server
+
+
+def _deployment(path: str) -> OracleDeployment:
+    try:
+        return load_deployment(path or None)
+    except DeploymentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calculation dirs and the durable job table of DFT backends; must survive restarts, and be visible "
         "on the compute nodes for slurm/pbs (default: 'oracle' beside the --store dir)",
     )
+    parser.add_argument(
+        "--deployment",
+        type=_deployment,
+        default=os.environ.get(DEPLOYMENT_ENV, ""),
+        metavar="FILE",
+        help="YAML file of the oracle's deployment settings: qe/vasp profiles (commands, pseudopotential and "
+        "POTCAR dirs), job templates, extra directives and scratch dirs of the executors; see docs/deployment.md "
+        f"(default: ${DEPLOYMENT_ENV}, else pw.x on PATH, the bundled templates, scratch in --work-dir)",
+    )
 
 
 def work_dir_of(args: argparse.Namespace) -> Path:
@@ -29,8 +48,8 @@ def work_dir_of(args: argparse.Namespace) -> Path:
 
 
 def make_register(args: argparse.Namespace, store: ArtifactStore) -> Callable[[grpc.Server], list[str]]:
-    # No backend reads the store yet: mace loads the model files its options name (keep the oracle on loopback).
-    return functools.partial(add_to_server, work_dir=work_dir_of(args))
+    # Model files (mace, ace) only as verified artifacts of the store; programs and dirs only from the deployment.
+    return functools.partial(add_to_server, work_dir=work_dir_of(args), store=store, deployment=args.deployment)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -14,6 +15,7 @@ import numpy as np
 from ase import Atoms
 from google.protobuf import struct_pb2
 
+from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 
@@ -26,6 +28,34 @@ def backend_spec(name: str, options: Mapping[str, Any] | None = None) -> oracle_
     struct = struct_pb2.Struct()
     struct.update(dict(options or {}))
     return oracle_pb2.BackendSpec(name=name, options=struct)
+
+
+def artifact_option(ref: common_pb2.ArtifactRef) -> dict[str, Any]:
+    """An ArtifactRef as a backend option value (a protobuf Struct holds plain mappings): how mace's `models`
+    and ace's `potential` name model files."""
+    return {"uri": ref.uri, "sha256": ref.sha256, "size": ref.size, "kind": ref.kind}
+
+
+def model_files_as_artifacts(name: str, options: Mapping[str, Any], store: ArtifactStore) -> dict[str, Any]:
+    """`options` as the oracle accepts them: the model files that mace's `models` (paths, foundation-model names)
+    and ace's `potential` name on this side are put into the shared store and sent as artifact references; the
+    oracle loads model files from nowhere else. "bundled" stays a name (the oracle ships that file itself)."""
+    from pyacemaker.teacher.resolve import BUNDLED_NAME, resolve_teacher
+    from services.oracle.deployment import ARTIFACT_OPTIONS
+
+    options = dict(options)
+
+    def as_ref(value: Any) -> Any:
+        if isinstance(value, Mapping) or (value == BUNDLED_NAME and name == "mace"):
+            return value
+        path = resolve_teacher(str(value)) if name == "mace" else Path(str(value))
+        return artifact_option(store.put_file(path, kind="model" if name == "mace" else "potential"))
+
+    for key, is_list in ARTIFACT_OPTIONS.get(name, ()):
+        if key in options:
+            value = options[key]
+            options[key] = [as_ref(v) for v in value] if is_list and isinstance(value, list) else as_ref(value)
+    return options
 
 
 def batched_requests(

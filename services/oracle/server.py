@@ -14,10 +14,12 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError, abort, status_on_error
 from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from services.oracle.backends import OracleBackend, backend_infos, create_backend
+from services.oracle.deployment import OracleDeployment
 from services.oracle.executors.gateway import LabelGateway, executor_config_of
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,17 @@ BACKEND_CACHE_SIZE = 8
 
 
 class OracleService(oracle_pb2_grpc.OracleServiceServicer):
-    def __init__(self, work_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        work_dir: Path | None = None,
+        store: ArtifactStore | None = None,
+        deployment: OracleDeployment | None = None,
+    ) -> None:
+        # Programs and directories come from the deployment, model files from the store (deployment.py).
+        self._store = store
+        self._deployment = deployment if deployment is not None else OracleDeployment()
         # Keyed by name and canonical options, so repeated streams with the same settings share a backend.
-        self._backend_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(_create_backend_from_json)
+        self._backend_for = functools.lru_cache(maxsize=BACKEND_CACHE_SIZE)(self._create_backend_from_json)
         # Task dirs and the durable job table of executor backends; made on first use.
         self._work_dir = work_dir
         self._temporary_work_dir: tempfile.TemporaryDirectory[str] | None = None  # removed with this servicer
@@ -48,12 +58,15 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                     self._temporary_work_dir = tempfile.TemporaryDirectory(prefix="pyacemaker-oracle-")
                     self._work_dir = Path(self._temporary_work_dir.name)
                     log.warning("no --work-dir given: calculation dirs and the job table go to %s", self._work_dir)
-                self._gateway = LabelGateway(self._work_dir)
+                self._gateway = LabelGateway(self._work_dir, self._deployment)
             return self._gateway
 
     def backend(self, spec: oracle_pb2.BackendSpec) -> OracleBackend:
         options = json_format.MessageToDict(spec.options)
         return self._backend_for(spec.name, json.dumps(options, sort_keys=True))
+
+    def _create_backend_from_json(self, name: str, options_json: str) -> OracleBackend:
+        return create_backend(name, json.loads(options_json), self._deployment, self._store)
 
     def GetInfo(self, request: oracle_pb2.GetInfoRequest, context: grpc.ServicerContext) -> oracle_pb2.GetInfoResponse:
         level = ""
@@ -159,10 +172,6 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
         log.info("describe stream finished: %d structures", index)
 
 
-def _create_backend_from_json(name: str, options_json: str) -> OracleBackend:
-    return create_backend(name, json.loads(options_json))
-
-
 def _required_backend_spec(
     request: oracle_pb2.LabelRequest | oracle_pb2.DescribeRequest, kind: str
 ) -> oracle_pb2.BackendSpec:
@@ -206,8 +215,14 @@ def _label_batch(
         yield oracle_pb2.LabelResult(index=index, content_id=cid, labels=result)
 
 
-def add_to_server(server: grpc.Server, work_dir: Path | None = None) -> list[str]:
+def add_to_server(
+    server: grpc.Server,
+    work_dir: Path | None = None,
+    store: ArtifactStore | None = None,
+    deployment: OracleDeployment | None = None,
+) -> list[str]:
     """`work_dir` holds the calculation dirs and the durable job table of executor backends (pyscf, qe,
-    vasp); without one, a temp dir is made when first needed."""
-    oracle_pb2_grpc.add_OracleServiceServicer_to_server(OracleService(work_dir), server)
+    vasp); without one, a temp dir is made when first needed. Model files (mace, ace) are read only as artifacts
+    of `store`; programs, templates and scratch dirs come only from `deployment` (default: the defaults)."""
+    oracle_pb2_grpc.add_OracleServiceServicer_to_server(OracleService(work_dir, store, deployment), server)
     return [SERVICE_NAME]

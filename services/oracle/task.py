@@ -3,7 +3,8 @@
 Every executor (local process pool, Slurm or PBS array task) runs this same worker, so a calculation behaves
 the same wherever it runs. The task dir holds what the worker needs and what it leaves behind:
 
-- `task.json`: the backend name and options and the number of SCF retries;
+- `task.json`: the backend name and options, the number of SCF retries and the oracle's deployment settings
+  (the worker runs the programs the deployment names, whatever the scheduler's environment);
 - `structure.json`: the Structure message (exact doubles, charge and spin included);
 - `labels.json`: the Labels, written atomically once the calculation ended, OK or FAILED;
 - `worker.pid`: the worker's process id while it runs (lets a restarted local oracle see it still running);
@@ -28,6 +29,7 @@ from google.protobuf import json_format
 
 from pyacemaker.structures import failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2
+from services.oracle.deployment import OracleDeployment
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,23 @@ PID_FILE = "worker.pid"
 
 
 def write_task(
-    task_dir: Path, structure: common_pb2.Structure, backend: str, options: Mapping[str, Any], max_retries: int
+    task_dir: Path,
+    structure: common_pb2.Structure,
+    backend: str,
+    options: Mapping[str, Any],
+    max_retries: int,
+    deployment: OracleDeployment | None = None,
 ) -> None:
     """Fill a fresh task dir; a result left by an earlier run in the same dir is removed."""
     task_dir.mkdir(parents=True, exist_ok=True)
     (task_dir / RESULT_FILE).unlink(missing_ok=True)
-    spec = {"backend": backend, "options": dict(options), "max_retries": max_retries}
+    deployment = deployment if deployment is not None else OracleDeployment()
+    spec = {
+        "backend": backend,
+        "options": dict(options),
+        "max_retries": max_retries,
+        "deployment": deployment.model_dump(mode="json"),
+    }
     _write_atomically(task_dir / TASK_FILE, json.dumps(spec, indent=1, sort_keys=True))
     _write_atomically(task_dir / STRUCTURE_FILE, json_format.MessageToJson(structure))
 
@@ -82,7 +95,8 @@ def run_task(task_dir: Path) -> common_pb2.Labels:
     level = ""
     start = time.perf_counter()
     try:
-        backend = create_backend(spec["backend"], spec["options"])
+        deployment = OracleDeployment.model_validate(spec.get("deployment", {}))
+        backend = create_backend(spec["backend"], spec["options"], deployment)
         level = backend.level_of_theory
         atoms = structure_to_atoms(structure)
         return backend.label_with_retries(atoms, int(spec["max_retries"]))

@@ -49,6 +49,21 @@ def within_force_cap(frames: Sequence[Atoms], max_force: float) -> tuple[list[At
     return [a for a, k in zip(frames, kept, strict=True) if k], [a for a, k in zip(frames, kept, strict=True) if not k]
 
 
+def within_energy_range(
+    energies_per_atom: np.ndarray, labelled_per_atom: np.ndarray, min_margin: float = 0.05
+) -> np.ndarray:
+    """Mask of the candidates whose (committee) energy per atom lies within the labelled energies' range widened
+    by that range's own width on each side (at least `min_margin` eV/atom): one far outside it is a structure
+    the committee calls unphysical (a near-collision), not one worth a DFT call. All True without labels."""
+    energies = np.asarray(energies_per_atom, dtype=np.float64)
+    labelled = np.asarray(labelled_per_atom, dtype=np.float64)
+    if labelled.size == 0:
+        return np.ones(energies.shape, dtype=bool)
+    low, high = float(labelled.min()), float(labelled.max())
+    margin = max(high - low, min_margin)
+    return (energies >= low - margin) & (energies <= high + margin)
+
+
 def calibration_factor(committee_std: np.ndarray, true_error: np.ndarray) -> float:
     """Scale s so that s · (committee max force std) estimates the true max force error.
 

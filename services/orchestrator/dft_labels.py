@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ase import Atoms
 
+from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import OracleConfig
 from pyacemaker.rpc import channel
 from pyacemaker.structures import (
@@ -22,16 +23,20 @@ from pyacemaker.structures import (
     attach_labels,
 )
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec
+from services.oracle.client import backend_spec, model_files_as_artifacts
 from services.orchestrator.ledger import DftLedger
 
 # A Slurm queue can hold DFT jobs for a long time; the deadline only guards against a stream that never ends.
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600.0
 
 
-def oracle_spec(config: OracleConfig) -> oracle_pb2.BackendSpec:
-    """The wire form of the config's `oracle:` section."""
-    return backend_spec(config.backend, config.model_dump(mode="json", exclude={"backend"}))
+def oracle_spec(config: OracleConfig, store: ArtifactStore | None = None) -> oracle_pb2.BackendSpec:
+    """The wire form of the config's `oracle:` section; model files it names (a mace or ace oracle) are put into
+    `store` and sent as artifact references, the only form the oracle loads them in."""
+    options = config.model_dump(mode="json", exclude={"backend"})
+    if store is not None:
+        options = model_files_as_artifacts(config.backend, options, store)
+    return backend_spec(config.backend, options)
 
 
 @dataclass

@@ -41,8 +41,10 @@ _ITERATION_DIR = re.compile(r"^iteration_(\d+)$")
 # The models validation compares, in plotting order: key in validation.json, label, colour.
 MODELS = (
     ("teacher", "teacher (MACE)", "tab:gray"),
+    ("committee", "fine-tuned committee", "tab:purple"),
     ("base_ace", "base ACE", "tab:blue"),
     ("final_ace", "final ACE", "tab:red"),
+    ("direct_ace", "direct ACE (no teacher)", "tab:green"),
 )
 _DFT_COLOUR = "black"
 EV_TO_KCAL_PER_MOL = units.mol / units.kcal  # 1 eV ≈ 23.06 kcal/mol
@@ -130,6 +132,13 @@ class RunRecord:
     def last_validation(self) -> Iteration | None:
         validated = [it for it in self.iterations if it.validation.data is not None]
         return validated[-1] if validated else None
+
+    def handed_out_validation(self) -> Iteration | None:
+        """The validation of the potential the run hands out: run_summary.json's best iteration when it was
+        validated, else (a run still going, or one from before the choice existed) the last validation."""
+        best = self.summary.data.get("best_iteration") if self.summary.data is not None else None
+        chosen = [it for it in self.iterations if it.number == best and it.validation.data is not None]
+        return chosen[0] if chosen else self.last_validation()
 
     def budget(self) -> int | None:
         """The DFT budget: the run summary's, else the last validation's, else the config's."""
@@ -272,6 +281,7 @@ def write_report(run_dir: Path) -> Path:
         ("Step 1: DIRECT sampling", _selection_section, [SELECTION_FILE]),
         ("Active learning: DFT calls and uncertainty", _active_learning_section, [f"iteration_NN/{AL_RECORD}"]),
         ("Validation on the DFT hold-out", _validation_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
+        ("Ablation: is distillation earning its place?", _ablation_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Learning curve", _learning_curve_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Energy profile along ξ", _profile_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Time per step", _time_section, [STATE_FILE]),
@@ -319,6 +329,15 @@ def _headline(run: RunRecord, out_dir: Path) -> str:
     rows.append(("DFT calls", f"{_fmt(used, 0)} of a budget of {_fmt(run.budget(), 0)}"))
     if run.ledger:
         rows.append(("DFT ledger", _e(_ledger_text(run.ledger))))
+    if summary is not None and "dft_calls_not_trained_on" in summary:
+        wasted = int(summary["dft_calls_not_trained_on"])
+        css = "good" if wasted == 0 else "bad"
+        rows.append(
+            (
+                "DFT calls charged but not trained on",
+                f'<b class="{css}">{wasted}</b> (DFT forces above active_learning.max_candidate_force)',
+            )
+        )
     if summary is not None and "wall_time_s" in summary:
         rows.append(("Wall time", _duration(float(summary["wall_time_s"]))))
     elif run.created is not None and run.events:
@@ -327,7 +346,7 @@ def _headline(run: RunRecord, out_dir: Path) -> str:
     for step in run.steps:
         if step.state == "failed":
             rows.append((f"Step {step.name} failed", f'<span class="bad">{_e(step.error)}</span>'))
-    last = run.last_validation()
+    last = run.handed_out_validation()
     if last is None:
         rows.append(("Final ACE vs DFT hold-out", _missing("no validation yet")))
     else:
@@ -366,14 +385,20 @@ def _accuracy_sentence(number: int, validation: dict[str, Any]) -> str:
     verdict = _VERDICT.get(met, "")
     others = "; ".join(
         f"{label} {_rmse_pair(model['energy_rmse_mev_per_atom'], model['forces_rmse_mev_per_a'])}"
-        for key, label, _colour in MODELS[:2]
-        if (model := validation["models"].get(key)) is not None
+        for key, label, _colour in MODELS
+        if key != "final_ace" and (model := validation["models"].get(key)) is not None
+    )
+    stability = validation.get("md_stability")
+    stable = (
+        f" MD stability: {stability['n_survivors']}/{stability['n_runs']} runs survive {stability['steps']} steps."
+        if stability
+        else ""
     )
     return (
         f"<b>{_rmse_pair(final['energy_rmse_mev_per_atom'], final['forces_rmse_mev_per_a'])}</b> "
         f"(target {_rmse_pair(target['energy_mev_per_atom'], target['forces_mev_per_a'])}): "
         f"{verdict}. For comparison: {_e(others)}. Iteration {number}, {_e(str(validation.get('n_holdout', '?')))} "
-        f"hold-out structures at {_e(str(validation.get('level_of_theory', '?')))}."
+        f"hold-out structures at {_e(str(validation.get('level_of_theory', '?')))}.{_e(stable)}"
     )
 
 
@@ -385,6 +410,8 @@ def _selection_section(run: RunRecord, out_dir: Path) -> str:
     rows = [
         ("Pool structures", _fmt(data.get("n_pool"), 0)),
         ("Rejected while building the pool", _fmt(data.get("n_rejected"), 0)),
+        ("Dropped for teacher forces above the cap", _fmt(data.get("n_rejected_teacher_force"), 0)),
+        ("Rattle amplitudes (Å)", _e(", ".join(f"{a:g}" for a in data.get("rattle_amplitudes_a") or []))),
         ("Selected by DIRECT", _fmt(data["n_selected"], 0)),
         ("Coverage of the pool's feature space", _fmt(data["coverage"], 3)),
         ("Featuriser", _e(str(data.get("featuriser", "?")))),
@@ -460,7 +487,7 @@ def _active_learning_section(run: RunRecord, out_dir: Path) -> str:
 
 
 def _validation_section(run: RunRecord, out_dir: Path) -> str:
-    last = run.last_validation()
+    last = run.handed_out_validation()
     if last is None:
         return _missing("validation is missing: " + _validation_problems(run))
     validation = last.validation.data
@@ -504,7 +531,78 @@ def _validation_section(run: RunRecord, out_dir: Path) -> str:
         f"{_e(str(validation.get('level_of_theory', '?')))}, never used for training. "
         f"{_VERDICT.get(validation.get('target_met'), '')}</p>"
     )
-    return intro + _rmse_table(validation) + _save(fig, out_dir, "parity.png", "parity plots of energies and forces")
+    return (
+        intro
+        + _rmse_table(validation)
+        + _source_table(validation)
+        + _stability_text(validation)
+        + _save(fig, out_dir, "parity.png", "parity plots of energies and forces")
+    )
+
+
+def _ablation_section(run: RunRecord, out_dir: Path) -> str:
+    chosen = run.handed_out_validation()
+    if chosen is None:
+        return _missing("no validation yet, so no ablation: " + _validation_problems(run))
+    validation = chosen.validation.data
+    assert validation is not None
+    ablation = validation.get("ablation")
+    if not ablation:
+        return _missing(
+            f"iteration_{chosen.number:02d}/{VALIDATION_RECORD} has no ablation (a run from before the ablation)"
+        )
+    intro = (
+        f"<p>The ablation: the same ACE (settings, cutoff, fit) fitted directly on the "
+        f"{_fmt(ablation.get('n_training_structures'), 0)} DFT training structures of iteration {chosen.number} "
+        "— no teacher, no surrogate data — and scored on the same hold-out and profile as the run's models.</p>"
+    )
+    if ablation.get("error"):
+        return intro + f'<p class="bad">The direct fit could not be made: {_e(str(ablation["error"]))}</p>'
+    profile = validation.get("profile") or {}
+    barriers = profile.get("central_barrier_kcal_per_mol", {})
+    dft = barriers.get("dft")
+    rows = []
+    for key, label, _colour in MODELS:
+        model = validation["models"].get(key)
+        if model is None:
+            continue
+        barrier = barriers.get(key)
+        error = None if barrier is None or dft is None else abs(barrier - dft)
+        name = f"<b>{_e(label)}</b>" if key in ("final_ace", "direct_ace") else _e(label)
+        rows.append(
+            [
+                name,
+                _fmt(model["energy_rmse_mev_per_atom"], 1),
+                _fmt(model["forces_rmse_mev_per_a"], 1),
+                _fmt(barrier, 2),
+                _fmt(error, 2),
+                _gamma(model.get("max_gamma")),
+            ]
+        )
+    header = [
+        "model",
+        "energy RMSE (meV/atom)",
+        "force RMSE (meV/Å)",
+        "barrier (kcal/mol)",
+        "|barrier − DFT|",
+        "max γ on the hold-out",
+    ]
+    table = _table(header, rows)
+    gain = ablation.get("gain")
+    if not gain:
+        return intro + table
+    ratio = float(gain["forces_rmse_ratio_final_over_direct"])
+    energy_ratio = float(gain["energy_rmse_ratio_final_over_direct"])
+    verdict = (
+        '<b class="good">the distillation earns its place on forces</b>'
+        if ratio < 1
+        else '<b class="bad">the distillation does not beat a plain fit of the DFT labels on forces</b>'
+    )
+    sentence = (
+        f"<p>Final ACE / direct ACE: force RMSE ratio <b>{_fmt(ratio, 2)}</b>, energy RMSE ratio "
+        f"<b>{_fmt(energy_ratio, 2)}</b> (below 1: the distillation helps): {verdict}.</p>"
+    )
+    return intro + table + sentence
 
 
 def _learning_curve_section(run: RunRecord, out_dir: Path) -> str:
@@ -539,7 +637,7 @@ def _learning_curve_section(run: RunRecord, out_dir: Path) -> str:
 
 
 def _profile_section(run: RunRecord, out_dir: Path) -> str:
-    last = run.last_validation()
+    last = run.handed_out_validation()
     if last is None:
         return _missing("no validation yet, so no energy profile: " + _validation_problems(run))
     validation = last.validation.data
@@ -646,6 +744,66 @@ def _rmse_table(validation: dict[str, Any]) -> str:
         rows.append([label, _fmt(model["energy_rmse_mev_per_atom"], 1), _fmt(model["forces_rmse_mev_per_a"], 1)])
     rows.append(["<i>target</i>", _fmt(target["energy_mev_per_atom"], 1), _fmt(target["forces_mev_per_a"], 1)])
     return _table(["model", "energy RMSE (meV/atom)", "force RMSE (meV/Å)"], rows)
+
+
+_SOURCE_LABELS = {
+    "surrogate_md": "the run's own surrogate MD",
+    "teacher_md": "an independent MD (the teacher, other seed, hotter)",
+}
+
+
+def _source_table(validation: dict[str, Any]) -> str:
+    """Force and energy RMSE per hold-out source: the run's own MD against the independent one."""
+    sources = sorted(validation.get("n_holdout_by_source") or {})
+    if len(sources) < 2:
+        return ""
+    header = ["model"] + [
+        f"{_SOURCE_LABELS.get(src, src)} ({validation['n_holdout_by_source'][src]}): E, F" for src in sources
+    ]
+    rows = []
+    for key, label, _colour in MODELS:
+        by_source = validation["models"].get(key, {}).get("by_source")
+        if not by_source:
+            continue
+        rows.append(
+            [_e(label)]
+            + [
+                _rmse_pair(by_source[src]["energy_rmse_mev_per_atom"], by_source[src]["forces_rmse_mev_per_a"])
+                if src in by_source
+                else "–"
+                for src in sources
+            ]
+        )
+    return "<p>By source of the hold-out structures:</p>" + _table(header, rows)
+
+
+def _stability_text(validation: dict[str, Any]) -> str:
+    stability = validation.get("md_stability")
+    if not stability:
+        return ""
+    n_runs, survivors = int(stability["n_runs"]), int(stability["n_survivors"])
+    css = "good" if survivors == n_runs else "bad"
+    per_t = ", ".join(f"{t} K: {s}/{n}" for t, (s, n) in stability["survivors_by_temperature"].items())
+    lost = [
+        f"seed {run['seed']} at {_fmt(run['temperature_k'], 0)} K: {run['problem']}"
+        for run in stability["runs"]
+        if not run["survived"]
+    ]
+    text = (
+        f'<p>MD stability of the final ACE: <b class="{css}">{survivors}/{n_runs} runs survive</b> '
+        f"{_e(str(stability['steps']))} steps of {_fmt(stability['timestep_fs'], 2)} fs ({_e(per_t)}).</p>"
+    )
+    if lost:
+        text += "<ul>" + "".join(f"<li>{_e(item)}</li>" for item in lost) + "</ul>"
+    return text
+
+
+def _gamma(value: Any) -> str:
+    """An extrapolation grade: 2 decimals near 1, scientific notation when huge; "–" when not computed."""
+    if value is None:
+        return "–"
+    number = float(value)
+    return f"{number:.2f}" if number < 1000 else f"{number:.2e}"
 
 
 def _rmse(validation: dict[str, Any], model: str, key: str) -> float | None:

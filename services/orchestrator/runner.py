@@ -33,7 +33,12 @@ from services.orchestrator.steps.mace_finetune import MaceFinetuneStep
 from services.orchestrator.steps.student_refinement import StudentRefinementStep
 from services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep
 from services.orchestrator.steps.surrogate_md import SurrogateMdStep
-from services.orchestrator.steps.validation import ValidationStep
+from services.orchestrator.steps.validation import (
+    ValidationStep,
+    best_iteration,
+    distillation_gain,
+    handed_out_figures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,17 +251,15 @@ class RunManager:
         return config.validation.max_iterations, "max iterations"
 
     def _best_iteration(self, handle: RunHandle, iterations: int) -> int:
-        """The validated iteration whose final ACE has the lowest hold-out force RMSE (0 when none validated)."""
-        scored = []
+        """The validated iteration whose final ACE survives the most stability MD runs and, among those, has the
+        lowest hold-out force RMSE (0 when none validated): an iteration that loses an MD run is never best while
+        another survives more."""
+        metrics = {}
         for iteration in range(1, iterations + 1):
             row = handle.state.step(f"{ValidationStep.name}.{iteration}")
-            if (
-                row is not None
-                and row.state == _E.STEP_STATE_COMPLETED
-                and "final_ace_forces_rmse_mev_per_a" in row.metrics
-            ):
-                scored.append((row.metrics["final_ace_forces_rmse_mev_per_a"], iteration))
-        return min(scored)[1] if scored else 0
+            if row is not None and row.state == _E.STEP_STATE_COMPLETED:
+                metrics[iteration] = row.metrics
+        return best_iteration(metrics)
 
     def _dft_calls(self, handle: RunHandle) -> int:
         ledger = DftLedger(handle.run_dir / STATE_FILE)
@@ -291,6 +294,21 @@ class RunManager:
             "dft_budget": handle.config.budget.max_dft_calls,
             "wall_time_s": wall_time_s,
         }
+        # DFT labels charged but not trained on (DFT forces above active_learning.max_candidate_force), all
+        # iterations: the pool's teacher-force filter and step 2's committee caps exist to keep this at 0.
+        summary["dft_calls_not_trained_on"] = int(
+            sum(
+                row.metrics.get("n_dft_not_trained_on", 0.0)
+                for iteration in range(1, iterations + 1)
+                if (row := handle.state.step(f"{ActiveLearningStep.name}.{iteration}")) is not None
+            )
+        )
+        row = handle.state.step(f"{ValidationStep.name}.{best}") if best else None
+        if row is not None:
+            # The figures of the potential handed out (the best iteration's), and what its distillation gains
+            # over the ablation (the same ACE fitted on the DFT labels alone).
+            summary["final_potential_figures"] = handed_out_figures(row.metrics)
+            summary["distillation_gain"] = distillation_gain(row.metrics)
         (handle.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         try:
             from services.orchestrator.report import write_report

@@ -18,7 +18,7 @@ from ase import Atoms
 from ase.data import covalent_radii
 from ase.neighborlist import neighbor_list
 
-from pyacemaker.config import PoolConfig
+from pyacemaker.config import MdConfig, PoolConfig
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, charge_of, content_id, spin_multiplicity_of
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -227,10 +227,13 @@ def generate_pool(seeds: list[Atoms], config: PoolConfig, progress: ProgressCall
     Order: for each seed, the seed, its rattles (by amplitude), strains and fragment rotations; then the
     interpolation images between each consecutive pair of compatible seeds. Candidates with a contact shorter
     than `config.min_distance` are dropped and counted. `progress(done, total, message)` is called after each
-    batch; `total` is the number of candidates planned.
+    batch; `total` is the number of candidates planned. Without rattle amplitudes the thermal ones of the md
+    section's default temperatures are used (the orchestrator sends the run's own, `PoolConfig.resolved`).
     """
     if not seeds:
         raise ValueError("generate_pool needs at least one seed structure")
+    config = config.resolved(MdConfig().temperatures)
+    assert config.rattle_amplitudes is not None
     rng = np.random.default_rng(config.random_seed)
     seed_ids = [content_id(seed) for seed in seeds]
     rotatable = [_rotatable_fragments(seed) for seed in seeds]

@@ -3,8 +3,9 @@ invariant and equal MACECalculator.get_descriptors averaged per element, bad opt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -12,11 +13,12 @@ import pytest
 from ase import Atoms
 from ase.build import molecule
 
+from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, atoms_to_structure
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec, stream_labels
+from services.oracle.client import artifact_option, backend_spec, stream_labels
 from services.oracle.server import add_to_server
 from tests.conftest import running_service, sn2_seeds
 
@@ -42,9 +44,19 @@ def committee_paths(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def oracle() -> Iterator[grpc.Channel]:
-    with running_service(add_to_server) as address, channel(address) as ch:
+def store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
+    return ArtifactStore(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def oracle(store: ArtifactStore) -> Iterator[grpc.Channel]:
+    with running_service(functools.partial(add_to_server, store=store)) as address, channel(address) as ch:
         yield ch
+
+
+def as_artifacts(store: ArtifactStore, paths: list[str]) -> list[dict[str, object]]:
+    """Model files as the oracle takes them: references into the shared store."""
+    return [artifact_option(store.put_file(path, kind="model")) for path in paths]
 
 
 def sn2_frames(count: int, seed: int = 0) -> list[Atoms]:
@@ -76,9 +88,11 @@ def mace_calculator(paths: list[str]):  # type: ignore[no-untyped-def]
     return MACECalculator(model_paths=paths, device="cpu", default_dtype="float64")
 
 
-def test_committee_mean_and_spread_equal_mace_calculator(oracle: grpc.Channel, committee_paths: list[str]) -> None:
+def test_committee_mean_and_spread_equal_mace_calculator(
+    oracle: grpc.Channel, store: ArtifactStore, committee_paths: list[str]
+) -> None:
     frames = [*sn2_frames(9), periodic_frame()]
-    spec = backend_spec("mace", {"models": committee_paths, "batch_size": 4})
+    spec = backend_spec("mace", {"models": as_artifacts(store, committee_paths), "batch_size": 4})
     results = dict(stream_labels(oracle, spec, frames, batch_size=5, timeout=TIMEOUT_S))
     assert sorted(results) == list(range(len(frames)))
     calc = mace_calculator(committee_paths)
@@ -119,7 +133,7 @@ def test_a_single_model_has_zero_spread_and_unknown_elements_fail_alone(oracle: 
         assert len(results[index].uncertainty.force_std) == 6
 
 
-def describe(oracle: grpc.Channel, models: list[str], frames: list[Atoms], batch: int = 4) -> np.ndarray:
+def describe(oracle: grpc.Channel, models: list[Any], frames: list[Atoms], batch: int = 4) -> np.ndarray:
     spec = backend_spec("mace", {"models": models, "batch_size": 3})
     requests = [
         oracle_pb2.DescribeRequest(
@@ -143,7 +157,7 @@ def rotation(seed: int) -> np.ndarray:
 
 
 def test_descriptors_are_invariant_and_equal_mace_descriptors_per_element(
-    oracle: grpc.Channel, committee_paths: list[str]
+    oracle: grpc.Channel, store: ArtifactStore, committee_paths: list[str]
 ) -> None:
     base = sn2_frames(3, seed=11)
     moved = []
@@ -153,7 +167,7 @@ def test_descriptors_are_invariant_and_equal_mace_descriptors_per_element(
         order = [0, 3, 1, 2, 5, 4]  # swap the hydrogens and the two chlorines
         moved.append(copy[order])
     chloride = Atoms("Cl", info={CHARGE_KEY: -1, SPIN_KEY: 1})  # no carbon, no hydrogen: zero blocks
-    values = describe(oracle, committee_paths, [*base, *moved, chloride])
+    values = describe(oracle, as_artifacts(store, committee_paths), [*base, *moved, chloride])
     assert values.shape[0] == 7 and values.shape[1] > 0
     np.testing.assert_allclose(values[3:6], values[0:3], atol=1e-8)
     assert np.abs(values[0] - values[1]).max() > 1e-3  # different structures differ
@@ -169,10 +183,10 @@ def test_descriptors_are_invariant_and_equal_mace_descriptors_per_element(
         np.testing.assert_allclose(row, np.concatenate(expected), atol=1e-10)
 
 
-def test_bad_options_and_undescribable_structures_are_invalid_argument(oracle: grpc.Channel, tmp_path: Path) -> None:
+def test_bad_options_and_undescribable_structures_are_invalid_argument(oracle: grpc.Channel) -> None:
     stub = oracle_pb2_grpc.OracleServiceStub(oracle)
-    missing = tmp_path / "absent.model"
-    for options, text in (({"models": []}, "'models' is empty"), ({"models": [str(missing)]}, str(missing))):
+    absent = {"uri": "objects/00/absent.model", "sha256": "0" * 64}
+    for options, text in (({"models": []}, "'models' is empty"), ({"models": [absent]}, "absent.model is missing")):
         request = oracle_pb2.LabelRequest(
             backend=backend_spec("mace", options), structures=[atoms_to_structure(sn2_frames(1)[0])]
         )

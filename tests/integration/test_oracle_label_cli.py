@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import socket
 
 import numpy as np
@@ -130,3 +131,27 @@ def test_option_values_are_yaml_scalars() -> None:
     assert label._parse_option("method=GFN1-xTB") == ("method", "GFN1-xTB")
     with pytest.raises(argparse.ArgumentTypeError):
         label._parse_option("accuracy")
+
+
+def test_a_model_file_on_the_command_line_reaches_the_oracle_through_the_store(tmp_path, monkeypatch, capsys) -> None:
+    """The oracle loads model files only as store artifacts: the CLI puts the file it names into the local
+    deployment's store and sends a reference."""
+    pytest.importorskip("mace", reason="the mace backend needs mace-torch (pip install 'pyacemaker[mace]')")
+    from pyacemaker.artifacts import ArtifactStore, sha256_of_file
+    from pyacemaker.teacher.resolve import BUNDLED_MODEL
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PYACEMAKER_HOME", str(home))
+    model = tmp_path / "teacher.model"
+    model.write_bytes(BUNDLED_MODEL.read_bytes())
+    source = tmp_path / "in.xyz"
+    write(source, sn2_frames()[:1], format="xyz")
+    output = tmp_path / "out.xyz"
+    register = functools.partial(add_to_server, store=ArtifactStore(home / "store"))
+    with running_service(register) as address:
+        argv = ["label", "--backend", "mace", "--option", f"models=[{model}]", "--charge", "-1", "--oracle", address]
+        code = run([*argv, str(source), "-o", str(output)])
+    assert code == EXIT_OK, capsys.readouterr().err
+    (labelled,) = read(output, index=":")
+    assert labelled.info["level_of_theory"] == f"mace:{sha256_of_file(model)[:16]}"
+    assert list((home / "store" / "objects").glob(f"*/{sha256_of_file(model)}.model"))

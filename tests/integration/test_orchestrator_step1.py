@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 
@@ -34,7 +35,7 @@ _K = orchestrator_pb2
 @pytest.fixture
 def orchestrator(artifact_store) -> Iterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
     with ExitStack() as stack:
-        oracle = stack.enter_context(running_service(add_oracle))
+        oracle = stack.enter_context(running_service(lambda s: add_oracle(s, store=artifact_store)))
         sampler = stack.enter_context(running_service(lambda s: add_sampler(s, artifact_store)))
         runs = RunManager(artifact_store, sampler, oracle)
         stack.callback(runs.shutdown)
@@ -117,6 +118,32 @@ def test_step1_selects_exactly_n_then_skips_then_redoes(orchestrator, tmp_path):
     run, events = _run(orchestrator, _config_file(tmp_path, n_select=N_SELECT + 3))
     assert _K.RUN_EVENT_KIND_STEP_STARTED in _kinds(events)
     assert len(read_structures(direct)) == N_SELECT + 3
+
+
+def test_the_pool_is_rid_of_structures_the_teacher_calls_unphysical_before_direct(orchestrator, tmp_path):
+    from mace.calculators import MACECalculator
+
+    from pyacemaker.teacher import resolve_teacher
+
+    path = _config_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    cap = 4.0  # eV/Å: low enough that some of the quick pool's rattles and rotations exceed it
+    data["active_learning"]["max_candidate_force"] = cap
+    data["sampling"]["pool"].pop("rattle_amplitudes")  # thermal ones from md.temperatures [300, 600] K
+    path.write_text(yaml.safe_dump(data))
+    run, _ = _run(orchestrator, path)
+    assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
+    step1 = tmp_path / "runs" / "sn2-quick" / "step1_direct"
+    summary = json.loads((step1 / "selection.json").read_text())
+    # sqrt(k_B T / 10 eV/Å²) at 300, 600 and 1.25 × 600 K.
+    assert summary["rattle_amplitudes_a"] == pytest.approx([0.0508, 0.0719, 0.0804], abs=1e-4)
+    pool = read_structures(step1 / "pool.extxyz")
+    assert summary["n_rejected_teacher_force"] > 0 and len(pool) == summary["n_pool"]
+    # The teacher, evaluated here directly, puts every remaining structure below the cap.
+    teacher = MACECalculator(model_paths=[str(resolve_teacher("bundled"))], device="cpu", default_dtype="float64")
+    for atoms in pool:
+        atoms.calc = teacher
+        assert np.linalg.norm(atoms.get_forces(), axis=1).max() <= cap + 1e-6
 
 
 def test_invalid_config_is_refused_with_the_key(orchestrator, tmp_path):

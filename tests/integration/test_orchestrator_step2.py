@@ -35,7 +35,9 @@ BUDGET = AL_BUDGET + HOLDOUT  # step 2 keeps the hold-out's share free for the v
 @pytest.fixture
 def orchestrator(artifact_store, tmp_path) -> Iterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
     with ExitStack() as stack:
-        oracle = stack.enter_context(running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle")))
+        oracle = stack.enter_context(
+            running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle", store=artifact_store))
+        )
         sampler = stack.enter_context(running_service(lambda s: add_sampler(s, artifact_store)))
         manager = create_manager(artifact_store, tmp_path / "trainer")
         stack.callback(manager.shutdown)

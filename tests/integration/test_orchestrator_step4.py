@@ -44,7 +44,7 @@ def test_surrogate_md_step_runs_windows_and_records_them(artifact_store, tmp_pat
     teacher = artifact_store.put_file(resolve_teacher("bundled"), kind="model")
     progress: list[common_pb2.Progress] = []
     with (
-        running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle")) as oracle,
+        running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle", store=artifact_store)) as oracle,
         running_service(lambda s: add_sampler(s, artifact_store)) as sampler,
     ):
         ctx = StepContext(

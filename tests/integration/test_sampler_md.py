@@ -18,7 +18,7 @@ from pyacemaker.rpc import channel
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, atoms_to_structure, read_structures, structure_to_atoms
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import oracle_pb2_grpc, sampler_pb2
-from services.oracle.client import backend_spec
+from services.oracle.client import artifact_option, backend_spec
 from services.oracle.server import OracleService
 from services.sampler.client import run_md
 from services.sampler.server import add_to_server as add_sampler
@@ -32,8 +32,8 @@ LJ = backend_spec("lj", {**ARGON, "cutoff": 10.2})
 class CountingOracle(OracleService):
     """The real oracle servicer, recording the structures of every Label call it serves."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, store: ArtifactStore) -> None:
+        super().__init__(store=store)
         self.label_calls: list[list[Atoms]] = []
 
     def Label(self, request_iterator, context):
@@ -50,7 +50,7 @@ class CountingOracle(OracleService):
 
 @pytest.fixture
 def services(artifact_store: ArtifactStore) -> Iterator[tuple[CountingOracle, str]]:
-    oracle = CountingOracle()
+    oracle = CountingOracle(artifact_store)
 
     def register_oracle(server: grpc.Server) -> list[str]:
         oracle_pb2_grpc.add_OracleServiceServicer_to_server(oracle, server)
@@ -179,11 +179,12 @@ def perturbed_teacher(directory: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_sn2_window_with_the_mace_committee_stops_on_committee_spread(services, tmp_path):
+def test_sn2_window_with_the_mace_committee_stops_on_committee_spread(services, tmp_path, artifact_store):
     """The bundled teacher plus a perturbed copy as committee over gRPC, one restraint window per SN2 seed; a
     tiny max_force_std stops every replica with the spread as reason, a loose one lets them run."""
     _oracle, oracle_address, sampler_address = services
-    committee = backend_spec("mace", {"models": [str(resolve_teacher("bundled")), str(perturbed_teacher(tmp_path))]})
+    perturbed = artifact_option(artifact_store.put_file(perturbed_teacher(tmp_path), kind="model"))
+    committee = backend_spec("mace", {"models": ["bundled", perturbed]})
     request = sampler_pb2.RunMdRequest(
         starts=[atoms_to_structure(a) for a in sn2_seeds()],
         settings=sampler_pb2.MdSettings(

@@ -5,8 +5,10 @@ after the client drops, retries of an unconvergeable SCF, and resubmission of a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,8 @@ from pyacemaker.config import SlurmExecutorConfig
 from pyacemaker.structures import atoms_to_structure, content_id
 from pyacemaker.v1 import common_pb2, oracle_pb2
 from services.oracle.client import backend_spec
-from services.oracle.executors.base import JOB_SCRIPT_FILE, Batch
+from services.oracle.deployment import OracleDeployment
+from services.oracle.executors.base import JOB_SCRIPT_FILE, TEMPLATES_DIR, Batch
 from services.oracle.executors.gateway import JOB_TABLE_FILE, ORPHAN_AGE_S
 from services.oracle.executors.slurm import SlurmExecutor
 from services.oracle.jobs import JobTable
@@ -54,10 +57,20 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
         yield cluster
 
 
+# The deployment's own job template: the bundled one plus a line the test recognises, in a private file.
+SITE_LINE = "# site template: account chem42"
+
+
 @pytest.fixture(scope="module")
 def oracle(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     work_dir = tmp_path_factory.mktemp("oracle")
-    with running_service(functools.partial(add_to_server, work_dir=work_dir)) as address:
+    template = work_dir / "site_slurm.sh"
+    shebang, rest = (TEMPLATES_DIR / "slurm.sh").read_text().split("\n", 1)
+    template.write_text(f"{shebang}\n{SITE_LINE}\n{rest}")
+    template.chmod(0o600)
+    deployment = OracleDeployment.model_validate({"executors": {"slurm": {"template": str(template)}}})
+    register = functools.partial(add_to_server, work_dir=work_dir, deployment=deployment)
+    with running_service(register) as address:
         yield address, work_dir
 
 
@@ -96,7 +109,10 @@ def test_eight_geometries_run_as_one_array_job(slurm: SlurmCluster, oracle) -> N
     record = table.get((content_id(frames[0]), XTB_LEVEL))
     assert record is not None and record.job_id == submission.job_id
     batch = table.batch(record.batch or "")
-    assert batch is not None and "#SBATCH --array=0-7%4" in (batch.job_dir / JOB_SCRIPT_FILE).read_text()
+    assert batch is not None
+    script = batch.job_dir / JOB_SCRIPT_FILE
+    assert "#SBATCH --array=0-7%4" in script.read_text() and SITE_LINE in script.read_text()
+    assert stat.S_IMODE(script.stat().st_mode) == 0o600, "a job script from a private template stays private"
     print(f"\n8 SN2 geometries as Slurm array job {submission.job_id}: {wall_time:.1f} s wall time")
 
 
@@ -262,7 +278,8 @@ def test_orchestrator_killed_after_submission_is_reconciled_not_resubmitted(
         submitted = 0
         while time.monotonic() < deadline and submitted < 8:
             if state.exists():
-                with sqlite3.connect(state) as db:
+                with sqlite3.connect(state) as db, contextlib.suppress(sqlite3.OperationalError):
+                    # (the file exists a moment before its table does)
                     submitted = db.execute("SELECT COUNT(*) FROM dft_ledger WHERE job_id != ''").fetchone()[0]
             time.sleep(0.05)
         assert submitted == 8, "the job id never reached the ledger"

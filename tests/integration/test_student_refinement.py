@@ -78,7 +78,7 @@ def test_the_student_md_adds_high_gamma_frames_refits_and_checks_again(artifact_
     progress: list[common_pb2.Progress] = []
     try:
         with (
-            running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle")) as oracle,
+            running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle", store=artifact_store)) as oracle,
             running_service(lambda s: add_sampler(s, artifact_store)) as sampler,
             running_service(functools.partial(add_trainer, manager=manager)) as trainer,
         ):

@@ -38,8 +38,8 @@ STEP = SurrogateLabellingStep()
 class CountingOracle(OracleService):
     """The real oracle servicer, counting the structures it is asked to label."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, store: ArtifactStore) -> None:
+        super().__init__(store=store)
         self.labelled = 0
 
     def Label(self, request_iterator, context):  # type: ignore[no-untyped-def]
@@ -52,8 +52,14 @@ class CountingOracle(OracleService):
 
 
 @pytest.fixture(scope="module")
-def oracle() -> Iterator[tuple[str, CountingOracle]]:
-    servicer = CountingOracle()
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
+    """The store the oracle and the step share (the oracle loads the committee from it)."""
+    return ArtifactStore(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def oracle(shared_store: ArtifactStore) -> Iterator[tuple[str, CountingOracle]]:
+    servicer = CountingOracle(shared_store)
 
     def register(server: grpc.Server) -> list[str]:
         oracle_pb2_grpc.add_OracleServiceServicer_to_server(servicer, server)
@@ -71,8 +77,8 @@ class Inputs:
 
 
 @pytest.fixture
-def inputs(tmp_path: Path, committee_paths: list[str]) -> Inputs:  # noqa: F811
-    store = ArtifactStore(tmp_path / "store")
+def inputs(tmp_path: Path, committee_paths: list[str], shared_store: ArtifactStore) -> Inputs:  # noqa: F811
+    store = shared_store
     frames_file = tmp_path / "surrogate.extxyz"
     frames = sn2_frames(N_FRAMES)
     for step, atoms in enumerate(frames):

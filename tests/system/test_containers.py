@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pyacemaker.deploy import images, podman
-from pyacemaker.deploy.local import read_registry
+from pyacemaker.deploy.local import SERVICES, read_registry
 from pyacemaker.rpc import ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN_FILE, channel
 from pyacemaker.structures import LEVEL_KEY, content_id, read_structures
 from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
@@ -71,10 +71,11 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
 
 
 def _up_lean_trio(work_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`pyacemaker up --runtime podman` of the orchestrator, sampler and (lean) oracle on auto ports, with
-    work_dir mounted at the same path in the containers."""
+    """`pyacemaker up --runtime podman` of the orchestrator, sampler and the lean oracle (no torch) on auto ports,
+    with work_dir mounted at the same path in the containers."""
     services = ("--services", "orchestrator,sampler,oracle", "--workdir", str(work_dir))
-    return _cli("up", "--runtime", "podman", "--ports", "auto", *services, env=env, cwd=work_dir)
+    lean_oracle = ("--image", f"oracle={images.image_tag('oracle')}")
+    return _cli("up", "--runtime", "podman", "--ports", "auto", *services, *lean_oracle, env=env, cwd=work_dir)
 
 
 def _step1_config(directory: Path, oracle: dict, run: str = "run") -> Path:
@@ -255,9 +256,13 @@ def test_a_service_that_cannot_start_is_reported_with_its_log_and_nothing_is_lef
 ) -> None:
     env = {"PYACEMAKER_HOME": str(tmp_path / "home")}
     no_image = "oracle=localhost/no-such-image:latest"
-    missing = _cli("up", "--runtime", "podman", "--image", no_image, env=env, cwd=tmp_path)
+    missing = _cli("up", "--runtime", "podman", "--services", "oracle", "--image", no_image, env=env, cwd=tmp_path)
     assert missing.returncode == 1
-    assert "image(s) not built: localhost/no-such-image:latest (build them with `make images`)" in missing.stderr
+    assert (
+        "error: image(s) not in podman's storage: localhost/no-such-image:latest (not built by `make images`"
+        in missing.stderr
+    )
+    assert "not built:" not in missing.stderr  # only the image this test named is checked
 
     # The orchestrator's image started as the sampler: the orchestrator refuses to start without its peers.
     wrong = _cli(
@@ -282,6 +287,28 @@ def test_a_service_that_cannot_start_is_reported_with_its_log_and_nothing_is_lef
     left = subprocess.run(podman.podman("ps", "--all", "--format", "{{.Names}}"), capture_output=True, text=True)
     assert name not in left.stdout
     assert not (tmp_path / "home" / "services.json").exists()
+
+
+def test_on_empty_podman_storage_up_names_every_image_it_needs_and_the_command_that_builds_them(
+    tmp_path: Path,
+) -> None:
+    """A fresh machine: podman's storage holds no image (a storage of the test's own, whatever the machine's holds)."""
+    storage = tmp_path / "storage.conf"
+    storage.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{tmp_path / "graph"}"\nrunroot = "{tmp_path / "run"}"\n'
+    )
+    env = {"PYACEMAKER_HOME": str(tmp_path / "home"), "CONTAINERS_STORAGE_CONF": str(storage)}
+    try:
+        missing = _cli("up", "--runtime", "podman", env=env, cwd=tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "graph" / "overlay")], capture_output=True)
+    assert missing.returncode == 1
+    wanted = ", ".join(images.image_tag(podman.SERVICE_IMAGES[s]) for s in SERVICES)
+    assert f"error: image(s) not built: {wanted} (build them with `make images`)" in missing.stderr
+    assert set(podman.SERVICE_IMAGES.values()) <= set(images.DEFAULT_IMAGES)  # and `make images` builds each
+    assert not (tmp_path / "home" / "services.json").exists()
+    network = podman.deployment_name(tmp_path / "home")
+    assert subprocess.run(podman.podman("network", "exists", network)).returncode != 0
 
 
 def test_the_apptainer_definition_bootstraps_from_the_archive_the_build_saves(built_images: None) -> None:

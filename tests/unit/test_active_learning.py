@@ -95,3 +95,14 @@ def test_candidate_cap_falls_to_the_largest_force_the_md_visited():
     assert candidate_force_cap(6.0, md_frames) == 6.0  # the configured cap is never raised
     assert candidate_force_cap(10.0, []) == 10.0  # no MD frames among the candidates (iteration 1)
     assert candidate_force_cap(10.0, [md_frames[0].ravel()]) == pytest.approx(5.0)  # flat (3N,) forces too
+
+
+def test_within_energy_range_keeps_candidates_near_the_labelled_energies():
+    from services.orchestrator.active_learning import within_energy_range
+
+    labelled = np.array([-10.0, -9.8, -9.9])  # range 0.2 eV/atom: candidates within [-10.2, -9.6] pass
+    candidates = np.array([-10.1, -9.7, -9.55, -10.25, -3.0])
+    assert within_energy_range(candidates, labelled).tolist() == [True, True, False, False, False]
+    # A one-point labelled set still allows min_margin around it; without labels everything passes.
+    assert within_energy_range(np.array([-10.04, -10.2]), np.array([-10.0])).tolist() == [True, False]
+    assert within_energy_range(np.array([5.0]), np.array([])).tolist() == [True]

@@ -14,6 +14,7 @@ import pytest
 from pyacemaker.config import SlurmExecutorConfig
 from pyacemaker.deploy import images
 from pyacemaker.deploy.local import DEFAULT_PORTS
+from services.oracle.deployment import BatchExecutorDeployment, load_deployment
 from services.oracle.executors.base import Batch
 from services.oracle.executors.slurm import SlurmExecutor
 from tests.conftest import REPO_ROOT
@@ -76,7 +77,12 @@ def test_start_script_dry_run_starts_the_instances_in_order_with_ports_binds_and
         assert f"PYACEMAKER_STORE={home}/store" in words
         assert f"{token}:/run/pyacemaker/pyacemaker_token_file:ro" in words  # the token reaches every instance
     oracle = " ".join(by_service["oracle"])
-    assert f"{tmp_path}/sif/pyacemaker-oracle-qe.sif pyacemaker-oracle --work-dir {home}/oracle" in oracle
+    deployment = home / "oracle-deployment.yaml"
+    assert f"pyacemaker-oracle --work-dir {home}/oracle --deployment {deployment}" in oracle
+    assert f"--bind {deployment}:{deployment}:ro" in oracle
+    # The default deployment sends array tasks through the Apptainer template, copied beside it.
+    assert load_deployment(deployment).executors.slurm.template == home / "slurm_task.sh"
+    assert (home / "slurm_task.sh").read_text() == SLURM_TEMPLATE.read_text()
     assert "/usr/bin/sbatch" in oracle and f"PYACEMAKER_ORACLE_SIF={tmp_path}/sif/pyacemaker-oracle-qe.sif" in oracle
     orchestrator = " ".join(by_service["orchestrator"])
     assert orchestrator.endswith("--sampler 127.0.0.1:50052 --oracle 127.0.0.1:50053 --trainer 127.0.0.1:50054")
@@ -94,7 +100,8 @@ def test_start_script_refuses_a_missing_image(tmp_path: Path) -> None:
 
 
 def test_slurm_template_renders_through_the_slurm_executor(tmp_path: Path) -> None:
-    executor = SlurmExecutor(SlurmExecutorConfig(kind="slurm", template=SLURM_TEMPLATE, partition="short"))
+    deployment = BatchExecutorDeployment(template=SLURM_TEMPLATE)
+    executor = SlurmExecutor(SlurmExecutorConfig(kind="slurm", partition="short"), deployment)
     batch = Batch(name="pyacemaker-qe-1", job_dir=tmp_path / "job", task_dirs=(tmp_path / "t0", tmp_path / "t1"))
     script = executor.job_script(batch, tmp_path / "job" / "tasks.txt")
     assert "{{" not in script  # every placeholder was filled

@@ -115,3 +115,49 @@ def test_md_defaults_follow_the_budget_and_the_windows() -> None:
     assert MdConfig(replicas=64).resolved(10).steps == 500  # never shorter than 500 steps
     explicit = MdConfig(n_frames=7, steps=11).resolved(60)
     assert (explicit.n_frames, explicit.steps) == (7, 11)
+
+
+@pytest.mark.parametrize(
+    ("oracle", "key", "where"),
+    [
+        ({"backend": "qe", "command": "mpirun pw.x", "pseudopotentials": {"Si": "Si.UPF"}}, "command", "qe.profiles"),
+        ({"backend": "qe", "pseudo_dir": "/opt/upf", "pseudopotentials": {"Si": "Si.UPF"}}, "pseudo_dir", "qe.prof"),
+        ({"backend": "vasp", "command": "srun vasp_std"}, "command", "vasp.profiles.<profile>.command"),
+        ({"backend": "vasp", "potcar_dir": "/opt/potpaw"}, "potcar_dir", "vasp.profiles.<profile>.potcar_dir"),
+        ({"backend": "pyscf", "executor": {"kind": "slurm", "template": "/t.sh"}}, "template", "executors.slurm"),
+        ({"backend": "pyscf", "executor": {"kind": "local", "scratch_dir": "/s"}}, "scratch_dir", "executors.local"),
+        ({"backend": "pyscf", "executor": {"kind": "pbs", "extra_directives": ["-A x"]}}, "extra_directives", "pbs"),
+    ],
+)
+def test_settings_that_moved_to_the_oracle_deployment_say_where_they_are_set(tmp_path, oracle, key, where):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, _minimal(oracle=oracle)))
+    message = str(info.value)
+    assert message.count("\n") == 0 and ": oracle" in message
+    assert f"`{key}` is a deployment setting of the oracle service" in message and where in message
+    assert "docs/deployment.md" in message
+
+
+def test_qe_and_vasp_name_a_profile_and_plain_file_names(tmp_path):
+    config = load_config(_write(tmp_path, _minimal(oracle={"backend": "qe", "pseudopotentials": {"Si": "Si.UPF"}})))
+    assert config.oracle.profile == "default"
+    for oracle, key in (
+        ({"backend": "qe", "profile": "../x", "pseudopotentials": {}}, "oracle.profile"),
+        ({"backend": "qe", "pseudopotentials": {"Si": "/etc/passwd"}}, "oracle.pseudopotentials"),
+        ({"backend": "vasp", "setups": {"Si": "/../../etc"}}, "oracle.setups"),
+        ({"backend": "pyscf", "basis": "/etc/passwd"}, "oracle.basis"),
+        ({"backend": "pyscf", "executor": {"kind": "slurm", "partition": "a\nb"}}, "oracle.executor.partition"),
+        ({"backend": "pyscf", "executor": {"kind": "pbs", "queue": "q;rm"}}, "oracle.executor.queue"),
+    ):
+        with pytest.raises(ConfigError, match=rf"{key}: "):
+            load_config(_write(tmp_path, _minimal(oracle=oracle)))
+
+
+def test_thermal_rattle_amplitudes_follow_the_temperatures_unless_given():
+    from pyacemaker.config import PoolConfig, thermal_rattle_amplitudes
+
+    kb = 8.617333262e-5
+    expected = [round((kb * t / 10.0) ** 0.5, 4) for t in (300.0, 1000.0, 1250.0)]
+    assert thermal_rattle_amplitudes([1000.0, 300.0]) == expected
+    assert PoolConfig().resolved([300.0, 1000.0]).rattle_amplitudes == expected
+    assert PoolConfig(rattle_amplitudes=[0.2]).resolved([300.0]).rattle_amplitudes == [0.2]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyacemaker.config import PbsExecutorConfig
+from services.oracle.deployment import BatchExecutorDeployment
 from services.oracle.executors.base import Batch
 from services.oracle.executors.pbs import PbsExecutor, parse_qstat_json
 from tests.conftest import REPO_ROOT
@@ -35,10 +36,10 @@ def test_the_script_asks_for_a_throttled_array_with_the_resources(tmp_path: Path
         walltime="00:10:00",
         ncpus=4,
         memory="4gb",
-        extra_directives=["-A proj42", "#PBS -l place=scatter"],
     )
+    deployment = BatchExecutorDeployment(extra_directives=["-A proj42", "#PBS -l place=scatter"])
     batch = batch_of(tmp_path, 6)
-    script = PbsExecutor(config).job_script(batch, batch.job_dir / "tasks.txt")
+    script = PbsExecutor(config, deployment).job_script(batch, batch.job_dir / "tasks.txt")
     assert directives(script) == [
         "#PBS -N pyace-1a2b3c4d",
         "#PBS -J 0-5%2",

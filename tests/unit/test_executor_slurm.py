@@ -11,6 +11,7 @@ import pytest
 
 from pyacemaker.config import SlurmExecutorConfig
 from pyacemaker.rpc import InvalidInputError
+from services.oracle.deployment import BatchExecutorDeployment
 from services.oracle.executors.base import Batch, array_range, render_template
 from services.oracle.executors.slurm import SlurmExecutor, parse_sacct, parse_squeue
 
@@ -33,10 +34,10 @@ def test_the_script_asks_for_one_throttled_array_task_per_calculation(tmp_path: 
         time_limit="0-02:30:00",
         cpus_per_task=4,
         memory="8G",
-        extra_directives=["--account=chem42", "#SBATCH --qos=low"],
     )
+    deployment = BatchExecutorDeployment(extra_directives=["--account=chem42", "#SBATCH --qos=low"])
     batch = batch_of(tmp_path, 8)
-    script = SlurmExecutor(config).job_script(batch, batch.job_dir / "tasks.txt")
+    script = SlurmExecutor(config, deployment).job_script(batch, batch.job_dir / "tasks.txt")
     assert directives(script) == [
         "#SBATCH --job-name=pyace-0badcafe",
         "#SBATCH --array=0-7%3",
@@ -68,21 +69,22 @@ def test_optional_directives_leave_no_blank_line_and_a_loose_throttle_is_dropped
     assert all(line.startswith("#") for line in lines[:last_directive]), "no blank line inside the directives"
 
 
-def test_a_user_template_is_used_and_an_unknown_placeholder_is_named(tmp_path: Path) -> None:
+def test_the_deployments_template_is_used_and_an_unknown_placeholder_is_named(tmp_path: Path) -> None:
     template = tmp_path / "my_job.sh"
     template.write_text(
         "#!/bin/bash\n#SBATCH --array={{ array }}\nmodule load chem\n{{task_command}} $(sed -n 1p {{task_list}})\n"
     )
-    config = SlurmExecutorConfig(kind="slurm", template=template, array_throttle=2)
-    script = SlurmExecutor(config).job_script(batch_of(tmp_path, 5), tmp_path / "tasks.txt")
+    config = SlurmExecutorConfig(kind="slurm", array_throttle=2)
+    deployment = BatchExecutorDeployment(template=template)
+    script = SlurmExecutor(config, deployment).job_script(batch_of(tmp_path, 5), tmp_path / "tasks.txt")
     assert script.splitlines()[1:3] == ["#SBATCH --array=0-4%2", "module load chem"]
 
     template.write_text("#SBATCH --array={{ array }}\n{{ module_list }}\n")
     with pytest.raises(InvalidInputError, match=r"unknown placeholder\(s\) module_list .*known: array"):
-        SlurmExecutor(config).job_script(batch_of(tmp_path, 5), tmp_path / "tasks.txt")
-    missing = SlurmExecutorConfig(kind="slurm", template=tmp_path / "nowhere.sh")
+        SlurmExecutor(config, deployment).job_script(batch_of(tmp_path, 5), tmp_path / "tasks.txt")
+    missing = BatchExecutorDeployment(template=tmp_path / "nowhere.sh")
     with pytest.raises(InvalidInputError, match=r"nowhere\.sh: cannot be read"):
-        SlurmExecutor(missing).job_script(batch_of(tmp_path, 1), tmp_path / "tasks.txt")
+        SlurmExecutor(config, missing).job_script(batch_of(tmp_path, 1), tmp_path / "tasks.txt")
 
 
 def test_array_range_and_rendering_rules() -> None:

@@ -80,7 +80,7 @@ def test_broken_files_name_the_file_and_place(tmp_path: Path) -> None:
         count_extxyz_frames(path)
     bad = tmp_path / "bad.extxyz"
     bad.write_text("1\nProperties=species:S:1:pos:R:3\nH 0 zero 0\n")
-    with pytest.raises(StructureFileError, match=r"bad\.extxyz: frame 0 is not valid extxyz"):
+    with pytest.raises(StructureFileError, match=r"bad\.extxyz: frame 0 \(line 1\) is not valid extxyz"):
         list(iter_extxyz(bad))
     with pytest.raises(StructureFileError, match="no such file"):
         list(iter_extxyz(tmp_path / "missing.extxyz"))

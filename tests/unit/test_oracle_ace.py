@@ -1,5 +1,6 @@
 """The ace backend: an isolated atom's energy is the potential's reference energy E0, forces equal finite
-differences of its energies, the level of theory names the file's digest, and a .yaml is refused clearly."""
+differences of its energies, the level of theory names the file's digest, γ with an active set matches pyace's
+own, and an active set with a .yace is refused clearly."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from services.oracle.backends.ace import AceBackend
 from services.trainer import linear_ace
 from services.trainer.ace_fit import basis_config
 from tests.finite_differences import numerical_forces
-from tests.sn2_training_data import xtb_frames
+from tests.sn2_training_data import xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
 
@@ -49,38 +50,67 @@ def test_forces_are_minus_the_energy_gradient(potential: Path) -> None:
     np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), reference, atol=1e-5)
 
 
-def test_level_of_theory_names_the_file_and_yaml_is_refused(potential: Path) -> None:
+def test_level_of_theory_names_the_file_and_an_active_set_needs_the_yaml(potential: Path) -> None:
     backend = AceBackend(AceOracleConfig(backend="ace", potential=potential))
     assert backend.level_of_theory.startswith("ace:") and len(backend.level_of_theory) == 20
-    with pytest.raises(ValueError, match=r"p\.yaml: the ace backend evaluates \.yace files"):
-        AceBackend(AceOracleConfig(backend="ace", potential=potential.with_suffix(".yaml")))
+    with pytest.raises(ValueError, match=r"p\.yace: γ with an active set needs the \.yaml potential"):
+        AceBackend(AceOracleConfig(backend="ace", potential=potential, active_set=potential))
+    with pytest.raises(ValueError, match=r"missing\.asi: no such active-set file"):
+        AceBackend(
+            AceOracleConfig(
+                backend="ace", potential=potential.with_suffix(".yaml"), active_set=potential.with_name("missing.asi")
+            )
+        )
 
 
-def test_labels_carry_the_extrapolation_grade_with_the_active_set(tmp_path: Path) -> None:
-    from pydantic import ValidationError
-
+def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> None:
     from services.trainer.ace_fit import fit_linear_ace
-    from services.trainer.evaluation import extrapolation_grades
-    from tests.conftest import sn2_seeds
-    from tests.sn2_training_data import xtb_e0s
 
-    frames = xtb_frames()[:40]
-    fit = fit_linear_ace(frames, tmp_path / "fit", e0s=xtb_e0s(), functions_per_element=10)
-    backend = AceBackend(
-        AceOracleConfig(backend="ace", potential=fit.yace_path, active_set=fit.asi_path, basis=fit.yaml_path)
+    frames = xtb_frames()
+    fit = fit_linear_ace(frames[:40], tmp_path, e0s=xtb_e0s(), cutoff=4.5)
+    backend = AceBackend(AceOracleConfig(backend="ace", potential=fit.yaml_path, active_set=fit.asi_path))
+    far = frames[0].copy()
+    far.positions[4] += 0.9 * (far.positions[4] - far.positions[0])  # one chloride pulled far out
+    far.calc = None
+    for atoms in (frames[1], frames[60], far):
+        probe = atoms.copy()
+        probe.calc = None
+        labels = backend.label(probe)
+        assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+        reference = probe.copy()
+        reference.calc = pyace.PyACECalculator(str(fit.yaml_path))
+        reference.calc.set_active_set(str(fit.asi_path))
+        reference.get_potential_energy()
+        np.testing.assert_allclose(labels.uncertainty.extrapolation_grade, reference.calc.results["gamma"])
+        assert labels.uncertainty.max_extrapolation_grade == pytest.approx(max(reference.calc.results["gamma"]))
+        # The .yaml labels as its .yace does: total energies with the reference energies, the same forces.
+        plain = probe.copy()
+        plain.calc = pyace.PyACECalculator(str(fit.yace_path))
+        assert labels.energy == pytest.approx(plain.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), plain.get_forces(), atol=1e-8)
+    # A training structure interpolates (γ ≤ 1 up to round-off); the stretched one extrapolates.
+    assert backend.label(frames[1]).uncertainty.max_extrapolation_grade <= 1.0 + 1e-6
+    assert backend.label(far).uncertainty.max_extrapolation_grade > 1.0
+    # Without an active set there is no grade.
+    assert (
+        not AceBackend(AceOracleConfig(backend="ace", potential=fit.yace_path))
+        .label(far)
+        .uncertainty.extrapolation_grade
     )
-    stretched = sn2_seeds()[1]
-    stretched.positions *= 1.35
-    for atoms in (frames[3], stretched):
-        labels = backend.label(atoms)
-        expected = extrapolation_grades(fit.yaml_path, fit.asi_path, [atoms])[0]
-        assert len(labels.uncertainty.extrapolation_grade) == len(atoms)
-        assert labels.uncertainty.max_extrapolation_grade == pytest.approx(expected, rel=1e-9)
-        # Energies and forces are the .yace's, as without the active set.
-        plain = AceBackend(AceOracleConfig(backend="ace", potential=fit.yace_path)).label(atoms)
-        assert labels.energy == pytest.approx(plain.energy, abs=1e-9)
-        assert not plain.uncertainty.extrapolation_grade
-    assert backend.label(frames[3]).uncertainty.max_extrapolation_grade <= 1.01 + 1e-6
-    assert backend.label(stretched).uncertainty.max_extrapolation_grade > 2.0
-    with pytest.raises(ValidationError, match="active_set and basis go together"):
-        AceOracleConfig(backend="ace", potential=fit.yace_path, active_set=fit.asi_path)
+
+
+def test_the_loaded_potential_is_reused_and_gives_the_same_labels(potential: Path) -> None:
+    import time
+
+    backend = AceBackend(AceOracleConfig(backend="ace", potential=potential))
+    frames = xtb_frames()[:6]
+    for atoms in frames:
+        atoms.calc = None
+    first = [backend.label(a) for a in frames]
+    started = time.perf_counter()
+    again = [backend.label(a) for a in reversed(frames)][::-1]
+    per_label = (time.perf_counter() - started) / len(frames)
+    fresh = [AceBackend(AceOracleConfig(backend="ace", potential=potential)).label(a) for a in frames]
+    for a, b, c in zip(first, again, fresh, strict=True):
+        assert a.energy == b.energy == c.energy and list(a.forces) == list(b.forces) == list(c.forces)
+    assert per_label < 0.1  # loading the potential again for each label took ~0.7 s (measured)

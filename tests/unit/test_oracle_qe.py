@@ -24,6 +24,7 @@ from pyacemaker.config import QeOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.base import monkhorst_pack_grid
 from services.oracle.backends.qe import CONV_THR_RY_PER_ATOM, QeBackend
+from services.oracle.deployment import QeProfile
 
 PSEUDO_DIR = Path("/usr/share/espresso/pseudo")
 SI_PSEUDO = "Si.pz-vbc.UPF"
@@ -206,6 +207,7 @@ def test_an_element_without_a_pseudopotential_fails_without_retries(tmp_path: Pa
 
 def test_a_pw_error_is_reported_with_its_message(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    labels = QeBackend(config(command="pw.x -nk 7")).label(strained_silicon())  # more pools than processes
+    pools = QeProfile(command="pw.x -nk 7", pseudo_dir=PSEUDO_DIR)  # more pools than processes
+    labels = QeBackend(config(), pools).label(strained_silicon())
     assert labels.status == FAILED
     assert "pw.x stopped: Error in routine" in labels.reason

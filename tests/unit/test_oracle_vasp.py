@@ -22,6 +22,7 @@ from ase.io import read
 from pyacemaker.config import VaspOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.vasp import VaspBackend, read_vasprun
+from services.oracle.deployment import VaspProfile
 
 RECORDED = Path(__file__).parents[1] / "data" / "vasp" / "vasprun.xml"
 GPA_PER_EV_A3 = 160.21766208
@@ -68,18 +69,19 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
-def config(potcar_dir: Path, command: str, **options: object) -> VaspOracleConfig:
-    return VaspOracleConfig.model_validate(
+def vasp_backend(potcar_dir: Path, command: str, **options: object) -> VaspBackend:
+    """The backend with the options of a request and a deployment profile that runs `command` (the deployment's
+    setting, never a request's)."""
+    config = VaspOracleConfig.model_validate(
         {
             "backend": "vasp",
-            "command": command,
-            "potcar_dir": str(potcar_dir),
             "encut_ev": 300.0,
             "kpoint_spacing": KPOINT_SPACING,
             "incar": {"ISMEAR": 0, "SIGMA": 0.05, "PREC": "Accurate"},
             **options,
         }
     )
+    return VaspBackend(config, VaspProfile(command=command, potcar_dir=potcar_dir))
 
 
 def vectors(text: str, name: str, occurrence: int = -1) -> np.ndarray:
@@ -133,7 +135,7 @@ def test_inputs_follow_the_options_and_the_structure(tmp_path: Path, potcar_dir:
         pbc=True,
     )
     atoms.info["charge"] = -1
-    labels = VaspBackend(config(potcar_dir, "true")).label(atoms)  # `true` writes no output
+    labels = vasp_backend(potcar_dir, "true").label(atoms)  # `true` writes no output
     assert labels.status == FAILED and "wrote no vasprun.xml" in labels.reason
 
     incar = incar_tags()
@@ -173,7 +175,7 @@ def test_the_whole_path_with_a_stand_in_that_copies_the_recorded_output(
     tmp_path: Path, potcar_dir: Path, workdir: Path
 ) -> None:
     command = stand_in(tmp_path, "vasp_copy.sh", f"cp '{RECORDED}' vasprun.xml\n")
-    backend = VaspBackend(config(potcar_dir, command))
+    backend = vasp_backend(potcar_dir, command)
     labels = backend.label_with_retries(recorded_structure(), max_retries=2)
     assert (labels.status, labels.attempts) == (OK, 1), labels.reason
     values = recorded_values(RECORDED.read_text())
@@ -223,7 +225,7 @@ def test_results_come_back_in_the_input_atom_order(tmp_path: Path, potcar_dir: P
         pbc=True,
     )
     atoms.rattle(0.02, seed=5)
-    labels = VaspBackend(config(potcar_dir, f"{sys.executable} {script} {RECORDED}")).label(atoms)
+    labels = vasp_backend(potcar_dir, f"{sys.executable} {script} {RECORDED}").label(atoms)
     assert labels.status == OK, labels.reason
     np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), 0.1 * atoms.positions, atol=1e-8)
 
@@ -243,7 +245,7 @@ def test_an_unconverged_run_fails_and_a_retry_with_escalated_tags_heals_it(
         f"if grep -q '^ALGO = Normal' INCAR && grep -q '^NELM = 120' INCAR; "
         f"then cp '{RECORDED}' vasprun.xml; else cp '{unconverged}' vasprun.xml; fi\n",
     )
-    backend = VaspBackend(config(potcar_dir, command))
+    backend = vasp_backend(potcar_dir, command)
     first = backend.label(recorded_structure())
     assert first.status == FAILED
     assert f"not converged in NELM = {steps} steps" in first.reason
@@ -259,7 +261,7 @@ def test_an_unconverged_run_fails_and_a_retry_with_escalated_tags_heals_it(
 
 def test_a_crashed_run_fails_with_its_exit_status_and_output(tmp_path: Path, potcar_dir: Path, workdir: Path) -> None:
     command = stand_in(tmp_path, "vasp_crash.sh", "echo 'VERY BAD NEWS! internal error in subroutine' ; exit 3\n")
-    labels = VaspBackend(config(potcar_dir, command)).label_with_retries(recorded_structure(), max_retries=1)
+    labels = vasp_backend(potcar_dir, command).label_with_retries(recorded_structure(), max_retries=1)
     assert (labels.status, labels.attempts) == (FAILED, 2)
     assert "exited with status 3" in labels.reason and "wrote no vasprun.xml" in labels.reason
     assert "VERY BAD NEWS" in labels.reason
@@ -270,7 +272,7 @@ def test_a_truncated_vasprun_fails(tmp_path: Path, potcar_dir: Path, workdir: Pa
     text = RECORDED.read_text()
     truncated.write_text(text[: text.index('<varray name="forces"')])
     command = stand_in(tmp_path, "vasp_killed.sh", f"cp '{truncated}' vasprun.xml\n")
-    labels = VaspBackend(config(potcar_dir, command)).label(recorded_structure())
+    labels = vasp_backend(potcar_dir, command).label(recorded_structure())
     assert labels.status == FAILED and "incomplete" in labels.reason
 
 
@@ -278,7 +280,7 @@ def test_output_of_another_structure_is_refused(tmp_path: Path, potcar_dir: Path
     command = stand_in(tmp_path, "vasp_stale.sh", f"cp '{RECORDED}' vasprun.xml\n")
     other = recorded_structure()
     other.positions[1] += [0.01, 0.0, 0.0]
-    labels = VaspBackend(config(potcar_dir, command)).label(other)
+    labels = vasp_backend(potcar_dir, command).label(other)
     assert labels.status == FAILED and "another geometry" in labels.reason
 
 
@@ -286,19 +288,19 @@ def test_a_missing_potcar_fails_without_retries(tmp_path: Path, potcar_dir: Path
     shutil.rmtree(potcar_dir / "potpaw_PBE" / "C")
     atoms = recorded_structure()
     atoms.symbols[1] = "C"
-    labels = VaspBackend(config(potcar_dir, "true")).label_with_retries(atoms, max_retries=2)
+    labels = vasp_backend(potcar_dir, "true").label_with_retries(atoms, max_retries=2)
     assert (labels.status, labels.attempts) == (FAILED, 1)
     assert "POTCAR" in labels.reason or "pseudopotential" in labels.reason
 
 
 def test_integer_tags_from_a_protobuf_struct_are_written_as_integers(potcar_dir: Path, workdir: Path) -> None:
     # A protobuf Struct carries every number as a double.
-    backend = VaspBackend(config(potcar_dir, "true", incar={"NELM": 80.0, "ISMEAR": 0.0, "SIGMA": 0.05}))
+    backend = vasp_backend(potcar_dir, "true", incar={"NELM": 80.0, "ISMEAR": 0.0, "SIGMA": 0.05})
     backend.label(recorded_structure())
     assert (incar_tags()["NELM"], incar_tags()["ISMEAR"]) == ("80", "0")
 
 
 def test_a_molecule_without_a_cell_is_refused() -> None:
-    config_ = VaspOracleConfig(backend="vasp", command="true")
-    labels = VaspBackend(config_).label(Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]]))
+    config_ = VaspOracleConfig(backend="vasp")
+    labels = VaspBackend(config_, VaspProfile(command="true")).label(Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]]))
     assert labels.status == FAILED and "periodic" in labels.reason

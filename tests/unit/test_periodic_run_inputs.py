@@ -34,9 +34,13 @@ def test_teacher_file_is_relative_to_the_config_and_names_stay_names(tmp_path: P
     (tmp_path / "seed.xyz").write_text(SEED)
     base = {"name": "si", "system": {"seeds": ["seed.xyz"]}, "oracle": {"backend": "lj"}}
     (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "teacher").mkdir()
+    for model_file in ("teacher/si.model", "elsewhere/si.model", "small"):
+        (tmp_path / model_file).write_bytes(b"model")  # `config check` wants model files to exist
+    absolute = str((tmp_path / "elsewhere" / "si.model").resolve())
     cases = {
         "teacher/si.model": str((tmp_path / "teacher" / "si.model").resolve()),
-        "/abs/si.model": "/abs/si.model",
+        absolute: absolute,
         "bundled": "bundled",
         "small": "small",  # a foundation-model name, even if a file called "small" were beside the config
         "./small": str((tmp_path / "small").resolve()),

@@ -10,7 +10,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from pyacemaker.config import PoolConfig
+from pyacemaker.config import MdConfig, PoolConfig, thermal_rattle_amplitudes
 from pyacemaker.structures import content_id
 from services.sampler.pool import generate_pool, molecular_fragments
 from tests.conftest import sn2_seeds
@@ -49,6 +49,9 @@ def test_default_sn2_pool_counts_add_up() -> None:
     settings = PoolConfig()
     seeds = sn2_seeds()
     result = generate_pool(seeds, settings)
+    # Without amplitudes, the thermal ones of md's default temperatures (300, 600, 1000 and 1250 K).
+    settings = settings.resolved(MdConfig().temperatures)
+    assert settings.rattle_amplitudes is not None and len(settings.rattle_amplitudes) == 4
     # Every SN2 seed is at least two fragments with a rotatable (≥ 2 atom) one; molecules get no strains.
     expected = (
         len(seeds)
@@ -71,7 +74,7 @@ def test_every_candidate_keeps_charge_spin_and_names_its_parent() -> None:
         else:
             assert atoms.info["parent_id"] in seed_ids
     rattled = by_operation(result.structures, "rattle")
-    assert {a.info["amplitude"] for a in rattled} == set(PoolConfig().rattle_amplitudes)
+    assert {a.info["amplitude"] for a in rattled} == set(thermal_rattle_amplitudes(MdConfig().temperatures))
 
 
 def test_rattle_displacements_have_the_requested_spread() -> None:

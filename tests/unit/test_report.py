@@ -29,10 +29,22 @@ T0 = 1_790_000_000.0  # a fixed start time, so step durations are known
 LOOPED_STEPS = ("mace_finetune", "surrogate_md", "surrogate_labelling", "ace_fit", "delta_fit", "validation")
 # Noise (energy eV/atom, forces eV/Å) each model gets on top of the reference, per iteration.
 NOISE = {
-    1: {"teacher": (0.030, 0.40), "base_ace": (0.012, 0.15), "final_ace": (0.008, 0.12)},
-    2: {"teacher": (0.030, 0.40), "base_ace": (0.011, 0.14), "final_ace": (0.003, 0.08)},
+    1: {
+        "teacher": (0.030, 0.40),
+        "committee": (0.020, 0.25),
+        "base_ace": (0.012, 0.15),
+        "final_ace": (0.008, 0.12),
+        "direct_ace": (0.009, 0.30),
+    },
+    2: {
+        "teacher": (0.030, 0.40),
+        "committee": (0.019, 0.24),
+        "base_ace": (0.011, 0.14),
+        "final_ace": (0.003, 0.08),
+        "direct_ace": (0.006, 0.20),
+    },
 }
-BARRIER_HEIGHT_EV = {"dft": 0.120, "teacher": 0.150, "base_ace": 0.131, "final_ace": 0.122}
+BARRIER_HEIGHT_EV = {"dft": 0.120, "teacher": 0.150, "base_ace": 0.131, "final_ace": 0.122, "direct_ace": 0.140}
 
 
 @dataclass
@@ -40,6 +52,7 @@ class SyntheticRun:
     run_dir: Path
     # Figures computed here that the report must show.
     rmse: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # iteration -> model -> (E, F)
+    rmse_by_source: dict[tuple[int, str, str], tuple[float, float]] = field(default_factory=dict)
     barriers: dict[str, float] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)  # exported path -> sha256 of the file
     coverage: float = 0.0
@@ -146,17 +159,33 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
     ref_forces = rng.normal(0.0, 1.5, (n * n_atoms, 3))
     models = {}
     run.rmse[iteration] = {}
+    sources = np.array(["surrogate_md"] * 6 + ["teacher_md"] * 4)
     for model, (e_noise, f_noise) in NOISE[iteration].items():
         energy = ref_energy + e_noise * rng.standard_normal(n)
         forces = ref_forces + f_noise * rng.standard_normal(ref_forces.shape)
         e_rmse = 1000 * float(np.sqrt(np.mean((energy - ref_energy) ** 2)))
         f_rmse = 1000 * float(np.sqrt(np.mean((forces - ref_forces) ** 2)))
         run.rmse[iteration][model] = (e_rmse, f_rmse)
+        by_source = {}
+        for src in ("surrogate_md", "teacher_md"):
+            frames = sources == src
+            rows = np.repeat(frames, n_atoms)
+            by_source[src] = {
+                "n": int(frames.sum()),
+                "energy_rmse_mev_per_atom": 1000 * float(np.sqrt(np.mean((energy - ref_energy)[frames] ** 2))),
+                "forces_rmse_mev_per_a": 1000 * float(np.sqrt(np.mean((forces - ref_forces)[rows] ** 2))),
+            }
+            run.rmse_by_source[(iteration, model, src)] = (
+                by_source[src]["energy_rmse_mev_per_atom"],
+                by_source[src]["forces_rmse_mev_per_a"],
+            )
         models[model] = {
+            "max_gamma": 3.5e6 if model == "direct_ace" else 1.25,
             "energy_rmse_mev_per_atom": e_rmse,
             "forces_rmse_mev_per_a": f_rmse,
             "energy_per_atom_ev": energy.tolist(),
             "forces_ev_per_a": forces.tolist(),
+            "by_source": by_source,
         }
     xi = np.linspace(-1.2, 1.2, 13)
     energies, barriers = {}, {}
@@ -166,10 +195,22 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
         barriers[method] = float((curve.max() - curve.min()) / (units.kcal / units.mol))
     run.barriers = barriers
     final = run.rmse[iteration]["final_ace"]
+    direct = run.rmse[iteration]["direct_ace"]
+    ablation = {
+        "model": "direct_ace",
+        "n_training_structures": 8,
+        "fit": {},
+        "error": "",
+        "gain": {
+            "forces_rmse_ratio_final_over_direct": final[1] / direct[1],
+            "energy_rmse_ratio_final_over_direct": final[0] / direct[0],
+        },
+    }
     return {
         "iteration": iteration,
         "level_of_theory": LEVEL,
         "n_holdout": n,
+        "n_holdout_by_source": {"surrogate_md": 6, "teacher_md": 4},
         "dft_calls_total": dft_calls,
         "dft_budget": 60,
         "target": {"energy_mev_per_atom": 5.0, "forces_mev_per_a": 100.0},
@@ -177,10 +218,25 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
         "reference": {"energy_per_atom_ev": ref_energy.tolist(), "forces_ev_per_a": ref_forces.tolist()},
         "models": models,
         "profile": {"xi_a": xi.tolist(), "energies_ev": energies, "central_barrier_kcal_per_mol": barriers},
+        "ablation": ablation,
+        "md_stability": {
+            "steps": 400,
+            "timestep_fs": 0.5,
+            "n_runs": 6,
+            "n_survivors": 6 if iteration == 1 else 5,
+            "survivors_by_temperature": {"300": [3, 3], "600": [3 if iteration == 1 else 2, 3]},
+            "runs": [
+                {"seed": 0, "temperature_k": 600.0, "steps_done": 120, "survived": False, "problem": "step 120: boom"}
+            ]
+            if iteration == 2
+            else [],
+        },
     }
 
 
-def write_synthetic_run(run_dir: Path, store: ArtifactStore, iterations: int) -> SyntheticRun:
+def write_synthetic_run(
+    run_dir: Path, store: ArtifactStore, iterations: int, best_iteration: int | None = None
+) -> SyntheticRun:
     """A run with step 1 and `iterations` full iterations (iterations=0: a run that stopped after step 1)."""
     rng = np.random.default_rng(7)
     scratch = run_dir.parent / f"{run_dir.name}-scratch"
@@ -254,14 +310,17 @@ def write_synthetic_run(run_dir: Path, store: ArtifactStore, iterations: int) ->
             writer.step(f"{name}.{it}", files, duration_s=10.0 * number)
     ledger.close()
     if iterations:
-        final = f"iteration_{iterations:02d}/step7_delta/final.yace"
+        best = best_iteration or iterations
+        final = f"iteration_{best:02d}/step7_delta/final.yace"
         summary = {
             "stop_reason": "target met",
             "iterations": iterations,
+            "best_iteration": best,
             "final_potential": final,
             "dft_calls": charged[iterations][1],
             "dft_budget": 60,
             "wall_time_s": 1234.0,
+            "dft_calls_not_trained_on": 2,
         }
         (run_dir / "run_summary.json").write_text(json.dumps(summary))
         writer.state.add_event(orchestrator_pb2.RUN_EVENT_KIND_RUN_COMPLETED, message="done")
@@ -290,8 +349,7 @@ def test_report_shows_the_runs_figures_and_plots(tmp_path, artifact_store):
     assert html_path == run.run_dir / "report" / "index.html"
     page = html_path.read_text()
     assert "target met" in page and "sn2-demo" in page
-    teacher, base, final = (run.rmse[2][m] for m in ("teacher", "base_ace", "final_ace"))
-    for e_rmse, f_rmse in (teacher, base, final):
+    for e_rmse, f_rmse in run.rmse[2].values():
         assert f'<td class="num">{e_rmse:.1f}</td><td class="num">{f_rmse:.1f}</td>' in page
     assert f"{run.rmse[1]['final_ace'][1]:.1f}" in page, "the learning curve table lists iteration 1's RMSE"
     for barrier in run.barriers.values():
@@ -302,12 +360,38 @@ def test_report_shows_the_runs_figures_and_plots(tmp_path, artifact_store):
     assert f'<code title="{final_digest}">{final_digest[:12]}</code>' in page
     assert run.digests["step1_direct/pool.extxyz"][:12] in page
     assert "56 of a budget of 60" in page
+    assert '<th>DFT calls charged but not trained on</th><td><b class="bad">2</b>' in page
+    assert "5/6 runs survive" in page and "seed 0 at 600 K: step 120: boom" in page
     assert "56 at PBE/def2-SVP (pyscf) (failed 1, ok 54, requested 1)" in page
     assert "2 min 05 s" in page, "active_learning.1 took 125 s"
     assert "20 min 34 s" in page, "the run summary's wall time"
     for name in PLOTS:
         _assert_valid_png(run.run_dir / "report" / name)
         assert f'src="{name}"' in page
+
+
+def test_report_headline_and_ablation_give_the_handed_out_iteration_s_figures(tmp_path, artifact_store):
+    run = write_synthetic_run(tmp_path / "run", artifact_store, iterations=2, best_iteration=1)
+
+    page = write_report(run.run_dir).read_text()
+
+    headline = page.split("<h2>Step 1")[0]
+    final_1, final_2 = run.rmse[1]["final_ace"], run.rmse[2]["final_ace"]
+    assert "iteration_01/step7_delta/final.yace" in headline
+    assert f"<b>{final_1[0]:.1f} meV/atom, {final_1[1]:.1f} meV/Å</b>" in headline
+    assert f"<b>{final_2[0]:.1f} meV/atom, {final_2[1]:.1f} meV/Å</b>" not in headline, "another iteration's figures"
+    ablation = page.split("<h2>Ablation: is distillation earning its place?</h2>")[1].split("<h2>")[0]
+    direct_1 = run.rmse[1]["direct_ace"]
+    assert f"{final_1[1] / direct_1[1]:.2f}" in ablation and f"{final_1[0] / direct_1[0]:.2f}" in ablation
+    assert "the distillation earns its place on forces" in ablation  # 0.12 vs 0.30 eV/Å of noise
+    assert "8 DFT training structures of iteration 1" in ablation
+    assert "3.50e+06" in ablation and "1.25" in ablation
+    assert "MD stability: 6/6 runs survive 400 steps." in headline
+    validation = page.split("<h2>Validation on the DFT hold-out</h2>")[1].split("<h2>")[0]
+    e_rmse, f_rmse = run.rmse_by_source[(1, "final_ace", "teacher_md")]
+    assert f"{e_rmse:.1f} meV/atom, {f_rmse:.1f} meV/Å" in validation
+    assert "an independent MD (the teacher, other seed, hotter) (4)" in validation
+    assert f"{abs(run.barriers['direct_ace'] - run.barriers['dft']):.2f}" in ablation
 
 
 def test_report_of_a_run_that_stopped_after_step_1_says_what_is_missing(tmp_path, artifact_store):

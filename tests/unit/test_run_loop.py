@@ -77,3 +77,21 @@ def test_a_resumed_run_follows_its_earlier_attempt_into_the_next_iteration(tmp_p
     monkeypatch.setattr(RunManager, "_dft_calls", lambda self, handle: 40)
     assert manager._iterate(handle, [], {}) == (2, "budget spent")  # judged after iteration 2, not after 1
     assert steps["validation"].ran == [1, 2]
+
+
+def test_the_best_iteration_is_stable_first_then_most_accurate():
+    from services.orchestrator.steps.validation import best_iteration
+
+    figures = {
+        1: {"final_ace_forces_rmse_mev_per_a": 90.0, "final_ace_md_survivors": 8.0, "final_ace_md_runs": 9.0},
+        2: {"final_ace_forces_rmse_mev_per_a": 120.0, "final_ace_md_survivors": 9.0, "final_ace_md_runs": 9.0},
+        3: {"final_ace_forces_rmse_mev_per_a": 100.0, "final_ace_md_survivors": 9.0, "final_ace_md_runs": 9.0},
+    }
+    assert best_iteration(figures) == 3  # 1 is the most accurate but lost an MD run
+    assert best_iteration({1: figures[1]}) == 1  # nothing stabler to choose
+    # Without a stability test (md_stability.steps 0) the force RMSE alone decides, as before.
+    assert (
+        best_iteration({1: {"final_ace_forces_rmse_mev_per_a": 90.0}, 2: {"final_ace_forces_rmse_mev_per_a": 80.0}})
+        == 2
+    )
+    assert best_iteration({1: {"target_met": 0.0}}) == 0

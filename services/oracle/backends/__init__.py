@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pyacemaker.config import ORACLE_OPTION_MODELS, format_validation_error
+from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.config import ORACLE_OPTION_MODELS, QeOracleConfig, VaspOracleConfig, format_validation_error
 from pyacemaker.rpc import InvalidInputError, WrongStateError
 from pyacemaker.v1 import oracle_pb2
 from services.oracle.backends.ace import AceBackend
@@ -18,6 +19,7 @@ from services.oracle.backends.pyscf import PyscfBackend
 from services.oracle.backends.qe import QeBackend
 from services.oracle.backends.vasp import VaspBackend
 from services.oracle.backends.xtb import XtbBackend
+from services.oracle.deployment import OracleDeployment, resolve_artifact_options
 
 BACKENDS: dict[str, type[OracleBackend]] = {
     cls.name: cls
@@ -43,15 +45,30 @@ def validate_options(name: str, options: Mapping[str, Any]) -> Any:
         raise InvalidInputError(format_validation_error(exc, data, f"oracle backend {name!r} options")) from None
 
 
-def create_backend(name: str, options: Mapping[str, Any]) -> OracleBackend:
-    """A ready backend; InvalidInputError for an unknown name or bad options, WrongStateError when the
-    backend's code is not installed in this process."""
-    config = validate_options(name, options)
+def create_backend(
+    name: str,
+    options: Mapping[str, Any],
+    deployment: OracleDeployment | None = None,
+    store: ArtifactStore | None = None,
+) -> OracleBackend:
+    """A ready backend for a request's options: model files only as verified artifacts of `store` (see
+    services/oracle/deployment.py), programs and directories only from `deployment` (default: the defaults).
+    InvalidInputError for an unknown name or bad options, WrongStateError when the backend's code is not
+    installed in this process."""
+    deployment = deployment if deployment is not None else OracleDeployment()
+    config = validate_options(name, resolve_artifact_options(name, options, store))
     cls = BACKENDS[name]
     reason = cls.unavailable_reason()
     if reason is not None:
         raise WrongStateError(f"oracle backend {name!r} is not available here: {reason}")
+    # The programs and directories of the profile the options name (InvalidInputError for an unknown one).
+    qe_profile = deployment.qe_profile(config.profile) if isinstance(config, QeOracleConfig) else None
+    vasp_profile = deployment.vasp_profile(config.profile) if isinstance(config, VaspOracleConfig) else None
     try:
+        if qe_profile is not None:
+            return QeBackend(config, qe_profile)
+        if vasp_profile is not None:
+            return VaspBackend(config, vasp_profile)
         return cls(config)  # type: ignore[call-arg]  # each backend takes its own config model
     except ValueError as exc:  # options that validate but name an unusable file, say
         raise InvalidInputError(f"oracle backend {name!r}: {exc}") from None

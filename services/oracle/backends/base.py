@@ -111,6 +111,7 @@ class OracleBackend(ABC):
                 work.calc.get_property(name, work)
             _check_finite(work.calc.results)
             labels = labels_from_atoms(work, self.level_of_theory, wall_time_s=time.perf_counter() - start)
+            self.annotate(work, labels)
             labels.attempts = 1
             return labels, False
         except Exception as exc:  # every failure of one structure becomes its label, see the module docstring
@@ -120,6 +121,11 @@ class OracleBackend(ABC):
             labels.attempts = 1
             labels.wall_time_s = time.perf_counter() - start
             return labels, not isinstance(exc, UnlabellableStructureError)
+
+    def annotate(self, atoms: Atoms, labels: common_pb2.Labels) -> None:
+        """Complete the labels of `atoms` (its calculator holds the results) with what this backend computes
+        beyond energy, forces and stress; nothing by default."""
+        return None
 
     def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
         """Labels for several structures, in order, each yielded as soon as it is ready. Backends that gain

@@ -12,10 +12,14 @@ interaction layer (as MACECalculator.get_descriptors extracts them), averaged ov
 concatenated in the model's element order; an element the structure lacks contributes zeros. So every
 structure gets a vector of the same length, invariant to rotation, translation and permutation of like atoms.
 
-Security: a MACE model file is a pickle and loading it runs code. The oracle loads exactly the files named by
-the `models` option (paths, "bundled", or mace foundation names, see pyacemaker.teacher.resolve); the oracle has
-no artifact store for models yet, so whoever can reach the oracle can make it load any model file on its host.
-Keep the oracle on loopback (the default) or behind the deployment's token.
+Security: a MACE model file is a whole pickled torch module (mace-torch 0.3.16 saves `torch.save(model)`, not a
+state dict), so torch's weights-only unpickler refuses it: the bundled teacher names 31 classes and functions
+beyond tensors, among them torch.fx's reduce_graph_module, which rebuilds a module by executing Python source
+stored in the file, so allow-listing them would not make loading safe either. The oracle service therefore loads
+only files that reach it as artifact references into the shared store (confined to the store root, digest
+verified) or the bundled teacher: services/oracle/deployment.py resolves the `models` option before this backend
+sees it, and refuses paths, names and anything outside the store. Whoever can write into the store can still make
+the oracle unpickle a file: the store must be writable only by the services.
 
 Threads: torch uses OMP_NUM_THREADS threads when it is set (mace work gains little from more than one core
 here, and loses much when cores are shared).

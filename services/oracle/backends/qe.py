@@ -1,7 +1,9 @@
 """Quantum ESPRESSO pw.x through ASE's Espresso calculator: plane waves and pseudopotentials for periodic cells.
 
 pw.x runs in the current directory (the executor's scratch directory for this calculation) with the command
-and pseudopotential directory of the options; the functional is the one the UPF files were made for.
+and pseudopotential directory of the oracle deployment's qe profile that the options name (a request never
+names a program or a directory, see services/oracle/deployment.py); the functional is the one the UPF files
+were made for.
 
 Units: pw.x reports Ry, Ry/Bohr and Ry/Bohr³. ASE's output reader converts them with CODATA 2006 constants,
 while every other backend here uses ase.units (CODATA 2014); the Rydberg differs by 1e-7 relative, 2e-5 eV on a
@@ -36,6 +38,7 @@ from ase.units import Bohr, Rydberg
 from pyacemaker.config import QeOracleConfig
 from pyacemaker.structures import charge_of
 from services.oracle.backends.base import OracleBackend, UnlabellableStructureError, monkhorst_pack_grid
+from services.oracle.deployment import QeProfile
 
 # pw.x's conv_thr bounds the estimated total-energy error of the SCF; its default (1e-6 Ry) leaves force errors
 # of ~1e-3 Ry/Bohr, too large for force labels, so it is set per atom.
@@ -75,8 +78,9 @@ class QeBackend(OracleBackend):
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces", "stress")
     uses_executor: ClassVar[bool] = True
 
-    def __init__(self, config: QeOracleConfig) -> None:
+    def __init__(self, config: QeOracleConfig, profile: QeProfile | None = None) -> None:
         self.config = config
+        self.profile = profile if profile is not None else QeProfile()
 
     @property
     def ecutrho_ry(self) -> float:
@@ -89,11 +93,13 @@ class QeBackend(OracleBackend):
         level = f"qe:{pseudos};ecutwfc={c.ecutwfc_ry!r}Ry,ecutrho={self.ecutrho_ry!r}Ry,dk={c.kpoint_spacing!r}/A"
         if c.smearing != "none":
             level += f",smearing={c.smearing}:{c.degauss_ry!r}Ry"
+        if c.profile != "default":  # another profile may read other UPF files under the same names
+            level += f";profile={c.profile}"
         return level
 
     def calculator(self, atoms: Atoms, attempt: int = 0) -> PwCalculator:
         return PwCalculator(
-            profile=EspressoProfile(command=self.config.command, pseudo_dir=self.config.pseudo_dir),
+            profile=EspressoProfile(command=self.profile.command, pseudo_dir=self.profile.pseudo_dir),
             input_data=self.pw_input(atoms, PwScfSettings.for_attempt(self.config, attempt)),
             pseudopotentials=self.pseudopotentials_for(atoms),
             kpts=monkhorst_pack_grid(atoms, self.config.kpoint_spacing),
@@ -109,8 +115,11 @@ class QeBackend(OracleBackend):
             )
         chosen = {element: self.config.pseudopotentials[element] for element in elements}
         for upf in chosen.values():
-            if not (self.config.pseudo_dir / upf).is_file():
-                raise UnlabellableStructureError(f"pseudopotential file {self.config.pseudo_dir / upf} does not exist")
+            if not (self.profile.pseudo_dir / upf).is_file():
+                raise UnlabellableStructureError(
+                    f"pseudopotential file {self.profile.pseudo_dir / upf} does not exist (the pseudo_dir of the "
+                    f"oracle deployment's qe profile {self.config.profile!r})"
+                )
         return chosen
 
     def pw_input(self, atoms: Atoms, scf: PwScfSettings) -> dict[str, dict[str, Any]]:

@@ -1,9 +1,12 @@
 """VASP: ASE's Vasp calculator writes INCAR/POSCAR/KPOINTS/POTCAR, the configured command runs VASP, and the
 results come from vasprun.xml.
 
-Everything happens in the current directory (the executor's scratch directory for this calculation). POTCARs
-are taken from `potcar_dir` (laid out as VASP_PP_PATH: potpaw_PBE/<element><setup>/POTCAR, potpaw/... for LDA) or,
-when unset, from the VASP_PP_PATH of the environment.
+Everything happens in the current directory (the executor's scratch directory for this calculation). The command
+and the POTCAR root come from the oracle deployment's vasp profile that the options name, never from a request
+(services/oracle/deployment.py): POTCARs are taken from the profile's `potcar_dir` (laid out as VASP_PP_PATH:
+potpaw_PBE/<element><setup>/POTCAR, potpaw/... for LDA) or, when unset, from the VASP_PP_PATH of the oracle's
+environment. The `incar` option takes INCAR tags only (ASE's names for them), not ASE's other keywords (`pp`,
+`custom`, `txt`, ...), which could point the input writer at other files.
 
 Labels: the energy is the free energy F (vasprun.xml's e_fr_energy, less the PV term of a PSTRESS), because the
 forces VASP reports are −∂F/∂R; a potential fitted to energies and forces needs the pair to be consistent. The
@@ -34,6 +37,7 @@ from ase.calculators.vasp import Vasp
 from pyacemaker.config import VaspOracleConfig
 from pyacemaker.structures import charge_of
 from services.oracle.backends.base import OracleBackend, UnlabellableStructureError, monkhorst_pack_grid
+from services.oracle.deployment import VaspProfile
 
 VASPRUN = "vasprun.xml"
 # Where the command's stdout and stderr go.
@@ -80,8 +84,9 @@ class VaspBackend(OracleBackend):
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces", "stress")
     uses_executor: ClassVar[bool] = True
 
-    def __init__(self, config: VaspOracleConfig) -> None:
+    def __init__(self, config: VaspOracleConfig, profile: VaspProfile) -> None:
         self.config = config
+        self.profile = profile
         self.incar = user_incar_tags(config.incar)
 
     @property
@@ -95,6 +100,8 @@ class VaspBackend(OracleBackend):
         level = f"vasp:{c.xc};encut={c.encut_ev!r}eV,dk={c.kpoint_spacing!r}/A"
         if setups:
             level += f";setups={setups}"
+        if c.profile != "default":  # another profile may hold other POTCARs under the same names
+            level += f";profile={c.profile}"
         if physics:
             level += ";" + ",".join(f"{key.upper()}={value}" for key, value in physics.items())
         return level
@@ -120,20 +127,40 @@ class VaspBackend(OracleBackend):
         if charge_of(atoms):
             parameters["charge"] = charge_of(atoms)
         writer = Vasp(directory=".", **parameters)
-        if self.config.potcar_dir is not None:
+        if self.profile.potcar_dir is not None:
             pp = str(writer.input_params["pp"])
-            writer.set(pp=str(self.config.potcar_dir / _POTPAW_FOLDERS.get(pp.lower(), pp)))
-        return VaspRunCalculator(writer, self.config.command)
+            writer.set(pp=str(self.profile.potcar_dir / _POTPAW_FOLDERS.get(pp.lower(), pp)))
+        return VaspRunCalculator(writer, self.profile.command)
 
 
 def user_incar_tags(incar: dict[str, Any]) -> dict[str, Any]:
     """The options' INCAR tags as ASE keywords (lower case). Options may arrive through a protobuf Struct, which
     turns every number into a float; INCAR integers must be written without a decimal point, so whole numbers
     for tags ASE knows as integers become ints again."""
-    integer_tags = Vasp().int_params
+    writer = Vasp()
+    integer_tags = writer.int_params
+    known = set().union(
+        *(
+            getattr(writer, group)
+            for group in (
+                "float_params",
+                "exp_params",
+                "string_params",
+                "int_params",
+                "bool_params",
+                "list_bool_params",
+                "list_int_params",
+                "list_float_params",
+                "special_params",
+                "dict_params",
+            )
+        )
+    )
     tags = {}
     for key, value in incar.items():
         name = key.lower()
+        if name not in known:
+            raise ValueError(f"option 'incar': {key!r} is not an INCAR tag ASE knows")
         if name in integer_tags and isinstance(value, float) and value.is_integer():
             value = int(value)
         tags[name] = value

@@ -4,6 +4,7 @@ and gateway.py for the Label path that uses them."""
 from __future__ import annotations
 
 from pyacemaker.config import ExecutorConfig, LocalExecutorConfig, PbsExecutorConfig, SlurmExecutorConfig
+from services.oracle.deployment import ExecutorsDeployment
 from services.oracle.executors.base import Batch, Executor, SubmissionError, TaskEnd
 from services.oracle.executors.local import LocalExecutor
 from services.oracle.executors.pbs import PbsExecutor
@@ -22,14 +23,16 @@ __all__ = [
 ]
 
 
-def create_executor(config: ExecutorConfig) -> Executor:
-    """The executor for one `oracle.executor` config section."""
+def create_executor(config: ExecutorConfig, deployment: ExecutorsDeployment | None = None) -> Executor:
+    """The executor for one `oracle.executor` config section, with the oracle deployment's settings for its kind
+    (job template, extra directives)."""
+    deployment = deployment if deployment is not None else ExecutorsDeployment()
     if isinstance(config, LocalExecutorConfig):
         return LocalExecutor(config)
     if isinstance(config, SlurmExecutorConfig):
-        return SlurmExecutor(config)
+        return SlurmExecutor(config, deployment.slurm)
     if isinstance(config, PbsExecutorConfig):
-        return PbsExecutor(config)
+        return PbsExecutor(config, deployment.pbs)
     raise TypeError(f"no executor for {type(config).__name__}")
 
 

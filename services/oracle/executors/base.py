@@ -9,6 +9,7 @@ the executor only reports how the scheduler saw it end, so the gateway can tell 
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -115,12 +116,21 @@ def render_template(template: str, values: Mapping[str, str], source: str) -> st
 
 
 def read_template(path: Path | None, bundled: str) -> tuple[str, str]:
-    """The user's template (config `template`) or the bundled one; returns (text, where it came from)."""
+    """The deployment's template (deployment file `executors.<kind>.template`) or the bundled one; returns
+    (text, where it came from)."""
     source = path if path is not None else TEMPLATES_DIR / bundled
     try:
         return source.read_text(), str(source)
     except OSError as exc:
         raise InvalidInputError(f"job script template {source}: cannot be read ({exc.strerror})") from None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read: a job script may hold what a private template held (accounts,
+    paths), and the scheduler reads it as the submitting user."""
+    path.unlink(missing_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(text)
 
 
 def array_range(n_tasks: int, throttle: int) -> str:

@@ -33,6 +33,7 @@ from pyacemaker.rpc import WrongStateError
 from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2
 from services.oracle.backends import OracleBackend
+from services.oracle.deployment import OracleDeployment
 from services.oracle.executors import create_executor, default_executor_config
 from services.oracle.executors.base import Batch, Executor, SubmissionError, TaskEnd
 from services.oracle.jobs import JobTable, TaskKey, TaskRecord, TaskState
@@ -60,8 +61,9 @@ class LabelGateway:
     """Shared by all Label streams of one oracle process: the job table and one executor per configuration
     (so a local worker pool outlives the stream that started it)."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, deployment: OracleDeployment | None = None) -> None:
         self.work_dir = Path(work_dir)
+        self.deployment = deployment if deployment is not None else OracleDeployment()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.jobs = JobTable(self.work_dir / JOB_TABLE_FILE)
         self._lock = threading.Lock()
@@ -72,7 +74,7 @@ class LabelGateway:
         key = config.model_dump_json()
         with self._lock:
             if key not in self._executors:
-                self._executors[key] = create_executor(config)
+                self._executors[key] = create_executor(config, self.deployment.executors)
             return self._executors[key]
 
     def label_stream(
@@ -104,6 +106,12 @@ class LabelGateway:
     def is_submitting(self, batch: str) -> bool:
         with self._lock:
             return batch in self._submitting
+
+    def scratch_root(self, config: ExecutorConfig) -> Path:
+        """Where the task and job dirs of `config`'s executor go: the deployment's scratch_dir for its kind, else
+        the work dir. Never chosen by a request."""
+        scratch = self.deployment.executors.of(config.kind).scratch_dir
+        return scratch if scratch is not None else self.work_dir
 
     def executor_for(self, scheduler: str, current: Executor) -> Executor:
         """The executor that can ask about a job of `scheduler` (a re-attached task may have been submitted
@@ -140,7 +148,7 @@ class _Stream:
         self.max_retries = int(getattr(retries, "max_retries", 0))
         self.resubmit_lost = int(getattr(retries, "resubmit_lost_tasks", 1))
         self.keep_finished = bool(getattr(config, "keep_finished", False))
-        root = Path(config.scratch_dir) if config.scratch_dir is not None else gateway.work_dir
+        root = gateway.scratch_root(config)
         self.task_root = root / "tasks" / hashlib.sha256(self.level.encode()).hexdigest()[:12]
         self.job_root = root / "jobs"
         self.watches: dict[TaskKey, _Watch] = {}
@@ -350,7 +358,14 @@ class _Stream:
                 key = (structure_id, self.level)
                 claim = self.jobs.claim(key, name, len(mine), functools.partial(self._task_dir, structure_id))
                 if claim.mine:
-                    write_task(claim.record.task_dir, message, self.backend.name, self.options, self.max_retries)
+                    write_task(
+                        claim.record.task_dir,
+                        message,
+                        self.backend.name,
+                        self.options,
+                        self.max_retries,
+                        self.gateway.deployment,
+                    )
                     mine.append((key, claim.record.task_dir))
                 watches.append((key, index, message.content_id or structure_id))
             if mine:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pyacemaker.config import PbsExecutorConfig
+from services.oracle.deployment import BatchExecutorDeployment
 from services.oracle.executors.base import (
     JOB_SCRIPT_FILE,
     Batch,
@@ -35,6 +36,7 @@ from services.oracle.executors.base import (
     render_template,
     run_command,
     task_command,
+    write_private,
     write_task_list,
 )
 
@@ -48,18 +50,19 @@ RESOURCE_LIMIT_EXITS = {-25: "cpu count", -26: "virtual memory", -27: "memory", 
 class PbsExecutor(Executor):
     scheduler: ClassVar[str] = "pbs"
 
-    def __init__(self, config: PbsExecutorConfig) -> None:
+    def __init__(self, config: PbsExecutorConfig, deployment: BatchExecutorDeployment | None = None) -> None:
         self.config = config
+        self.deployment = deployment if deployment is not None else BatchExecutorDeployment()
         self.poll_interval_s = config.poll_interval_s
 
     def job_script(self, batch: Batch, task_list: Path) -> str:
-        template, source = read_template(self.config.template, "pbs.sh")
+        template, source = read_template(self.deployment.template, "pbs.sh")
         n_tasks = len(batch.task_dirs)
         select = f"1:ncpus={self.config.ncpus}" + (f":mem={self.config.memory}" if self.config.memory else "")
         directives = []
         if self.config.queue:
             directives.append(f"#PBS -q {self.config.queue}")
-        for extra in self.config.extra_directives:
+        for extra in self.deployment.extra_directives:
             directives.append(extra if extra.startswith("#PBS") else f"#PBS {extra}")
         values = {
             "job_name": batch.name,
@@ -77,7 +80,7 @@ class PbsExecutor(Executor):
     def submit(self, batch: Batch) -> str:
         task_list = write_task_list(batch)
         script = batch.job_dir / JOB_SCRIPT_FILE
-        script.write_text(self.job_script(batch, task_list))
+        write_private(script, self.job_script(batch, task_list))
         result = run_command(["qsub", str(script)], cwd=batch.job_dir)
         job_id = result.stdout.strip()
         if result.returncode != 0 or not job_id:

@@ -1,10 +1,10 @@
 """The Slurm executor: one array job per batch (`sbatch --parsable`), watched with squeue (and sacct where
 the cluster keeps accounting).
 
-The job script comes from a template the user can copy and edit (config `template`; the bundled one is
-templates/slurm.sh): array task i runs the task dir on line i + 1 of the batch's task list. The job's name is
-the batch name, so a batch whose submitter died between sbatch and recording the job id is found again with
-`squeue --name`.
+The job script comes from a template the oracle's deployment can replace (deployment file
+`executors.slurm.template`; the bundled one is templates/slurm.sh): array task i runs the task dir on line i + 1
+of the batch's task list. The job's name is the batch name, so a batch whose submitter died between sbatch and
+recording the job id is found again with `squeue --name`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pyacemaker.config import SlurmExecutorConfig
+from services.oracle.deployment import BatchExecutorDeployment
 from services.oracle.executors.base import (
     JOB_SCRIPT_FILE,
     Batch,
@@ -29,6 +30,7 @@ from services.oracle.executors.base import (
     render_template,
     run_command,
     task_command,
+    write_private,
     write_task_list,
 )
 
@@ -59,19 +61,20 @@ FINAL_STATES = frozenset({"TIMEOUT", "OUT_OF_MEMORY", "DEADLINE"})
 class SlurmExecutor(Executor):
     scheduler: ClassVar[str] = "slurm"
 
-    def __init__(self, config: SlurmExecutorConfig) -> None:
+    def __init__(self, config: SlurmExecutorConfig, deployment: BatchExecutorDeployment | None = None) -> None:
         self.config = config
+        self.deployment = deployment if deployment is not None else BatchExecutorDeployment()
         self.poll_interval_s = config.poll_interval_s
         self._sacct_works: bool | None = None  # unknown until tried; clusters without accounting say so once
 
     def job_script(self, batch: Batch, task_list: Path) -> str:
-        template, source = read_template(self.config.template, "slurm.sh")
+        template, source = read_template(self.deployment.template, "slurm.sh")
         directives = []
         if self.config.partition:
             directives.append(f"#SBATCH --partition={self.config.partition}")
         if self.config.memory:
             directives.append(f"#SBATCH --mem={self.config.memory}")
-        for extra in self.config.extra_directives:
+        for extra in self.deployment.extra_directives:
             directives.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
         values = {
             "job_name": batch.name,
@@ -88,7 +91,7 @@ class SlurmExecutor(Executor):
     def submit(self, batch: Batch) -> str:
         task_list = write_task_list(batch)
         script = batch.job_dir / JOB_SCRIPT_FILE
-        script.write_text(self.job_script(batch, task_list))
+        write_private(script, self.job_script(batch, task_list))
         result = run_command(["sbatch", "--parsable", str(script)], cwd=batch.job_dir)
         if result.returncode != 0:
             raise SubmissionError(f"sbatch refused the job: {command_message(result)}")

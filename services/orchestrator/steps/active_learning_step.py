@@ -32,6 +32,7 @@ from services.orchestrator.active_learning import (
     candidate_force_cap,
     max_force_error,
     select_uncertain,
+    within_energy_range,
     within_force_cap,
 )
 from services.orchestrator.dft_labels import DftLabeller, isolated_atom_energies, label_frames, oracle_spec
@@ -63,7 +64,7 @@ def holdout_reserve(ctx: StepContext) -> int:
 
 class ActiveLearningStep:
     name = "active_learning"
-    version = 4
+    version = 5
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         config = ctx.config
@@ -90,7 +91,7 @@ class ActiveLearningStep:
         ledger = DftLedger(ctx.run_dir / STATE_FILE)
         try:
             allowance = ctx.config.budget.max_dft_calls - holdout_reserve(ctx)
-            dft = DftLabeller(ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle), allowance)
+            dft = DftLabeller(ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle, ctx.store), allowance)
             e0s = isolated_atom_energies(
                 dft,
                 {int(z) for frame in candidates for z in frame.numbers},
@@ -130,7 +131,12 @@ class ActiveLearningStep:
             pool_std = np.array([p.uncertainty.max_force_std for p in pool_labels])
             remaining = max(0, allowance - ledger.count())
             force_cap = candidate_force_cap(settings.max_candidate_force, [p.forces for p in pool_labels[pool_size:]])
-            eligible = below_force_cap([p.forces for p in pool_labels], force_cap)
+            below_cap = below_force_cap([p.forces for p in pool_labels], force_cap)
+            in_range = within_energy_range(
+                np.array([p.energy / len(a) for p, a in zip(pool_labels, candidates, strict=True)]),
+                np.array([a.get_potential_energy() / len(a) for a in labelled]),
+            )
+            eligible = below_cap & in_range
             chosen = select_uncertain(
                 pool_std,
                 calibration,
@@ -169,7 +175,9 @@ class ActiveLearningStep:
             "max_candidate_force_ev_per_a": settings.max_candidate_force,
             # The cap applied: max_candidate_force, or the largest committee force among the MD-frame candidates.
             "candidate_force_cap_ev_per_a": force_cap,
-            "excluded_by_force_pool_indices": np.flatnonzero(~eligible).tolist(),
+            "excluded_by_force_pool_indices": np.flatnonzero(~below_cap).tolist(),
+            # Committee energy per atom far outside the DFT-labelled range (within_energy_range): unphysical.
+            "excluded_by_energy_pool_indices": np.flatnonzero(below_cap & ~in_range).tolist(),
             "chosen_content_ids": [atoms_to_structure(candidates[i]).content_id for i in chosen],
             "isolated_atom_energies_ev": {str(z): e for z, e in e0s.items()},
             "n_dft_labelled_before": len(labelled),
@@ -190,6 +198,8 @@ class ActiveLearningStep:
             "n_dft_selected": float(len(added)),
             "dft_calls_charged": float(dft_calls),
             "max_pool_uncertainty_ev_per_a": float(calibration * pool_std.max()),
+            # DFT calls charged in this step whose labels are not trained on (forces above the cap).
+            "n_dft_not_trained_on": float(len(too_hot)),
         }
         exports = {
             f"{ctx.export_prefix}{EXPORT_DIR}/dft.extxyz": dft_ref,

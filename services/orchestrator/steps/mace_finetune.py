@@ -13,7 +13,7 @@ from typing import Any
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, trainer_pb2
-from services.oracle.client import backend_spec
+from services.oracle.client import artifact_option, backend_spec
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.trainer_jobs import run_trainer_job
 
@@ -61,7 +61,7 @@ def committee_models(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
 
 def committee_spec(ctx: StepContext, models: list[common_pb2.ArtifactRef], **options: Any) -> oracle_pb2.BackendSpec:
     """The mace oracle backend for a committee of model artifacts (loaded by the oracle from the store)."""
-    return backend_spec("mace", {"models": [str(ctx.store.path(ref)) for ref in models], **options})
+    return backend_spec("mace", {"models": [artifact_option(ref) for ref in models], **options})
 
 
 def dft_reference_energies(ctx: StepContext) -> dict[int, float]:

@@ -45,7 +45,7 @@ from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
 from pyacemaker.structures import attach_labels, structure_to_atoms, write_extxyz
 from pyacemaker.v1 import common_pb2, trainer_pb2
-from services.oracle.client import backend_spec
+from services.oracle.client import artifact_option, backend_spec
 from services.orchestrator.active_learning import largest_atomic_force
 from services.orchestrator.model_labels import model_labels
 from services.orchestrator.steps import StepContext, StepOutcome
@@ -194,14 +194,10 @@ def student_md_configs(ctx: StepContext, number: int) -> list[MdConfig]:
 
 
 def student_spec(ctx: StepContext, potential: dict[str, common_pb2.ArtifactRef]) -> Any:
-    """The oracle's ace backend for the potential, with its active set (labels carry γ)."""
+    """The oracle's ace backend for the potential's B-basis .yaml with its active set (labels carry γ)."""
     return backend_spec(
         "ace",
-        {
-            "potential": str(ctx.store.path(potential["yace"])),
-            "basis": str(ctx.store.path(potential["yaml"])),
-            "active_set": str(ctx.store.path(potential["asi"])),
-        },
+        {"potential": artifact_option(potential["yaml"]), "active_set": artifact_option(potential["asi"])},
     )
 
 

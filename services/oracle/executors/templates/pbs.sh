@@ -2,7 +2,7 @@
 # PyAceMaker oracle job: one PBS Pro array subjob per calculation.
 #
 # To adapt it (modules, a container, scratch on local disk), copy this file, edit the copy and set
-# `oracle.executor.template` to its path. Placeholders in double braces are filled in at submission:
+# `executors.pbs.template` in the oracle's deployment file to its path (docs/deployment.md). Placeholders in double braces are filled in at submission:
 #   job_name  array_directive  job_dir  task_list  walltime  select  directives  task_command  ncpus
 # A line holding only a placeholder that comes out empty is dropped.
 #PBS -N {{ job_name }}

@@ -2,7 +2,7 @@
 # PyAceMaker oracle job: one Slurm array task per calculation.
 #
 # To adapt it (modules, a container, scratch on local disk), copy this file, edit the copy and set
-# `oracle.executor.template` to its path. Placeholders in double braces are filled in at submission:
+# `executors.slurm.template` in the oracle's deployment file to its path (docs/deployment.md). Placeholders in double braces are filled in at submission:
 #   job_name  array  job_dir  task_list  time_limit  cpus_per_task  directives  task_command
 # A line holding only a placeholder that comes out empty is dropped.
 #SBATCH --job-name={{ job_name }}

@@ -1,0 +1,222 @@
+"""The oracle's deployment settings: which programs it runs and which directories it reads and writes.
+
+Requests (and run configs) choose physics and, by name, a profile; everything that names a program, a file or a
+directory on the oracle's host comes from here: the file given when the service starts (`python -m
+services.oracle --deployment FILE`, or $PYACEMAKER_ORACLE_DEPLOYMENT), validated at start-up, with safe defaults
+when absent (pw.x on PATH, $ESPRESSO_PSEUDO or Debian's pseudopotential dir, the bundled job templates, scratch
+under the oracle's --work-dir). See docs/deployment.md for the file's format and an example.
+
+Model and potential files reach the oracle only as artifact references into the shared store (digest verified,
+confined to the store root) or as the name "bundled" (the teacher shipped inside the package):
+`resolve_artifact_options` turns them into local paths before a backend is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from pyacemaker.artifacts import ArtifactError, ArtifactStore
+from pyacemaker.config import PROFILE_NAME, format_validation_error
+from pyacemaker.rpc import InvalidInputError
+from pyacemaker.teacher.resolve import BUNDLED_MODEL, BUNDLED_NAME
+from pyacemaker.v1 import common_pb2
+
+DEPLOYMENT_ENV = "PYACEMAKER_ORACLE_DEPLOYMENT"
+DEBIAN_PSEUDO_DIR = Path("/usr/share/espresso/pseudo")
+
+
+class DeploymentError(ValueError):
+    """A deployment file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _absolute(path: Path) -> Path:
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    return path
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+ProfileName = Annotated[str, StringConstraints(pattern=PROFILE_NAME)]
+
+
+def default_pseudo_dir() -> Path:
+    """$ESPRESSO_PSEUDO of the oracle's environment (pw.x's own default), else Debian's quantum-espresso-data."""
+    return Path(os.environ.get("ESPRESSO_PSEUDO") or DEBIAN_PSEUDO_DIR)
+
+
+class QeProfile(_Strict):
+    """How pw.x runs and where its UPF files are."""
+
+    command: str = Field("pw.x", min_length=1, description="How to run pw.x, e.g. 'mpirun -np 4 pw.x'.")
+    pseudo_dir: AbsolutePath = Field(default_factory=default_pseudo_dir, description="Directory of the UPF files.")
+
+
+class VaspProfile(_Strict):
+    """How VASP runs and where its POTCARs are."""
+
+    command: str = Field(min_length=1, description="How to run VASP (a shell command line), e.g. 'srun vasp_std'.")
+    potcar_dir: AbsolutePath | None = Field(
+        None, description="VASP_PP_PATH layout (potpaw_PBE/<element>/POTCAR); default: the oracle's $VASP_PP_PATH."
+    )
+
+
+class QeDeployment(_Strict):
+    profiles: dict[ProfileName, QeProfile] = Field(
+        default_factory=dict,
+        validate_default=True,  # the default profile is there without a file too
+        description="Named profiles; 'default' (pw.x on PATH) is there unless set here.",
+    )
+
+    @field_validator("profiles")
+    @classmethod
+    def _with_default(cls, profiles: dict[str, QeProfile]) -> dict[str, QeProfile]:
+        return {"default": QeProfile(), **profiles}
+
+
+class VaspDeployment(_Strict):
+    profiles: dict[ProfileName, VaspProfile] = Field(default_factory=dict)
+
+
+class LocalExecutorDeployment(_Strict):
+    scratch_dir: AbsolutePath | None = Field(
+        None, description="Root of the task and job dirs; default: the oracle's --work-dir."
+    )
+
+
+class BatchExecutorDeployment(LocalExecutorDeployment):
+    template: AbsolutePath | None = Field(None, description="Job script template; default: the bundled one.")
+    extra_directives: list[str] = Field(
+        default_factory=list, description="Extra scheduler lines for every job, e.g. --account=chem42."
+    )
+
+    @field_validator("extra_directives")
+    @classmethod
+    def _one_line_each(cls, directives: list[str]) -> list[str]:
+        for directive in directives:
+            if "\n" in directive or "\r" in directive:
+                raise ValueError(f"{directive!r}: a directive is one line")
+        return directives
+
+
+class ExecutorsDeployment(_Strict):
+    local: LocalExecutorDeployment = Field(default_factory=LocalExecutorDeployment)
+    slurm: BatchExecutorDeployment = Field(default_factory=BatchExecutorDeployment)
+    pbs: BatchExecutorDeployment = Field(default_factory=BatchExecutorDeployment)
+
+    def of(self, kind: str) -> LocalExecutorDeployment:
+        settings: LocalExecutorDeployment = getattr(self, kind)
+        return settings
+
+
+class OracleDeployment(_Strict):
+    """The oracle's deployment file."""
+
+    qe: QeDeployment = Field(default_factory=QeDeployment)
+    vasp: VaspDeployment = Field(default_factory=VaspDeployment)
+    executors: ExecutorsDeployment = Field(default_factory=ExecutorsDeployment)
+
+    def qe_profile(self, name: str) -> QeProfile:
+        return _profile(self.qe.profiles, "qe", name)
+
+    def vasp_profile(self, name: str) -> VaspProfile:
+        return _profile(self.vasp.profiles, "vasp", name)
+
+
+def _profile(profiles: Mapping[str, Any], backend: str, name: str) -> Any:
+    if name not in profiles:
+        known = ", ".join(sorted(profiles)) or "none"
+        raise InvalidInputError(
+            f"oracle backend {backend!r}: option 'profile': this oracle's deployment has no {backend} profile "
+            f"{name!r} (it has: {known}); profiles are set in the oracle's deployment file ({backend}.profiles, "
+            "see docs/deployment.md)"
+        )
+    return profiles[name]
+
+
+def load_deployment(path: str | Path | None) -> OracleDeployment:
+    """The deployment file at `path` (YAML), or the defaults for None; DeploymentError names the file and key."""
+    if path is None or str(path) == "":
+        return OracleDeployment()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DeploymentError(f"oracle deployment file {path}: cannot be read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise DeploymentError(f"oracle deployment file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DeploymentError(f"oracle deployment file {path}: must be a mapping of keys")
+    try:
+        return OracleDeployment.model_validate(data)
+    except ValidationError as exc:
+        raise DeploymentError(format_validation_error(exc, data, f"oracle deployment file {path}")) from None
+
+
+# -- model and potential files: store artifacts only ------------------------------------------------------------
+
+# Backend → its options that name model files (models, potentials, active sets), each with whether it is a list.
+ARTIFACT_OPTIONS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "mace": (("models", True),),
+    "ace": (("potential", False), ("active_set", False)),
+}
+
+
+def resolve_artifact_options(name: str, options: Mapping[str, Any], store: ArtifactStore | None) -> dict[str, Any]:
+    """`options` with the model files of mace (`models`) and ace (`potential`, `active_set`) resolved to verified
+    paths in the store; "bundled" (mace) is the teacher shipped inside the package. Anything else (a path, a name,
+    a ref that leaves the store or whose digest differs) raises InvalidInputError naming the option."""
+    options = dict(options)
+    for key, is_list in ARTIFACT_OPTIONS.get(name, ()):
+        if key not in options:
+            continue
+        value = options[key]
+        if is_list:
+            if not isinstance(value, list):
+                raise InvalidInputError(
+                    f"oracle backend {name!r}: option '{key}' must be a list of artifact references"
+                )
+            options[key] = [str(_artifact_path(name, f"{key}.{i}", entry, store)) for i, entry in enumerate(value)]
+        else:
+            options[key] = str(_artifact_path(name, key, value, store))
+    return options
+
+
+def _artifact_path(backend: str, key: str, value: Any, store: ArtifactStore | None) -> Path:
+    where = f"oracle backend {backend!r}: option '{key}'"
+    if backend == "mace" and value == BUNDLED_NAME:
+        return BUNDLED_MODEL
+    if not isinstance(value, dict):
+        allowed = "an artifact reference {uri, sha256, size, kind} from the store"
+        if backend == "mace":
+            allowed += " or 'bundled'"
+        raise InvalidInputError(
+            f"{where}: got {value!r}; model files reach the oracle only as {allowed} (the orchestrator and "
+            "`pyacemaker label` put files into the store and send references)"
+        )
+    unknown = sorted(set(value) - {"uri", "sha256", "size", "kind"})
+    if unknown or not isinstance(value.get("uri"), str) or not isinstance(value.get("sha256"), str):
+        raise InvalidInputError(f"{where}: an artifact reference needs string uri and sha256 (and only size, kind)")
+    if store is None:
+        raise InvalidInputError(f"{where}: this oracle has no artifact store (start it with --store)")
+    size = value.get("size", 0)
+    if isinstance(size, bool) or not isinstance(size, int | float) or not 0 <= size < 2**63 or size != int(size):
+        raise InvalidInputError(f"{where}: size must be a whole number of bytes")
+    ref = common_pb2.ArtifactRef(
+        uri=value["uri"], sha256=value["sha256"], size=int(size), kind=str(value.get("kind", ""))
+    )
+    try:
+        return store.path(ref)
+    except ArtifactError as exc:
+        raise InvalidInputError(f"{where}: {exc}") from None
