@@ -665,7 +665,56 @@ class AceConfig(_Strict):
     delta_surrogate_weight: float = Field(
         0.0, ge=0, description="Weight of surrogate rows in delta learning; 0 chooses it by cross-validation."
     )
+    core_repulsion: bool = Field(
+        True,
+        description="Linear ACE: below the shortest distance of each element pair in the training data, switch "
+        "the fitted part off and a core repulsion on (bounded extrapolation; carried by the .yace).",
+    )
     random_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class StudentRefinementConfig(_Strict):
+    """Step 6b, between the base fit and delta learning: the base ACE runs MD itself (plain and in the md
+    section's restraint windows, at md.temperatures plus one hotter by temperature_margin) with its
+    extrapolation grade γ watched; frames above gamma_threshold, and the structures where a replica ran off
+    (γ above stop_gamma, or atoms closer than md.min_distance), are labelled by the fine-tuned committee and
+    added to the surrogate set, and the base is refitted, until the student's MD stays below the threshold or
+    max_rounds refits are done."""
+
+    enabled: bool = Field(True, description="Run the refinement (false: step 7 corrects the base of step 6).")
+    max_rounds: int = Field(3, ge=1, le=100, description="Refits at most.")
+    gamma_threshold: Positive = Field(
+        3.0, description="Frames whose largest per-atom γ exceeds this are labelled and added (1: the data's span)."
+    )
+    stop_gamma: Positive = Field(
+        30.0, description="A replica whose γ exceeds this stops there (the structure is labelled too)."
+    )
+    steps: int = Field(400, ge=1, le=10_000_000, description="MD steps per replica and round.")
+    save_interval: int = Field(
+        5, ge=1, le=10_000_000, description="γ is read on every step; a frame is kept every this many."
+    )
+    temperature_margin: float = Field(
+        1.25, ge=1.0, le=10.0, description="One more temperature, this factor above the highest of md.temperatures."
+    )
+    max_frames_per_round: int = Field(
+        200, ge=1, le=10_000_000, description="Frames labelled and added per round at most."
+    )
+    window_replicas: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Replicas per restraint window; 0: one per temperature. Fewer run the hottest temperatures.",
+    )
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _stop_above_threshold(self) -> StudentRefinementConfig:
+        if self.stop_gamma <= self.gamma_threshold:
+            raise ValueError(
+                f"stop_gamma ({self.stop_gamma}) must exceed gamma_threshold ({self.gamma_threshold}): a replica "
+                "must be able to visit frames worth labelling before it stops"
+            )
+        return self
 
 
 class ReactionPathConfig(_DistanceDifferenceRange):
@@ -733,6 +782,7 @@ class RunConfig(_Strict):
     mace_finetune: MaceFinetuneConfig = Field(default_factory=MaceFinetuneConfig)
     surrogate_labelling: SurrogateLabellingConfig = Field(default_factory=SurrogateLabellingConfig)
     ace: AceConfig = Field(default_factory=AceConfig)
+    student_refinement: StudentRefinementConfig = Field(default_factory=StudentRefinementConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     stop_after: (
         Literal[
@@ -742,6 +792,7 @@ class RunConfig(_Strict):
             "surrogate_md",
             "surrogate_labelling",
             "ace_fit",
+            "student_refinement",
             "delta_fit",
         ]
         | None

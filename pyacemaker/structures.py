@@ -22,13 +22,23 @@ from pyacemaker.v1 import common_pb2
 CHARGE_KEY = "charge"
 SPIN_KEY = "spin_multiplicity"
 LEVEL_KEY = "level_of_theory"
+# info key of the largest per-atom extrapolation grade γ of an ACE label (per-atom values: array "gamma").
+MAX_GAMMA_KEY = "max_gamma"
 # Keys that the Structure message carries in its own fields, so they are not repeated in info_json.
 _STRUCTURE_INFO_KEYS = {CHARGE_KEY, SPIN_KEY, "content_id"}
 # Per-atom arrays that Structure carries in its own fields.
 _STRUCTURE_ARRAYS = {"numbers", "positions"}
 # Labels written into Atoms by `attach_labels`; they describe a calculation, not the structure.
-_LABEL_INFO_KEYS = {LEVEL_KEY, "label_status", "label_reason", "energy_std", "max_force_std", "wall_time_s"}
-_LABEL_ARRAYS = {"force_std"}
+_LABEL_INFO_KEYS = {
+    LEVEL_KEY,
+    "label_status",
+    "label_reason",
+    "energy_std",
+    "max_force_std",
+    "wall_time_s",
+    MAX_GAMMA_KEY,
+}
+_LABEL_ARRAYS = {"force_std", "gamma"}
 
 
 class StructureFileError(ValueError):
@@ -241,6 +251,9 @@ def attach_labels(atoms: Atoms, labels: common_pb2.Labels) -> Atoms:
         atoms.info["energy_std"] = labels.uncertainty.energy_std
         atoms.info["max_force_std"] = labels.uncertainty.max_force_std
         atoms.set_array("force_std", np.array(labels.uncertainty.force_std, dtype=np.float64))
+    if labels.uncertainty.extrapolation_grade:
+        atoms.info[MAX_GAMMA_KEY] = labels.uncertainty.max_extrapolation_grade
+        atoms.set_array("gamma", np.array(labels.uncertainty.extrapolation_grade, dtype=np.float64))
     return atoms
 
 

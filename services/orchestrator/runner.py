@@ -33,6 +33,7 @@ from services.orchestrator.steps.active_learning_step import ActiveLearningStep
 from services.orchestrator.steps.delta_fit import DeltaFitStep
 from services.orchestrator.steps.direct_sampling import DirectSamplingStep
 from services.orchestrator.steps.mace_finetune import MaceFinetuneStep
+from services.orchestrator.steps.student_refinement import StudentRefinementStep
 from services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep
 from services.orchestrator.steps.surrogate_md import SurrogateMdStep
 from services.orchestrator.steps.validation import (
@@ -53,6 +54,7 @@ ITERATION_STEPS: tuple[Step, ...] = (
     SurrogateMdStep(),
     SurrogateLabellingStep(),
     AceFitStep(),
+    StudentRefinementStep(),
     DeltaFitStep(),
     ValidationStep(),
 )

@@ -15,7 +15,8 @@ e^{dε/3}, velocities by e^{−dε/3}. P = 2 E_kin/(3V) − tr(σ)/3 with σ the
 
 Per step, every running replica is checked before its frame can be kept: a smallest interatomic distance below
 `min_distance` (checked before the oracle is asked), a FAILED label, or a committee max force std above
-`max_force_std` stops the replica with the reason; the frames it saved before stay.
+`max_force_std` (or, for force fields that report one, an extrapolation grade γ above `max_extrapolation_grade`)
+stops the replica with the reason; the frames it saved before stay, and the stop event carries the structure.
 
 Restraint windows: the bias of `restraints.DistanceDifferenceRestraint` is added to the oracle's forces; the
 saved frames carry the oracle's (unbiased) labels only.
@@ -67,6 +68,8 @@ class MdParameters:
     barostat_time_fs: float = 1000.0
     compressibility_per_gpa: float = 0.01
     random_seed: int = 0
+    # Largest extrapolation grade γ a replica may reach (force fields that report one); inf: no limit.
+    max_extrapolation_grade: float = float("inf")
 
     def check(self) -> None:
         """ValueError naming the first parameter out of range."""
@@ -77,6 +80,7 @@ class MdParameters:
             "max_force_std": self.max_force_std,
             "barostat_time_fs": self.barostat_time_fs,
             "compressibility_per_gpa": self.compressibility_per_gpa,
+            "max_extrapolation_grade": self.max_extrapolation_grade,
         }
         for name, value in positive.items():
             if not (value > 0 and math.isfinite(value)):
@@ -123,6 +127,8 @@ class ReplicaStoppedEvent:
     replica: int
     step: int
     reason: str
+    # A copy of the structure at which it stopped (no labels).
+    atoms: Atoms | None = None
 
 
 @dataclass
@@ -213,6 +219,9 @@ def _stop_reason(labels: common_pb2.Labels, params: MdParameters) -> str | None:
     spread = labels.uncertainty.max_force_std
     if spread > params.max_force_std:
         return f"committee max force std {spread:.3f} eV/Å exceeds max_force_std {params.max_force_std} eV/Å"
+    grade = labels.uncertainty.max_extrapolation_grade
+    if grade > params.max_extrapolation_grade:
+        return f"extrapolation grade {grade:.3g} exceeds max_extrapolation_grade {params.max_extrapolation_grade:g}"
     return None
 
 
@@ -293,7 +302,9 @@ def _run_replicas(
         nonlocal stopped
         replica.running = False
         stopped += 1
-        return ReplicaStoppedEvent(replica.index, step, reason)
+        atoms = replica.atoms.copy()
+        atoms.calc = None
+        return ReplicaStoppedEvent(replica.index, step, reason, atoms)
 
     def evaluate(active: list[_Replica]) -> Generator[ReplicaStoppedEvent, None, None]:
         """New forces for the active replicas: the distance guard first, then one oracle call for the rest."""

@@ -101,6 +101,7 @@ def md_parameters_from_settings(settings: sampler_pb2.MdSettings) -> MdParameter
         barostat_time_fs=settings.barostat_time_fs or defaults.barostat_time_fs,
         compressibility_per_gpa=settings.compressibility_per_gpa or defaults.compressibility_per_gpa,
         random_seed=settings.random_seed,
+        max_extrapolation_grade=settings.max_extrapolation_grade or float("inf"),
     )
     try:
         parameters.check()
@@ -370,9 +371,10 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
                 yield sampler_pb2.RunMdResponse(frame=_md_frame(event))
             elif isinstance(event, ReplicaStoppedEvent):
                 log.warning("MD replica %d stopped at step %d: %s", event.replica, event.step, event.reason)
-                yield sampler_pb2.RunMdResponse(
-                    stopped=sampler_pb2.MdReplicaStopped(replica=event.replica, step=event.step, reason=event.reason)
-                )
+                stopped = sampler_pb2.MdReplicaStopped(replica=event.replica, step=event.step, reason=event.reason)
+                if event.atoms is not None:
+                    stopped.structure.CopyFrom(atoms_to_structure(event.atoms))
+                yield sampler_pb2.RunMdResponse(stopped=stopped)
             else:
                 if pending:
                     write_extxyz(trajectory, pending, append=True)

@@ -6,6 +6,15 @@ environments of that element, or the active set would be under-determined), the 
 cross-validation. Outputs: base.yaml (B-basis, what γ needs), base.yace (C-tilde, what production uses),
 base.asi (active set) and metrics.json. Option: a nonlinear pacemaker fit (TensorFlow extra), see
 `services.trainer.pacemaker_nonlinear`.
+
+Bounded extrapolation (on by default): below the shortest distance at which the training data hold a pair
+of elements (at most the pair's covalent bond length s), ACE's own inner cutoff switches that pair's radial
+functions off and a core repulsion φ(r) = A exp(−λ r²)/r on (`add_core_repulsion`). Both are part of the
+basis, so the .yaml and the .yace carry them and pyace and LAMMPS (pair_style pace) evaluate them alike.
+A and λ come from s: the pair energy is CORE_ENERGY_AT_BOND_EV at r = s and CORE_ENERGY_AT_HALF_BOND_EV at
+s/2, so the wall rises where chemistry says atoms cannot go, whatever the data; the inner cutoff, from the
+data, says where the fitted part stops being trusted. No training pair lies inside the inner cutoff, so the
+core leaves the fit's targets untouched (they are corrected by `AceDesign.fixed_part` all the same).
 """
 
 from __future__ import annotations
@@ -54,6 +63,12 @@ FUNCTIONS_PER_ELEMENT_RANGE = (8, 1000)
 # Share of an element's environments that its basis functions may number at most (active-set condition).
 FUNCTIONS_PER_ENVIRONMENT = 0.8
 MAX_FOLDS = 5
+# Core repulsion (bounded extrapolation): pair energy at the covalent bond length s and at s/2, eV; the
+# inner cutoff's switching width, as a share of s; inner cutoffs stay at least this share of s below the
+# radial cutoff.
+CORE_ENERGY_AT_BOND_EV = 1.0
+CORE_ENERGY_AT_HALF_BOND_EV = 50.0
+INNER_SWITCH_PER_BOND = 0.1
 
 # pacemaker's own default tables of radial and angular orders by chemical complexity; the per-element
 # function count then picks the lowest-order functions from them.
@@ -105,6 +120,61 @@ def basis_config(elements: Sequence[str], cutoff: float, functions_per_element: 
     )
 
 
+def bond_length(a: str, b: str) -> float:
+    """Sum of the covalent radii, Å."""
+    return float(covalent_radii[atomic_numbers[a]] + covalent_radii[atomic_numbers[b]])
+
+
+def core_parameters(a: str, b: str) -> tuple[float, float]:
+    """(A, λ) of φ(r) = A exp(−λ r²)/r for a pair, such that the pair energy 2φ (both atoms' cores count it)
+    is CORE_ENERGY_AT_BOND_EV at the covalent bond length s and CORE_ENERGY_AT_HALF_BOND_EV at s/2."""
+    s = bond_length(a, b)
+    lam = (np.log(CORE_ENERGY_AT_HALF_BOND_EV / CORE_ENERGY_AT_BOND_EV) - np.log(2.0)) / (0.75 * s**2)
+    prefactor = 0.5 * CORE_ENERGY_AT_BOND_EV * s * np.exp(lam * s**2)
+    return float(prefactor), float(lam)
+
+
+def shortest_pair_distances(frames: Sequence[Atoms], cutoff: float) -> dict[tuple[str, str], float]:
+    """The shortest distance of every element pair (sorted symbols) within `cutoff` over the frames, Å."""
+    from ase.neighborlist import neighbor_list
+
+    shortest: dict[tuple[str, str], float] = {}
+    for atoms in frames:
+        first, second, distances = neighbor_list("ijd", atoms, cutoff)
+        symbols = atoms.get_chemical_symbols()
+        for i, j, d in zip(first, second, distances, strict=True):
+            pair = (min(symbols[i], symbols[j]), max(symbols[i], symbols[j]))
+            if d < shortest.get(pair, np.inf):
+                shortest[pair] = float(d)
+    return shortest
+
+
+def add_core_repulsion(config: Any, frames: Sequence[Atoms], cutoff: float) -> dict[str, dict[str, float]]:
+    """Inner cutoff and core repulsion in every pair block of a basis configuration (see the module
+    docstring); returns them per pair ("C-H": r_in, delta_in, A, lambda) for the fit's metrics. The inner
+    cutoff is the pair's shortest distance in the data, at most its covalent bond length s: a pair the data
+    hold only far apart (Cl–Cl beyond 4 Å in SN2) keeps its fitted part down to s, where γ, not a wall, tells
+    that the potential extrapolates."""
+    shortest = shortest_pair_distances(frames, cutoff)
+    blocks = config.funcspecs_blocks
+    chosen: dict[str, dict[str, float]] = {}
+    for block in blocks:
+        symbols = block.block_name.split()
+        if len(symbols) > 2:  # many-body blocks have no radial functions of their own
+            continue
+        a, b = sorted(symbols * 2 if len(symbols) == 1 else symbols)
+        s = bond_length(a, b)
+        r_in = min(shortest.get((a, b), s), s, cutoff - INNER_SWITCH_PER_BOND * s)
+        prefactor, lam = core_parameters(a, b)
+        block.r_in = r_in
+        block.delta_in = INNER_SWITCH_PER_BOND * s
+        block.inner_cutoff_type = "distance"
+        block.core_rep_parameters = [prefactor, lam]
+        chosen[f"{a}-{b}"] = {"r_in_a": r_in, "delta_in_a": block.delta_in, "prefactor_ev_a": prefactor, "lambda": lam}
+    config.funcspecs_blocks = blocks
+    return chosen
+
+
 @dataclass
 class AceFitResult:
     yaml_path: Path
@@ -114,14 +184,17 @@ class AceFitResult:
     cv_table: list[dict[str, float]] = field(default_factory=list)
 
 
-def linear_targets(frames: Sequence[Atoms], e0s: dict[int, float]) -> linear_ace.Targets:
-    """Energy per atom minus the reference energies (none: the total energy per atom) and forces."""
-    return linear_ace.Targets(
-        energy_per_atom=np.array(
-            [(energy_of(a) - (reference_energy(a, e0s) if e0s else 0.0)) / len(a) for a in frames]
-        ),
-        forces=[forces_of(a) for a in frames],
-    )
+def linear_targets(
+    frames: Sequence[Atoms], e0s: dict[int, float], design: linear_ace.AceDesign | None = None
+) -> linear_ace.Targets:
+    """Energy per atom minus the reference energies (none: the total energy per atom) and forces, minus the
+    design's fixed part (core repulsion) when a design is given."""
+    energies, forces = [], []
+    for atoms in frames:
+        fixed_energy, fixed_forces = design.fixed_part(atoms) if design is not None else (0.0, 0.0)
+        energies.append((energy_of(atoms) - (reference_energy(atoms, e0s) if e0s else 0.0)) / len(atoms) - fixed_energy)
+        forces.append(forces_of(atoms) - fixed_forces)
+    return linear_ace.Targets(energy_per_atom=np.array(energies), forces=forces)
 
 
 def report_cross_validation(fit: linear_ace.RidgeFit, progress: ProgressWriter | None, member: int = 0) -> None:
@@ -150,11 +223,14 @@ def fit_linear_ace(
     validation: Sequence[Atoms] = (),
     stem: str = "base",
     progress: ProgressWriter | None = None,
+    core_repulsion: bool = True,
 ) -> AceFitResult:
     """Fit a linear ACE to labelled frames and write <stem>.yaml, .yace, .asi into out_dir.
 
     Without `e0s`, per-element reference energies are fitted together with the basis (with a single
-    stoichiometry only their sum is determined; the minimum-norm split is taken)."""
+    stoichiometry only their sum is determined; the minimum-norm split is taken). With `core_repulsion`, the
+    basis gets inner cutoffs and a core repulsion (module docstring). The ridge strength is chosen by
+    cross-validation over whole groups (MD trajectories; `linear_ace.structure_groups`)."""
     from pyace import ACEBBasisSet
 
     if len(frames) < 2:
@@ -166,7 +242,9 @@ def fit_linear_ace(
     if e0s:
         require_e0s(e0s, elements, "e0s")
     given = dict(e0s or {})
-    basis = ACEBBasisSet(basis_config(elements, cutoff, functions_per_element))
+    config = basis_config(elements, cutoff, functions_per_element)
+    core = add_core_repulsion(config, frames, cutoff) if core_repulsion else {}
+    basis = ACEBBasisSet(config)
     # Without given E0s, per-element reference energies are fitted with the basis (unpenalised columns).
     design = linear_ace.AceDesign(basis, reference_elements=() if given else elements)
     try:
@@ -177,7 +255,8 @@ def fit_linear_ace(
         n_folds = linear_ace.folds_within_memory(design.n_columns, len(frames), MAX_FOLDS)
     except linear_ace.LinearAceError as exc:
         raise InvalidInputError(str(exc)) from None
-    folds = linear_ace.fold_assignment(len(frames), n_folds, seed)
+    groups = linear_ace.structure_groups(frames)
+    folds, n_folds = linear_ace.group_folds(groups, n_folds, seed)
 
     def report(done: int, total: int, message: str) -> None:
         if progress is not None:
@@ -186,7 +265,7 @@ def fit_linear_ace(
     log.info(
         "linear ACE: %d structures, %s, cutoff %.2f Å, %d functions", len(frames), elements, cutoff, design.n_functions
     )
-    equations = linear_ace.accumulate(design, frames, linear_targets(frames, given), folds, n_folds, report)
+    equations = linear_ace.accumulate(design, frames, linear_targets(frames, given, design), folds, n_folds, report)
     n_free = design.n_columns - design.n_functions
     fit = linear_ace.fit_ridge_cv(equations, n_unpenalised=n_free, progress=report)
     coeffs, fitted_references = design.split(fit.coeffs)
@@ -207,8 +286,13 @@ def fit_linear_ace(
         "train_forces_rmse_ev_per_a": train_forces,
         "cv_energy_rmse_ev_per_atom": fit.cv_energy_rmse,
         "cv_forces_rmse_ev_per_a": fit.cv_forces_rmse,
+        "cv_folds_count": float(n_folds),
+        "cv_groups_count": float(len(set(groups))),
+        "core_repulsion": float(bool(core)),
         "fit_time_s": fit_seconds,
     }
+    for pair, values in core.items():
+        metrics[f"inner_cutoff_{pair}_a"] = values["r_in_a"]
     if validation:
         from services.trainer.evaluation import evaluate_potential
 
@@ -267,6 +351,7 @@ def run_ace_fit(
             validation,
             "base",
             progress,
+            core_repulsion=not spec.no_core_repulsion,
         )
     return store_fit_outputs(store, result, progress)
 

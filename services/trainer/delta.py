@@ -71,14 +71,17 @@ def _spread(frames: Sequence[Atoms], limit: int) -> list[Atoms]:
 def base_residuals(
     design: linear_ace.AceDesign, base_coeffs: np.ndarray, base_e0s: dict[int, float], frames: Sequence[Atoms]
 ) -> linear_ace.Targets:
-    """DFT labels minus the base's predictions: energy per atom and forces."""
+    """DFT labels minus the base's predictions (its fixed part, the core repulsion, included): energy per atom
+    and forces."""
     energy, forces = [], []
     n = design.n_functions
     for atoms in frames:
         energy_row, force_rows = design.rows(atoms)
-        predicted = energy_row[:n] @ base_coeffs + reference_energy(atoms, base_e0s) / len(atoms)
+        fixed_energy, fixed_forces = design.fixed_part(atoms)
+        predicted = energy_row[:n] @ base_coeffs + reference_energy(atoms, base_e0s) / len(atoms) + fixed_energy
         energy.append(energy_of(atoms) / len(atoms) - predicted)
-        forces.append(forces_of(atoms) - (force_rows[:, :n] @ base_coeffs).reshape(len(atoms), 3))
+        predicted_forces = (force_rows[:, :n] @ base_coeffs).reshape(len(atoms), 3) + fixed_forces
+        forces.append(forces_of(atoms) - predicted_forces)
     return linear_ace.Targets(np.array(energy), forces)
 
 

@@ -14,6 +14,15 @@ The model: energy per atom = Σ_j c_j B_j / N and forces = Σ_j c_j ∂B_j, with
 (FinnisSinclairShiftedScaled with parameters [1, 1], one density), plus the per-element reference energies
 E0, which pyace's B-basis has no field for: they go into the .yace (its `E0` entry) and into the .yaml's
 metadata (`pyacemaker_e0_ev`), from where `services.trainer.evaluation` adds them.
+
+A basis may carry a fixed part that no coefficient scales: ACE's core repulsion below an inner cutoff (see
+`services.trainer.ace_fit.add_core_repulsion`). `AceDesign.fixed_part` evaluates it (the basis with all
+coefficients zero), and the targets of a fit are the labels minus it, so the written potential, which
+evaluates core and coefficients together, reproduces the labels.
+
+Cross-validation folds hold whole groups (one MD trajectory, one restraint window), never single frames of a
+trajectory: neighbouring frames of one trajectory are near copies, and a fold that shares a trajectory with
+the training folds measures interpolation, which chooses too weak a ridge.
 """
 
 from __future__ import annotations
@@ -78,6 +87,13 @@ class AceDesign:
         self.n_columns = count + len(self.reference_elements)
         self.cutoff = float(basis.cutoffmax)
         self.element_index = dict(basis.elements_to_index_map)
+        self._fixed_calculator: Any = None
+        if has_core_repulsion(basis):
+            from pyace import ACEBBasisSet, PyACECalculator
+
+            core_only = ACEBBasisSet(basis.to_BBasisConfiguration())
+            core_only.basis_coeffs = np.zeros(len(core_only.basis_coeffs))
+            self._fixed_calculator = PyACECalculator(core_only)
 
     def rows(self, atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
         """(energy-per-atom row, shape (columns,), force rows, shape (3·atoms, columns))."""
@@ -103,6 +119,15 @@ class AceDesign:
         b_gradients = np.asarray(self._calculator.forces_bfuncs, dtype=np.float64)  # (atoms, functions, 3)
         force_rows[:, : self.n_functions] = b_gradients.transpose(0, 2, 1).reshape(3 * n_atoms, self.n_functions)
         return energy_row / n_atoms, force_rows
+
+    def fixed_part(self, atoms: Atoms) -> tuple[float, np.ndarray]:
+        """Energy per atom and forces of the part of the potential that no coefficient scales (the core
+        repulsion); zero for a basis without one."""
+        if self._fixed_calculator is None:
+            return 0.0, np.zeros((len(atoms), 3))
+        copy = atoms.copy()
+        copy.calc = self._fixed_calculator
+        return float(copy.get_potential_energy()) / len(atoms), np.array(copy.get_forces())
 
     def split(self, solution: np.ndarray) -> tuple[np.ndarray, dict[int, float]]:
         """Basis coefficients and per-element reference energies (by atomic number) of a solution vector."""
@@ -203,6 +228,58 @@ def fold_assignment(n_structures: int, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
+def group_fold_assignment(groups: Sequence[str], n_folds: int, seed: int) -> np.ndarray:
+    """A fold for each structure such that all structures of a group share one fold; groups in random order,
+    each into the fold that holds the fewest structures so far (largest groups first), so folds stay about
+    equal. Needs at least `n_folds` groups (see `group_folds`)."""
+    names = sorted(set(groups))
+    if len(names) < n_folds:
+        raise LinearAceError(f"{len(names)} groups cannot fill {n_folds} cross-validation folds")
+    sizes = {name: 0 for name in names}
+    for name in groups:
+        sizes[name] += 1
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    order.sort(key=lambda name: -sizes[name])  # stable: ties keep the random order
+    load = np.zeros(n_folds, dtype=np.int64)
+    fold_of: dict[str, int] = {}
+    for name in order:
+        fold = int(np.argmin(load))
+        fold_of[name] = fold
+        load[fold] += sizes[name]
+    return np.array([fold_of[name] for name in groups], dtype=np.int64)
+
+
+def group_folds(groups: Sequence[str], wanted: int, seed: int) -> tuple[np.ndarray, int]:
+    """(fold per structure, number of folds): whole groups per fold when there are at least 2 groups (as many
+    folds as groups, at most `wanted`), else contiguous blocks of the structures in their order (a single
+    trajectory: its blocks are as far apart in time as it allows)."""
+    n_groups = len(set(groups))
+    if n_groups >= 2:
+        n_folds = min(wanted, n_groups)
+        return group_fold_assignment(groups, n_folds, seed), n_folds
+    n_folds = min(wanted, len(groups))
+    return (np.arange(len(groups)) * n_folds // max(1, len(groups))).astype(np.int64), n_folds
+
+
+# info key of a structure's cross-validation group; without it the MD replica, else the structure alone.
+GROUP_KEY = "fit_group"
+_MD_GROUP_KEYS = ("md_replica",)
+
+
+def structure_groups(frames: Sequence[Atoms]) -> list[str]:
+    """The cross-validation group of every structure: its `fit_group` info entry, else its MD replica (one
+    trajectory), else its own index (a structure not from MD stands alone)."""
+    groups = []
+    for index, atoms in enumerate(frames):
+        if GROUP_KEY in atoms.info:
+            groups.append(str(atoms.info[GROUP_KEY]))
+        elif all(key in atoms.info for key in _MD_GROUP_KEYS):
+            groups.append("md:" + ":".join(str(atoms.info[key]) for key in _MD_GROUP_KEYS))
+        else:
+            groups.append(f"structure:{index}")
+    return groups
+
+
 def accumulate(
     design: AceDesign,
     frames: Sequence[Atoms],
@@ -214,7 +291,8 @@ def accumulate(
     with_references: bool = True,
 ) -> FoldedNormalEquations:
     """Fold every structure's rows into its fold's normal equations, CHUNK_STRUCTURES at a time. Without
-    `with_references` the reference-energy columns are left out of these rows (zero)."""
+    `with_references` the reference-energy columns are left out of these rows (zero). The targets are taken
+    as given: a caller whose labels include the basis's fixed part subtracts it first (`fixed_part`)."""
     equations = FoldedNormalEquations(design.n_columns, n_folds)
     with _garbage_collection_paused():
         _accumulate_into(equations, design, frames, targets, folds, progress, stage, with_references)
@@ -376,6 +454,14 @@ def fit_errors(equations: FoldedNormalEquations, coeffs: np.ndarray) -> tuple[fl
 
 
 # ------------------------------------------------------------------------------------------ potential files
+def has_core_repulsion(basis: Any) -> bool:
+    """True when some pair block of the basis has a core repulsion (a prefactor above zero)."""
+    return any(
+        block.core_rep_parameters and block.core_rep_parameters[0] > 0
+        for block in basis.to_BBasisConfiguration().funcspecs_blocks
+    )
+
+
 def is_linear_basis(basis_config: Any) -> bool:
     """True when every element block has one density with the linear embedding, so energy is linear in the
     coefficients."""

@@ -1,7 +1,8 @@
-"""Crash safety of a whole run: the orchestrator is SIGKILLed once inside each of steps 1-7 (and the validation),
-restarted with `pyacemaker up` and the run resumed with `pyacemaker run`; every step completed before a kill is
-skipped (outputs verified) instead of redone, the run completes, and it spends exactly the DFT calls of an
-uninterrupted run of the same config. Real services (`pyacemaker up`), xtb as DFT, the bundled teacher."""
+"""Crash safety of a whole run: the orchestrator is SIGKILLed once inside each of steps 1-7 (with 6b, the student
+refinement, and the validation), restarted with `pyacemaker up` and the run resumed with `pyacemaker run`; every
+step completed before a kill is skipped (outputs verified) instead of redone, the run completes, and it spends
+exactly the DFT calls of an uninterrupted run of the same config. Real services (`pyacemaker up`), xtb as DFT,
+the bundled teacher."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ STEPS = (
     "surrogate_md.1",
     "surrogate_labelling.1",
     "ace_fit.1",
+    "student_refinement.1",
     "delta_fit.1",
     "validation.1",
 )
@@ -49,6 +51,7 @@ def tiny_config(directory: Path, name: str) -> Path:
     data["md"].update(steps=60, replicas=1, n_frames=40)
     data["md"]["windows"]["count"] = 3
     data["surrogate_labelling"]["shard_size"] = 10
+    data["student_refinement"] = {"max_rounds": 1, "steps": 40, "max_frames_per_round": 20}
     data["validation"].update(holdout_size=4, max_iterations=1)
     data["validation"]["profile"]["count"] = 3
     path = directory / "config.yaml"

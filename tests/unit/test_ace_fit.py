@@ -1,9 +1,11 @@
 """The linear ACE fit: design rows against pyace's own calculator and finite differences, the folded normal
 equations against a dense least-squares problem, exact recovery of a known potential, a real fit on xTB
-frames, reference energies in the written files, the active set's γ, and the nonlinear option's error."""
+frames, reference energies in the written files, the active set's γ, the core repulsion below the data, the
+trajectory-wise cross-validation folds, and the nonlinear option's error."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from services.trainer.ace_fit import (
     fit_linear_ace,
     infer_cutoff,
     infer_functions_per_element,
+    shortest_pair_distances,
     validate_ace_fit,
 )
 from services.trainer.datasets import fitted_reference_energies
@@ -200,3 +203,62 @@ def test_cross_validation_folds_fit_the_memory_budget() -> None:
     assert linear_ace.folds_within_memory(1000, 3, 5) == 3  # never more folds than structures
     with pytest.raises(linear_ace.LinearAceError, match="smaller basis_size"):
         linear_ace.folds_within_memory(20000, 500, 5)  # 3.2 GB per matrix: not even 2 folds fit
+
+
+def _dimer_energies(path: Path, pair: str, distances: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Energies above the isolated atoms (eV) and the second atom's force along the bond (eV/Å) of a dimer."""
+    calculator = ace_calculator(path)
+    energies, forces = [], []
+    for r in distances:
+        dimer = Atoms(pair, positions=[[0.0, 0.0, 0.0], [r, 0.0, 0.0]])
+        dimer.calc = calculator
+        energies.append(dimer.get_potential_energy() - sum(xtb_e0s()[int(z)] for z in dimer.numbers))
+        forces.append(dimer.get_forces()[1, 0])
+    return np.array(energies), np.array(forces)
+
+
+def test_core_repulsion_bounds_the_potential_below_the_data(tmp_path: Path) -> None:
+    frames = xtb_frames()[:80]
+    shortest = shortest_pair_distances(frames, 5.0)
+    assert min(shortest[("Cl", "H")], shortest[("C", "Cl")]) > 1.5  # no training pair comes near 0.5-1.0 Å
+    distances = (0.5, 0.7, 0.9, 1.0)
+    walls, free = {}, {}
+    for part, subset in (("a", frames[:60]), ("b", frames[20:])):
+        with_core = fit_linear_ace(subset, tmp_path / f"core_{part}", e0s=xtb_e0s(), functions_per_element=10)
+        without = fit_linear_ace(
+            subset, tmp_path / f"free_{part}", e0s=xtb_e0s(), functions_per_element=10, core_repulsion=False
+        )
+        assert with_core.metrics["inner_cutoff_Cl-H_a"] == pytest.approx(min(shortest[("Cl", "H")], 1.33), abs=1e-6)
+        for pair in ("HCl", "CCl"):
+            energies, forces = _dimer_energies(with_core.yace_path, pair, distances)
+            # A wall: energies of several eV that rise as the atoms are pushed together, forces pushing apart.
+            assert energies[-1] > 5.0 and np.all(np.diff(energies) < 0), (pair, energies)
+            assert np.all(forces > 1.0), (pair, forces)
+            # The .yaml (what γ uses) carries the same wall as the .yace (what LAMMPS uses).
+            np.testing.assert_allclose(_dimer_energies(with_core.yaml_path, pair, distances)[0], energies, atol=1e-6)
+            walls[part, pair] = energies
+            free[part, pair] = _dimer_energies(without.yace_path, pair, distances)[0]
+    for pair in ("HCl", "CCl"):
+        # Below the inner cutoff no fitted coefficient acts: two fits on different data agree there exactly,
+        # while without the core each fit extrapolates its own way (differences of eV at least).
+        np.testing.assert_allclose(walls["a", pair], walls["b", pair], atol=1e-8)
+        assert np.max(np.abs(free["a", pair] - free["b", pair])) > 1.0
+
+
+def test_cross_validation_folds_hold_whole_trajectories() -> None:
+    frames = []
+    for replica, size in enumerate((7, 3, 5, 5, 2, 8, 4)):
+        for step in range(size):
+            frames.append(Atoms("H2", positions=[[0, 0, 0], [0.74 + 0.01 * step, 0, 0]], info={"md_replica": replica}))
+    frames.append(Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]]))  # not from MD: a group of its own
+    groups = linear_ace.structure_groups(frames)
+    assert len(set(groups)) == 8
+    folds, n_folds = linear_ace.group_folds(groups, 5, seed=3)
+    assert n_folds == 5
+    for group in set(groups):
+        assert len({int(f) for f, g in zip(folds, groups, strict=True) if g == group}) == 1
+    sizes = np.bincount(folds, minlength=n_folds)
+    assert sizes.min() >= 4 and sizes.max() <= 9  # balanced as whole groups allow (35 frames, largest group 8)
+    # One trajectory alone: contiguous blocks in time order, not interleaved frames.
+    single, n_single = linear_ace.group_folds(["md:0"] * 10, 3, seed=0)
+    assert n_single == 3 and list(single) == sorted(single)

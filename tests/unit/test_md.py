@@ -1,5 +1,5 @@
 """The sampler's MD engine with a real Lennard-Jones force field in-process: restraint forces against finite
-differences, the kinetic temperature of a 6-atom cluster, NPT pressure, the distance guard, frame selection."""
+differences, the kinetic temperature of a 6-atom cluster, NPT pressure, the distance and γ guards, frame selection."""
 
 from __future__ import annotations
 
@@ -161,6 +161,32 @@ def test_a_replica_below_min_distance_is_stopped_before_the_oracle_sees_it():
     assert [s.replica for s in stops] == [0, 1] and all(s.step == 0 for s in stops)
     assert "smallest interatomic distance 3.816 Å fell below min_distance 5.0 Å" in stops[0].reason
     assert summary.n_frames == 0 and summary.replicas_stopped == 2 and calls == []
+
+
+def test_a_replica_whose_extrapolation_grade_exceeds_the_limit_stops_and_reports_where():
+    """A force field that reports γ (an ACE with its active set): here γ grows with the cluster's size, so the
+    hotter replica crosses the limit first; its stop event carries the structure it stopped at."""
+    force_field = lj_force_field()
+    start = argon_octahedron()
+    size0 = np.ptp(start.positions, axis=0).sum()
+
+    def graded(frames):
+        labels = force_field(frames)
+        for atoms, label in zip(frames, labels, strict=True):
+            grade = 10.0 * max(0.0, np.ptp(atoms.positions, axis=0).sum() / size0 - 1.0)
+            label.uncertainty.extrapolation_grade.extend([grade] * len(atoms))
+            label.uncertainty.max_extrapolation_grade = grade
+        return labels
+
+    params = parameters(temperatures_k=(5.0, 300.0), steps=200, max_extrapolation_grade=0.5)
+    events, summary = collect(run_md([start], params, graded))
+    stops = [e for e in events if isinstance(e, ReplicaStoppedEvent)]
+    assert [s.replica for s in stops] == [1], [s.reason for s in stops]
+    assert "exceeds max_extrapolation_grade 0.5" in stops[0].reason
+    stopped_at = stops[0].atoms
+    assert stopped_at is not None and stopped_at.calc is None
+    assert 10.0 * (np.ptp(stopped_at.positions, axis=0).sum() / size0 - 1.0) > 0.5
+    assert summary.replicas_stopped == 1
 
 
 def test_bad_parameters_and_starts_name_the_problem():

@@ -46,15 +46,22 @@ class AceFitStep:
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
-        settings = ctx.config.ace
-        spec = trainer_pb2.AceFitSpec(
-            train_data=surrogate_shards(ctx),
-            cutoff=settings.cutoff,
-            basis_size=settings.basis_size,
-            model_kind=settings.model_kind,
-            # The committee's labels sit on the DFT level's reference energies (step 3), so the ACE does too.
-            e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in dft_reference_energies(ctx).items()],
-            random_seed=settings.random_seed,
-        )
+        spec = base_fit_spec(ctx, surrogate_shards(ctx))
         job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(ace_fit=spec), "base ACE fit on the surrogate set")
         return potential_outcome(job, ctx, "base", EXPORT_DIR)
+
+
+def base_fit_spec(ctx: StepContext, shards: list[common_pb2.ArtifactRef]) -> trainer_pb2.AceFitSpec:
+    """The base fit as the `ace` section asks for it, on the given labelled shards (step 5's; the student
+    refinement adds its own)."""
+    settings = ctx.config.ace
+    return trainer_pb2.AceFitSpec(
+        train_data=shards,
+        cutoff=settings.cutoff,
+        basis_size=settings.basis_size,
+        model_kind=settings.model_kind,
+        # The committee's labels sit on the DFT level's reference energies (step 3), so the ACE does too.
+        e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in dft_reference_energies(ctx).items()],
+        random_seed=settings.random_seed,
+        no_core_repulsion=not settings.core_repulsion,
+    )

@@ -1,16 +1,31 @@
 """Step 7: delta learning — the base ACE corrected with the DFT set (DFT weighted high, the surrogate frames as
-a down-weighted regulariser that anchors the correction where DFT has no data)."""
+a down-weighted regulariser that anchors the correction where DFT has no data).
+
+The base is the student refinement's (step 6b) when it ran, else step 6's; the anchor frames are step 5's
+shards plus the frames the refinement added."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pyacemaker.v1 import trainer_pb2
+from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.ace_fit import potential_outcome, surrogate_shards
 from services.orchestrator.trainer_jobs import run_trainer_job
 
 EXPORT_DIR = "step7_delta"
+REFINEMENT_STEP = "student_refinement"
+
+
+def refined_base(ctx: StepContext) -> dict[str, common_pb2.ArtifactRef]:
+    """The base potential's outputs (yaml, yace, asi, ...): the refinement's when it ran, else step 6's."""
+    return ctx.previous.get(REFINEMENT_STEP) or ctx.previous["ace_fit"]
+
+
+def anchor_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
+    """Step 5's shards plus the student refinement's frames (when it added some)."""
+    extra = ctx.previous.get(REFINEMENT_STEP, {}).get("student_frames")
+    return [*surrogate_shards(ctx), *([extra] if extra is not None else [])]
 
 
 class DeltaFitStep:
@@ -19,18 +34,18 @@ class DeltaFitStep:
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
-            "base": ctx.previous["ace_fit"]["yaml"].sha256,
+            "base": refined_base(ctx)["yaml"].sha256,
             "dft": ctx.previous["active_learning"]["dft"].sha256,
-            "shards": [ref.sha256 for ref in surrogate_shards(ctx)],
+            "shards": [ref.sha256 for ref in anchor_shards(ctx)],
             "surrogate_weight": ctx.config.ace.delta_surrogate_weight,
             "seed": ctx.config.ace.random_seed,
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
         spec = trainer_pb2.DeltaFitSpec(
-            base_potential=ctx.previous["ace_fit"]["yaml"],
+            base_potential=refined_base(ctx)["yaml"],
             dft_data=[ctx.previous["active_learning"]["dft"]],
-            surrogate_data=surrogate_shards(ctx),
+            surrogate_data=anchor_shards(ctx),
             surrogate_weight=ctx.config.ace.delta_surrogate_weight,
             random_seed=ctx.config.ace.random_seed,
         )
