@@ -80,11 +80,12 @@ class MdParameters:
             "max_force_std": self.max_force_std,
             "barostat_time_fs": self.barostat_time_fs,
             "compressibility_per_gpa": self.compressibility_per_gpa,
-            "max_extrapolation_grade": self.max_extrapolation_grade,
         }
         for name, value in positive.items():
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be positive and finite, got {value}")
+        if not self.max_extrapolation_grade > 0:  # inf: no limit (the default)
+            raise ValueError(f"max_extrapolation_grade must be positive, got {self.max_extrapolation_grade}")
         if self.timestep_fs > MAX_TIMESTEP_FS:
             raise ValueError(f"timestep_fs must be at most {MAX_TIMESTEP_FS:g} fs, got {self.timestep_fs:g}")
         counts = {"steps": self.steps, "save_interval": self.save_interval, "replicas": self.replicas}

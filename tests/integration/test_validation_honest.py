@@ -58,7 +58,7 @@ def test_stability_md_of_the_final_ace_and_the_independent_hold_out_md(tmp_path:
         )
 
     with (
-        running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle")) as oracle,
+        running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle", store=store)) as oracle,
         running_service(lambda s: add_sampler(s, store)) as sampler,
     ):
         stable = final_md_stability(context(teacher_config, sampler, oracle))

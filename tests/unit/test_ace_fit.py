@@ -14,7 +14,7 @@ from ase import Atoms
 from ase.data import atomic_numbers, covalent_radii
 
 from pyacemaker.rpc import WrongStateError
-from pyacemaker.structures import labelled_copies
+from pyacemaker.structures import labelled_copies, write_extxyz
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace
 from services.trainer.ace_fit import (
@@ -175,8 +175,9 @@ def test_fitted_reference_energies_explain_the_mean_energy() -> None:
 
 
 @pytest.mark.skipif(tensorflow_missing() is None, reason="the TensorFlow extra is installed here")
-def test_nonlinear_fit_names_the_missing_extra(artifact_store) -> None:
-    frames = artifact_store.put_bytes(b"", "structures", ".extxyz")
+def test_nonlinear_fit_names_the_missing_extra(artifact_store, tmp_path: Path) -> None:
+    write_extxyz(tmp_path / "train.extxyz", xtb_frames()[:2])
+    frames = artifact_store.put_file(tmp_path / "train.extxyz", "structures")
     spec = trainer_pb2.AceFitSpec(train_data=[frames], model_kind="nonlinear")
     with pytest.raises(WrongStateError) as error:
         validate_ace_fit(spec, artifact_store)

@@ -11,7 +11,7 @@ import pytest
 from ase import Atoms
 
 from pyacemaker.rpc import InvalidInputError, WrongStateError
-from pyacemaker.structures import labelled_copies
+from pyacemaker.structures import labelled_copies, write_extxyz
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace
 from services.trainer.ace_fit import basis_config, fit_linear_ace
@@ -113,7 +113,8 @@ def test_final_potential_is_one_self_contained_file(tmp_path: Path) -> None:
 def test_validate_rejects_a_yace_base_and_names_the_extra_for_a_nonlinear_base(tmp_path: Path, artifact_store) -> None:
     frames = xtb_frames()[:20]
     base = fit_linear_ace(frames, tmp_path / "base", e0s=xtb_e0s(), functions_per_element=6)
-    data = artifact_store.put_bytes(b"", "structures", ".extxyz")
+    write_extxyz(tmp_path / "dft.extxyz", frames[:2])
+    data = artifact_store.put_file(tmp_path / "dft.extxyz", "structures")
     yace_ref = artifact_store.put_file(base.yace_path, "potential")
     with pytest.raises(InvalidInputError, match=r"\.yaml"):
         validate_delta_fit(trainer_pb2.DeltaFitSpec(base_potential=yace_ref, dft_data=[data]), artifact_store)
