@@ -766,6 +766,11 @@ class ValidationConfig(_Strict):
     profile: ReactionPathConfig | None = Field(None, description="Energy profile along a reaction coordinate.")
     random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
+    def dft_labels(self) -> int:
+        """DFT calls the validation charges to the budget (once, in iteration 1): the hold-out and the profile
+        points. Active learning keeps them free until then."""
+        return self.holdout_size + (self.profile.count if self.profile is not None else 0)
+
 
 class RunConfig(_Strict):
     """A PyAceMaker run."""

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
+from ase.data import chemical_symbols
 
 from pyacemaker.structures import SPIN_KEY, charge_of, default_spin_multiplicity
 
@@ -81,8 +83,8 @@ def _check_numbers(numbers_: np.ndarray, limits: StructureLimits) -> None:
         unknown = sorted({int(z) for z in numbers_} - limits.elements)
         if unknown:
             raise StructureCheckError(
-                f"atomic_numbers: elements [{_listed(unknown)}] are not supported by {_who(limits) or 'the backend '}"
-                f"(it knows Z {_ranges(sorted(limits.elements))})"
+                f"atomic_numbers: {element_names(unknown)} {'is' if len(unknown) == 1 else 'are'} not supported by "
+                f"{_who(limits) or 'the backend '}(it knows {element_names(limits.elements, ranges=True)})"
             )
 
 
@@ -165,18 +167,28 @@ def _listed(values: list[int]) -> str:
     return shown + (f" and {len(values) - 5} more" if len(values) > 5 else "")
 
 
-def _ranges(values: list[int]) -> str:
-    """[1, 2, 3, 6, 7] -> "1-3, 6-7"."""
+def element_names(numbers_: Iterable[int], ranges: bool = False) -> str:
+    """Elements as symbols in order of atomic number, for messages: [17, 1, 6] -> "H, C, Cl"; with `ranges`,
+    runs of consecutive atomic numbers are shortened: range(1, 87) -> "H-Rn"."""
+    values = sorted({int(z) for z in numbers_})
+    if not values:
+        return "no elements"
+    if not ranges:
+        return ", ".join(_symbol(z) for z in values)
     parts = []
     start = previous = values[0]
     for value in [*values[1:], None]:
         if value is not None and value == previous + 1:
             previous = value
             continue
-        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        parts.append(_symbol(start) if start == previous else f"{_symbol(start)}-{_symbol(previous)}")
         if value is not None:
             start = previous = value
     return ", ".join(parts)
+
+
+def _symbol(z: int) -> str:
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
 
 
 def _short(value: object, limit: int = 40) -> str:

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
+from pyacemaker.teacher.resolve import BUNDLED_METRICS, BUNDLED_MODEL
+
 T = TypeVar("T")
 Choose = Callable[[Sequence[Any]], Any]
 
@@ -29,7 +31,14 @@ SEED = (
     "C 0.0 0.0 0.0\nH 1.025 0.0 0.350\nH -0.513 0.888 0.350\nH -0.513 -0.888 0.350\n"
     "Cl 0.0 0.0 -1.772\nCl 0.0 0.0 2.947\n"
 )
-AUX_FILES = {"job.sh": b"#!/bin/bash\n{commands}\n", "teacher.model": b"model", "pot.yace": b"elements: [C]\n"}
+# teacher.model: the bundled teacher's bytes with its metrics beside it, so `config check` reads the elements the
+# teacher knows from the metrics (milliseconds) instead of loading the model with torch.
+AUX_FILES = {
+    "job.sh": b"#!/bin/bash\n{commands}\n",
+    "teacher.model": BUNDLED_MODEL.read_bytes(),
+    "teacher_metrics.json": BUNDLED_METRICS.read_bytes(),
+    "pot.yace": b"elements: [C]\n",
+}
 _COMMON: dict[str, Any] = {
     "name": "fuzz",
     "system": {"seeds": ["seed.xyz"], "charge": -1, "spin_multiplicity": 1},
@@ -325,7 +334,11 @@ def valid_case(choose: Choose) -> Case:
     numeric = [
         leaf
         for leaf in leaves(RunConfig, data)
-        if leaf.kind in ("int", "float") and leaf.path[0] not in ("system", "name") and leaf.path[-1] != "count"
+        if leaf.kind in ("int", "float")
+        and leaf.path[0] not in ("system", "name")
+        and leaf.path[-1] != "count"
+        # Valid alone, but `config check` weighs them against each other (a budget below the hold-out is refused).
+        and leaf.key not in ("budget.max_dft_calls", "validation.holdout_size")
     ]
     leaf = choose(numeric)
     low = leaf.bounds.get("ge", leaf.bounds.get("gt", 0))

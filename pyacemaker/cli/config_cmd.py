@@ -6,6 +6,7 @@ import argparse
 import json
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_OK, fail
+from pyacemaker.cli.preflight import preflight_errors
 from pyacemaker.config import ConfigError, json_schema, load_config
 from pyacemaker.seeds import load_seeds
 from pyacemaker.structures import StructureFileError
@@ -16,7 +17,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     schema = actions.add_parser("schema", help="print the JSON schema of the run config")
     schema.set_defaults(handler=run_schema)
-    check = actions.add_parser("check", help="validate a config file and read its seed structures")
+    check = actions.add_parser(
+        "check",
+        help="validate a config file and its seeds, and find what would fail at run time",
+        description="Validate a config file and read its seed structures, then check what a valid config can still "
+        "get wrong, on this machine: the teacher (present, and knowing every seed element), the PySCF functional "
+        "and basis names, the DFT budget against the DIRECT set and the hold-out, and the packages the config needs "
+        "(TensorFlow for a nonlinear ACE). Exit 2 with one line per problem, naming the key and the fix; warnings "
+        "are printed and do not change the exit code.",
+    )
     check.add_argument("file", help="YAML config")
     check.set_defaults(handler=run_check)
 
@@ -32,6 +41,9 @@ def run_check(args: argparse.Namespace) -> int:
         seeds = load_seeds(config)
     except (ConfigError, StructureFileError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
+    refused = preflight_errors(config, seeds, args.file)
+    if refused:
+        return fail(refused, EXIT_BAD_INPUT)
     print(
         f"{args.file}: OK — run {config.name!r}, {len(seeds)} seed structures, charge {config.system.charge}, "
         f"oracle {config.oracle.backend}, outputs in {config.run_dir}"

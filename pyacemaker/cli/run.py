@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, fail
+from pyacemaker.cli.preflight import preflight_errors
 from pyacemaker.cli.status import print_run
 from pyacemaker.config import ConfigError, config_from_json, config_to_json, load_config
 from pyacemaker.deploy.local import service_address
@@ -42,6 +43,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
         seeds = load_seeds(config)
     except (ConfigError, StructureFileError, FileNotFoundError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
+    source = args.config or f"{args.resume} (its saved config)"
+    refused = preflight_errors(config, seeds, source, installed_extras=False)
+    if refused:
+        return fail(refused, EXIT_BAD_INPUT)
     address = args.orchestrator or service_address("orchestrator")
     console = Console(stderr=True, soft_wrap=True)
     request = orchestrator_pb2.StartRunRequest(

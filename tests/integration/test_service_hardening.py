@@ -141,7 +141,7 @@ def test_an_element_xtb_does_not_know_fails_naming_it(oracle) -> None:
     _, stub = oracle
     (result,) = label(stub, "xtb", [raw([88, 1], [0, 0, 0, 0, 0, 2.0], spin_multiplicity=2)])
     assert result.labels.status == FAILED
-    assert "elements [88] are not supported by oracle backend 'xtb' (it knows Z 1-86)" in result.labels.reason
+    assert "Ra is not supported by oracle backend 'xtb' (it knows H-Rn)" in result.labels.reason
 
 
 @pytest.mark.parametrize("side", [0.1, 0.01])

@@ -70,6 +70,8 @@ def create_backend(
         if vasp_profile is not None:
             return VaspBackend(config, vasp_profile)
         return cls(config)  # type: ignore[call-arg]  # each backend takes its own config model
+    except InvalidInputError:  # the backend's own message already names it
+        raise
     except ValueError as exc:  # options that validate but name an unusable file, say
         raise InvalidInputError(f"oracle backend {name!r}: {exc}") from None
 

@@ -46,7 +46,7 @@ from ase.calculators.calculator import Calculator
 
 from pyacemaker.config import MaceOracleConfig
 from pyacemaker.rpc import InvalidInputError, WrongStateError
-from pyacemaker.structure_checks import StructureLimits
+from pyacemaker.structure_checks import StructureLimits, element_names
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, failed_labels
 from pyacemaker.teacher.resolve import TeacherNotFoundError, resolve_teacher
 from pyacemaker.v1 import common_pb2
@@ -377,7 +377,10 @@ class MaceBackend(OracleBackend):
             return "ValueError: the structure has no atoms"
         unknown = self.committee.unsupported_elements(atoms)
         if unknown:
-            return f"ValueError: elements {unknown} are not in the model (it knows {self.committee.atomic_numbers})"
+            return (
+                f"ValueError: {element_names(unknown)} {'is' if len(unknown) == 1 else 'are'} not in the MACE model "
+                f"(it knows {element_names(self.committee.atomic_numbers)})"
+            )
         return None
 
     def _evaluate(self, frames: list[Atoms]) -> list[common_pb2.Labels]:

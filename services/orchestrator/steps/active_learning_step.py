@@ -56,10 +56,7 @@ MAX_MD_CANDIDATES = 5000
 def holdout_reserve(ctx: StepContext) -> int:
     """DFT calls to keep free for validation (the hold-out and the profile points), until a validation has
     labelled them; later validations reuse them."""
-    if "validation" in ctx.previous:
-        return 0
-    profile = ctx.config.validation.profile
-    return ctx.config.validation.holdout_size + (profile.count if profile is not None else 0)
+    return 0 if "validation" in ctx.previous else ctx.config.validation.dft_labels()
 
 
 class ActiveLearningStep:

@@ -1,0 +1,227 @@
+"""`pyacemaker config check` (and `run`) catch what a valid config still gets wrong before any service is asked:
+each case is a real config with real seed files, checked by the CLI in this process; refused ones exit 2 with
+one line that names the key and the fix."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
+from pyacemaker.structure_checks import element_names
+from pyacemaker.teacher.resolve import BUNDLED_MODEL, FOUNDATION_MODELS
+from tests.conftest import SN2_DIR
+
+SEEDS = ["seeds/reactant_complex.xyz", "seeds/transition_state.xyz", "seeds/product_complex.xyz"]
+
+
+def _config(tmp_path: Path, **sections: Any) -> Path:
+    """The README's minimal SN2 config at a consistent budget, with `sections` merged in, beside real seeds."""
+    shutil.copytree(SN2_DIR / "seeds", tmp_path / "seeds", dirs_exist_ok=True)
+    data: dict[str, Any] = {
+        "name": "t",
+        "system": {"seeds": list(SEEDS), "charge": -1},
+        "oracle": {"backend": "pyscf", "functional": "B3LYP", "basis": "def2-SVP"},
+        "budget": {"max_dft_calls": 70},
+        "sampling": {"direct": {"n_select": 24}},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _fluoride_seeds(tmp_path: Path) -> None:
+    """F⁻ + CH3Cl: the incoming chloride (atom 4) of every SN2 seed replaced by fluorine."""
+    for name in SEEDS:
+        path = tmp_path / name
+        lines = path.read_text().splitlines()
+        assert lines[6].startswith("Cl ")
+        lines[6] = "F " + lines[6][3:]
+        path.write_text("\n".join(lines) + "\n")
+
+
+def _cli(*args: str) -> tuple[int, list[str], str]:
+    """(exit code, stderr lines, stdout) of the pyacemaker CLI run in this process."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(list(args))
+    return code, err.getvalue().strip().splitlines(), out.getvalue()
+
+
+def _refused(config: Path, *fragments: str) -> str:
+    """The one error line of `config check`, which must contain every fragment."""
+    code, lines, _ = _cli("config", "check", str(config))
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == EXIT_BAD_INPUT and len(errors) == 1, lines
+    assert "Traceback" not in "\n".join(lines)
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def test_the_consistent_minimal_config_passes_without_warnings(tmp_path: Path) -> None:
+    code, lines, out = _cli("config", "check", str(_config(tmp_path)))
+    assert code == EXIT_OK and lines == [] and "OK" in out
+
+
+def test_a_seed_element_the_bundled_teacher_lacks_is_refused_naming_teacher_element_and_fix(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    _fluoride_seeds(tmp_path)
+    line = _refused(
+        config,
+        "teacher.model: the bundled teacher",
+        "knows H, C, Cl, but the seeds also contain F (F in reactant_complex.xyz:0)",
+        "set teacher.model to a MACE model file or a foundation model",
+        "that covers H, C, F, Cl",
+    )
+    assert "[9]" not in line and "atomic number" not in line
+
+
+def test_run_refuses_the_same_seeds_with_exit_2_before_contacting_any_service(tmp_path: Path) -> None:
+    """Port 1 has no orchestrator: reaching it would be exit 3 (unavailable), not the teacher's exit 2."""
+    config = _config(tmp_path)
+    _fluoride_seeds(tmp_path)
+    code, lines, _ = _cli("run", str(config), "--orchestrator", "127.0.0.1:1")
+    assert code == EXIT_BAD_INPUT, lines
+    assert lines == [
+        f"error: {config}: teacher.model: the bundled teacher ({BUNDLED_MODEL}) knows H, C, Cl, but the seeds also "
+        "contain F (F in reactant_complex.xyz:0); set teacher.model to a MACE model file or a foundation model "
+        "(docs/configuration.md#teacher-models) that covers H, C, F, Cl"
+    ]
+
+
+def test_a_teacher_file_without_metrics_is_read_with_torch_and_checked_too(tmp_path: Path) -> None:
+    """A copy of the bundled model without its metrics file: its elements come from the model itself."""
+    shutil.copyfile(BUNDLED_MODEL, tmp_path / "my_teacher.model")
+    config = _config(tmp_path, teacher={"model": "my_teacher.model"})
+    assert _cli("config", "check", str(config))[0] == EXIT_OK
+    _fluoride_seeds(tmp_path)
+    _refused(config, f"teacher.model: the teacher {tmp_path / 'my_teacher.model'} knows H, C, Cl", "contain F")
+
+
+def test_a_teacher_file_that_is_not_a_mace_model_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    _refused(_config(tmp_path, teacher={"model": "junk.model"}), "teacher.model: ", "not a readable MACE model")
+
+
+def test_a_foundation_model_missing_from_the_cache_says_where_to_put_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = FOUNDATION_MODELS["mace-off23-small"]
+    _refused(
+        _config(tmp_path, teacher={"model": "mace-off23-small"}),
+        "teacher.model: mace foundation model 'mace-off23-small' is not in mace's cache",
+        f"Download {model.url} and save it as {tmp_path / 'cache' / 'mace' / model.cache_file_name}",
+    )
+
+
+def test_an_unknown_model_name_is_refused(tmp_path: Path) -> None:
+    _refused(_config(tmp_path, teacher={"model": "mediun"}), "teacher.model: not a model name", "no such file")
+
+
+@pytest.mark.parametrize("section", ["md", "validation"])
+def test_an_atom_index_beyond_the_seeds_is_refused(tmp_path: Path, section: str) -> None:
+    key = "windows" if section == "md" else "profile"
+    config = _config(tmp_path, **{section: {key: {"atoms": [9, 0, 5], "start": -1.0, "stop": 1.0, "count": 3}}})
+    _refused(config, f"{section}.{key}.atoms: atom index 9 is out of range", "(6 atoms)")
+
+
+def test_a_misspelt_functional_is_refused_with_the_closest_name(tmp_path: Path) -> None:
+    _refused(
+        _config(tmp_path, oracle={"functional": "B3LPY"}),
+        "oracle.functional: PySCF cannot use the functional 'B3LPY'",
+        "did you mean 'B3LYP'?",
+    )
+
+
+def test_a_misspelt_basis_is_refused_with_the_closest_name(tmp_path: Path) -> None:
+    _refused(
+        _config(tmp_path, oracle={"basis": "def2-SPV"}),
+        "oracle.basis: PySCF does not know the basis 'def2-SPV'",
+        "did you mean 'def2svp'?",
+    )
+
+
+def test_a_basis_without_functions_for_a_seed_element_is_refused(tmp_path: Path) -> None:
+    """6-31G stops at Kr: iodine in the seeds (the teacher lacks it too; that is a second line)."""
+    config = _config(tmp_path, oracle={"basis": "6-31G"})
+    for name in SEEDS:
+        path = tmp_path / name
+        path.write_text(path.read_text().replace("\nCl ", "\nI ", 1))
+    code, lines, _ = _cli("config", "check", str(config))
+    assert code == EXIT_BAD_INPUT
+    expected = f"error: {config}: oracle.basis: PySCF's '6-31G' has no functions for I, which the seeds contain"
+    assert any(line.startswith(expected) for line in lines), lines
+    assert any(line.startswith(f"error: {config}: teacher.model: ") for line in lines)
+
+
+def test_the_readme_minimal_budget_warns_and_names_both_fixes(tmp_path: Path) -> None:
+    """Budget 60 and 60 DIRECT: 3 isolated atoms and 10 hold-out labels come first, so 13 selected structures
+    would never be labelled and nothing is left for active learning. The run works, so: a warning, exit 0."""
+    config = _config(tmp_path, budget={"max_dft_calls": 60}, sampling={"direct": {"n_select": 60}})
+    code, lines, _ = _cli("config", "check", str(config))
+    assert code == EXIT_OK
+    assert lines == [
+        f"warning: {config}: budget.max_dft_calls: 60 DFT calls leave 47 for the DIRECT set after 3 isolated-atom "
+        "energies and 10 validation labels (validation.holdout_size): 13 of the 60 selected structures "
+        "(sampling.direct.n_select) get no DFT label and none are left for active learning; raise it to 83 or "
+        "lower sampling.direct.n_select to 37"
+    ]
+
+
+def test_a_budget_that_cannot_label_two_direct_structures_is_refused(tmp_path: Path) -> None:
+    profile = {"atoms": [4, 0, 5], "start": -1.0, "stop": 1.0, "count": 5}
+    config = _config(tmp_path, budget={"max_dft_calls": 19}, validation={"profile": profile})
+    _refused(
+        config,
+        "budget.max_dft_calls: 19 DFT calls leave 1 for the DIRECT set after 3 isolated-atom energies and 15 "
+        "validation labels (validation.holdout_size + validation.profile.count)",
+        "raise it to at least 20",
+    )
+
+
+def test_a_budget_with_no_room_for_one_active_learning_batch_warns(tmp_path: Path) -> None:
+    code, lines, _ = _cli("config", "check", str(_config(tmp_path, budget={"max_dft_calls": 40})))
+    assert code == EXIT_OK and len(lines) == 1
+    assert "leave 3 for active learning" in lines[0] and "(active_learning.batch_size 10)" in lines[0]
+
+
+def test_a_nonlinear_ace_without_tensorflow_is_refused(tmp_path: Path) -> None:
+    from services.trainer.pacemaker_nonlinear import tensorflow_missing
+
+    if tensorflow_missing() is None:
+        pytest.skip("TensorFlow and pacemaker are installed here, so a nonlinear ACE is possible")
+    _refused(
+        _config(tmp_path, ace={"model_kind": "nonlinear"}),
+        "ace.model_kind: 'nonlinear' fits with pacemaker, which needs TensorFlow",
+        "use 'linear'",
+        "pip install",
+    )
+
+
+def test_element_names_are_symbols_in_order_of_atomic_number() -> None:
+    assert element_names([17, 1, 6, 1]) == "H, C, Cl"
+    assert element_names(range(1, 87), ranges=True) == "H-Rn"
+    assert element_names([1, 2, 3, 9, 17, 18], ranges=True) == "H-Li, F, Cl-Ar"
+
+
+def test_the_mace_backend_names_itself_once() -> None:
+    from pyacemaker.rpc import InvalidInputError
+    from services.oracle.backends import create_backend
+
+    with pytest.raises(InvalidInputError) as caught:
+        create_backend("mace", {"models": []})
+    assert str(caught.value).count("oracle backend 'mace'") == 1
+    assert str(caught.value).startswith("oracle backend 'mace': option 'models' is empty")
