@@ -2,58 +2,145 @@
 
 from __future__ import annotations
 
-import re
+import json
 import sys
-from pathlib import Path
-from typing import Any
+import types
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from pyacemaker.config import RunConfig
+from pyacemaker.teacher.resolve import FOUNDATION_MODELS
 
 TARGET = Path(__file__).resolve().parent / "configuration.md"
 
 
-def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
-    text = re.sub(r"Annotated\[float, FieldInfo\(.*?metadata=\[Gt\(gt=0\)\]\)\]", "float > 0", text)
-    bounded = r"Annotated\[float, FieldInfo\(.*?metadata=\[Gt\(gt=0\), Le\(le=(\w+)\)\]\)\]"
-    text = re.sub(bounded, r"float in (0, \1]", text)
-    return text.replace("pyacemaker.config.", "").replace(" | ", " or ")
+def _type_text(annotation: Any) -> str:
+    """A field's type as a reader would write it: `float > 0`, `list[float in (0, 100000]]`, `X or null`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        bounds = [_bound(item) for info in args[1:] for item in getattr(info, "metadata", [info])]
+        text = _type_text(args[0])
+        return ", ".join([text, *(b for b in bounds if b)]).replace(", ", " ", 1)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_text(a) for a in args)
+    if origin is Literal:
+        return ("one of " if len(args) > 1 else "") + ", ".join(f"`{a}`" for a in args)
+    if origin in (list, tuple, dict):
+        inner = ", ".join(_type_text(a) for a in args if a is not Ellipsis)
+        return f"{origin.__name__}[{inner}]"
+    if annotation is Any:
+        return "any"
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
 
 
-def _first_line(model: type[BaseModel]) -> str:
-    lines = (model.__doc__ or "").strip().splitlines()
-    return lines[0] if lines else ""
+def _bound(item: Any) -> str:
+    """One constraint of an annotated item type: Gt(gt=0) -> "> 0"."""
+    for name, symbol in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+        if getattr(item, name, None) is not None:
+            return f"{symbol} {getattr(item, name)}"
+    if getattr(item, "min_length", None) is not None:
+        return f"at least {item.min_length} long"
+    if getattr(item, "max_length", None) is not None:
+        return f"at most {item.max_length} long"
+    return ""
+
+
+def _sections(field: FieldInfo) -> tuple[list[type[BaseModel]], bool, str | None]:
+    """The sub-models a field holds, whether it may be null, and the key that chooses among several."""
+    discriminator = field.discriminator if isinstance(field.discriminator, str) else None
+    members: list[Any] = [field.annotation]
+    optional = False
+    flat: list[Any] = []
+    while members:
+        member = members.pop(0)
+        origin, args = get_origin(member), get_args(member)
+        if origin is Annotated:
+            for info in args[1:]:
+                if isinstance(getattr(info, "discriminator", None), str):
+                    discriminator = info.discriminator
+            members.insert(0, args[0])
+        elif origin in (Union, types.UnionType):
+            members[:0] = list(args)
+        elif member is type(None):
+            optional = True
+        else:
+            flat.append(member)
+    sections = [m for m in flat if isinstance(m, type) and issubclass(m, BaseModel)]
+    return (sections if len(sections) == len(flat) else []), optional, discriminator
+
+
+def _value(value: Any) -> str:
+    """A default as it is written in YAML."""
+    if isinstance(value, PurePath):
+        value = str(value)
+    return f"`{json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}`"
+
+
+def _summary(model: type[BaseModel]) -> str:
+    """The first paragraph of the model's docstring, joined into one line."""
+    paragraph = (model.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows: list[str] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        members = getattr(field.annotation, "__args__", (field.annotation,))
-        sections = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        sections, optional, discriminator = _sections(field)
         if field.is_required():
             default = "required"
+        elif sections and optional and field.default is None:
+            default = "`null` (optional section)"
         elif sections:
-            default = "(section)"
+            default = "(section; its defaults below)"
         elif field.default_factory is not None:
-            default = f"`{field.default_factory()}`"  # type: ignore[call-arg]
+            default = _value(field.default_factory())  # type: ignore[call-arg]
         else:
-            default = "" if field.default is PydanticUndefined else f"`{field.default}`"
-        constraints = ", ".join(str(m) for m in field.metadata)
+            default = "" if field.default is PydanticUndefined else _value(field.default)
+        constraints = ", ".join(_bound(m) or str(m) for m in field.metadata)
         if len(sections) > 1:
-            description = "one of the sections below, chosen by its `backend` key"
+            description = f"one of the sections below, chosen by its `{discriminator}` key"
+            if field.description:
+                description = f"{field.description} {description[0].upper()}{description[1:]}."
         else:
-            description = field.description or (_first_line(sections[0]) if sections else "")
-        type_text = " or ".join(m.__name__ for m in sections) if sections else _type_name(field.annotation)
+            description = field.description or (_summary(sections[0]) if sections else "")
+        type_text = " or ".join(m.__name__ for m in sections) if sections else _type_text(field.annotation)
+        if sections and optional:
+            type_text += " or null"
         rows.append(f"| `{key}` | {type_text} | {default} | {constraints} | {description} |")
         for section in sections:
             if len(sections) > 1:  # a tagged union: say which tag selects these keys
-                rows.append(f"| `{key}` ({section.__name__}) | | | | {_first_line(section)} |")
+                rows.append(f"| `{key}` ({section.__name__}) | | | | {_summary(section)} |")
             rows.extend(_rows(section, f"{key}."))
     return rows
+
+
+def _teacher_models() -> list[str]:
+    """The names `teacher.model` (and `oracle.models`) accept, from the table resolve_teacher uses."""
+    lines = [
+        "",
+        "## Teacher models",
+        "",
+        "`teacher.model` (and each entry of `oracle.models` for the mace backend) is a MACE model file (a path,",
+        "relative to the config file), `bundled` (the project's small C/H/Cl teacher, trained on GFN2-xTB), or one",
+        "of the mace foundation-model names below (case-insensitive). PyAceMaker never downloads a model: a named",
+        "model must already be in mace's cache (`$XDG_CACHE_HOME/mace`, else `~/.cache/mace`) under the file name",
+        "given here, as mace itself saves it; `pyacemaker config check` says whether it is there and, if not, which",
+        "URL to save where. The teacher must know every element of the seeds: `config check` and `run` refuse a",
+        "config whose seeds hold an element the teacher lacks (exit 2, naming the elements).",
+        "",
+        "| name | family | file in mace's cache | download |",
+        "|---|---|---|---|",
+    ]
+    for model in FOUNDATION_MODELS.values():
+        lines.append(f"| `{model.name}` | {model.family} | `{model.cache_file_name}` | {model.url} |")
+    return lines
 
 
 def render() -> str:
@@ -75,10 +162,20 @@ def render() -> str:
         "at most 32 levels, and without YAML anchors or aliases (`&a`, `*a`: write the value out); `1e-9` is a",
         "number, as in YAML 1.2. Each problem is one line naming the key or file; `config check` exits with 2.",
         "",
+        "`config check` then looks for what a valid config can still get wrong at run time (`run` does the same",
+        "before it contacts any service): the teacher must be present (a file, or a named model in mace's cache)",
+        "and know every element of the seeds; PySCF must parse `oracle.functional` and `oracle.basis`, and the",
+        "basis must cover the seeds' elements (a misspelt name is refused with the closest one PySCF knows); the",
+        "budget must pay for one isolated-atom energy per element, the validation's labels",
+        "(`validation.holdout_size` + `validation.profile.count`) and at least 2 DIRECT labels, and it warns (exit",
+        "0) when the whole DIRECT set or one active-learning batch does not fit as well; a nonlinear ACE needs",
+        "TensorFlow in this environment (`config check` only: the trainer may run elsewhere). Elements are named",
+        "by symbol.",
+        "",
         "| key | type | default | constraints | meaning |",
         "|---|---|---|---|---|",
     ]
-    return "\n".join(header + _rows(RunConfig, "")) + "\n"
+    return "\n".join(header + _rows(RunConfig, "") + _teacher_models()) + "\n"
 
 
 def main(argv: list[str]) -> int:

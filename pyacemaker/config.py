@@ -594,7 +594,7 @@ class MdConfig(_Strict):
     save_interval: int = Field(10, ge=1, le=1_000_000, description="A frame is kept every save_interval steps.")
     friction_per_fs: Positive = Field(0.01, description="Langevin friction, 1/fs (0.01: a 100 fs memory).")
     pressure_gpa: float | None = Field(
-        None, ge=-1000, le=1000, description="NPT target pressure for periodic cells, GPa; None: NVT."
+        None, ge=-1000, le=1000, description="NPT target pressure for periodic cells, GPa; null: NVT."
     )
     barostat_time_fs: Positive = Field(1000.0, description="Barostat relaxation time (NPT), fs.")
     compressibility_per_gpa: Positive = Field(
@@ -606,7 +606,7 @@ class MdConfig(_Strict):
     max_force_std: Positive = Field(
         1.0, description="A replica whose committee max force std exceeds this is stopped, eV/Å."
     )
-    windows: MdWindowsConfig | None = Field(None, description="Restraint windows; None: plain MD.")
+    windows: MdWindowsConfig | None = Field(None, description="Restraint windows along ξ; null: plain MD.")
     n_frames: int | None = Field(
         None,
         ge=1,
@@ -656,7 +656,10 @@ class AceConfig(_Strict):
     """Steps 6 (base ACE on the surrogate set) and 7 (delta learning on the DFT set)."""
 
     model_kind: Literal["linear", "nonlinear"] = Field(
-        "linear", description="linear: pyace ridge fit (no TensorFlow); nonlinear: pacemaker (the tensorflow extra)."
+        "linear",
+        description="linear: pyace ridge fit (no TensorFlow); nonlinear: pacemaker, which needs TensorFlow, not "
+        "installed by `make install` nor by any extra of this package (`pyacemaker config check` prints the command "
+        "that installs it).",
     )
     cutoff: float = Field(0.0, ge=0, le=100, description="Radial cutoff, Å; 0 infers it from the elements.")
     basis_size: int = Field(
