@@ -14,8 +14,9 @@ import sqlite3
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -86,6 +87,8 @@ class RunHandle:
     first_seq: int = 0
     # State-row name of the step running (or last run), for the run's failure event.
     current_step: str = ""
+    # The config this run dir was last started with, when it differs from `config` (to say why steps are redone).
+    previous_config: RunConfig | None = None
 
     @property
     def finished(self) -> bool:
@@ -147,9 +150,18 @@ class RunManager:
                 raise InvalidInputError(f"run_dir {run_dir[:200]!r} cannot hold the run's state: {exc}") from None
             handle = RunHandle(run_id=run_id, config=config, run_dir=path, state=state)
             self._runs[run_id] = handle
+        handle.previous_config = _previous_config(handle.state.config_json(), config)
         handle.state.save_config(config.name, config_json)
         started = handle.state.add_event(_E.RUN_EVENT_KIND_RUN_STARTED, message=f"run {config.name} in {path}")
         handle.first_seq = started.seq - 1
+        if handle.previous_config is not None:
+            changes = changed_keys(handle.previous_config.model_dump(mode="json"), config.model_dump(mode="json"))
+            self._event(
+                handle,
+                _E.RUN_EVENT_KIND_LOG,
+                message=f"the config differs from the one this run dir last ran with: {'; '.join(changes)}. "
+                "Completed steps whose inputs these change are redone; each says so when it starts",
+            )
         handle.thread = threading.Thread(
             target=self._execute, args=(handle, list(seeds)), name=f"run-{run_id}", daemon=True
         )
@@ -392,6 +404,9 @@ class RunManager:
                 self._event(handle, _E.RUN_EVENT_KIND_STEP_SKIPPED, step=name, message="outputs verified")
                 return done.outputs
             self._event(handle, _E.RUN_EVENT_KIND_LOG, step=name, message=f"redoing: {problem}")
+        elif done is not None and done.state == _E.STEP_STATE_COMPLETED:
+            reason = _why_key_changed(step, ctx, done.key, handle.previous_config)
+            self._event(handle, _E.RUN_EVENT_KIND_LOG, step=name, message=f"redoing (it had completed): {reason}")
         handle.state.mark_step(name, key, _E.STEP_STATE_RUNNING)
         self._event(handle, _E.RUN_EVENT_KIND_STEP_STARTED, step=name)
         try:
@@ -443,6 +458,62 @@ class RunManager:
             if sha256_of_file(path) != sha256:
                 return f"{path} was altered"
         return None
+
+
+def _previous_config(saved_json: str | None, config: RunConfig) -> RunConfig | None:
+    """The config saved in the run dir, when there is one, it still parses and it differs from `config`."""
+    if saved_json is None:
+        return None
+    try:
+        previous = config_from_json(saved_json)
+    except ConfigError:  # saved by an older version whose keys this one no longer has
+        return None
+    return None if previous == config else previous
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ, each with its old and new value when they are short:
+    ["budget.max_dft_calls (60 → 70)", "md.windows (added)"]."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        paths = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                paths.append(f"{path} (added)")
+            elif key not in new:
+                paths.append(f"{path} (removed)")
+            else:
+                paths.extend(changed_keys(old[key], new[key], path))
+        return paths
+    if old == new:
+        return []
+    if old is None or new is None:
+        return [f"{prefix or 'value'} ({'added' if old is None else 'removed'})"]
+    shown = (json.dumps(old, ensure_ascii=False), json.dumps(new, ensure_ascii=False))
+    if max(len(text) for text in shown) > 40:
+        return [prefix or "value"]
+    return [f"{prefix or 'value'} ({shown[0]} → {shown[1]})"]
+
+
+def _why_key_changed(step: Step, ctx: StepContext, done_key: str, previous_config: RunConfig | None) -> str:
+    """Why a completed step's key no longer matches: the config keys among its inputs that changed (found by
+    computing its key material under the previous config), else earlier steps' outputs or the code version."""
+    others = "the outputs of earlier steps it uses (they were redone) or the pipeline's code version changed"
+    if previous_config is None:
+        return others
+    old_ctx = replace(ctx, config=previous_config)
+    try:
+        changes = changed_keys(
+            json.loads(json.dumps(step.key_material(old_ctx), sort_keys=True, default=str)),
+            json.loads(json.dumps(step.key_material(ctx), sort_keys=True, default=str)),
+        )
+        old_key = step_key(step, old_ctx)
+    except Exception:  # the previous config's material cannot be computed now (a file it named is gone, say)
+        return f"the config changed since it completed, or {others}"
+    if not changes:
+        return others
+    also = "" if old_key == done_key else f"; also {others}"
+    return f"its inputs from the config changed: {', '.join(changes)}{also}"
 
 
 def _status_code(exc: BaseException) -> grpc.StatusCode | None:

@@ -117,6 +117,12 @@ class RunState:
                 (name, config_json, now, now),
             )
 
+    def config_json(self) -> str | None:
+        """The config saved by the last start of this run (None for a new run dir)."""
+        with self._lock:
+            row = self._db.execute("SELECT config_json FROM run WHERE id = 1").fetchone()
+        return None if row is None else str(row[0])
+
     def step(self, name: str) -> StepRow | None:
         with self._lock:
             row = self._db.execute(

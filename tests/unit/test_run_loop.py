@@ -95,3 +95,57 @@ def test_the_best_iteration_is_stable_first_then_most_accurate():
         == 2
     )
     assert best_iteration({1: {"target_met": 0.0}}) == 0
+
+
+class ConfigReader(StandIn):
+    """A stand-in whose key depends on the budget and the md temperatures, as real steps' keys do."""
+
+    def key_material(self, ctx: StepContext) -> dict[str, Any]:
+        return {"budget": ctx.config.budget.model_dump(mode="json"), "temperatures": ctx.config.md.temperatures}
+
+
+def _log_messages(handle: RunHandle) -> list[str]:
+    return [e.message for e in handle.state.events_after(0) if e.kind == orchestrator_pb2.RUN_EVENT_KIND_LOG]
+
+
+def test_a_completed_step_redone_after_a_config_change_says_which_keys_changed(tmp_path):
+    manager, first = manager_and_handle(tmp_path, max_iterations=1, budget=60)
+    step = ConfigReader("mace_finetune")
+    manager._run_step(first, step, [], {}, 1)
+    manager._run_step(first, step, [], {}, 1)  # same config: skipped
+    assert step.ran == [1]
+    _, second = manager_and_handle(tmp_path, max_iterations=1, budget=70)
+    second.previous_config = first.config
+    manager._run_step(second, step, [], {}, 1)
+    assert step.ran == [1, 1]
+    assert _log_messages(second)[-1] == (
+        "redoing (it had completed): its inputs from the config changed: budget.max_dft_calls (60 → 70)"
+    )
+    step.version = 2  # a later start with the same config, but the step's code changed
+    _, third = manager_and_handle(tmp_path, max_iterations=1, budget=70)
+    manager._run_step(third, step, [], {}, 1)
+    assert step.ran == [1, 1, 1]
+    assert _log_messages(third)[-1] == (
+        "redoing (it had completed): the outputs of earlier steps it uses (they were redone) or the pipeline's "
+        "code version changed"
+    )
+
+
+def test_starting_a_run_dir_with_another_config_announces_the_changed_keys(tmp_path):
+    from pyacemaker.structures import atoms_to_structure
+    from tests.conftest import sn2_seeds
+
+    seeds = [atoms_to_structure(atoms) for atoms in sn2_seeds()]
+    manager, first = manager_and_handle(tmp_path, max_iterations=1, budget=60)
+    run_dir = str(tmp_path / "run")
+    # No services at these addresses: each run fails at once after its start-up events, which is all this needs.
+    handle = manager.start(first.config.model_dump_json(), seeds, run_dir)
+    handle.thread.join(30)
+    assert not any("config differs" in m for m in _log_messages(handle))
+    changed = first.config.model_copy(update={"budget": first.config.budget.model_copy(update={"max_dft_calls": 70})})
+    handle = manager.start(changed.model_dump_json(), seeds, run_dir)
+    handle.thread.join(30)
+    assert (
+        "the config differs from the one this run dir last ran with: budget.max_dft_calls (60 → 70). Completed "
+        "steps whose inputs these change are redone; each says so when it starts"
+    ) in _log_messages(handle)
