@@ -17,7 +17,15 @@ from services.oracle.deployment import DEPLOYMENT_ENV, DeploymentError, load_dep
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    up = subparsers.add_parser("up", help="start the services (local processes or containers) and wait until healthy")
+    up = subparsers.add_parser(
+        "up",
+        help="start the services (local processes or containers) and wait until healthy",
+        description="Start the four services (orchestrator, sampler, oracle, trainer) and wait until each answers "
+        "its health check; services already running and healthy are kept. Local processes bind 127.0.0.1 on "
+        "ports 50051-50054 (--ports auto: any free ports); the addresses are recorded in $PYACEMAKER_HOME/"
+        "services.json (default ~/.pyacemaker), where `run`, `status`, `label` and `down` find them, and the logs "
+        "go to $PYACEMAKER_HOME/logs. Prints a table of the services, their addresses and pids (or containers).",
+    )
     up.add_argument(
         "--runtime",
         choices=["local", "podman"],
@@ -59,7 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "$PYACEMAKER_ORACLE_DEPLOYMENT, else the oracle's defaults)",
     )
     up.set_defaults(handler=run_up)
-    down = subparsers.add_parser("down", help="stop every service that `up` started (processes or containers)")
+    down = subparsers.add_parser(
+        "down",
+        help="stop every service that `up` started (processes or containers)",
+        description="Stop every service recorded in $PYACEMAKER_HOME/services.json by `up` (processes or podman "
+        "containers) and clear the record. Training jobs the trainer started run in their own processes and "
+        "finish; a trainer started again re-adopts them. Runs in progress stop with the "
+        "orchestrator: `pyacemaker run --resume RUN_DIR` continues them after the next `up`.",
+    )
     down.set_defaults(handler=run_down)
 
 

@@ -1,4 +1,6 @@
-"""`python -m services.orchestrator --store DIR --sampler HOST:PORT --oracle HOST:PORT [--port N]`"""
+"""The orchestrator service:
+`python -m services.orchestrator --store DIR --sampler HOST:PORT --oracle HOST:PORT --trainer HOST:PORT [--port N]`
+"""
 
 import sys
 

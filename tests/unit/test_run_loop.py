@@ -149,3 +149,44 @@ def test_starting_a_run_dir_with_another_config_announces_the_changed_keys(tmp_p
         "the config differs from the one this run dir last ran with: budget.max_dft_calls (60 → 70). Completed "
         "steps whose inputs these change are redone; each says so when it starts"
     ) in _log_messages(handle)
+
+
+def test_more_iterations_or_a_new_stop_after_change_no_step_key(tmp_path):
+    """Continuing a finished run with a larger validation.max_iterations (or another stop_after) must skip
+    every completed step: none of the looped steps' keys may depend on them."""
+    from pyacemaker.v1 import common_pb2
+    from services.orchestrator.steps import step_key
+
+    _, handle = manager_and_handle(tmp_path, max_iterations=2, budget=60)
+    more = handle.config.model_copy(
+        update={
+            "validation": handle.config.validation.model_copy(update={"max_iterations": 5}),
+            "stop_after": "delta_fit",
+        }
+    )
+    outputs = ("dft", "iteration", "frames", "yaml", "yace", "asi", "metrics", "holdout", "model_0", "shard_0000")
+    previous = {
+        step: {name: common_pb2.ArtifactRef(uri=f"{step}/{name}", sha256=f"{step}{name}") for name in outputs}
+        for step in ("direct_sampling", *(s.name for s in runner.ITERATION_STEPS))
+    }
+    for iteration in (1, 2):
+        for step in runner.ITERATION_STEPS:
+            keys = [
+                step_key(
+                    step,
+                    StepContext(
+                        config=config,
+                        store=ArtifactStore(tmp_path / "store"),
+                        run_dir=tmp_path,
+                        seeds=[],
+                        sampler_address="",
+                        oracle_address="",
+                        trainer_address="",
+                        report=lambda progress: None,
+                        previous=previous,
+                        iteration=iteration,
+                    ),
+                )
+                for config in (handle.config, more)
+            ]
+            assert keys[0] == keys[1], f"{step.name}.{iteration}"

@@ -114,7 +114,9 @@ class ValidationStep:
             "dft": ctx.previous["active_learning"]["dft"].sha256,
             "ace": ctx.config.ace.model_dump(mode="json", exclude={"delta_surrogate_weight"}),
             "base_metrics": ctx.previous["ace_fit"]["metrics"].sha256 if "metrics" in ctx.previous["ace_fit"] else "",
-            "validation": ctx.config.validation.model_dump(mode="json"),
+            # Not max_iterations: it decides how many iterations run, not how one is validated, and raising it to
+            # continue a finished run must not redo the validations (and, through their records, what follows).
+            "validation": ctx.config.validation.model_dump(mode="json", exclude={"max_iterations"}),
             # The independent hold-out MD and the stability MD follow the md section and the seeds.
             "md": md_config(ctx).model_dump(mode="json"),
             "seeds": [seed.content_id for seed in ctx.seeds],
