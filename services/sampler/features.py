@@ -15,6 +15,8 @@ import numpy as np
 from ase import Atoms
 from ase.neighborlist import neighbor_list
 
+from pyacemaker.structure_checks import element_names
+
 
 class Featuriser(Protocol):
     name: ClassVar[str]
@@ -113,7 +115,9 @@ class DistributionFeaturiser:
         elements = self.elements or sorted({int(z) for atoms in frames for z in atoms.numbers})
         present = {int(z) for atoms in frames for z in atoms.numbers}
         if missing := present - set(elements):
-            raise ValueError(f"frames contain elements {sorted(missing)} that are not in the feature layout {elements}")
+            raise ValueError(
+                f"frames contain {element_names(missing)}, not in the feature layout ({element_names(elements)})"
+            )
         n_elements = len(elements)
         element_index = np.full(max([*elements, *present]) + 1, -1, dtype=np.int64)
         element_index[elements] = np.arange(n_elements)

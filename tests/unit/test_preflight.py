@@ -167,9 +167,10 @@ def test_a_basis_without_functions_for_a_seed_element_is_refused(tmp_path: Path)
     assert any(line.startswith(f"error: {config}: teacher.model: ") for line in lines)
 
 
-def test_the_readme_minimal_budget_warns_and_names_both_fixes(tmp_path: Path) -> None:
-    """Budget 60 and 60 DIRECT: 3 isolated atoms and 10 hold-out labels come first, so 13 selected structures
-    would never be labelled and nothing is left for active learning. The run works, so: a warning, exit 0."""
+def test_60_direct_structures_on_a_budget_of_60_warn_and_name_both_fixes(tmp_path: Path) -> None:
+    """Budget 60 and 60 DIRECT (the README's minimal config until now): 3 isolated atoms and 10 hold-out labels
+    come first, so 13 selected structures would never be labelled and nothing is left for active learning. The run
+    works, so: a warning, exit 0."""
     config = _config(tmp_path, budget={"max_dft_calls": 60}, sampling={"direct": {"n_select": 60}})
     code, lines, _ = _cli("config", "check", str(config))
     assert code == EXIT_OK

@@ -134,9 +134,9 @@ class MaceCommittee:
         for index, model in enumerate(self.models[1:], start=1):
             if [int(z) for z in model.atomic_numbers] != self.atomic_numbers or float(model.r_max) != self.r_max:
                 raise InvalidInputError(
-                    f"committee model {index} has elements {[int(z) for z in model.atomic_numbers]} and r_max "
-                    f"{float(model.r_max)}, model 0 has {self.atomic_numbers} and {self.r_max}; committee members "
-                    "must share both"
+                    f"committee model {index} has elements {element_names(model.atomic_numbers)} and r_max "
+                    f"{float(model.r_max)}, model 0 has {element_names(self.atomic_numbers)} and {self.r_max}; "
+                    "committee members must share both"
                 )
         self.head = _default_head(self.heads)
         # Members may order their heads differently (a multi-head fine-tune adds one), so each model gets the
