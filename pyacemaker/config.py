@@ -437,6 +437,9 @@ class TeacherConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
+    """The DFT budget: every DFT call of the run counts (the isolated-atom energies, the DIRECT set, active
+    learning, the hold-out and the profile points), each structure once, over all starts of the run."""
+
     max_dft_calls: int = Field(60, ge=0, le=10_000_000, description="Hard limit on DFT calls over the whole run.")
 
 
@@ -501,6 +504,8 @@ class DirectConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
+    """Step 1: a candidate pool around the seeds, and the DIRECT selection from it that DFT labels first."""
+
     pool: PoolConfig = Field(default_factory=PoolConfig)
     direct: DirectConfig = Field(default_factory=DirectConfig)
 
