@@ -43,6 +43,7 @@ _COMMON: dict[str, Any] = {
     "name": "fuzz",
     "system": {"seeds": ["seed.xyz"], "charge": -1, "spin_multiplicity": 1},
     "budget": {"max_dft_calls": 20},
+    "sampling": {"direct": {"n_select": 4}},  # 3 isolated atoms + 13 validation labels + 4 DIRECT = the budget
     "md": {"windows": {"atoms": [4, 0, 5], "start": -1.5, "stop": 1.5, "count": 3}, "steps": 100},
     "validation": {"profile": {"atoms": [4, 0, 5], "start": -1.5, "stop": 1.5, "count": 3}},
 }
@@ -338,7 +339,7 @@ def valid_case(choose: Choose) -> Case:
         and leaf.path[0] not in ("system", "name")
         and leaf.path[-1] != "count"
         # Valid alone, but `config check` weighs them against each other (a budget below the hold-out is refused).
-        and leaf.key not in ("budget.max_dft_calls", "validation.holdout_size")
+        and leaf.key not in ("budget.max_dft_calls", "validation.holdout_size", "sampling.direct.n_select")
     ]
     leaf = choose(numeric)
     low = leaf.bounds.get("ge", leaf.bounds.get("gt", 0))

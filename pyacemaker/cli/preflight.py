@@ -9,8 +9,9 @@ Each problem is one line naming the key and the fix, elements by symbol:
 - the DFT level: a PySCF functional or basis name PySCF cannot parse (with the closest known name), a basis
   without functions for an element of the seeds;
 - the budget: too small for the isolated-atom energies, the validation's DFT labels and a committee's two DIRECT
-  labels (fatal); too small for the whole DIRECT set or for one active-learning batch (a warning: the run
-  works, but selects structures it never labels, or learns nothing actively);
+  labels, or smaller than the DIRECT set alone (fatal); too small for the whole DIRECT set besides the rest, or
+  for one active-learning batch (a warning: the run works, but selects structures it never labels, or learns
+  nothing actively; the defaults, 50 DIRECT and 10 hold-out on 60 calls, are such a case);
 - with `installed_extras`: software the config needs that this environment lacks (a nonlinear ACE without
   TensorFlow). `run` leaves this one out: the trainer that fits may live elsewhere, with its own packages.
 """
@@ -191,6 +192,16 @@ def budget_problems(config: RunConfig, seeds: Sequence[Atoms]) -> list[Problem]:
                 f"{budget} DFT calls leave {max(left, 0)} for the DIRECT set after {spent_on}, and the committee "
                 f"needs 2: raise it to at least {n_elements + validation + 2} "
                 f"({n_elements + validation + n_select} labels the whole DIRECT set of sampling.direct.n_select)",
+            )
+        ]
+    if n_select > budget:
+        return [
+            Problem(
+                "sampling.direct.n_select",
+                f"{n_select} DIRECT structures can never all get DFT labels on a budget of {budget} DFT calls "
+                f"(budget.max_dft_calls), which also pays {spent_on}; lower it to at most "
+                f"{max(2, left - config.active_learning.batch_size)} or raise budget.max_dft_calls to at least "
+                f"{n_elements + validation + n_select + config.active_learning.batch_size}",
             )
         ]
     if left < n_select:

@@ -193,6 +193,16 @@ def test_a_budget_that_cannot_label_two_direct_structures_is_refused(tmp_path: P
     )
 
 
+def test_more_direct_structures_than_the_whole_budget_are_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path, budget={"max_dft_calls": 30}, sampling={"direct": {"n_select": 40}})
+    _refused(
+        config,
+        "sampling.direct.n_select: 40 DIRECT structures can never all get DFT labels on a budget of 30 DFT calls",
+        "which also pays 3 isolated-atom energies and 10 validation labels",
+        "lower it to at most 7 or raise budget.max_dft_calls to at least 63",
+    )
+
+
 def test_a_budget_with_no_room_for_one_active_learning_batch_warns(tmp_path: Path) -> None:
     code, lines, _ = _cli("config", "check", str(_config(tmp_path, budget={"max_dft_calls": 40})))
     assert code == EXIT_OK and len(lines) == 1
