@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from pyacemaker.teacher.resolve import is_model_name
+from pyacemaker.teacher.resolve import closest_model_name, is_model_name
 from pyacemaker.yaml_input import YamlInputError, load_yaml_file
 
 Positive = Annotated[float, Field(gt=0)]
@@ -432,7 +432,10 @@ class TeacherConfig(_Strict):
         if not path.is_absolute():
             path = (Path(context.get("base_dir", ".")) / path).resolve()
         if context.get("check_files") and not path.is_file():
-            raise ValueError(f"not a model name ('bundled' or a mace foundation model) and no such file: {path}")
+            raise ValueError(
+                f"not a model name ('bundled' or a mace foundation model) and no such file: {path}"
+                + closest_model_name(model)
+            )
         return str(path)
 
 

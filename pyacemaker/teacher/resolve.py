@@ -103,6 +103,17 @@ def is_model_name(text: str) -> bool:
     return text == BUNDLED_NAME or foundation_model(text) is not None
 
 
+def closest_model_name(text: str) -> str:
+    """ "; did you mean 'medium'?" for a misspelt model name, else where the names are listed (for messages)."""
+    import difflib
+
+    names = [BUNDLED_NAME, *FOUNDATION_MODELS]
+    close = difflib.get_close_matches(text.strip().lower(), names, n=1, cutoff=0.75)
+    if close and os.sep not in text and "/" not in text:
+        return f"; did you mean {close[0]!r}?"
+    return "; the model names are listed in docs/configuration.md#teacher-models"
+
+
 def resolve_teacher(name_or_path: str | os.PathLike[str], base_dir: Path | None = None) -> Path:
     """The MACE model file `teacher.model` means.
 

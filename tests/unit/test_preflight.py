@@ -128,7 +128,16 @@ def test_a_foundation_model_missing_from_the_cache_says_where_to_put_it(
 
 
 def test_an_unknown_model_name_is_refused(tmp_path: Path) -> None:
-    _refused(_config(tmp_path, teacher={"model": "mediun"}), "teacher.model: not a model name", "no such file")
+    _refused(
+        _config(tmp_path, teacher={"model": "mediun"}),
+        "teacher.model: not a model name",
+        "no such file",
+        "did you mean 'medium'?",
+    )
+    _refused(
+        _config(tmp_path, teacher={"model": "gone/teacher.model"}),
+        f"no such file: {tmp_path / 'gone' / 'teacher.model'}; the model names are listed in docs/configuration.md",
+    )
 
 
 @pytest.mark.parametrize("section", ["md", "validation"])
