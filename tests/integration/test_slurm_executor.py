@@ -306,3 +306,36 @@ def test_orchestrator_killed_after_submission_is_reconciled_not_resubmitted(
     assert all(r is not None and r.submissions == 1 for r in records)
     for atoms in frames:
         assert_labels_equal_tblite(outcome.labels[content_id(atoms)], atoms)
+
+
+def scontrol_fields(slurm: SlurmCluster, job_id: str) -> dict[str, str]:
+    """`scontrol show job -o` of one job as key → value."""
+    line = slurm.run("scontrol", "show", "job", "-o", job_id).stdout.split("\n")[0]
+    return dict(item.split("=", 1) for item in line.split() if "=" in item)
+
+
+def slurm_seconds(shown: str) -> int:
+    """Seconds of a TimeLimit as scontrol prints it: [D-]HH:MM:SS."""
+    days, _, clock = shown.rpartition("-")
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def test_every_time_limit_form_means_to_slurm_what_it_means_to_the_config(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Each form the config accepts goes through the bundled template into a real sbatch (held, never run), and
+    slurmctld's TimeLimit equals the config's reading, rounded up to whole minutes as Slurm documents."""
+    from tests.unit.test_executor_slurm import SBATCH_TIMES
+
+    for index, (time_limit, seconds) in enumerate(SBATCH_TIMES):
+        config = SlurmExecutorConfig(kind="slurm", time_limit=time_limit, ntasks=2)
+        batch = Batch(f"pyace-time{index}", tmp_path / f"job{index}", (tmp_path / "t0",))
+        script = batch.job_dir / JOB_SCRIPT_FILE
+        batch.job_dir.mkdir(parents=True)
+        script.write_text(SlurmExecutor(config).job_script(batch, tmp_path / "tasks.txt"))
+        job_id = slurm.run("sbatch", "--parsable", "--hold", str(script)).stdout.strip().split(";")[0]
+        try:
+            fields = scontrol_fields(slurm, job_id)
+        finally:
+            slurm.run("scancel", job_id, check=False)
+        assert slurm_seconds(fields["TimeLimit"]) == -(-seconds // 60) * 60, (time_limit, fields["TimeLimit"])
+        assert fields["NumTasks"] == "2", "the template's --ntasks comes from the config"
