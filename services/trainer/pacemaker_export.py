@@ -159,6 +159,6 @@ def write_export(
     text = yaml.safe_dump(config, sort_keys=False)
     (directory / INPUT_FILE).write_text(
         "# Fits the same linear ACE with pacemaker: `pacemaker input.yaml` in this directory (pyace backend, no\n"
-        "# TensorFlow). See docs/pacemaker.md for what carries over exactly and what does not.\n" + text
+        "# TensorFlow). See docs/outputs.md for what carries over exactly and what does not.\n" + text
     )
     return dataset, directory / INPUT_FILE

@@ -3,7 +3,7 @@ the input's potential section, pacemaker's own data loader and fit set-up accept
 make pacemaker's loss the fit's own, and the delta fit's anchor frames carry the base's predictions.
 
 `pacemaker input.yaml` itself is not run here: its pyace backend (the one without TensorFlow) minimises with
-finite-difference gradients and took over 10 minutes for 36 coefficients (docs/pacemaker.md)."""
+finite-difference gradients and took over 10 minutes for 36 coefficients (docs/outputs.md)."""
 
 from __future__ import annotations
 
