@@ -1,6 +1,7 @@
 """The pacemaker export of a linear fit (train.pckl.gzip + input.yaml): pyace builds the fit's exact basis from
-the input's potential section, pacemaker's own data loader and fit set-up accept the files, the weights and kappa
-make pacemaker's loss the fit's own, and the delta fit's anchor frames carry the base's predictions.
+the input's potential section, pacemaker's own data loader and fit set-up accept the files, pacemaker's own loss
+function at the fit's coefficients is the fit's loss in pacemaker's units, and the delta fit's anchor frames carry
+the base's predictions.
 
 `pacemaker input.yaml` itself is not run here: its pyace backend (the one without TensorFlow) minimises with
 finite-difference gradients and took over 10 minutes for 36 coefficients (docs/outputs.md)."""
@@ -83,6 +84,27 @@ def test_pacemakers_loader_and_fit_set_up_accept_the_export(base_fit, tmp_path, 
     n_atoms = sum(len(a) for a in frames)
     np.testing.assert_allclose(np.concatenate(list(data["w_forces"])), 1 / n_atoms)  # each atom alike
     assert fit.loss_spec.kappa == pytest.approx(pacemaker_export.pacemaker_kappa(0.3))
+
+    # pacemaker's own loss function, at the fit's coefficients, is the fit's loss in pacemaker's units: the same
+    # objective (up to the shape of the ridge term, here pacemaker's L2 on these coefficients).
+    from pyace import BBasisConfiguration
+    from pyace.pyacefit import PyACEFit
+
+    loss = PyACEFit(
+        basis=BBasisConfiguration(str(base_fit.yaml_path)),
+        loss_spec=fit.loss_spec,
+        trainable_parameters="func",
+        executors_kw_args={"parallel_mode": "serial"},
+    )
+    loss.preprocess_dataframe(data)
+    loss.structures_dataframe = data
+    coeffs = np.array(loss.bbasis.basis_coeffs)
+    share = 0.3
+    ours = (1 - share) * base_fit.metrics["train_energy_rmse_ev_per_atom"] ** 2 + share * base_fit.metrics[
+        "train_forces_rmse_ev_per_a"
+    ] ** 2
+    expected_loss = ours * pacemaker_export.loss_scale(share) + config["fit"]["loss"]["L2_coeffs"] * coeffs @ coeffs
+    assert loss.loss(loss.trainable_params) == pytest.approx(expected_loss, rel=1e-8)
 
 
 def test_kappa_and_uniform_weights_make_pacemakers_loss_the_fits() -> None:
