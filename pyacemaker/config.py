@@ -393,7 +393,7 @@ class QeOracleConfig(_DftOracle):
         "default",
         pattern=PROFILE_NAME,
         description="The oracle deployment's qe profile: how pw.x runs and where the UPF files are (the deployment "
-        "file's qe.profiles; default: pw.x on PATH, $ESPRESSO_PSEUDO or Debian's pseudo dir).",
+        "file's qe.profiles; default: pw.x on PATH, UPF files where pw.x looks or Debian's pseudo dir).",
     )
     pseudopotentials: dict[str, str] = Field(
         description="Element symbol → UPF file name in the profile's pseudo_dir (a plain file name)."
