@@ -200,6 +200,65 @@ class LocalExecutorConfig(_Strict):
         return _refuse_deployment_settings(data, "local", ("scratch_dir",))
 
 
+# Scheduler time limits, checked here so that a typo fails at config time, not at submission.
+_SLURM_TIME_FORMS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_PBS_DURATION_FORMS = "SS, MM:SS or HH:MM:SS (seconds may have a fraction, e.g. 90.5)"
+
+
+def _clock_fields(clock: str, text: str, forms: str) -> list[int]:
+    """The 1 to 3 colon-separated whole numbers of `clock` (a part of `text`, named in the error)."""
+    parts = clock.split(":")
+    if len(parts) > 3 or not all(part.isdigit() and part.isascii() for part in parts):
+        raise ValueError(f"{text!r} is not a time limit; use {forms}")
+    return [int(part) for part in parts]
+
+
+def slurm_time_seconds(text: str) -> int:
+    """Seconds of an sbatch --time value in each form sbatch documents: "minutes", "minutes:seconds",
+    "hours:minutes:seconds", "days-hours", "days-hours:minutes", "days-hours:minutes:seconds". Slurm counts in
+    minutes and rounds seconds up; the first field may be any size, the others are below 60 (24 for hours after
+    days). Zero (Slurm's "no limit") and the names UNLIMITED / INFINITE are refused: a task needs a limit."""
+    days, dash, clock = text.rpartition("-")
+    if dash:
+        if not (days.isdigit() and days.isascii()):
+            raise ValueError(f"{text!r} is not a time limit; use {_SLURM_TIME_FORMS}")
+        hours, *rest = _clock_fields(clock, text, _SLURM_TIME_FORMS)
+        rest += [0] * (2 - len(rest))
+        limits = [(hours, 24)] + [(value, 60) for value in rest]
+        seconds = ((int(days) * 24 + hours) * 60 + rest[0]) * 60 + rest[1]
+    else:
+        values = _clock_fields(clock, text, _SLURM_TIME_FORMS)
+        if len(values) == 1:
+            limits, seconds = [], values[0] * 60
+        elif len(values) == 2:
+            limits, seconds = [(values[1], 60)], values[0] * 60 + values[1]
+        else:
+            limits, seconds = [(values[1], 60), (values[2], 60)], (values[0] * 60 + values[1]) * 60 + values[2]
+    if any(value >= bound for value, bound in limits):
+        raise ValueError(f"{text!r}: a field after the first is out of range; use {_SLURM_TIME_FORMS}")
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: the time limit must be above zero (zero means no limit to Slurm)")
+    return seconds
+
+
+def pbs_walltime_seconds(text: str) -> float:
+    """Seconds of a PBS walltime, a duration as PBS writes it: [[hours:]minutes:]seconds[.fraction]. The first
+    field may be any size, minutes and seconds after it are below 60."""
+    whole, dot, fraction = text.partition(".")
+    if dot and not (fraction.isdigit() and fraction.isascii()):
+        raise ValueError(f"{text!r} is not a time limit; use {_PBS_DURATION_FORMS}")
+    values = _clock_fields(whole, text, _PBS_DURATION_FORMS)
+    if any(value >= 60 for value in values[1:]):
+        raise ValueError(f"{text!r}: minutes and seconds after the first field must be below 60")
+    seconds = 0.0
+    for value in values:
+        seconds = seconds * 60 + value
+    seconds += float(f"0.{fraction}") if dot else 0.0
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: the walltime must be above zero")
+    return seconds
+
+
 class _ArrayJobExecutor(_Strict):
     """What every batch-scheduler executor shares: one array job per request batch."""
 
@@ -220,10 +279,23 @@ class SlurmExecutorConfig(_ArrayJobExecutor):
     partition: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.,-]+$", description="sbatch --partition; default: the cluster's default."
     )
-    time_limit: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", description="Per task, [D-]HH:MM:SS.")
-    cpus_per_task: int = Field(1, ge=1, le=4096)
+    time_limit: str = Field(
+        "01:00:00",
+        description="sbatch --time per task, in any form sbatch takes: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.",
+    )
+    ntasks: int = Field(
+        1, ge=1, le=1_000_000, description="sbatch --ntasks per calculation: MPI ranks for a launcher such as srun."
+    )
+    nodes: int | None = Field(None, ge=1, le=100_000, description="sbatch --nodes per calculation; default: Slurm's.")
+    cpus_per_task: int = Field(1, ge=1, le=4096, description="sbatch --cpus-per-task (OpenMP threads per rank).")
     memory: str | None = Field(None, pattern=r"^\d+[KMGT]?$", description="sbatch --mem, e.g. 4G.")
     poll_interval_s: Positive = Field(5.0, description="Seconds between squeue/sacct polls.")
+
+    @field_validator("time_limit")
+    @classmethod
+    def _sbatch_time(cls, value: str) -> str:
+        slurm_time_seconds(value)
+        return value
 
 
 class PbsExecutorConfig(_ArrayJobExecutor):
@@ -231,10 +303,27 @@ class PbsExecutorConfig(_ArrayJobExecutor):
 
     kind: Literal["pbs"]
     queue: str | None = Field(None, pattern=r"^[A-Za-z0-9_.@-]+$", description="qsub -q; default: the server's.")
-    walltime: str = Field("01:00:00", pattern=r"^\d{1,3}:\d{2}:\d{2}$", description="Per sub-job, HH:MM:SS.")
-    ncpus: int = Field(1, ge=1, le=4096)
+    walltime: str = Field(
+        "01:00:00",
+        description="Per sub-job, in any form PBS takes: SS, MM:SS or HH:MM:SS (seconds may have a fraction).",
+    )
+    ncpus: int = Field(1, ge=1, le=4096, description="CPUs per chunk (select=N:ncpus=...).")
+    mpiprocs: int = Field(1, ge=1, le=4096, description="MPI ranks per chunk (select=N:...:mpiprocs=...).")
+    nodes: int = Field(1, ge=1, le=100_000, description="Chunks per calculation (the N of select=N:...).")
     memory: str | None = Field(None, pattern=r"^\d+[kmgt]?b$", description="PBS mem, e.g. 4gb.")
     poll_interval_s: Positive = Field(10.0, description="Seconds between qstat polls.")
+
+    @field_validator("walltime")
+    @classmethod
+    def _pbs_duration(cls, value: str) -> str:
+        pbs_walltime_seconds(value)
+        return value
+
+    @model_validator(mode="after")
+    def _ranks_fit_the_chunk(self) -> PbsExecutorConfig:
+        if self.mpiprocs > self.ncpus:
+            raise ValueError(f"mpiprocs ({self.mpiprocs}) must not exceed ncpus ({self.ncpus}): one CPU per MPI rank")
+        return self
 
 
 ExecutorConfig = Annotated[LocalExecutorConfig | SlurmExecutorConfig | PbsExecutorConfig, Field(discriminator="kind")]
@@ -304,7 +393,7 @@ class QeOracleConfig(_DftOracle):
         "default",
         pattern=PROFILE_NAME,
         description="The oracle deployment's qe profile: how pw.x runs and where the UPF files are (the deployment "
-        "file's qe.profiles; default: pw.x on PATH, $ESPRESSO_PSEUDO or Debian's pseudo dir).",
+        "file's qe.profiles; default: pw.x on PATH, UPF files where pw.x looks or Debian's pseudo dir).",
     )
     pseudopotentials: dict[str, str] = Field(
         description="Element symbol → UPF file name in the profile's pseudo_dir (a plain file name)."
@@ -451,15 +540,16 @@ class BudgetConfig(_Strict):
 THERMAL_STIFFNESS_EV_PER_A2 = 10.0
 # The thermal rattles reach this many times the highest temperature.
 THERMAL_TEMPERATURE_MARGIN = 1.25
-BOLTZMANN_EV_PER_K = 8.617333262e-5
 
 
 def thermal_rattle_amplitudes(temperatures: list[float]) -> list[float]:
     """Rattle amplitudes (Å) of the thermal displacements at the given temperatures and at
     THERMAL_TEMPERATURE_MARGIN × the highest, so the pool covers what MD at these temperatures visits without
     the harsh rattles that only make near-collisions."""
+    from ase.units import kB  # Boltzmann's constant, eV/K (imported here: the CLI starts without ase)
+
     wanted = sorted({*temperatures, THERMAL_TEMPERATURE_MARGIN * max(temperatures)})
-    return [round((BOLTZMANN_EV_PER_K * t / THERMAL_STIFFNESS_EV_PER_A2) ** 0.5, 4) for t in wanted]
+    return [round((kB * t / THERMAL_STIFFNESS_EV_PER_A2) ** 0.5, 4) for t in wanted]
 
 
 class PoolConfig(_Strict):

@@ -13,7 +13,7 @@
 #SBATCH --output={{ job_dir }}/slurm-%A_%a.out
 #SBATCH --time={{ time_limit }}
 #SBATCH --cpus-per-task={{ cpus_per_task }}
-#SBATCH --ntasks=1
+#SBATCH --ntasks={{ ntasks }}
 {{ directives }}
 
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"

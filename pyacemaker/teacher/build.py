@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ase import Atoms
+from ase import Atoms, units
 from ase.optimize import BFGS
 
 from pyacemaker.config import XtbOracleConfig
@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SEED_DIR = REPO_ROOT / "examples" / "sn2" / "seeds"
 # Ground-state multiplicities of the isolated neutral atoms (the E0 references).
 ATOM_MULTIPLICITY = {"H": 2, "C": 3, "Cl": 2}
-EV_PER_KCAL_MOL = 0.0433641043
+EV_PER_KCAL_MOL = units.kcal / units.mol  # ASE's CODATA constants: ≈ 0.04336 eV
 RANDOM_SEED = 0
 TEST_FRACTION = 0.1
 VALID_FRACTION = 0.1

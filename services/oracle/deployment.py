@@ -3,8 +3,9 @@
 Requests (and run configs) choose physics and, by name, a profile; everything that names a program, a file or a
 directory on the oracle's host comes from here: the file given when the service starts (`python -m
 services.oracle --deployment FILE`, or $PYACEMAKER_ORACLE_DEPLOYMENT), validated at start-up, with safe defaults
-when absent (pw.x on PATH, $ESPRESSO_PSEUDO or Debian's pseudopotential dir, the bundled job templates, scratch
-under the oracle's --work-dir). See docs/deployment.md for the file's format and an example.
+when absent (pw.x on PATH; pseudopotentials where pw.x itself looks, $ESPRESSO_PSEUDO or $HOME/espresso/pseudo,
+else Debian's dir; the bundled job templates; scratch under the oracle's --work-dir).
+See docs/deployment.md for the file's format and an example.
 
 Model and potential files reach the oracle only as artifact references into the shared store (digest verified,
 confined to the store root) or as the name "bundled" (the teacher shipped inside the package):
@@ -29,6 +30,8 @@ from pyacemaker.v1 import common_pb2
 
 DEPLOYMENT_ENV = "PYACEMAKER_ORACLE_DEPLOYMENT"
 DEBIAN_PSEUDO_DIR = Path("/usr/share/espresso/pseudo")
+# pw.x's own default below $HOME when $ESPRESSO_PSEUDO is unset.
+QE_HOME_PSEUDO_DIR = Path("espresso/pseudo")
 
 
 class DeploymentError(ValueError):
@@ -50,8 +53,14 @@ ProfileName = Annotated[str, StringConstraints(pattern=PROFILE_NAME)]
 
 
 def default_pseudo_dir() -> Path:
-    """$ESPRESSO_PSEUDO of the oracle's environment (pw.x's own default), else Debian's quantum-espresso-data."""
-    return Path(os.environ.get("ESPRESSO_PSEUDO") or DEBIAN_PSEUDO_DIR)
+    """Where pw.x itself looks when its input names no pseudo_dir, in the oracle's environment: $ESPRESSO_PSEUDO,
+    else $HOME/espresso/pseudo when that directory exists; else Debian's quantum-espresso-data directory."""
+    if os.environ.get("ESPRESSO_PSEUDO"):
+        return Path(os.environ["ESPRESSO_PSEUDO"])
+    home = os.environ.get("HOME")
+    if home and (Path(home) / QE_HOME_PSEUDO_DIR).is_dir():
+        return Path(home) / QE_HOME_PSEUDO_DIR
+    return DEBIAN_PSEUDO_DIR
 
 
 class QeProfile(_Strict):

@@ -20,7 +20,7 @@ from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.v1 import common_pb2
 
 # eV → kcal/mol (ASE's CODATA constants: 1 eV ≈ 23.06 kcal/mol).
-KCAL_PER_MOL_PER_EV = 1.0 / (units.kcal / units.mol)
+KCAL_PER_MOL_PER_EV = units.mol / units.kcal
 SCAN_FORCE_CONSTANT = 50.0  # eV/Å²
 SCAN_FMAX = 0.01  # eV/Å
 SCAN_MAX_STEPS = 300

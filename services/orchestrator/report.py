@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ase import units
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pyacemaker.v1 import orchestrator_pb2
+from services.orchestrator.reaction_profile import KCAL_PER_MOL_PER_EV
 from services.orchestrator.state import STATE_FILE, SUMMARY_FILE
 
 REPORT_DIR = "report"
@@ -47,7 +47,6 @@ MODELS = (
     ("direct_ace", "direct ACE (no teacher)", "tab:green"),
 )
 _DFT_COLOUR = "black"
-EV_TO_KCAL_PER_MOL = units.mol / units.kcal  # 1 eV ≈ 23.06 kcal/mol
 _STEP_STATES = {v: k.removeprefix("STEP_STATE_").lower() for k, v in orchestrator_pb2.StepState.items()}
 _RUN_FAILED = orchestrator_pb2.RUN_EVENT_KIND_RUN_FAILED
 _VERDICT: dict[Any, str] = {True: '<b class="good">target met</b>', False: '<b class="bad">target not met</b>'}
@@ -659,7 +658,7 @@ def _profile_section(run: RunRecord, out_dir: Path) -> str:
         energies = np.asarray(energies, dtype=np.float64)
         if energies.shape != xi.shape:
             raise ValueError(f"profile {key}: {len(energies)} energies for {len(xi)} points of ξ")
-        relative = (energies - energies.min()) * EV_TO_KCAL_PER_MOL
+        relative = (energies - energies.min()) * KCAL_PER_MOL_PER_EV
         style = "s-" if key == "dft" else "o-"
         ax.plot(
             xi, relative, style, color=colour, ms=4, label=f"{label}: barrier {_fmt(barriers.get(key), 2)} kcal/mol"

@@ -12,6 +12,10 @@ from pathlib import PurePosixPath
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 from services.orchestrator.steps import StepContext
+from services.trainer.results import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND
+
+# The pacemaker export's artifact kinds and the names its files get in the run directory.
+PACEMAKER_FILES = {PACEMAKER_DATASET_KIND: "train.pckl.gzip", PACEMAKER_INPUT_KIND: "input.yaml"}
 
 _START_TIMEOUT_S = 60.0
 # Resumptions of one job after trainer restarts before the step gives up.
@@ -54,5 +58,11 @@ def run_trainer_job(ctx: StepContext, request: trainer_pb2.StartJobRequest, stag
 
 
 def outputs_by_suffix(job: common_pb2.Job) -> dict[str, common_pb2.ArtifactRef]:
-    """A fit's outputs by file suffix (".yaml", ".yace", ".asi", ".json")."""
-    return {PurePosixPath(ref.uri).suffix: ref for ref in job.outputs}
+    """A fit's potential files by suffix (".yaml", ".yace", ".asi", ".json"); the pacemaker export (its own
+    .yaml among them) is left out, see `pacemaker_outputs`."""
+    return {PurePosixPath(ref.uri).suffix: ref for ref in job.outputs if ref.kind not in PACEMAKER_FILES}
+
+
+def pacemaker_outputs(job: common_pb2.Job) -> dict[str, common_pb2.ArtifactRef]:
+    """A linear fit's pacemaker export by file name ("train.pckl.gzip", "input.yaml"); empty for other fits."""
+    return {PACEMAKER_FILES[ref.kind]: ref for ref in job.outputs if ref.kind in PACEMAKER_FILES}

@@ -34,7 +34,7 @@ from ase.data import atomic_numbers, covalent_radii
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.v1 import trainer_pb2
-from services.trainer import linear_ace
+from services.trainer import linear_ace, pacemaker_export
 from services.trainer.datasets import (
     check_finite,
     e0s_by_number,
@@ -47,7 +47,7 @@ from services.trainer.datasets import (
     shard_paths,
 )
 from services.trainer.progress import ProgressWriter
-from services.trainer.results import JobResult
+from services.trainer.results import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, JobResult
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +105,37 @@ def infer_functions_per_element(frames: Sequence[Atoms], elements: Sequence[str]
     return int(max(1, min(max(low, by_data), high, by_environments)))
 
 
+def basis_section(
+    elements: Sequence[str], cutoff: float, functions_per_element: int, core: dict[str, dict[str, float]] | None = None
+) -> dict[str, Any]:
+    """A linear B-basis as pacemaker's `potential` section: one density, linear embedding, SBessel radial basis,
+    pacemaker's function tables and, per element pair in `core` (as `add_core_repulsion` returns it), the inner
+    cutoff and core repulsion. pyace builds the same basis from it as `basis_config` + `add_core_repulsion`."""
+    bonds: dict[str, Any] = {
+        "ALL": {"radbase": "SBessel", "radparameters": [5.25], "rcut": float(cutoff), "dcut": 0.01}
+    }
+    for pair, values in (core or {}).items():
+        a, b = pair.split("-")
+        bonds[a if a == b else f"{a} {b}"] = {
+            "r_in": values["r_in_a"],
+            "delta_in": values["delta_in_a"],
+            "core-repulsion": [values["prefactor_ev_a"], values["lambda"]],
+            "inner_cutoff_type": "distance",
+        }
+    return {
+        "deltaSplineBins": 0.001,
+        "elements": list(elements),
+        "embeddings": {"ALL": {"npot": "FinnisSinclairShiftedScaled", "fs_parameters": [1, 1], "ndensity": 1}},
+        "bonds": bonds,
+        "functions": {"number_of_functions_per_element": int(functions_per_element), **FUNCTION_ORDERS},
+    }
+
+
 def basis_config(elements: Sequence[str], cutoff: float, functions_per_element: int) -> Any:
     """A linear B-basis configuration: one density, linear embedding, SBessel radial basis."""
     from pyace.multispecies_basisextension import create_multispecies_basis_config
 
-    return create_multispecies_basis_config(
-        {
-            "deltaSplineBins": 0.001,
-            "elements": list(elements),
-            "embeddings": {"ALL": {"npot": "FinnisSinclairShiftedScaled", "fs_parameters": [1, 1], "ndensity": 1}},
-            "bonds": {"ALL": {"radbase": "SBessel", "radparameters": [5.25], "rcut": cutoff, "dcut": 0.01}},
-            "functions": {"number_of_functions_per_element": int(functions_per_element), **FUNCTION_ORDERS},
-        }
-    )
+    return create_multispecies_basis_config(basis_section(elements, cutoff, functions_per_element))
 
 
 def bond_length(a: str, b: str) -> float:
@@ -182,6 +200,8 @@ class AceFitResult:
     asi_path: Path
     metrics: dict[str, float]
     cv_table: list[dict[str, float]] = field(default_factory=list)
+    # Further files for the store: (path, artifact kind), e.g. the pacemaker export.
+    extra_files: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def linear_targets(
@@ -272,7 +292,14 @@ def fit_linear_ace(
     report_cross_validation(fit, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / f"{stem}.yaml", out_dir / f"{stem}.yace", out_dir / f"{stem}.asi")
-    linear_ace.write_potential(basis, coeffs, given or fitted_references, paths[0], paths[1])
+    references = given or fitted_references
+    section = basis_section(elements, cutoff, functions_per_element, core)
+    section_json = {pacemaker_export.SECTION_METADATA_KEY: json.dumps(section)}
+    linear_ace.write_potential(basis, coeffs, references, paths[0], paths[1], section_json)
+    energy_weights, forces_weights = pacemaker_export.block_weights([(frames, 1.0)])
+    l2 = pacemaker_export.equivalent_l2(fit.lam, fit.penalty_scale_sq, linear_ace.DEFAULT_FORCES_SHARE)
+    config = pacemaker_export.fit_input(section, references, linear_ace.DEFAULT_FORCES_SHARE, l2, seed)
+    exported = pacemaker_export.write_export(out_dir, frames, references, config, energy_weights, forces_weights)
     fit_seconds = time.perf_counter() - started
     report(0, 0, "active set")
     linear_ace.write_active_set(paths[0], frames, paths[2])
@@ -299,7 +326,8 @@ def fit_linear_ace(
         scores = evaluate_potential(paths[1], validation).errors
         metrics["validation_energy_rmse_ev_per_atom"] = scores.energy_rmse_per_atom
         metrics["validation_forces_rmse_ev_per_a"] = scores.forces_rmse
-    return AceFitResult(*paths, metrics=metrics, cv_table=fit.table)
+    extra = [(exported[0], PACEMAKER_DATASET_KIND), (exported[1], PACEMAKER_INPUT_KIND)]
+    return AceFitResult(*paths, metrics=metrics, cv_table=fit.table, extra_files=extra)
 
 
 # ----------------------------------------------------------------------------------------------- the job
@@ -367,5 +395,6 @@ def store_fit_outputs(store: ArtifactStore, result: AceFitResult, progress: Prog
         store.put_file(result.yace_path, "potential"),
         store.put_file(result.asi_path, "active_set"),
         store.put_file(report, "report"),
+        *(store.put_file(path, kind) for path, kind in result.extra_files),
     ]
     return JobResult(metrics=result.metrics, outputs=outputs)

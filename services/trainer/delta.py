@@ -24,20 +24,23 @@ weighted high; TensorFlow extra, see `services.trainer.pacemaker_nonlinear`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError
-from pyacemaker.structures import read_structures
+from pyacemaker.structures import labelled_copies, read_structures
 from pyacemaker.v1 import trainer_pb2
-from services.trainer import linear_ace
+from services.trainer import linear_ace, pacemaker_export
 from services.trainer.ace_fit import AceFitResult, report_cross_validation, store_fit_outputs
 from services.trainer.datasets import (
     artifact_paths,
@@ -50,7 +53,7 @@ from services.trainer.datasets import (
     shard_paths,
 )
 from services.trainer.progress import ProgressWriter
-from services.trainer.results import JobResult
+from services.trainer.results import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, JobResult
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,15 @@ def fit_linear_delta(
     final_e0s = {z: base_e0s.get(z, 0.0) + e0_shift.get(z, 0.0) for z in {*base_e0s, *e0_shift}}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / f"{stem}.yaml", out_dir / f"{stem}.yace", out_dir / f"{stem}.asi")
-    linear_ace.write_potential(basis, base_coeffs + delta, final_e0s, paths[0], paths[1])
+    section = pacemaker_export.section_of(base_yaml)
+    extra: list[tuple[Path, str]] = []
+    if section is not None:
+        weight = chosen_weight if anchor_gram is not None else 0.0
+        extra = export_delta_fit(
+            base_yaml, section, dft_frames, anchor, weight, base_e0s, final_e0s, fit, seed, out_dir
+        )
+    metadata = {pacemaker_export.SECTION_METADATA_KEY: json.dumps(section)} if section is not None else None
+    linear_ace.write_potential(basis, base_coeffs + delta, final_e0s, paths[0], paths[1], metadata)
     fit_seconds = time.perf_counter() - started
     report(0, 0, "active set")
     linear_ace.write_active_set(paths[0], [*dft_frames, *anchor], paths[2])
@@ -174,7 +185,42 @@ def fit_linear_delta(
         "cv_forces_rmse_ev_per_a": fit.cv_forces_rmse,
         "fit_time_s": fit_seconds,
     }
-    return AceFitResult(*paths, metrics=metrics, cv_table=fit.table)
+    return AceFitResult(*paths, metrics=metrics, cv_table=fit.table, extra_files=extra)
+
+
+def export_delta_fit(
+    base_yaml: Path,
+    section: dict[str, Any],
+    dft_frames: Sequence[Atoms],
+    anchor: Sequence[Atoms],
+    anchor_weight: float,
+    base_e0s: dict[int, float],
+    final_e0s: dict[int, float],
+    fit: linear_ace.RidgeFit,
+    seed: int,
+    out_dir: Path,
+) -> list[tuple[Path, str]]:
+    """The delta fit as pacemaker data and input: the DFT frames as labelled (block weight 1) and the anchor
+    frames labelled as the fit saw them, the base's own predictions on the final reference energies (block
+    weight ω); see `pacemaker_export`."""
+    from services.trainer.evaluation import ace_calculator
+
+    anchor_labelled = []
+    for atoms in labelled_copies(ace_calculator(base_yaml), anchor):
+        shift = reference_energy(atoms, final_e0s) - reference_energy(atoms, base_e0s)
+        atoms.calc = SinglePointCalculator(atoms, energy=energy_of(atoms) + shift, forces=forces_of(atoms))
+        anchor_labelled.append(atoms)
+    blocks = [(list(dft_frames), 1.0)] + ([(anchor_labelled, anchor_weight)] if anchor_labelled else [])
+    energy_weights, forces_weights = pacemaker_export.block_weights(blocks)
+    share = linear_ace.DEFAULT_FORCES_SHARE
+    total_weight = 1.0 + (anchor_weight if anchor_labelled else 0.0)
+    l2 = pacemaker_export.equivalent_l2(fit.lam, fit.penalty_scale_sq, share, total_weight)
+    config = pacemaker_export.fit_input(section, final_e0s, share, l2, seed)
+    frames = [*dft_frames, *anchor_labelled]
+    dataset, input_yaml = pacemaker_export.write_export(
+        out_dir, frames, final_e0s, config, energy_weights, forces_weights
+    )
+    return [(dataset, PACEMAKER_DATASET_KIND), (input_yaml, PACEMAKER_INPUT_KIND)]
 
 
 # ----------------------------------------------------------------------------------------------- the job

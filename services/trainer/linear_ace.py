@@ -384,6 +384,8 @@ class RidgeFit:
     cv_energy_rmse: float  # eV/atom
     cv_forces_rmse: float  # eV/Å
     table: list[dict[str, float]]
+    # s_j² of the penalised columns: the ridge term is λ Σ s_j² c_j².
+    penalty_scale_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def fit_ridge_cv(
@@ -437,6 +439,7 @@ def fit_ridge_cv(
         cv_energy_rmse=float(np.sqrt(mse_energy[best])),
         cv_forces_rmse=float(np.sqrt(mse_forces[best])),
         table=table,
+        penalty_scale_sq=scale[: len(scale) - n_unpenalised] ** 2,
     )
 
 
@@ -509,19 +512,30 @@ def _write_yace_with_e0(basis: Any, e0s: dict[int, float], yace_path: Path) -> N
     yace_path.write_text(_YACE_E0_LINE.sub(f"E0: [{values}]", text, count=1))
 
 
-def write_potential(basis: Any, coeffs: np.ndarray, e0s: dict[int, float], yaml_path: Path, yace_path: Path) -> None:
-    """Save coefficients into the basis and write the B-basis .yaml (E0s in its metadata) and the .yace (E0s
-    in its E0 entry), so each file on its own gives total energies."""
+def write_potential(
+    basis: Any,
+    coeffs: np.ndarray,
+    e0s: dict[int, float],
+    yaml_path: Path,
+    yace_path: Path,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Save coefficients into the basis and write the B-basis .yaml (E0s and `metadata` in its metadata) and the
+    .yace (E0s in its E0 entry), so each file on its own gives total energies."""
     basis.basis_coeffs = np.asarray(coeffs, dtype=np.float64)
-    write_potential_files(basis, e0s, yaml_path, yace_path)
+    write_potential_files(basis, e0s, yaml_path, yace_path, metadata)
 
 
-def write_potential_files(basis: Any, e0s: dict[int, float], yaml_path: Path, yace_path: Path) -> None:
+def write_potential_files(
+    basis: Any, e0s: dict[int, float], yaml_path: Path, yace_path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """The .yaml and .yace of a B-basis (linear or not) with the reference energies E0 recorded in both."""
     from pyace import ACEBBasisSet
 
     config = basis.to_BBasisConfiguration()
     symbols = {z: s for s, z in atomic_numbers.items()}
+    for key, value in (metadata or {}).items():
+        config.metadata[key] = value
     config.metadata[E0_METADATA_KEY] = json.dumps({symbols[z]: e for z, e in sorted(e0s.items())})
     config.save(str(yaml_path))
     _write_yace_with_e0(ACEBBasisSet(config), e0s, yace_path)

@@ -36,9 +36,8 @@ from services.trainer.datasets import (
     elements_of,
     energy_of,
     fitted_reference_energies,
-    forces_of,
-    reference_energy,
 )
+from services.trainer.pacemaker_export import write_dataset
 from services.trainer.progress import ProgressWriter
 
 # What the extra needs; PLATFORM-tested pins (../shared/PLATFORM.md).
@@ -120,22 +119,13 @@ def pacemaker_input(
 def write_dataset_pickle(
     frames: Sequence[Atoms], e0s: dict[int, float], path: Path, weights: Sequence[float] | None = None
 ) -> Path:
-    """The pandas pickle pacemaker reads: ase_atoms, energy, energy_corrected (E − Σ E0), forces and, for a
-    weighted fine-tune, w_energy / w_forces (forces weight per atom)."""
-    import pandas as pd
-
-    table: dict[str, list[Any]] = {
-        "ase_atoms": list(frames),
-        "energy": [energy_of(a) for a in frames],
-        "energy_corrected": [energy_of(a) - reference_energy(a, e0s) for a in frames],
-        "forces": [forces_of(a) for a in frames],
-    }
-    if weights is not None:
-        normalised = np.asarray(weights, dtype=np.float64) / np.sum(weights)
-        table["w_energy"] = list(normalised)
-        table["w_forces"] = [np.full(len(a), w / len(a)) for a, w in zip(frames, normalised, strict=True)]
-    pd.DataFrame(table).to_pickle(path, compression="gzip")
-    return path
+    """The pandas pickle pacemaker reads (`pacemaker_export.write_dataset`); for a weighted fine-tune, each
+    structure's weight on its energy and, spread over its atoms, on its forces."""
+    if weights is None:
+        return write_dataset(frames, e0s, path)
+    normalised = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    forces = [np.full(len(a), w / len(a)) for a, w in zip(frames, normalised, strict=True)]
+    return write_dataset(frames, e0s, path, list(normalised), forces)
 
 
 def pacemaker_command(input_yaml: Path, initial_potential: Path | None = None) -> list[str]:

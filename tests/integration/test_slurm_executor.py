@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import re
 import sqlite3
 import stat
 import time
@@ -306,3 +307,73 @@ def test_orchestrator_killed_after_submission_is_reconciled_not_resubmitted(
     assert all(r is not None and r.submissions == 1 for r in records)
     for atoms in frames:
         assert_labels_equal_tblite(outcome.labels[content_id(atoms)], atoms)
+
+
+def scontrol_fields(slurm: SlurmCluster, job_id: str) -> dict[str, str]:
+    """`scontrol show job -o` of one job as key → value."""
+    line = slurm.run("scontrol", "show", "job", "-o", job_id).stdout.split("\n")[0]
+    return dict(item.split("=", 1) for item in line.split() if "=" in item)
+
+
+def slurm_seconds(shown: str) -> int:
+    """Seconds of a TimeLimit as scontrol prints it: [D-]HH:MM:SS."""
+    days, _, clock = shown.rpartition("-")
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def test_every_time_limit_form_means_to_slurm_what_it_means_to_the_config(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Each form the config accepts goes through the bundled template into a real sbatch (held, never run), and
+    slurmctld's TimeLimit equals the config's reading, rounded up to whole minutes as Slurm documents."""
+    from tests.unit.test_executor_slurm import SBATCH_TIMES
+
+    for index, (time_limit, seconds) in enumerate(SBATCH_TIMES):
+        config = SlurmExecutorConfig(kind="slurm", time_limit=time_limit, ntasks=2)
+        batch = Batch(f"pyace-time{index}", tmp_path / f"job{index}", (tmp_path / "t0",))
+        script = batch.job_dir / JOB_SCRIPT_FILE
+        batch.job_dir.mkdir(parents=True)
+        script.write_text(SlurmExecutor(config).job_script(batch, tmp_path / "tasks.txt"))
+        job_id = slurm.run("sbatch", "--parsable", "--hold", str(script)).stdout.strip().split(";")[0]
+        try:
+            fields = scontrol_fields(slurm, job_id)
+        finally:
+            slurm.run("scancel", job_id, check=False)
+        assert slurm_seconds(fields["TimeLimit"]) == -(-seconds // 60) * 60, (time_limit, fields["TimeLimit"])
+        assert fields["NumTasks"] == "2", "the template's --ntasks comes from the config"
+
+
+def test_mpi_pw_x_runs_on_the_jobs_ranks_with_the_bundled_template(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """MPI DFT without an edited template: the launcher is in the deployment's qe profile, the ranks are the run
+    config's `ntasks`; pw.x reports two MPI processes and the energy of a serial pw.x run."""
+    import shutil
+
+    from ase.build import bulk
+
+    from services.oracle.deployment import DEBIAN_PSEUDO_DIR
+
+    if shutil.which("pw.x") is None or shutil.which("mpirun") is None:
+        pytest.skip("needs Quantum ESPRESSO's pw.x and Open MPI's mpirun (make install-system)")
+    deployment = OracleDeployment.model_validate(
+        {
+            "qe": {
+                "profiles": {
+                    "mpi": {"command": "mpirun --allow-run-as-root pw.x", "pseudo_dir": str(DEBIAN_PSEUDO_DIR)}
+                }
+            }
+        }
+    )
+    level = {"pseudopotentials": {"Si": "Si.pz-vbc.UPF"}, "ecutwfc_ry": 12.0, "kpoint_spacing": 0.5}
+    silicon = bulk("Si", "diamond", a=5.43)
+    silicon.positions[1] += (0.05, 0.0, 0.0)  # off the minimum: forces to compare too
+    register = functools.partial(add_to_server, work_dir=tmp_path / "oracle", deployment=deployment)
+    with running_service(register) as address:
+        executor = {"kind": "slurm", "ntasks": 2, "time_limit": "10", "poll_interval_s": 0.5, "keep_finished": True}
+        _, mpi = collect(
+            open_stream(address, backend_spec("qe", {**level, "profile": "mpi", "executor": executor}), [[silicon]])
+        )
+        _, serial = collect(open_stream(address, backend_spec("qe", level), [[silicon]]))
+    assert mpi[0].status == common_pb2.LABEL_STATUS_OK, mpi[0].reason
+    assert mpi[0].energy == pytest.approx(serial[0].energy, abs=1e-5)
+    np.testing.assert_allclose(mpi[0].forces, serial[0].forces, atol=1e-4)
+    (output,) = [p.read_text() for p in (tmp_path / "oracle").rglob("*.pwo")]  # the Slurm task's (kept)
+    assert re.search(r"Parallel version \(MPI\), running on\s+2 processors", output), output[:1500]

@@ -87,7 +87,7 @@ def test_ace_fit_then_delta_fit_through_the_service(trainer, artifact_store: Art
     assert manager.table.get(job.job_id).pid == 0  # finished: no worker recorded any more
     assert (manager.job_dir(job.job_id) / "worker.log").is_file()  # it ran in a worker process
     kinds = sorted(ref.kind for ref in job.outputs)
-    assert kinds == ["active_set", "potential", "potential", "report"]
+    assert kinds == ["active_set", "pacemaker_dataset", "pacemaker_input", "potential", "potential", "report"]
     assert all(artifact_store.verify(ref) for ref in job.outputs)
     yace = next(artifact_store.path(r) for r in job.outputs if r.uri.endswith(".yace"))
     # The reported validation error, recomputed here with pyace's calculator on the validation frames.
@@ -100,7 +100,7 @@ def test_ace_fit_then_delta_fit_through_the_service(trainer, artifact_store: Art
         errors.append((probe.get_potential_energy() - atoms.get_potential_energy()) / len(atoms))
     assert job.metrics["validation_energy_rmse_ev_per_atom"] == pytest.approx(np.sqrt(np.mean(np.square(errors))))
 
-    base_yaml = next(r for r in job.outputs if r.uri.endswith(".yaml"))
+    base_yaml = next(r for r in job.outputs if r.uri.endswith(".yaml") and r.kind == "potential")
     b_frames = level_b(xtb_frames()[80:])
     delta = stub.StartJob(
         trainer_pb2.StartJobRequest(
@@ -116,6 +116,7 @@ def test_ace_fit_then_delta_fit_through_the_service(trainer, artifact_store: Art
     delta = wait_until_done(stub, delta.job_id)
     assert delta.state == common_pb2.JOB_STATE_SUCCEEDED, delta.error
     assert len([r for r in delta.outputs if r.uri.endswith(".yace")]) == 1  # one self-contained potential
+    assert {r.kind for r in delta.outputs} >= {"pacemaker_dataset", "pacemaker_input"}
     assert delta.metrics["final_dft_energy_rmse_ev_per_atom"] < delta.metrics["base_dft_energy_rmse_ev_per_atom"]
 
 

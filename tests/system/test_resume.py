@@ -131,6 +131,8 @@ def test_killed_in_every_step_resumes_without_redoing_work(cli_env: dict[str, st
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["dft_calls"] == expected_calls and summary["iterations"] == 1
     assert (run_dir / "iteration_01" / "step7_delta" / "final.yace").is_file()
+    for name in ("input.yaml", "train.pckl.gzip"):  # the final fit as pacemaker reads it (docs/outputs.md)
+        assert (run_dir / "iteration_01" / "step7_delta" / "pacemaker" / name).is_file()
 
     # The other services die too: the trainer while step 3 trains, the oracle while it gives the forces of step 4's
     # MD (to the sampler, which fails the step with UNAVAILABLE). Each comes back on its old address (`up`), and

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from pyacemaker.config import PbsExecutorConfig
+from pyacemaker.config import PbsExecutorConfig, pbs_walltime_seconds
 from services.oracle.deployment import BatchExecutorDeployment
 from services.oracle.executors.base import Batch
 from services.oracle.executors.pbs import PbsExecutor, parse_qstat_json
@@ -54,6 +55,41 @@ def test_the_script_asks_for_a_throttled_array_with_the_resources(tmp_path: Path
     assert "export OMP_NUM_THREADS=4" in script
     assert f'{shlex.quote(sys.executable)} -m services.oracle.task "$task_dir"' in script
     assert '"$((${PBS_ARRAY_INDEX:-0} + 1))p"' in script, "subjob i runs line i + 1 of the task list"
+
+
+def test_mpi_ranks_and_chunks_are_settings_not_template_edits(tmp_path: Path) -> None:
+    """An MPI pw.x (profile command `mpirun pw.x`) gets its ranks from the chunks PBS hands out."""
+    config = PbsExecutorConfig(kind="pbs", walltime="1:30:00", ncpus=32, mpiprocs=16, nodes=2)
+    batch = batch_of(tmp_path, 3)
+    script = PbsExecutor(config).job_script(batch, batch.job_dir / "tasks.txt")
+    assert "#PBS -l select=2:ncpus=32:mpiprocs=16" in directives(script)
+    assert "#PBS -l walltime=1:30:00" in directives(script)
+    assert "export OMP_NUM_THREADS=2" in script, "32 CPUs per chunk over 16 ranks: 2 threads each"
+
+
+@pytest.mark.parametrize(
+    ("walltime", "seconds"),
+    [("45", 45.0), ("90:30", 5430.0), ("100:00:00", 360000.0), ("01:00:00", 3600.0), ("0:00:10.5", 10.5)],
+)
+def test_every_duration_form_pbs_takes_is_accepted(walltime: str, seconds: float) -> None:
+    # PBS durations: [[hours:]minutes:]seconds[.milliseconds]; the seconds are an independent hand count.
+    assert PbsExecutorConfig(kind="pbs", walltime=walltime).walltime == walltime
+    assert pbs_walltime_seconds(walltime) == seconds
+
+
+@pytest.mark.parametrize(
+    ("walltime", "message"),
+    [("1-00:00:00", "not a time limit"), ("10:75", "below 60"), ("0", "above zero"), ("1:2:3:4", "not a time")],
+)
+def test_a_walltime_pbs_would_refuse_is_refused_at_config_time(walltime: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message) as caught:
+        PbsExecutorConfig(kind="pbs", walltime=walltime)
+    assert "walltime" in str(caught.value)
+
+
+def test_more_ranks_than_cpus_in_a_chunk_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"mpiprocs \(8\) must not exceed ncpus \(4\)"):
+        PbsExecutorConfig(kind="pbs", ncpus=4, mpiprocs=8)
 
 
 def test_one_task_is_a_plain_job_and_a_loose_throttle_is_dropped(tmp_path: Path) -> None:

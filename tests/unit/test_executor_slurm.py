@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from pyacemaker.config import SlurmExecutorConfig
+from pyacemaker.config import SlurmExecutorConfig, slurm_time_seconds
 from pyacemaker.rpc import InvalidInputError
 from services.oracle.deployment import BatchExecutorDeployment
 from services.oracle.executors.base import Batch, array_range, render_template
@@ -57,6 +58,50 @@ def test_the_script_asks_for_one_throttled_array_task_per_calculation(tmp_path: 
     body = script.splitlines()
     first_command = next(i for i, line in enumerate(body) if line and not line.startswith("#"))
     assert all(not line.startswith("#SBATCH") for line in body[first_command:])
+
+
+def test_mpi_ranks_and_nodes_are_settings_not_template_edits(tmp_path: Path) -> None:
+    """An MPI pw.x (profile command `srun pw.x`) gets its ranks from the job's --ntasks; no edited template."""
+    config = SlurmExecutorConfig(kind="slurm", time_limit="90", ntasks=64, nodes=2, cpus_per_task=2)
+    batch = batch_of(tmp_path, 3)
+    lines = directives(SlurmExecutor(config).job_script(batch, batch.job_dir / "tasks.txt"))
+    assert {"#SBATCH --ntasks=64", "#SBATCH --nodes=2", "#SBATCH --cpus-per-task=2", "#SBATCH --time=90"} <= set(lines)
+    assert "#SBATCH --ntasks=1" not in lines
+
+
+# (sbatch form, seconds counted by hand)
+SBATCH_TIMES = [
+    ("90", 90 * 60),  # minutes
+    ("30:45", 30 * 60 + 45),  # minutes:seconds
+    ("02:30:00", 2 * 3600 + 30 * 60),  # hours:minutes:seconds
+    ("3-12", 3 * 86400 + 12 * 3600),  # days-hours
+    ("1-02:30", 86400 + 2 * 3600 + 30 * 60),  # days-hours:minutes
+    ("0-02:30:15", 2 * 3600 + 30 * 60 + 15),  # days-hours:minutes:seconds
+]
+
+
+@pytest.mark.parametrize(("time_limit", "seconds"), SBATCH_TIMES)
+def test_every_time_form_sbatch_documents_is_accepted(time_limit: str, seconds: int) -> None:
+    assert SlurmExecutorConfig(kind="slurm", time_limit=time_limit).time_limit == time_limit
+    assert slurm_time_seconds(time_limit) == seconds
+
+
+@pytest.mark.parametrize(
+    ("time_limit", "message"),
+    [
+        ("1:60", "out of range"),
+        ("2-24", "out of range"),
+        ("0", "above zero"),
+        ("UNLIMITED", "not a time limit"),
+        ("-5", "not a time limit"),
+        ("1:2:3:4", "not a time limit"),
+        ("1h", "not a time limit"),
+    ],
+)
+def test_a_time_limit_sbatch_would_refuse_or_read_as_no_limit_is_refused(time_limit: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message) as caught:
+        SlurmExecutorConfig(kind="slurm", time_limit=time_limit)
+    assert "time_limit" in str(caught.value)
 
 
 def test_optional_directives_leave_no_blank_line_and_a_loose_throttle_is_dropped(tmp_path: Path) -> None:

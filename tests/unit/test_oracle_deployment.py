@@ -20,8 +20,11 @@ from services.oracle.deployment import (
 )
 
 
-def test_without_a_file_the_defaults_are_pw_x_debians_pseudos_and_no_vasp(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_file_the_defaults_are_pw_x_debians_pseudos_and_no_vasp(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.delenv("ESPRESSO_PSEUDO", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/espresso/pseudo there
     deployment = load_deployment(None)
     assert deployment == OracleDeployment()
     default = deployment.qe_profile("default")
@@ -31,6 +34,26 @@ def test_without_a_file_the_defaults_are_pw_x_debians_pseudos_and_no_vasp(monkey
         deployment.vasp_profile("default")
     monkeypatch.setenv("ESPRESSO_PSEUDO", "/opt/upf")
     assert load_deployment(None).qe_profile("default").pseudo_dir == Path("/opt/upf")
+
+
+def test_an_unset_pseudo_dir_is_where_pw_x_itself_looks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """pw.x reads $ESPRESSO_PSEUDO, else $HOME/espresso/pseudo; a profile without pseudo_dir follows it, in the
+    oracle's environment, whether the profile is the implicit default or one of the deployment file's."""
+    home = tmp_path / "home"
+    (home / "espresso" / "pseudo").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("ESPRESSO_PSEUDO", raising=False)
+    path = tmp_path / "oracle.yaml"
+    path.write_text("qe:\n  profiles:\n    mpi: {command: srun pw.x}\n")
+    deployment = load_deployment(path)
+    assert deployment.qe_profile("default").pseudo_dir == home / "espresso" / "pseudo"
+    assert deployment.qe_profile("mpi").pseudo_dir == home / "espresso" / "pseudo"
+    monkeypatch.setenv("ESPRESSO_PSEUDO", "/scratch/sssp")
+    deployment = load_deployment(path)
+    assert deployment.qe_profile("mpi").pseudo_dir == Path("/scratch/sssp")
+    assert deployment.qe_profile("default").pseudo_dir == Path("/scratch/sssp")
+    path.write_text("qe:\n  profiles:\n    mpi: {command: srun pw.x, pseudo_dir: /opt/upf}\n")
+    assert load_deployment(path).qe_profile("mpi").pseudo_dir == Path("/opt/upf"), "a set pseudo_dir wins"
 
 
 def test_a_file_adds_profiles_and_keeps_the_default_qe_profile(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from ase import Atoms
+from ase import Atoms, units
 from tblite.ase import TBLite
 
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY
@@ -17,7 +17,7 @@ from pyacemaker.teacher import BUNDLED_METRICS, BUNDLED_MODEL
 from pyacemaker.teacher.dataset import GROUP_KEY, training_structures
 from tests.conftest import SN2_DIR, sn2_seeds
 
-EV_PER_KCAL_MOL = 0.0433641043
+EV_PER_KCAL_MOL = units.kcal / units.mol
 
 
 def xtb_energy(atoms: Atoms, charge: int, multiplicity: int) -> float:

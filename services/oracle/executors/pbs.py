@@ -58,7 +58,10 @@ class PbsExecutor(Executor):
     def job_script(self, batch: Batch, task_list: Path) -> str:
         template, source = read_template(self.deployment.template, "pbs.sh")
         n_tasks = len(batch.task_dirs)
-        select = f"1:ncpus={self.config.ncpus}" + (f":mem={self.config.memory}" if self.config.memory else "")
+        config = self.config
+        select = f"{config.nodes}:ncpus={config.ncpus}"
+        select += f":mpiprocs={config.mpiprocs}" if config.mpiprocs > 1 else ""  # PBS's default is 1
+        select += f":mem={config.memory}" if config.memory else ""
         directives = []
         if self.config.queue:
             directives.append(f"#PBS -q {self.config.queue}")
@@ -72,6 +75,7 @@ class PbsExecutor(Executor):
             "walltime": self.config.walltime,
             "select": select,
             "ncpus": str(self.config.ncpus),
+            "threads_per_rank": str(max(1, self.config.ncpus // self.config.mpiprocs)),
             "directives": "\n".join(directives),
             "task_command": task_command(),
         }

@@ -72,6 +72,8 @@ class SlurmExecutor(Executor):
         directives = []
         if self.config.partition:
             directives.append(f"#SBATCH --partition={self.config.partition}")
+        if self.config.nodes is not None:
+            directives.append(f"#SBATCH --nodes={self.config.nodes}")
         if self.config.memory:
             directives.append(f"#SBATCH --mem={self.config.memory}")
         for extra in self.deployment.extra_directives:
@@ -83,6 +85,7 @@ class SlurmExecutor(Executor):
             "task_list": shlex.quote(str(task_list)),
             "time_limit": self.config.time_limit,
             "cpus_per_task": str(self.config.cpus_per_task),
+            "ntasks": str(self.config.ntasks),
             "directives": "\n".join(directives),
             "task_command": task_command(),
         }

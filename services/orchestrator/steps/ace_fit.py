@@ -7,7 +7,7 @@ from typing import Any
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import dft_reference_energies
-from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
+from services.orchestrator.trainer_jobs import outputs_by_suffix, pacemaker_outputs, run_trainer_job
 
 EXPORT_DIR = "step6_base_ace"
 POTENTIAL_FILES = {".yaml": "yaml", ".yace": "yace", ".asi": "asi", ".json": "metrics"}
@@ -20,7 +20,8 @@ def surrogate_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
 
 
 def potential_outcome(job: common_pb2.Job, ctx: StepContext, stem: str, export_dir: str) -> StepOutcome:
-    """A fit's files as step outputs (yaml, yace, asi, metrics) and exports (<stem>.yace, ...)."""
+    """A fit's files as step outputs (yaml, yace, asi, metrics) and exports (<stem>.yace, ..., and the pacemaker
+    export of a linear fit in pacemaker/)."""
     by_suffix = outputs_by_suffix(job)
     missing = [suffix for suffix in (".yaml", ".yace", ".asi") if suffix not in by_suffix]
     if missing:
@@ -31,6 +32,9 @@ def potential_outcome(job: common_pb2.Job, ctx: StepContext, stem: str, export_d
         for suffix, ref in by_suffix.items()
         if suffix in (".yaml", ".yace", ".asi")
     }
+    # The fit's data and input for pacemaker (linear fits), in <export_dir>/pacemaker/.
+    for name, ref in pacemaker_outputs(job).items():
+        exports[f"{ctx.export_prefix}{export_dir}/pacemaker/{name}"] = ref
     return StepOutcome(outputs=outputs, metrics=dict(job.metrics), exports=exports)
 
 

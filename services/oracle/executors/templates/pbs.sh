@@ -4,6 +4,7 @@
 # To adapt it (modules, a container, scratch on local disk), copy this file, edit the copy and set
 # `executors.pbs.template` in the oracle's deployment file to its path (docs/deployment.md). Placeholders in double braces are filled in at submission:
 #   job_name  array_directive  job_dir  task_list  walltime  select  directives  task_command  ncpus
+#   threads_per_rank
 # A line holding only a placeholder that comes out empty is dropped.
 #PBS -N {{ job_name }}
 {{ array_directive }}
@@ -13,7 +14,7 @@
 #PBS -o {{ job_dir }}/
 {{ directives }}
 
-export OMP_NUM_THREADS={{ ncpus }}
+export OMP_NUM_THREADS={{ threads_per_rank }}
 task_dir=$(sed -n "$((${PBS_ARRAY_INDEX:-0} + 1))p" {{ task_list }})
 cd "$task_dir" || exit 1
 {{ task_command }} "$task_dir"
