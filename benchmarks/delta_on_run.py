@@ -70,7 +70,7 @@ def main() -> None:
             {
                 k: round(v, 5)
                 for k, v in refit.metrics.items()
-                if "rmse" in k or "weight" in k or "lambda" in k or "share" in k
+                if any(word in k for word in ("rmse", "weight", "lambda", "share", "beyond", "gamma"))
             },
         )
         rows = {

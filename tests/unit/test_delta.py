@@ -141,3 +141,54 @@ def test_validate_rejects_a_yace_base_and_names_the_extra_for_a_nonlinear_base(t
     ref = artifact_store.put_file(tmp_path / "nonlinear.yaml", "potential")
     with pytest.raises(WrongStateError, match="TensorFlow"):
         validate_delta_fit(trainer_pb2.DeltaFitSpec(base_potential=ref, dft_data=[data]), artifact_store)
+
+
+def _far_from(atoms: Atoms) -> Atoms:
+    """The structure with its C–H bonds stretched to twice their length: no anchor frame is near it. Wild
+    labels (forces of 50 eV/Å): a correction fitted on them would wreck the potential."""
+    far = atoms.copy()
+    carbon = far.positions[far.numbers == 6][0]
+    hydrogens = far.numbers == 1
+    far.positions[hydrogens] = carbon + 2.0 * (far.positions[hydrogens] - carbon)
+    rng = np.random.default_rng(1)
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    far.calc = SinglePointCalculator(far, energy=atoms.get_potential_energy() + 30.0, forces=rng.normal(0, 50, (6, 3)))
+    return far
+
+
+def test_dft_structures_beyond_the_surrogate_data_are_left_out_and_counted(tmp_path: Path) -> None:
+    frames = xtb_frames()
+    anchor = frames[:40]
+    base = fit_linear_ace(anchor, tmp_path / "base", e0s=xtb_e0s(), functions_per_element=10)
+    near = level_b(frames[40:52])
+    far = [_far_from(a) for a in frames[52:54]]
+    with_far = fit_linear_delta(base.yaml_path, [*near, *far], anchor, tmp_path / "with_far", surrogate_weight=0.1)
+    # γ against the anchor's active set, recomputed apart: the far structures lie beyond the limit.
+    linear_ace.write_active_set(base.yaml_path, anchor, tmp_path / "anchor.asi")
+    grades = evaluate_potential(base.yaml_path, [*near, *far], tmp_path / "anchor.asi").predictions.gamma_max
+    beyond = int(np.sum(grades > 5.0))
+    assert np.all(grades[len(near) :] > 5.0) and beyond >= len(far)
+    assert with_far.metrics["dft_structures_beyond_surrogate_count"] == beyond
+    assert with_far.metrics["dft_structures_count"] == len(near) + len(far) - beyond
+    assert with_far.metrics["dft_max_gamma_vs_surrogate"] == pytest.approx(grades.max(), rel=1e-6)
+    # Their wild labels take no part: the potential is the one fitted without them ...
+    without = fit_linear_delta(
+        base.yaml_path,
+        [a for a, g in zip([*near, *far], grades, strict=True) if g <= 5.0],
+        anchor,
+        tmp_path / "without",
+        surrogate_weight=0.1,
+    )
+    probe = frames[60:70]
+    np.testing.assert_allclose(
+        evaluate_potential(with_far.yace_path, probe).predictions.energies,
+        evaluate_potential(without.yace_path, probe).predictions.energies,
+        atol=1e-9,
+    )
+    # ... and with no limit they do take part (and count as inside).
+    unlimited = fit_linear_delta(
+        base.yaml_path, [*near, *far], anchor, tmp_path / "unlimited", surrogate_weight=0.1, max_dft_gamma=0.0
+    )
+    assert unlimited.metrics["dft_structures_beyond_surrogate_count"] == 0
+    assert unlimited.metrics["dft_structures_count"] == len(near) + len(far)

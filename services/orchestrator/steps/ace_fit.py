@@ -1,22 +1,74 @@
-"""Step 6: the base ACE fitted by the trainer on the surrogate set (the committee-labelled MD frames)."""
+"""Step 6: the base ACE fitted by the trainer on the surrogate set: the committee-labelled MD frames of step 5
+and the fine-tuned committee's labels of the DFT training structures.
+
+Why the DFT structures: step 7 corrects the base where DFT labels exist. Step 2 picks those structures from a
+perturbed pool, so without them the base would be fitted on MD frames only and extrapolate on them (measured on
+the quick SN2 run: γ up to 7·10⁹, force errors up to 333 eV/Å), and the delta would be fitted on the residuals
+of an extrapolating base, which distorts the potential away from the DFT set. With the committee's labels of
+those structures in the base's data, the delta corrects what it should: the committee's differences from DFT,
+on structures the base knows. The labels cost no DFT call (the oracle's mace backend, as in step 5); structures
+whose committee forces exceed active_learning.max_candidate_force are left out (as in step 6b).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ase import Atoms
+
+from pyacemaker.structures import attach_labels, read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, trainer_pb2
+from services.orchestrator.active_learning import largest_atomic_force
+from services.orchestrator.model_labels import model_labels
 from services.orchestrator.steps import StepContext, StepOutcome
-from services.orchestrator.steps.mace_finetune import dft_reference_energies
+from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, dft_reference_energies
 from services.orchestrator.trainer_jobs import outputs_by_suffix, pacemaker_outputs, run_trainer_job
 
 EXPORT_DIR = "step6_base_ace"
 POTENTIAL_FILES = {".yaml": "yaml", ".yace": "yace", ".asi": "asi", ".json": "metrics"}
+# Step 6's output: the committee-labelled DFT structures (a shard of the base's training data).
+DFT_STRUCTURES_OUTPUT = "dft_structures"
+# info entries of those frames: each its own cross-validation group, and where it comes from.
+DFT_STRUCTURES_SOURCE = "dft_structures"
 
 
 def surrogate_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
     """Step 5's labelled shards, in order."""
     outputs = ctx.previous["surrogate_labelling"]
     return [outputs[name] for name in sorted(outputs) if name.startswith("shard_")]
+
+
+def base_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
+    """The base fit's training shards once step 6 ran: step 5's plus the committee-labelled DFT structures
+    (the student refinement's refits start from these)."""
+    extra = ctx.previous.get("ace_fit", {}).get(DFT_STRUCTURES_OUTPUT)
+    return [*surrogate_shards(ctx), *([extra] if extra is not None else [])]
+
+
+def committee_labelled_dft_structures(ctx: StepContext) -> tuple[list[Atoms], int]:
+    """The DFT training structures (step 2's set, isolated atoms left out) with the fine-tuned committee's labels
+    instead of DFT's, and how many were left out for committee forces above active_learning.max_candidate_force."""
+    structures = [
+        Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        for atoms in read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"]))
+        if len(atoms) > 1
+    ]
+    if not structures:
+        return [], 0
+    labels = model_labels(
+        ctx, committee_spec(ctx, committee_models(ctx)), structures, "committee labels of the DFT structures"
+    )
+    cap = ctx.config.active_learning.max_candidate_force
+    frames: list[Atoms] = []
+    for index, (atoms, label) in enumerate(zip(structures, labels, strict=True)):
+        labelled = attach_labels(atoms, label)
+        labelled.info.pop("wall_time_s", None)  # timing differs run to run; the shard's bytes must not
+        if largest_atomic_force([labelled.get_forces()])[0] > cap:
+            continue
+        labelled.info["fit_group"] = f"{DFT_STRUCTURES_SOURCE}:{index}"
+        labelled.info["source"] = DFT_STRUCTURES_SOURCE
+        frames.append(labelled)
+    return frames, len(structures) - len(frames)
 
 
 def potential_outcome(job: common_pb2.Job, ctx: StepContext, stem: str, export_dir: str) -> StepOutcome:
@@ -40,19 +92,38 @@ def potential_outcome(job: common_pb2.Job, ctx: StepContext, stem: str, export_d
 
 class AceFitStep:
     name = "ace_fit"
-    version = 1
+    version = 2
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
             "shards": [ref.sha256 for ref in surrogate_shards(ctx)],
             "e0s": ctx.previous["active_learning"]["iteration"].sha256,
             "ace": ctx.config.ace.model_dump(mode="json", exclude={"delta_surrogate_weight"}),
+            "dft": ctx.previous["active_learning"]["dft"].sha256,
+            "committee": [ref.sha256 for ref in committee_models(ctx)],
+            "max_candidate_force": ctx.config.active_learning.max_candidate_force,
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
-        spec = base_fit_spec(ctx, surrogate_shards(ctx))
+        frames, too_violent = committee_labelled_dft_structures(ctx)
+        shards = surrogate_shards(ctx)
+        extra: dict[str, common_pb2.ArtifactRef] = {}
+        if frames:
+            path = ctx.store.new_tempfile(".extxyz")
+            write_extxyz(path, frames)
+            extra[DFT_STRUCTURES_OUTPUT] = ctx.store.put_file(path, kind="structures", move=True)
+            shards = [*shards, extra[DFT_STRUCTURES_OUTPUT]]
+        spec = base_fit_spec(ctx, shards)
         job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(ace_fit=spec), "base ACE fit on the surrogate set")
-        return potential_outcome(job, ctx, "base", EXPORT_DIR)
+        outcome = potential_outcome(job, ctx, "base", EXPORT_DIR)
+        outcome.outputs.update(extra)
+        if extra:
+            outcome.exports[f"{ctx.export_prefix}{EXPORT_DIR}/dft_structures_committee.extxyz"] = extra[
+                DFT_STRUCTURES_OUTPUT
+            ]
+        outcome.metrics["dft_structures_count"] = float(len(frames))
+        outcome.metrics["dft_structures_left_out_count"] = float(too_violent)
+        return outcome
 
 
 def base_fit_spec(ctx: StepContext, shards: list[common_pb2.ArtifactRef]) -> trainer_pb2.AceFitSpec:

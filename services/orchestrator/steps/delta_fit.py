@@ -2,7 +2,8 @@
 a down-weighted regulariser that anchors the correction where DFT has no data).
 
 The base is the student refinement's (step 6b) when it ran, else step 6's; the anchor frames are step 5's
-shards plus the frames the refinement added."""
+shards plus the frames the refinement added. The base was also fitted on the committee's labels of the DFT
+structures (step 6); those are no anchor frames: there the DFT rows say where the potential goes."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ structures with the chloride beside the molecule, which no surrogate frame held.
    the fine-tuned committee (the mace backend, as in step 5; no DFT) and added to the surrogate set, those
    whose committee forces exceed active_learning.max_candidate_force left out (near-collisions: the core
    repulsion, not data, covers them);
-3. the base is refitted on step 5's shards plus every round's frames (a trainer ace_fit job, as step 6).
+3. the base is refitted on step 6's training shards (step 5's and the committee-labelled DFT structures) plus
+   every round's frames (a trainer ace_fit job, as step 6).
 
 The rounds end when the student's MD stays below the threshold (no frame above it, no replica stopped) or
 after max_rounds refits. Frames of the student's MD where the committee itself is uncertain (its force spread,
@@ -49,7 +50,7 @@ from services.oracle.client import artifact_option, backend_spec
 from services.orchestrator.active_learning import largest_atomic_force
 from services.orchestrator.model_labels import model_labels
 from services.orchestrator.steps import StepContext, StepOutcome
-from services.orchestrator.steps.ace_fit import POTENTIAL_FILES, base_fit_spec, surrogate_shards
+from services.orchestrator.steps.ace_fit import POTENTIAL_FILES, base_fit_spec, base_shards
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
 from services.orchestrator.steps.surrogate_md import md_config
 from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
@@ -97,7 +98,7 @@ class StudentRefinementStep:
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
             "base": ctx.previous["ace_fit"]["yaml"].sha256,
-            "shards": [ref.sha256 for ref in surrogate_shards(ctx)],
+            "shards": [ref.sha256 for ref in base_shards(ctx)],
             "committee": [ref.sha256 for ref in committee_models(ctx)],
             "iteration_record": ctx.previous["active_learning"]["iteration"].sha256,
             "refinement": ctx.config.student_refinement.model_dump(mode="json"),
@@ -126,7 +127,7 @@ class StudentRefinementStep:
             if candidates:
                 record.artifacts["candidates"] = _dump(_put_frames(ctx, candidates))
             if not record.converged and number <= settings.max_rounds and frames:
-                potential = refit(ctx, [*surrogate_shards(ctx), *_student_shards([*rounds, record])], record)
+                potential = refit(ctx, [*base_shards(ctx), *_student_shards([*rounds, record])], record)
             elif not record.converged and not frames:
                 # Above the threshold but nothing the committee could label sensibly: refitting changes nothing.
                 rounds.append(record)
