@@ -1,6 +1,6 @@
 """Delta learning re-done on a finished run's own data: does the correction move the potential to the DFT level?
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/delta_on_run.py RUN_DIR [--iteration 1]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/delta_on_run.py RUN_DIR [--iteration 1] [--max-dft-gamma G]
 
 Takes the iteration's base (the student refinement's refined base when it ran, else step 6's), its DFT set
 (step 2), its anchor frames (step 5's shards and the refinement's frames) and the validation's DFT-labelled
@@ -43,6 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--iteration", type=int, default=1)
+    parser.add_argument(
+        "--max-dft-gamma", type=float, default=None, help="γ limit for the DFT structures (0: none; default: the fit's)"
+    )
     args = parser.parse_args()
     it = args.run_dir / f"iteration_{args.iteration:02d}"
     refined = it / "step6b_student_refinement" / "refined.yaml"
@@ -64,7 +67,8 @@ def main() -> None:
     if profile:
         print(f"DFT barrier {central_barrier_kcal([a.get_potential_energy() for a in profile]):.2f} kcal/mol")
     with tempfile.TemporaryDirectory() as tmp:
-        refit = fit_linear_delta(base, dft, anchor, Path(tmp))
+        limit = {} if args.max_dft_gamma is None else {"max_dft_gamma": args.max_dft_gamma}
+        refit = fit_linear_delta(base, dft, anchor, Path(tmp), **limit)
         print(
             "re-fitted delta:",
             {

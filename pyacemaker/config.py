@@ -764,7 +764,12 @@ class AceConfig(_Strict):
         0, ge=0, le=10_000_000, description="Target basis functions; 0 infers it from the data size."
     )
     delta_surrogate_weight: float = Field(
-        0.0, ge=0, description="Weight of surrogate rows in delta learning; 0 chooses it by cross-validation."
+        0.0,
+        ge=0,
+        description="Weight of the surrogate (anchor) block relative to the DFT block in delta learning; 0 "
+        "chooses it by cross-validation from 1, 3, 10 (never weaker than the DFT block: weaker anchors cost molecular "
+        "MD runs). Where the teacher is off everywhere (a bulk with the wrong lattice constant), a weak anchor such as "
+        "0.1 lets the correction reach the whole surrogate region.",
     )
     core_repulsion: bool = Field(
         True,
