@@ -6,8 +6,9 @@ Read it as a tutorial, run it as a test:
     .venv/bin/python UAT_AND_TUTORIAL.py --quick    # the same pipeline with GFN1-xTB standing in for DFT (~3 min)
 
 (`make install` first; the README's `make demo` runs the flagship through the same services.) The script starts
-the services if they are not running, runs the pipeline, reads what the run left in its run directory, checks
-the acceptance criteria, uses the final potential from ASE, and stops the services it started. It exits 0 when
+its own services (free ports, a service home inside the work dir, so a `make up` or `make demo` running
+on this machine is neither used nor disturbed), runs the pipeline, reads what the run left in its run directory, checks
+the acceptance criteria, uses the final potential from ASE, and stops its services. It exits 0 when
 every check passes, 1 when one fails (each check prints PASS or FAIL with its figures).
 
 The story in seven steps (ARCHITECTURE.md has the design):
@@ -64,9 +65,10 @@ def main() -> int:
         return 1
 
     # --- The services. `pyacemaker up` starts sampler, oracle, trainer and orchestrator on loopback ports. --------
-    started = subprocess.run([CLI, "status"], capture_output=True, text=True).returncode != 0
-    if started:
-        subprocess.run([CLI, "up", "--ports", "auto"], check=True)
+    # Their addresses go to a home of the tutorial's own: the default home (and ports 50051-50054) may belong to
+    # services someone else started, which this run must not share.
+    os.environ["PYACEMAKER_HOME"] = str(work_dir / "services")
+    subprocess.run([CLI, "up", "--ports", "auto"], check=True)
     try:
         # --- The run. Progress streams to the terminal; a second `run` would skip every verified step. ---------
         run = subprocess.run([CLI, "run", str(config_path)])
@@ -75,8 +77,7 @@ def main() -> int:
             return 1
         return 0 if acceptance(run_dir, quick=args.quick) else 1
     finally:
-        if started:
-            subprocess.run([CLI, "down"], check=False)
+        subprocess.run([CLI, "down"], check=False)
 
 
 def acceptance(run_dir: Path, quick: bool) -> bool:

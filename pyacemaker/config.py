@@ -626,7 +626,8 @@ class ActiveLearningConfig(_Strict):
         "near-collision geometries that the dynamics never visits (their spread is large only because their "
         "forces are). When MD frames are among the candidates (see md_candidate_steps), the cap falls to the "
         "largest force among them if that is lower. DFT-labelled structures whose largest force exceeds this are "
-        "charged but not trained on.",
+        "charged but not trained on. Before DIRECT, pool structures whose teacher force exceeds 0.8 × this are "
+        "dropped (a cheaper teacher's forces fall short of DFT's on compressed bonds).",
     )
     finetune_epochs: int = Field(20, ge=1, le=100_000, description="Epochs of each committee member's fine-tuning.")
     md_candidate_steps: int = Field(
