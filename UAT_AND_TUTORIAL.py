@@ -11,7 +11,7 @@ on this machine is neither used nor disturbed), runs the pipeline, reads what th
 the acceptance criteria, uses the final potential from ASE, and stops its services. It exits 0 when
 every check passes, 1 when one fails (each check prints PASS or FAIL with its figures).
 
-The story in seven steps (ARCHITECTURE.md has the design):
+The story in seven steps (README.md's "What it does" and docs/deployment.md give the design):
  1. DIRECT sampling picks a diverse set from a pool of rattled, interpolated and rotated seed structures.
  2. Active learning: a committee of MACE models fine-tuned from the teacher says where it is unsure; only the
     most uncertain candidates are sent to DFT, under a hard budget.
@@ -47,7 +47,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="GFN1-xTB as DFT, small sizes (what the tests run)")
     parser.add_argument("--work-dir", type=Path, help="where the config and the run go (default: a temp dir)")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch on a busy 2-core machine: see PLATFORM.md
+    # One thread per process: torch threads beside the services' would oversubscribe a small machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     # --- The config. One YAML file says what to build; the example's is annotated line by line. ----------------
     work_dir = (args.work_dir or Path(tempfile.mkdtemp(prefix="pyacemaker-tutorial-"))).resolve()
@@ -133,7 +134,7 @@ def acceptance(run_dir: Path, quick: bool) -> bool:
     if profile:
         barriers = profile["central_barrier_kcal_per_mol"]
         print("central barrier along ξ (kcal/mol): " + ", ".join(f"{k} {v:.2f}" for k, v in barriers.items()))
-        # ARCHITECTURE.md's goal: the final ACE reproduces its own DFT level's barrier within 1 kcal/mol. The quick
+        # The product's goal: the final ACE reproduces its own DFT level's barrier within 1 kcal/mol. The quick
         # variant's MD and fits are too small for that; it gets a looser bound.
         tolerance = 3.0 if quick else 1.0
         checks[f"final ACE barrier within {tolerance:g} kcal/mol of DFT"] = (

@@ -129,7 +129,7 @@ def md_hold_out(
     `replicas` runs each, `frames` snapshots `every` steps after MD_EQUILIBRATION_STEPS, each with the MD's own
     xtb energy and forces. These are the states the finished potential is meant to simulate, and neither
     selection can draw them. The centre of mass is fixed by a constraint, not by Langevin's fixcm, which heats
-    a 6-atom molecule (../shared/PLATFORM.md)."""
+    a 6-atom molecule to about twice the target temperature (services/sampler/md.py)."""
     backend = XtbBackend(XtbOracleConfig(backend="xtb", method="GFN2-xTB"))
     rng = np.random.default_rng(HELD_OUT_SEED)
     snapshots = []

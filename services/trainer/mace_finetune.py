@@ -2,7 +2,7 @@
 subsets, through mace's own training entry point (`mace.cli.run_train`, run in the worker process).
 
 Reference energies. Naive fine-tuning (`--foundation_model=... --multiheads_finetuning=False`) keeps the
-teacher's atomic energies E0 whatever `--E0s` says (measured, ../shared/PLATFORM.md): a model fine-tuned on
+teacher's atomic energies E0 whatever `--E0s` says (measured): a model fine-tuned on
 labels of another level would start off by the whole difference of the isolated-atom energies, thousands of
 eV, and diverge. So the targets are moved onto the teacher's reference,
 

@@ -40,7 +40,7 @@ from services.trainer.datasets import (
 from services.trainer.pacemaker_export import write_dataset
 from services.trainer.progress import ProgressWriter
 
-# What the extra needs; PLATFORM-tested pins (../shared/PLATFORM.md).
+# What the extra needs; pins tested on these machines.
 TENSORFLOW_EXTRA_INSTALL = (
     'pip install "numpy>=2,<2.4" "pandas>=2,<3" "tensorflow-cpu==2.20.*" matscipy sympy "pyyaml>=6.0.2" tqdm '
     'requests "questionary>=2.0" "rich>=13.0" && pip install --no-deps tensorpotential==0.6.2.1 tf_keras==2.20.1'
