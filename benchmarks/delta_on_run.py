@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from pyacemaker.structures import read_structures  # noqa: E402
 from services.orchestrator.reaction_profile import central_barrier_kcal  # noqa: E402
-from services.trainer.delta import fit_linear_delta  # noqa: E402
+from services.trainer.delta import MAX_DFT_GAMMA, fit_linear_delta  # noqa: E402
 from services.trainer.evaluation import evaluate_potential  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--iteration", type=int, default=1)
     parser.add_argument(
-        "--max-dft-gamma", type=float, default=None, help="γ limit for the DFT structures (0: none; default: the fit's)"
+        "--max-dft-gamma", type=float, default=MAX_DFT_GAMMA, help="γ limit for the DFT structures (0: none)"
     )
     args = parser.parse_args()
     it = args.run_dir / f"iteration_{args.iteration:02d}"
@@ -67,8 +67,7 @@ def main() -> None:
     if profile:
         print(f"DFT barrier {central_barrier_kcal([a.get_potential_energy() for a in profile]):.2f} kcal/mol")
     with tempfile.TemporaryDirectory() as tmp:
-        limit = {} if args.max_dft_gamma is None else {"max_dft_gamma": args.max_dft_gamma}
-        refit = fit_linear_delta(base, dft, anchor, Path(tmp), **limit)
+        refit = fit_linear_delta(base, dft, anchor, Path(tmp), max_dft_gamma=args.max_dft_gamma)
         print(
             "re-fitted delta:",
             {
