@@ -84,9 +84,13 @@ teacher: install
 docs: install
 	$(PY) docs/make_config_reference.py
 
+# Two pytest workers: most of the suite waits on subprocesses (services, DFT codes, MACE jobs) that run one thread
+# each (OMP_NUM_THREADS=1), so a second worker uses the second core instead of oversubscribing. --dist loadfile keeps
+# each test file on one worker, so a file's module fixtures (a Slurm cluster, container images) are built once.
+TEST_WORKERS ?= 2
 test: install lint
 	$(PY) docs/make_config_reference.py --check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) pyacemaker/v1 .pytest_cache .ruff_cache .mypy_cache
