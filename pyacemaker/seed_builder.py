@@ -74,6 +74,14 @@ class SeedComputationError(RuntimeError):
     """A calculation failed or did not give what it must (no convergence, no barrier, not a saddle point)."""
 
 
+class NoBarrierError(SeedComputationError):
+    """The relaxed path from the reactant to the product has no maximum between its ends."""
+
+    def __init__(self, message: str, energies: list[float]) -> None:
+        super().__init__(message)
+        self.energies = energies
+
+
 def _quiet(_: str) -> None:
     pass
 
@@ -457,9 +465,10 @@ def find_transition_state(
         highest = int(np.argmax(energies))
         if highest in (0, len(band) - 1):
             profile = " → ".join(f"{energy - energies[0]:+.3f}" for energy in energies)
-            raise SeedComputationError(
+            raise NoBarrierError(
                 "no barrier between the reactant and the product at this level: along the relaxed path the energy "
-                f"(eV, from the reactant) goes {profile}, so there is no transition state"
+                f"(eV, from the reactant) goes {profile}, so there is no transition state",
+                energies,
             )
     return NebResult([Atoms(im.numbers, positions=im.positions) for im in band], energies, total_steps)
 
@@ -524,6 +533,8 @@ class SeedOptions:
     images: int = 5
     neb_fmax: float = 0.05
     neb_steps: int = 1000
+    # Without a barrier, write the two complexes and ξ instead of failing (the run's windows still cross ξ).
+    allow_no_barrier: bool = False
 
 
 @dataclass
@@ -618,13 +629,28 @@ def build_reaction_seeds(
             options.neb_fmax,
             options.neb_steps,
         )
-    except SeedComputationError as exc:
-        if notes:
-            raise SeedComputationError(
-                f"{exc}. Why: {notes[0]}. Start from a complex that is a minimum at {options.method} (for F⁻ + "
-                "CH3Cl at GFN2-xTB: the hydrogen-bonded F⁻···H–CH2Cl, not the back-side complex)"
+    except NoBarrierError as exc:
+        why = f" Why: {notes[0]}." if notes else ""
+        if not options.allow_no_barrier:
+            raise NoBarrierError(
+                f"{exc}.{why} Start from a complex that is a minimum at {options.method} (for F⁻ + CH3Cl at "
+                "GFN2-xTB: the hydrogen-bonded F⁻···H–CH2Cl, not the back-side complex), or pass --no-barrier-ok "
+                "to write the two complexes and ξ without a transition state",
+                exc.energies,
             ) from None
-        raise
+        notes.append(f"{exc}; wrote no transition state.{why}")
+        progress(notes[-1])
+        ends = {"reactant_complex": relaxed["reactant_complex"], "product_complex": relaxed["product_complex"]}
+        xi_ends = {name: xi(atoms, triple) for name, atoms in ends.items()}
+        return SeedResult(
+            seeds={name: _seed_frame(atoms, options) for name, atoms in ends.items()},
+            energies={"reactant_complex": exc.energies[0], "product_complex": exc.energies[-1]},
+            triple=triple,
+            xi=xi_ends,
+            notes=notes,
+            yaml=reaction_coordinate_yaml(reactant, triple, xi_ends, options.method),
+            reordered_atoms=moved,
+        )
     transition_state = neb.images[neb.highest]
     progress(f"NEB converged in {neb.steps} steps; checking the highest image with a finite-difference Hessian")
     frequencies, _ = vibrational_analysis(transition_state, calculators())

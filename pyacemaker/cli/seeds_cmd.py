@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "md.windows and validation.profile sections to paste into the config. A complex that falls to the other "
         "side when relaxed freely is relaxed with the forming bond held and reported. With one structure (a "
         "non-reactive system) it is relaxed, checked to be a minimum and written as seed.xyz. Exit 2 for bad "
-        "input, 1 when a calculation fails or finds no transition state.",
+        "input, 1 when a calculation fails or finds no transition state (unless --no-barrier-ok).",
     )
     parser.add_argument("reactant", type=Path, help="reactant (complex) structure file, one frame (xyz, extxyz, ...)")
     parser.add_argument("product", type=Path, nargs="?", help="product (complex) structure file, same atoms")
@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-o", "--output-dir", type=Path, default=Path("seeds"), help="where the files go (default: ./seeds)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace seed files that exist already")
+    parser.add_argument(
+        "--no-barrier-ok",
+        action="store_true",
+        help="when the path has no barrier at this level, write the two complexes and ξ (no transition state) "
+        "instead of failing",
+    )
     parser.add_argument(
         "--images", type=int, default=sb.SeedOptions.images, help="moving NEB images (default: %(default)s)"
     )
@@ -120,6 +126,7 @@ def run_seeds(args: argparse.Namespace) -> int:
         images=args.images,
         neb_fmax=args.neb_fmax,
         neb_steps=args.neb_steps,
+        allow_no_barrier=args.no_barrier_ok,
     )
 
     def progress(line: str) -> None:
@@ -139,6 +146,10 @@ def run_seeds(args: argparse.Namespace) -> int:
         written = sb.write_seeds(result, args.output_dir)
     except OSError as exc:
         return fail(f"cannot write the seeds to {args.output_dir}: {exc}", EXIT_FAILED)
+    for stale in set(targets) - set(written):  # an earlier transition state must not pass for this reaction's
+        if stale.exists():
+            stale.unlink()
+            print(f"removed {stale} (from an earlier run; this one found no transition state)")
     _print_result(result, written, method)
     return EXIT_OK
 
@@ -149,7 +160,7 @@ def _print_result(result: object, written: list[Path], method: str) -> None:
     assert isinstance(result, sb.SeedResult)
     for note in result.notes:
         print(f"note: {note}")
-    if result.triple is not None:
+    if "transition_state" in result.seeds:
         (wavenumber,) = result.imaginary_cm1
         barrier = result.barrier_ev
         reaction = result.energies["product_complex"] - result.energies["reactant_complex"]

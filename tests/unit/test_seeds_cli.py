@@ -175,5 +175,22 @@ def test_a_collapsing_complex_without_a_barrier_exits_1_and_says_why(tmp_path: P
         "not a minimum at GFN2-xTB",
         "hydrogen-bonded",
     )
-    assert "(d(C0–F5) 2.60 → 1.38 Å)" in error
+    assert "(d(C0–F5) 2.60 → 1.38 Å)" in error and "--no-barrier-ok" in error
     assert not (tmp_path / "out" / "transition_state.xyz").exists()
+
+    # Asked to, it writes the held complex, the product and ξ, and drops a transition state of an earlier run.
+    out = tmp_path / "out"
+    out.mkdir()
+    _write(out / "transition_state.xyz", shipped("transition_state"))
+    code, lines, stdout = _cli(
+        "seeds", str(reactant), str(product), "--charge", "-1", "-o", str(out), "--no-barrier-ok", "--overwrite"
+    )
+    assert code == EXIT_OK, lines
+    assert sorted(path.name for path in out.iterdir()) == [
+        "product_complex.xyz",
+        "reactant_complex.xyz",
+        "reaction_coordinate.yaml",
+    ]
+    assert "note: no barrier" in stdout and "removed" in stdout
+    (held,) = read_structures(out / "reactant_complex.xyz")
+    assert float(np.linalg.norm(held.positions[0] - held.positions[5])) == pytest.approx(2.60, abs=1e-3)
