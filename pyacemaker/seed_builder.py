@@ -473,6 +473,37 @@ def find_transition_state(
     return NebResult([Atoms(im.numbers, positions=im.positions) for im in band], energies, total_steps)
 
 
+def polish_transition_state(
+    neb: NebResult, calculator: Calculator, fmax: float, steps: int
+) -> tuple[Atoms, float] | None:
+    """The NEB's highest image refined by the dimer method (ase.mep, the lowest mode started along the band's
+    tangent there) to `fmax`, and its energy; None when the dimer does not converge in `steps`."""
+    import warnings
+
+    from ase.mep import DimerControl, MinModeAtoms, MinModeTranslate
+
+    i = neb.highest
+    tangent = neb.images[i + 1].positions - neb.images[i - 1].positions
+    tangent /= np.linalg.norm(tangent)
+    atoms = Atoms(neb.images[i].numbers, positions=neb.images[i].positions)
+    atoms.calc = calculator
+    control = DimerControl(initial_eigenmode_method="displacement", displacement_method="vector", logfile=None)
+    dimer = MinModeAtoms(atoms, control)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not possible to figure out which atoms to displace": all
+        dimer.displace(displacement_vector=0.01 * tangent)
+        optimizer = MinModeTranslate(dimer, logfile=None)
+        try:
+            converged = optimizer.run(fmax=fmax, steps=steps)
+        except CalculationFailed:
+            return None
+    if not converged:
+        return None
+    polished = Atoms(atoms.numbers, positions=atoms.positions)
+    polished.calc = calculator
+    return polished, float(polished.get_potential_energy())
+
+
 def vibrational_analysis(atoms: Atoms, calculator: Calculator) -> tuple[np.ndarray, np.ndarray]:
     """Frequencies (cm⁻¹, imaginary as negative) and Cartesian mode vectors with translations/rotations removed.
 
@@ -535,6 +566,8 @@ class SeedOptions:
     neb_steps: int = 1000
     # Without a barrier, write the two complexes and ξ instead of failing (the run's windows still cross ξ).
     allow_no_barrier: bool = False
+    # Refine the NEB's highest image with the dimer method to this largest force, eV/Å; None: keep it as it is.
+    polish_fmax: float | None = None
 
 
 @dataclass
@@ -651,8 +684,18 @@ def build_reaction_seeds(
             yaml=reaction_coordinate_yaml(reactant, triple, xi_ends, options.method),
             reordered_atoms=moved,
         )
-    transition_state = neb.images[neb.highest]
-    progress(f"NEB converged in {neb.steps} steps; checking the highest image with a finite-difference Hessian")
+    transition_state, ts_energy = neb.images[neb.highest], neb.energies[neb.highest]
+    progress(f"NEB converged in {neb.steps} steps")
+    if options.polish_fmax is not None:
+        progress(f"polishing the highest image with the dimer method (fmax {options.polish_fmax} eV/Å)")
+        polished = polish_transition_state(neb, calculators(), options.polish_fmax, options.relax_steps)
+        xi_span = sorted((xi(relaxed["reactant_complex"], triple), xi(relaxed["product_complex"], triple)))
+        if polished is None or not xi_span[0] < xi(polished[0], triple) < xi_span[1]:
+            notes.append("the dimer method did not converge between the complexes: the NEB's highest image is kept")
+            progress(notes[-1])
+        else:
+            transition_state, ts_energy = polished
+    progress("checking the transition state with a finite-difference Hessian")
     frequencies, _ = vibrational_analysis(transition_state, calculators())
     imaginary = imaginary_frequencies(frequencies)
     if len(imaginary) != 1:
@@ -668,7 +711,7 @@ def build_reaction_seeds(
     }
     energies = {
         "reactant_complex": neb.energies[0],
-        "transition_state": neb.energies[neb.highest],
+        "transition_state": ts_energy,
         "product_complex": neb.energies[-1],
     }
     xi_values = {name: xi(atoms, triple) for name, atoms in seeds.items()}

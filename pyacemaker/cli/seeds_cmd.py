@@ -72,6 +72,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=sb.SeedOptions.relax_fmax,
         help="relaxation convergence, largest force, eV/Å (default: %(default)s)",
     )
+    parser.add_argument(
+        "--polish",
+        type=float,
+        nargs="?",
+        const=0.005,
+        metavar="FMAX",
+        help="refine the NEB's transition state with the dimer method to this largest force, eV/Å (0.005 when "
+        "given without a value)",
+    )
     parser.set_defaults(handler=run_seeds)
 
 
@@ -99,8 +108,8 @@ def run_seeds(args: argparse.Namespace) -> int:
     for name, value in (("--images", args.images), ("--neb-steps", args.neb_steps)):
         if value < 1:
             return fail(f"{name} must be at least 1, got {value}", EXIT_BAD_INPUT)
-    for name, fvalue in (("--neb-fmax", args.neb_fmax), ("--relax-fmax", args.relax_fmax)):
-        if not fvalue > 0:
+    for name, fvalue in (("--neb-fmax", args.neb_fmax), ("--relax-fmax", args.relax_fmax), ("--polish", args.polish)):
+        if fvalue is not None and not fvalue > 0:
             return fail(f"{name} must be positive (eV/Å), got {fvalue}", EXIT_BAD_INPUT)
     try:
         method = sb.canonical_method(args.method)
@@ -127,6 +136,7 @@ def run_seeds(args: argparse.Namespace) -> int:
         neb_fmax=args.neb_fmax,
         neb_steps=args.neb_steps,
         allow_no_barrier=args.no_barrier_ok,
+        polish_fmax=args.polish,
     )
 
     def progress(line: str) -> None:

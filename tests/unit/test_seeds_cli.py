@@ -66,9 +66,12 @@ def _gfn2_energy(atoms: Atoms) -> float:
 def test_fluoride_substitution_end_to_end(tmp_path: Path, fluoride_files: tuple[Path, Path]) -> None:
     reactant_file, product_file = fluoride_files
     out = tmp_path / "seeds"
-    code, lines, stdout = _cli("seeds", str(reactant_file), str(product_file), "--charge", "-1", "-o", str(out))
+    code, lines, stdout = _cli(
+        "seeds", str(reactant_file), str(product_file), "--charge", "-1", "-o", str(out), "--polish"
+    )
     assert code == EXIT_OK, lines
     assert any("climbing-image NEB" in line for line in lines)  # progress per stage on stderr
+    assert any("polishing the highest image with the dimer method" in line for line in lines)
     seeds = {name: read_structures(out / f"{name}.xyz") for name in ("reactant_complex", "transition_state",
                                                                      "product_complex")}  # fmt: skip
     reactant_numbers = list(fluoride_reactant().numbers)
@@ -87,6 +90,11 @@ def test_fluoride_substitution_end_to_end(tmp_path: Path, fluoride_files: tuple[
     xi = {name: d(atoms, 4, 0) - d(atoms, 0, 5) for name, atoms in (("r", reactant), ("ts", ts), ("p", product))}
     assert xi["r"] < xi["ts"] < xi["p"]
 
+    # Polished: a stationary point by tblite's own forces on the written file.
+    calculated = Atoms(ts.numbers, positions=ts.positions)
+    calculated.calc = TBLite(method="GFN2-xTB", charge=-1, multiplicity=1, verbosity=0)
+    assert float(np.linalg.norm(calculated.get_forces(), axis=1).max()) < 0.01
+
     # Barrier from tblite directly on the written files: a small central barrier, as printed.
     barrier = _gfn2_energy(ts) - _gfn2_energy(reactant)
     assert 0.02 < barrier < 0.3
@@ -95,8 +103,6 @@ def test_fluoride_substitution_end_to_end(tmp_path: Path, fluoride_files: tuple[
     assert float(printed[2]) == pytest.approx(barrier, abs=0.002)
 
     # ASE's frequencies of the written TS (rigid-body modes not projected: they stay below 50 cm⁻¹).
-    calculated = Atoms(ts.numbers, positions=ts.positions)
-    calculated.calc = TBLite(method="GFN2-xTB", charge=-1, multiplicity=1, verbosity=0)
     with tempfile.TemporaryDirectory() as cache:
         vibrations = Vibrations(calculated, name=str(Path(cache) / "vib"), delta=0.005)
         vibrations.run()
