@@ -61,6 +61,8 @@ PROFILE_COUNT = 11
 SEED_NAMES = ("reactant_complex", "transition_state", "product_complex")
 SINGLE_SEED_NAME = "seed"
 REACTION_COORDINATE_FILE = "reaction_coordinate.yaml"
+# Relaxed complexes closer than this (RMSD after alignment, Å) are one structure: nothing to find between them.
+SAME_STRUCTURE_RMSD = 0.05
 KCAL_PER_MOL = units.kcal / units.mol
 
 Progress = Callable[[str], None]
@@ -600,58 +602,134 @@ def _seed_frame(atoms: Atoms, options: SeedOptions) -> Atoms:
     )
 
 
-def build_reaction_seeds(
-    reactant: Atoms, product: Atoms, options: SeedOptions, progress: Progress = _quiet
-) -> SeedResult:
-    """Reactant complex, transition state and product complex in one atom order (the reactant's), ξ's atoms and
-    the YAML snippet. SeedInputError for inputs that cannot describe a reaction, SeedComputationError for a
-    calculation that fails or finds no saddle point."""
-    options = replace(options, method=canonical_method(options.method))
-    check_input(reactant, options, "reactant")
-    check_input(product, options, "product")
-    calculators: CalculatorFactory = lambda: xtb_calculator(options.method, options.charge, options.multiplicity)  # noqa: E731
-    calculators()  # an unknown method or a missing tblite fails here, before any work
-    check_same_atoms(reactant, product)
-    product, mapping = choose_reactive_mapping(reactant, product)
+def _mapped_product(reactant: Atoms, product: Atoms, notes: list[str], progress: Progress) -> tuple[Atoms, int]:
+    """The product in the reactant's order (see choose_reactive_mapping; the least-RMSD mapping when no mapping
+    changes a bond) and how many atoms moved."""
+    try:
+        mapped, mapping = choose_reactive_mapping(reactant, product)
+    except SeedInputError:
+        mapping = atom_mappings(reactant, product)[0]
+        mapped = reordered(reactant, product, mapping)
+        notes.append("no bond breaks or forms between the reactant and the product: a change of shape, no ξ")
+        progress(notes[-1])
     moved = int((mapping.permutation != np.arange(len(reactant))).sum())
     progress(
         f"atom order: the product's atoms mapped onto the reactant's ({moved} of {len(reactant)} reordered, "
         f"RMSD {mapping.rmsd:.2f} Å after alignment)"
     )
-    triple = infer_reaction_coordinate(reactant, product)
-    a, b, c = triple
+    return mapped, moved
+
+
+def _relaxed_complexes(
+    reactant: Atoms,
+    product: Atoms,
+    triple: tuple[int, int, int] | None,
+    options: SeedOptions,
+    notes: list[str],
+    progress: Progress,
+) -> dict[str, Atoms]:
+    """Both complexes relaxed; with ξ known, a complex that falls to the other side is held (relax_complex)."""
     symbols = reactant.get_chemical_symbols()
-    progress(
-        f"reaction coordinate: {symbols[a]}{a}–{symbols[b]}{b} breaks, {symbols[b]}{b}–{symbols[c]}{c} forms: "
-        f"ξ = d({a}, {b}) − d({b}, {c})"
-    )
-    notes: list[str] = []
     relaxed: dict[str, Atoms] = {}
-    for name, atoms, keep_bonded, keep_apart in (
-        ("reactant_complex", reactant, (a, b), (b, c)),
-        ("product_complex", product, (b, c), (a, b)),
-    ):
+    for name, atoms in (("reactant_complex", reactant), ("product_complex", product)):
         what = name.replace("_", " ")
         progress(f"relaxing the {what} at {options.method}")
+        calculator = xtb_calculator(options.method, options.charge, options.multiplicity)
+        if triple is None:
+            relaxed[name] = relax(atoms, calculator, options.relax_fmax, options.relax_steps, what)
+            if bonds(relaxed[name]) != bonds(atoms):
+                notes.append(f"the {what}'s bonds changed on relaxation")
+                progress(notes[-1])
+            continue
+        a, b, c = triple
+        keep_bonded, keep_apart = ((a, b), (b, c)) if name == "reactant_complex" else ((b, c), (a, b))
         outcome = relax_complex(
-            atoms, calculators(), keep_bonded, keep_apart, options.relax_fmax, options.relax_steps, what
+            atoms, calculator, keep_bonded, keep_apart, options.relax_fmax, options.relax_steps, what
         )
         if outcome.held_bond is not None:
             i, j = outcome.held_bond
             assert outcome.collapsed_to is not None
-            note = (
+            notes.append(
                 f"the {what} is not a minimum at {options.method}: relaxed freely it falls to the other side "
                 f"(d({symbols[i]}{i}–{symbols[j]}{j}) {atoms.get_distance(i, j):.2f} → "
                 f"{outcome.collapsed_to.get_distance(i, j):.2f} Å), so it was relaxed with that distance held at "
                 f"{atoms.get_distance(i, j):.2f} Å (not a stationary point)"
             )
-            notes.append(note)
-            progress(note)
+            progress(notes[-1])
         relaxed[name] = outcome.atoms
     # The product laid onto the relaxed reactant, so the band starts without a rigid rotation in it.
     relaxed["product_complex"] = reordered(
         relaxed["reactant_complex"], relaxed["product_complex"], AtomMapping(np.arange(len(reactant)), 0.0)
     )
+    return relaxed
+
+
+def _result(
+    structures: dict[str, Atoms],
+    energies: dict[str, float],
+    triple: tuple[int, int, int] | None,
+    options: SeedOptions,
+    notes: list[str],
+    moved: int,
+    frequencies: np.ndarray | None = None,
+) -> SeedResult:
+    xi_values = {name: xi(atoms, triple) for name, atoms in structures.items()} if triple is not None else {}
+    return SeedResult(
+        seeds={name: _seed_frame(atoms, options) for name, atoms in structures.items()},
+        energies=energies,
+        triple=triple,
+        xi=xi_values,
+        frequencies=frequencies,
+        notes=notes,
+        yaml=reaction_coordinate_yaml(structures["reactant_complex"], triple, xi_values, options.method)
+        if triple is not None
+        else "",
+        reordered_atoms=moved,
+    )
+
+
+def build_reaction_seeds(
+    reactant: Atoms, product: Atoms, options: SeedOptions, progress: Progress = _quiet
+) -> SeedResult:
+    """Reactant complex, transition state and product complex in one atom order (the reactant's), ξ's atoms and
+    the YAML snippet (none, with a note, when no broken and formed bond share an atom). SeedInputError for inputs
+    that cannot describe a reaction, SeedComputationError for a calculation that fails or finds no saddle point."""
+    options = replace(options, method=canonical_method(options.method))
+    check_input(reactant, options, "reactant")
+    check_input(product, options, "product")
+    xtb_calculator(options.method, options.charge, options.multiplicity)  # a missing tblite fails before any work
+    check_same_atoms(reactant, product)
+    notes: list[str] = []
+    product, moved = _mapped_product(reactant, product, notes, progress)
+    triple: tuple[int, int, int] | None = None
+    try:
+        triple = infer_reaction_coordinate(reactant, product)
+    except SeedInputError as exc:
+        if not notes:  # a reaction whose bond changes give no single ξ (the no-bond-change case is noted already)
+            notes.append(f"no reaction coordinate: {exc}")
+            progress(notes[-1])
+    if triple is not None:
+        a, b, c = triple
+        symbols = reactant.get_chemical_symbols()
+        progress(
+            f"reaction coordinate: {symbols[a]}{a}–{symbols[b]}{b} breaks, {symbols[b]}{b}–{symbols[c]}{c} forms: "
+            f"ξ = d({a}, {b}) − d({b}, {c})"
+        )
+    held_before = len(notes)
+    relaxed = _relaxed_complexes(reactant, product, triple, options, notes, progress)
+    held = notes[held_before:]
+    difference = float(
+        np.sqrt(((relaxed["reactant_complex"].positions - relaxed["product_complex"].positions) ** 2).sum(1).mean())
+    )
+    if difference < SAME_STRUCTURE_RMSD:
+        raise SeedComputationError(
+            f"the reactant and the product relax into the same structure at {options.method} (RMSD "
+            f"{difference:.3f} Å after alignment): there is no path between them at this level"
+        )
+
+    def calculators() -> Calculator:
+        return xtb_calculator(options.method, options.charge, options.multiplicity)
+
     progress(f"climbing-image NEB with {options.images} images (fmax {options.neb_fmax} eV/Å)")
     try:
         neb = find_transition_state(
@@ -663,34 +741,32 @@ def build_reaction_seeds(
             options.neb_steps,
         )
     except NoBarrierError as exc:
-        why = f" Why: {notes[0]}." if notes else ""
+        why = f" Why: {held[0]}." if held else ""
         if not options.allow_no_barrier:
+            hint = (
+                f" Start from a complex that is a minimum at {options.method} (for F⁻ + CH3Cl at GFN2-xTB: the "
+                "hydrogen-bonded F⁻···H–CH2Cl, not the back-side complex), or pass"
+                if held
+                else " Pass"
+            )
             raise NoBarrierError(
-                f"{exc}.{why} Start from a complex that is a minimum at {options.method} (for F⁻ + CH3Cl at "
-                "GFN2-xTB: the hydrogen-bonded F⁻···H–CH2Cl, not the back-side complex), or pass --no-barrier-ok "
-                "to write the two complexes and ξ without a transition state",
+                f"{exc}.{why}{hint} --no-barrier-ok to write the two complexes and ξ without a transition state",
                 exc.energies,
             ) from None
         notes.append(f"{exc}; wrote no transition state.{why}")
         progress(notes[-1])
-        ends = {"reactant_complex": relaxed["reactant_complex"], "product_complex": relaxed["product_complex"]}
-        xi_ends = {name: xi(atoms, triple) for name, atoms in ends.items()}
-        return SeedResult(
-            seeds={name: _seed_frame(atoms, options) for name, atoms in ends.items()},
-            energies={"reactant_complex": exc.energies[0], "product_complex": exc.energies[-1]},
-            triple=triple,
-            xi=xi_ends,
-            notes=notes,
-            yaml=reaction_coordinate_yaml(reactant, triple, xi_ends, options.method),
-            reordered_atoms=moved,
-        )
+        ends = {"reactant_complex": exc.energies[0], "product_complex": exc.energies[-1]}
+        return _result({name: relaxed[name] for name in ends}, ends, triple, options, notes, moved)
     transition_state, ts_energy = neb.images[neb.highest], neb.energies[neb.highest]
     progress(f"NEB converged in {neb.steps} steps")
     if options.polish_fmax is not None:
         progress(f"polishing the highest image with the dimer method (fmax {options.polish_fmax} eV/Å)")
         polished = polish_transition_state(neb, calculators(), options.polish_fmax, options.relax_steps)
-        xi_span = sorted((xi(relaxed["reactant_complex"], triple), xi(relaxed["product_complex"], triple)))
-        if polished is None or not xi_span[0] < xi(polished[0], triple) < xi_span[1]:
+        between = polished is not None and polished[1] > max(neb.energies[0], neb.energies[-1])
+        if polished is not None and triple is not None:
+            span = sorted((xi(relaxed["reactant_complex"], triple), xi(relaxed["product_complex"], triple)))
+            between = between and span[0] < xi(polished[0], triple) < span[1]
+        if polished is None or not between:
             notes.append("the dimer method did not converge between the complexes: the NEB's highest image is kept")
             progress(notes[-1])
         else:
@@ -704,7 +780,7 @@ def build_reaction_seeds(
             f"the NEB's highest image is not a first-order saddle point: {len(imaginary)} imaginary modes "
             f"({found} cm⁻¹); try more --images or a tighter --neb-fmax"
         )
-    seeds = {
+    structures = {
         "reactant_complex": relaxed["reactant_complex"],
         "transition_state": transition_state,
         "product_complex": relaxed["product_complex"],
@@ -714,18 +790,7 @@ def build_reaction_seeds(
         "transition_state": ts_energy,
         "product_complex": neb.energies[-1],
     }
-    xi_values = {name: xi(atoms, triple) for name, atoms in seeds.items()}
-    result = SeedResult(
-        seeds={name: _seed_frame(atoms, options) for name, atoms in seeds.items()},
-        energies=energies,
-        triple=triple,
-        xi=xi_values,
-        frequencies=frequencies,
-        notes=notes,
-        yaml=reaction_coordinate_yaml(reactant, triple, xi_values, options.method),
-        reordered_atoms=moved,
-    )
-    return result
+    return _result(structures, energies, triple, options, notes, moved, frequencies)
 
 
 def build_single_seed(atoms: Atoms, options: SeedOptions, progress: Progress = _quiet) -> SeedResult:

@@ -91,11 +91,17 @@ def _read_one(path: Path, what: str) -> Atoms:
     return frames[0]
 
 
-def _from_file(value: int | None, frames: list[Atoms], key: str, option: str) -> int | None:
+def _from_file(value: int | None, frames: list[tuple[Path, Atoms]], key: str, option: str) -> int | None:
     """The option if given, else the files' `key`; StructureFileError when the files disagree."""
     if value is not None:
         return value
-    found = {int(atoms.info[key]) for atoms in frames if key in atoms.info}
+    found = set()
+    for path, atoms in frames:
+        if key in atoms.info:
+            given = atoms.info[key]
+            if isinstance(given, bool) or not isinstance(given, int | float) or not float(given).is_integer():
+                raise StructureFileError(f"{path}: {key}={given} is not an integer (or pass {option})")
+            found.add(int(given))
     if len(found) > 1:
         raise StructureFileError(f"the files disagree on {key} ({sorted(found)}): pass {option}")
     return found.pop() if found else None
@@ -116,8 +122,9 @@ def run_seeds(args: argparse.Namespace) -> int:
         frames = [_read_one(args.reactant, "reactant")]
         if args.product is not None:
             frames.append(_read_one(args.product, "product"))
-        charge = _from_file(args.charge, frames, CHARGE_KEY, "--charge") or 0
-        spin = _from_file(args.spin_multiplicity, frames, SPIN_KEY, "--spin-multiplicity")
+        files = list(zip((args.reactant, args.product), frames, strict=False))
+        charge = _from_file(args.charge, files, CHARGE_KEY, "--charge") or 0
+        spin = _from_file(args.spin_multiplicity, files, SPIN_KEY, "--spin-multiplicity")
     except (StructureFileError, sb.SeedInputError, ValueError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     names = sb.SEED_NAMES if args.product is not None else (sb.SINGLE_SEED_NAME,)

@@ -168,6 +168,26 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, fluoride_files: tuple[P
     )
 
 
+def test_a_reactant_and_product_that_relax_into_one_structure_exit_1(tmp_path: Path) -> None:
+    """H2O2 at dihedrals ±115°: enantiomers, but GFN2-xTB makes both trans-planar."""
+
+    def hooh(dihedral_deg: float) -> Atoms:
+        angle = np.radians(dihedral_deg)
+        h2 = [1.78, 0.92 * np.cos(angle), 0.92 * np.sin(angle)]
+        return Atoms("OOHH", positions=[[0, 0, 0], [1.45, 0, 0], [-0.33, 0.92, 0], h2])
+
+    reactant, product = _write(tmp_path / "r.xyz", hooh(115)), _write(tmp_path / "p.xyz", hooh(-115))
+    _one_error(
+        _cli("seeds", str(reactant), str(product), "-o", str(tmp_path / "out")),
+        EXIT_FAILED,
+        "the reactant and the product relax into the same structure at GFN2-xTB",
+    )
+    fractional = tmp_path / "fractional.xyz"
+    fractional.write_text(reactant.read_text().replace('pbc="F F F"', 'charge=0.5 pbc="F F F"'))
+    assert "charge=0.5" in fractional.read_text()
+    _one_error(_cli("seeds", str(fractional)), EXIT_BAD_INPUT, f"{fractional}: charge=0.5 is not an integer")
+
+
 def test_a_collapsing_complex_without_a_barrier_exits_1_and_says_why(tmp_path: Path) -> None:
     back_side = shipped("reactant_complex")
     back_side.symbols[5] = "F"
