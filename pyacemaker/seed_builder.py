@@ -122,7 +122,7 @@ def check_input(atoms: Atoms, options: SeedOptions, what: str) -> None:
     from pyacemaker.structure_checks import StructureCheckError, check_structure
 
     if any(atoms.pbc):
-        raise SeedInputError(f"{what}: periodic structures are not supported (seeds from intent are for molecules)")
+        raise SeedInputError(f"{what}: periodic structures are not supported (pyacemaker seeds makes molecular seeds)")
     trial = Atoms(atoms.numbers, positions=atoms.positions)
     trial.info[CHARGE_KEY] = options.charge
     trial.info[SPIN_KEY] = options.multiplicity
