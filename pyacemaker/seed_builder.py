@@ -336,7 +336,7 @@ def reaction_coordinate_yaml(
     a, b, c = triple
     names = [f"{symbols[i]}{i}" for i in triple]
     labels = {"reactant_complex": "reactant", "transition_state": "transition state", "product_complex": "product"}
-    values = ", ".join(f"{labels.get(name, name)} {value:+.2f}" for name, value in xi_values.items())
+    values = ", ".join(f"{labels.get(name, name)} {round(value, 2) + 0.0:+.2f}" for name, value in xi_values.items())
     atoms_text = f"[{a}, {b}, {c}]"
     return (
         f"# ξ = d(a, b) − d(b, c) with [a, b, c] = {atoms_text} ({', '.join(names)}): the {names[0]}–{names[1]} bond"

@@ -9,9 +9,11 @@ Hessian are a few hundred millisecond single points, and seeds are made before a
 from __future__ import annotations
 
 import argparse
+import numbers
 import sys
 from pathlib import Path
 
+import numpy as np
 from ase import Atoms
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, fail
@@ -99,9 +101,13 @@ def _from_file(value: int | None, frames: list[tuple[Path, Atoms]], key: str, op
     for path, atoms in frames:
         if key in atoms.info:
             given = atoms.info[key]
-            if isinstance(given, bool) or not isinstance(given, int | float) or not float(given).is_integer():
+            if (
+                isinstance(given, bool | np.bool_)
+                or not isinstance(given, numbers.Real)
+                or not float(given).is_integer()
+            ):
                 raise StructureFileError(f"{path}: {key}={given} is not an integer (or pass {option})")
-            found.add(int(given))
+            found.add(int(float(given)))
     if len(found) > 1:
         raise StructureFileError(f"the files disagree on {key} ({sorted(found)}): pass {option}")
     return found.pop() if found else None

@@ -19,6 +19,7 @@ from tblite.ase import TBLite
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from pyacemaker.structures import read_structures, write_extxyz
+from tests.conftest import SN2_DIR
 from tests.unit.test_seed_builder import fluoride_product, fluoride_reactant, rotated_and_shuffled, shipped
 
 # The product file lists its atoms in another order: F, H, C, H, Cl, H.
@@ -132,6 +133,13 @@ def test_one_structure_is_relaxed_into_a_single_seed(tmp_path: Path) -> None:
     assert 1.35 < float(np.linalg.norm(seed.positions[0] - seed.positions[4])) < 1.42  # GFN2 C–F
     assert not (tmp_path / "out" / "reaction_coordinate.yaml").exists()
     assert f"wrote {tmp_path / 'out' / 'seed.xyz'}" in stdout
+
+    # Charge and spin from the file's comment line: the shipped Cl⁻···CH3Cl complex (charge=-1) on its own.
+    code, lines, _ = _cli("seeds", str(SN2_DIR / "seeds" / "reactant_complex.xyz"), "-o", str(tmp_path / "ion"))
+    assert code == EXIT_OK, lines
+    (ion,) = read_structures(tmp_path / "ion" / "seed.xyz")
+    assert ion.info["charge"] == -1 and ion.info["spin_multiplicity"] == 1
+    assert any("charge -1, spin multiplicity 1" in line for line in lines)
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, fluoride_files: tuple[Path, Path]) -> None:
