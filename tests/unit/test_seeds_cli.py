@@ -176,6 +176,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, fluoride_files: tuple[P
     )
 
 
+def test_a_neb_that_does_not_converge_exits_1(tmp_path: Path, fluoride_files: tuple[Path, Path]) -> None:
+    reactant, product = fluoride_files
+    _one_error(
+        _cli("seeds", str(reactant), str(product), "--charge", "-1", "--neb-steps", "3", "-o", str(tmp_path / "o")),
+        EXIT_FAILED,
+        "NEB: not converged to fmax 0.1 eV/Å in 3 steps",
+        "try more --neb-steps",
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_reactant_and_product_that_relax_into_one_structure_exit_1(tmp_path: Path) -> None:
     """H2O2 at dihedrals ±115°: enantiomers, but GFN2-xTB makes both trans-planar."""
 
