@@ -22,15 +22,14 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python examples/sn2/make_seeds.py
 from __future__ import annotations
 
 import itertools
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
 from ase.optimize import BFGS
-from ase.vibrations import Vibrations
 from tblite.ase import TBLite
 
+from pyacemaker import seed_builder
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, write_extxyz
 
 SEED_DIR = Path(__file__).resolve().parent / "seeds"
@@ -41,7 +40,7 @@ INDEX_C, INDEX_CL1, INDEX_CL2 = 0, 4, 5
 INDEX_H = (1, 2, 3)
 FMAX_EV_PER_A = 0.005  # tighter than the 0.01 asked for, so the Hessian sees a clean stationary point
 # cm⁻¹ below which a Hessian eigenvalue counts as numerical noise (translations/rotations are projected out).
-NOISE_FREQUENCY_CM1 = 20.0
+NOISE_FREQUENCY_CM1 = seed_builder.NOISE_FREQUENCY_CM1
 
 
 def xtb_calculator() -> TBLite:
@@ -164,40 +163,9 @@ def mirror_to_product(reactant: Atoms) -> Atoms:
 
 
 def vibrational_analysis(atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
-    """Frequencies (cm⁻¹, imaginary as negative) and Cartesian mode vectors with translations/rotations removed.
-
-    The Hessian comes from ase.vibrations (central differences); rigid-body motions are projected out of the
-    mass-weighted Hessian so that only the 3N−6 internal modes remain.
-    """
-    atoms = atoms.copy()
-    atoms.calc = xtb_calculator()
-    with tempfile.TemporaryDirectory() as cache:
-        vibrations = Vibrations(atoms, name=str(Path(cache) / "vib"), delta=0.005, nfree=2)
-        vibrations.run()
-        hessian = vibrations.get_vibrations().get_hessian_2d()
-    masses = atoms.get_masses()
-    sqrt_m = np.repeat(np.sqrt(masses), 3)
-    mass_weighted = hessian / np.outer(sqrt_m, sqrt_m)
-    mass_weighted = 0.5 * (mass_weighted + mass_weighted.T)
-
-    centred = atoms.positions - atoms.get_center_of_mass()
-    rigid = []
-    for axis in np.eye(3):
-        rigid.append((np.tile(axis, (len(atoms), 1)) * np.sqrt(masses)[:, None]).ravel())
-        rigid.append((np.cross(axis, centred) * np.sqrt(masses)[:, None]).ravel())
-    basis, singular, _ = np.linalg.svd(np.array(rigid).T, full_matrices=False)
-    basis = basis[:, singular > 1e-8 * singular.max()]
-    projector = np.eye(3 * len(atoms)) - basis @ basis.T
-    eigenvalues, eigenvectors = np.linalg.eigh(projector @ mass_weighted @ projector)
-
-    # Drop the rigid-body eigenvectors (they lie in the projected-out space).
-    internal = np.linalg.norm(basis.T @ eigenvectors, axis=0) < 0.5
-    eigenvalues, eigenvectors = eigenvalues[internal], eigenvectors[:, internal]
-    # eV/(Å² amu) → cm⁻¹: ω = sqrt(k/m) in s⁻¹ with SI conversion, then / (2π c).
-    to_cm1 = np.sqrt(units._e / units._amu) * 1e10 / (2 * np.pi * units._c * 100)
-    frequencies = np.sign(eigenvalues) * np.sqrt(np.abs(eigenvalues)) * to_cm1
-    cartesian_modes = (eigenvectors / sqrt_m[:, None]).T.reshape(-1, len(atoms), 3)
-    return frequencies, cartesian_modes
+    """Frequencies (cm⁻¹, imaginary as negative) and Cartesian modes at GFN2-xTB, rigid-body motions projected
+    out (the same analysis `pyacemaker seeds` runs)."""
+    return seed_builder.vibrational_analysis(atoms, xtb_calculator())
 
 
 def antisymmetric_stretch_overlap(atoms: Atoms, mode: np.ndarray) -> float:

@@ -17,14 +17,14 @@ EXIT_UNAVAILABLE = 3
 
 def build_parser() -> argparse.ArgumentParser:
     from pyacemaker import __version__
-    from pyacemaker.cli import config_cmd, label, report, run, services_cmd, status
+    from pyacemaker.cli import config_cmd, label, report, run, seeds_cmd, services_cmd, status
 
     parser = argparse.ArgumentParser(
         prog="pyacemaker", description="Distil a MACE teacher into a fast, DFT-corrected ACE potential."
     )
     parser.add_argument("--version", action="version", version=f"pyacemaker {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (services_cmd, run, status, report, label, config_cmd):
+    for module in (services_cmd, run, status, report, label, config_cmd, seeds_cmd):
         module.register(subparsers)
     return parser
 
