@@ -145,9 +145,12 @@ def test_starting_a_run_dir_with_another_config_announces_the_changed_keys(tmp_p
     changed = first.config.model_copy(update={"budget": first.config.budget.model_copy(update={"max_dft_calls": 70})})
     handle = manager.start(changed.model_dump_json(), seeds, run_dir)
     handle.thread.join(30)
+    # The DIRECT size and the hold-out derived at the first start (budget 60: 21 and 9) are kept from the run
+    # dir's saved config; the active-learning batch follows the new budget (60 − 3 − 21 − 9 = 27 → 37 left).
     assert (
-        "the config differs from the one this run dir last ran with: budget.max_dft_calls (60 → 70). Completed "
-        "steps whose inputs these change are redone; each says so when it starts"
+        "the config differs from the one this run dir last ran with: active_learning.batch_size (27 → 37); "
+        "budget.max_dft_calls (60 → 70). Completed steps whose inputs these change are redone; each says so when it "
+        "starts"
     ) in _log_messages(handle)
 
 
