@@ -184,3 +184,19 @@ def test_config_check_prints_each_derived_value(tmp_path: Path) -> None:
     ]
     assert lines[5].startswith("sampling.pool.rattle_amplitudes: 0.0508, 0.0719, 0.0928, 0.1038 Å")
     assert lines[6].startswith(f"{path}: OK")
+
+
+def test_the_readme_minimal_config_prints_what_the_readme_shows(tmp_path: Path) -> None:
+    """README.md's recommended start: its YAML, beside the SN2 seeds, passes `config check`, which prints exactly
+    the derived lines the README shows."""
+    readme = (SN2_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## A minimal config", 1)[1]
+    config_text = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    shown = section.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert 5 <= len(config_text.splitlines()) <= 7
+    shutil.copytree(SN2_DIR / "seeds", tmp_path / "seeds")
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text, encoding="utf-8")
+    code, errors, out = _cli("config", "check", str(path))
+    assert code == EXIT_OK and errors == []
+    assert out.splitlines()[:-1] == shown
