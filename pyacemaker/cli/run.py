@@ -47,13 +47,15 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return fail(str(exc), EXIT_BAD_INPUT)
     # Settings the config leaves out, from its seeds and budget (a saved config has them all already); the
     # orchestrator saves the config as sent, so a resume uses these values.
-    config, _ = derive_defaults(config, seeds, None if args.resume else saved_run_config(config.run_dir))
+    config, derived = derive_defaults(config, seeds, None if args.resume else saved_run_config(config.run_dir))
     source = args.config or f"{args.resume} (its saved config)"
     refused = preflight_errors(config, seeds, source, installed_extras=False)
     if refused:
         return fail(refused, EXIT_BAD_INPUT)
     address = args.orchestrator or service_address("orchestrator")
     console = Console(stderr=True, soft_wrap=True)
+    for setting in derived:
+        console.print(setting.line(), markup=False, highlight=False)
     request = orchestrator_pb2.StartRunRequest(
         config_json=config_to_json(config),
         seeds=[atoms_to_structure(atoms) for atoms in seeds],

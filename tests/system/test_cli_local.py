@@ -94,6 +94,7 @@ def test_up_run_status_down(services, env, tmp_path):
     )
     derived = cli(env, "run", str(minimal))
     assert derived.returncode == 0, derived.stderr
+    assert "sampling.direct.n_select: 10, derived from budget.max_dft_calls 30 (35 %)" in derived.stderr
     assert len(read_structures(tmp_path / "runs" / "minimal" / "step1_direct" / "direct.extxyz")) == 10
     saved = json.loads(saved_config_json(tmp_path / "runs" / "minimal"))
     assert saved["md"]["windows"] == {
