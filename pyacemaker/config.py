@@ -532,7 +532,15 @@ class BudgetConfig(_Strict):
     """The DFT budget: every DFT call of the run counts (the isolated-atom energies, the DIRECT set, active
     learning, the hold-out and the profile points), each structure once, over all starts of the run."""
 
-    max_dft_calls: int = Field(60, ge=0, le=10_000_000, description="Hard limit on DFT calls over the whole run.")
+    max_dft_calls: int = Field(
+        60,
+        ge=0,
+        le=10_000_000,
+        description="Hard limit on DFT calls over the whole run. The sizes a config leaves at 0 are split from it: "
+        "sampling.direct.n_select, validation.holdout_size, validation.profile's points and active_learning."
+        "batch_size (70 calls, 3 elements: 3 + 24 DIRECT + 10 hold-out + 11 profile points + 22 for active "
+        "learning, 7 per iteration); `pyacemaker config check` prints them and refuses given sizes that do not fit.",
+    )
 
 
 # Thermal rattles: per Cartesian component, σ = sqrt(k_B·T / k) with this stiffness, eV/Å² (between a soft
@@ -584,7 +592,13 @@ class PoolConfig(_Strict):
 class DirectConfig(_Strict):
     """Step 1b: DIRECT selection (Qi et al., npj Comput. Mater. 2024)."""
 
-    n_select: int = Field(50, ge=1, le=10_000_000, description="Exactly this many structures are selected.")
+    n_select: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="Exactly this many structures are selected (and labelled by DFT in iteration 1); 0: derived "
+        "from the budget, 35 % of budget.max_dft_calls (24 of 70), at least 2.",
+    )
     k_per_cluster: int = Field(1, ge=1, le=100_000, description="Structures taken from each BIRCH cluster.")
     featuriser: Literal["auto", "distribution", "oracle"] = Field(
         "auto",
@@ -608,7 +622,12 @@ class ActiveLearningConfig(_Strict):
 
     committee_size: int = Field(3, ge=2, le=64, description="Committee members fine-tuned from the teacher.")
     batch_size: int = Field(
-        10, ge=1, le=100_000, description="Structures sent to DFT per active-learning iteration at most."
+        0,
+        ge=0,
+        le=100_000,
+        description="Structures sent to DFT per active-learning iteration at most; 0: derived from the budget, what "
+        "is left after the isolated-atom energies, the DIRECT set and the validation's labels, divided over "
+        "validation.max_iterations (70 calls, 3 elements, 24 + 10 + 11: 22 left, 7 per iteration), at least 1.",
     )
     force_error_threshold: Positive = Field(
         0.1, description="Candidates whose calibrated max force error exceeds this are labelled, eV/Å."
@@ -705,7 +724,12 @@ class MdConfig(_Strict):
     max_force_std: Positive = Field(
         1.0, description="A replica whose committee max force std exceeds this is stopped, eV/Å."
     )
-    windows: MdWindowsConfig | None = Field(None, description="Restraint windows along ξ; null: plain MD.")
+    windows: MdWindowsConfig | None = Field(
+        None,
+        description="Restraint windows along ξ; null: plain MD. When absent and the first and the last seed differ "
+        "in which bond is formed, derived from them as `pyacemaker seeds` does: ξ's atoms from the bond that breaks "
+        "and the one that forms, 0.3 Å beyond both seeds' ξ rounded outwards to 0.1 Å, a window every 0.25 Å.",
+    )
     n_frames: int | None = Field(
         None,
         ge=1,
@@ -852,11 +876,12 @@ class ValidationConfig(_Strict):
     """The loop's judge: the final ACE against DFT labels of structures it never saw, once per iteration."""
 
     holdout_size: int = Field(
-        10,
-        ge=2,
+        0,
+        ge=0,
         le=1_000_000,
         description="Structures labelled by DFT as the hold-out set (charged to the budget): surrogate-MD frames "
-        "and, external_fraction of them, frames of an MD the pipeline does not fit to.",
+        "and, external_fraction of them, frames of an MD the pipeline does not fit to; 0: derived from the budget, "
+        "budget.max_dft_calls / 7 rounded, between 2 and 20 (10 of 70).",
     )
     external_fraction: float = Field(
         0.5,
@@ -870,8 +895,20 @@ class ValidationConfig(_Strict):
     target_energy_mev_per_atom: Positive = Field(5.0, description="Target energy RMSE on the hold-out, meV/atom.")
     target_forces_mev_per_a: Positive = Field(100.0, description="Target force RMSE on the hold-out, meV/Å.")
     max_iterations: int = Field(3, ge=1, le=1000, description="Active-learning iterations (steps 2-7) at most.")
-    profile: ReactionPathConfig | None = Field(None, description="Energy profile along a reaction coordinate.")
+    profile: ReactionPathConfig | None = Field(
+        None,
+        description="Energy profile along a reaction coordinate; when absent and the first and the last seed differ "
+        "in which bond is formed, derived from them like md.windows, with budget.max_dft_calls / 6 points (odd, "
+        "5 to 11; 11 of 70). null: no profile.",
+    )
     random_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @field_validator("holdout_size")
+    @classmethod
+    def _holdout_of_two(cls, size: int) -> int:
+        if size == 1:
+            raise ValueError("a hold-out needs at least 2 structures (0: derived from the budget)")
+        return size
 
     def dft_labels(self) -> int:
         """DFT calls the validation charges to the budget (once, in iteration 1): the hold-out and the profile

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms, units
@@ -44,6 +44,9 @@ from ase.optimize import BFGS, FIRE
 
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, write_extxyz
+
+if TYPE_CHECKING:
+    from pyacemaker.config import MdWindowsConfig, ReactionPathConfig
 
 XTB_METHODS = ("GFN2-xTB", "GFN1-xTB")
 _METHOD_ALIASES = {alias: name for name in XTB_METHODS for alias in (name.lower(), name.lower().split("-")[0])}
@@ -321,17 +324,45 @@ def window_bounds(xi_reactant: float, xi_product: float) -> tuple[float, float]:
     return round(start, 6), round(stop, 6)
 
 
+def reaction_coordinate_sections(
+    triple: tuple[int, int, int], xi_reactant: float, xi_product: float, profile_count: int = PROFILE_COUNT
+) -> tuple[MdWindowsConfig, ReactionPathConfig]:
+    """`md.windows` (a window every WINDOW_SPACING Å) and `validation.profile` (`profile_count` points) over
+    `window_bounds` of the reactant's and the product's ξ."""
+    from pyacemaker.config import MdWindowsConfig, ReactionPathConfig
+
+    start, stop = window_bounds(xi_reactant, xi_product)
+    count = round((stop - start) / WINDOW_SPACING) + 1
+    windows = MdWindowsConfig(atoms=triple, start=start, stop=stop, count=count, force_constant=WINDOW_FORCE_CONSTANT)
+    return windows, ReactionPathConfig(atoms=triple, start=start, stop=stop, count=profile_count)
+
+
+def seeds_reaction_coordinate(first: Atoms, last: Atoms) -> tuple[tuple[int, int, int], float, float] | None:
+    """ξ's atoms [a, b, c] and ξ of `first` and `last` when the two (same atoms, same order) differ in which
+    bond is formed (infer_reaction_coordinate on the structures as they are: no relaxation); None when they
+    hold different atoms, are periodic (bonds here are molecular) or no broken and formed bond share an atom (a
+    non-reactive system)."""
+    if any(first.pbc) or any(last.pbc) or len(first) != len(last) or not np.array_equal(first.numbers, last.numbers):
+        return None
+    try:
+        triple = infer_reaction_coordinate(first, last)
+    except SeedInputError:
+        return None
+    return triple, xi(first, triple), xi(last, triple)
+
+
+def bond_change_text(atoms: Atoms, triple: tuple[int, int, int]) -> str:
+    """ "Cl4–C0 breaks, C0–Cl5 forms" for ξ's atoms [a, b, c]."""
+    a, b, c = triple
+    return f"{_bond_name(atoms, (a, b))} breaks, {_bond_name(atoms, (b, c))} forms"
+
+
 def reaction_coordinate_yaml(
     reactant: Atoms, triple: tuple[int, int, int], xi_values: dict[str, float], level: str
 ) -> str:
     """The `md.windows` and `validation.profile` sections (validated by the config's own models) for ξ over the
     reactant's and the product's ξ, with comments that say which bonds they are."""
-    from pyacemaker.config import MdWindowsConfig, ReactionPathConfig
-
-    start, stop = window_bounds(xi_values["reactant_complex"], xi_values["product_complex"])
-    count = round((stop - start) / WINDOW_SPACING) + 1
-    windows = MdWindowsConfig(atoms=triple, start=start, stop=stop, count=count, force_constant=WINDOW_FORCE_CONSTANT)
-    profile = ReactionPathConfig(atoms=triple, start=start, stop=stop, count=PROFILE_COUNT)
+    windows, profile = reaction_coordinate_sections(triple, xi_values["reactant_complex"], xi_values["product_complex"])
     symbols = reactant.get_chemical_symbols()
     a, b, c = triple
     names = [f"{symbols[i]}{i}" for i in triple]

@@ -43,7 +43,8 @@ _COMMON: dict[str, Any] = {
     "name": "fuzz",
     "system": {"seeds": ["seed.xyz"], "charge": -1, "spin_multiplicity": 1},
     "budget": {"max_dft_calls": 20},
-    "sampling": {"direct": {"n_select": 4}},  # 3 isolated atoms + 13 validation labels + 4 DIRECT = the budget
+    # 3 isolated atoms + 6 validation labels (a hold-out of 20 / 7 → 3, 3 profile points) + 4 DIRECT fit the budget
+    "sampling": {"direct": {"n_select": 4}},
     "md": {"windows": {"atoms": [4, 0, 5], "start": -1.5, "stop": 1.5, "count": 3}, "steps": 100},
     "validation": {"profile": {"atoms": [4, 0, 5], "start": -1.5, "stop": 1.5, "count": 3}},
 }

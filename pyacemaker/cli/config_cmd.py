@@ -7,7 +7,9 @@ import json
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_OK, fail
 from pyacemaker.cli.preflight import preflight_errors
+from pyacemaker.cli.run import saved_run_config
 from pyacemaker.config import ConfigError, json_schema, load_config
+from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.seeds import load_seeds
 from pyacemaker.structures import StructureFileError
 
@@ -23,8 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Validate a config file and read its seed structures, then check what a valid config can still "
         "get wrong, on this machine: the teacher (present, and knowing every seed element), the PySCF functional "
         "and basis names, the DFT budget against the DIRECT set and the hold-out, and the packages the config needs "
-        "(TensorFlow for a nonlinear ACE). Exit 2 with one line per problem, naming the key and the fix; warnings "
-        "are printed and do not change the exit code.",
+        "(TensorFlow for a nonlinear ACE). Prints each setting the config leaves out that is derived from the seeds "
+        "or the budget (md.windows, validation.profile, the budget's split, the pool's rattles), one line each. "
+        "Exit 2 with one line per problem, naming the key and the fix; warnings are printed and do not change the "
+        "exit code.",
     )
     check.add_argument("file", help="YAML config")
     check.set_defaults(handler=run_check)
@@ -41,6 +45,9 @@ def run_check(args: argparse.Namespace) -> int:
         seeds = load_seeds(config)
     except (ConfigError, StructureFileError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
+    config, derived = derive_defaults(config, seeds, saved_run_config(config.run_dir))
+    for setting in derived:
+        print(setting.line())
     refused = preflight_errors(config, seeds, args.file)
     if refused:
         return fail(refused, EXIT_BAD_INPUT)

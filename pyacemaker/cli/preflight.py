@@ -9,9 +9,10 @@ Each problem is one line naming the key and the fix, elements by symbol:
 - the DFT level: a PySCF functional or basis name PySCF cannot parse (with the closest known name), a basis
   without functions for an element of the seeds;
 - the budget: too small for the isolated-atom energies, the validation's DFT labels and a committee's two DIRECT
-  labels, or smaller than the DIRECT set alone (fatal); too small for the whole DIRECT set besides the rest, or
-  for one active-learning batch (a warning: the run works, but selects structures it never labels, or learns
-  nothing actively; the defaults, 50 DIRECT and 10 hold-out on 60 calls, are such a case);
+  labels, or for the whole DIRECT set besides them (fatal: selected structures would never be labelled; the
+  README's old minimal config, 60 DIRECT on 60 calls, was such a case); too small for one active-learning batch
+  besides them (a warning: the run works, but learns nothing actively). The sizes left out of a config are
+  derived to fit (pyacemaker.config_defaults) before this runs;
 - with `installed_extras`: software the config needs that this environment lacks (a nonlinear ACE without
   TensorFlow). `run` leaves this one out: the trainer that fits may live elsewhere, with its own packages.
 """
@@ -194,25 +195,22 @@ def budget_problems(config: RunConfig, seeds: Sequence[Atoms]) -> list[Problem]:
                 f"({n_elements + validation + n_select} labels the whole DIRECT set of sampling.direct.n_select)",
             )
         ]
-    if n_select > budget:
+    if n_select > left:
+        profile = config.validation.profile
+        parts = [
+            f"{n_select} DIRECT structures",
+            f"{n_elements} isolated-atom energies",
+            f"{config.validation.holdout_size} hold-out (validation.holdout_size)",
+            *([f"{profile.count} profile points (validation.profile.count)"] if profile is not None else []),
+        ]
+        total = n_elements + validation + n_select
+        batch = config.active_learning.batch_size
         return [
             Problem(
                 "sampling.direct.n_select",
-                f"{n_select} DIRECT structures can never all get DFT labels on a budget of {budget} DFT calls "
-                f"(budget.max_dft_calls), which also pays {spent_on}; lower it to at most "
-                f"{max(2, left - config.active_learning.batch_size)} or raise budget.max_dft_calls to at least "
-                f"{n_elements + validation + n_select + config.active_learning.batch_size}",
-            )
-        ]
-    if left < n_select:
-        return [
-            Problem(
-                "budget.max_dft_calls",
-                f"{budget} DFT calls leave {left} for the DIRECT set after {spent_on}: {n_select - left} of the "
-                f"{n_select} selected structures (sampling.direct.n_select) get no DFT label and none are left for "
-                f"active learning; raise it to {n_elements + validation + n_select + config.active_learning.batch_size}"
-                f" or lower sampling.direct.n_select to {max(2, left - config.active_learning.batch_size)}",
-                fatal=False,
+                f"{' + '.join(parts)} = {total} DFT calls, more than budget.max_dft_calls {budget}: lower "
+                f"sampling.direct.n_select to at most {left} ({max(2, left - batch)} leaves one active-learning "
+                f"batch of {batch}) or raise budget.max_dft_calls to at least {total}",
             )
         ]
     batch = config.active_learning.batch_size

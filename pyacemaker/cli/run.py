@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, fail
 from pyacemaker.cli.preflight import preflight_errors
 from pyacemaker.cli.status import print_run
-from pyacemaker.config import ConfigError, config_from_json, config_to_json, load_config
+from pyacemaker.config import ConfigError, RunConfig, config_from_json, config_to_json, load_config
+from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.deploy.local import service_address
 from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.seeds import load_seeds
@@ -43,12 +45,17 @@ def run_pipeline(args: argparse.Namespace) -> int:
         seeds = load_seeds(config)
     except (ConfigError, StructureFileError, FileNotFoundError) as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
+    # Settings the config leaves out, from its seeds and budget (a saved config has them all already); the
+    # orchestrator saves the config as sent, so a resume uses these values.
+    config, derived = derive_defaults(config, seeds, None if args.resume else saved_run_config(config.run_dir))
     source = args.config or f"{args.resume} (its saved config)"
     refused = preflight_errors(config, seeds, source, installed_extras=False)
     if refused:
         return fail(refused, EXIT_BAD_INPUT)
     address = args.orchestrator or service_address("orchestrator")
     console = Console(stderr=True, soft_wrap=True)
+    for setting in derived:
+        console.print(setting.line(), markup=False, highlight=False)
     request = orchestrator_pb2.StartRunRequest(
         config_json=config_to_json(config),
         seeds=[atoms_to_structure(atoms) for atoms in seeds],
@@ -74,6 +81,16 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return fail(f"run {run.run_id} did not succeed: {run.error}", EXIT_FAILED)
     _print_outcome(out, Path(run.run_dir))
     return EXIT_OK
+
+
+def saved_run_config(run_dir: Path | None) -> RunConfig | None:
+    """The config a run in `run_dir` was last started with, when there is one and it still parses."""
+    if run_dir is None:
+        return None
+    try:
+        return config_from_json(saved_config_json(run_dir))
+    except (FileNotFoundError, ConfigError, sqlite3.Error):
+        return None
 
 
 def _print_outcome(console: Console, run_dir: Path) -> None:

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "it with a finite-difference Hessian (exactly one imaginary mode), then write reactant_complex.xyz, "
         "transition_state.xyz and product_complex.xyz (one atom order, charge and spin on the comment line) and "
         f"{sb.REACTION_COORDINATE_FILE}: the bond a–b that breaks and b–c that forms, ξ = d(a, b) − d(b, c), as "
-        "md.windows and validation.profile sections to paste into the config. A complex that falls to the other "
+        "md.windows and validation.profile sections (a config that leaves them out derives the same from the seeds). "
+        "A complex that falls to the other "
         "side when relaxed freely is relaxed with the forming bond held and reported. With one structure (a "
         "non-reactive system) it is relaxed, checked to be a minimum and written as seed.xyz. Exit 2 for bad "
         "input, 1 when a calculation fails or finds no transition state (unless --no-barrier-ok).",
@@ -194,5 +195,9 @@ def _print_result(result: object, written: list[Path], method: str) -> None:
         )
     print("wrote " + ", ".join(str(path) for path in written))
     if result.yaml:
-        print(f"paste into the config (also in {written[-1]}):\n")
+        print(
+            "a config that lists these seeds first to last and leaves md.windows and validation.profile out gets "
+            f"them from the seeds (`pyacemaker config check` prints them); to set them yourself, paste (also in "
+            f"{written[-1]}):\n"
+        )
         print(result.yaml, end="")

@@ -21,7 +21,8 @@ from typing import Any
 import grpc
 
 from pyacemaker.artifacts import ArtifactStore, sha256_of_file
-from pyacemaker.config import ConfigError, RunConfig, config_from_json
+from pyacemaker.config import ConfigError, RunConfig, config_from_json, config_to_json
+from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
 from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import structure_to_atoms
@@ -127,9 +128,11 @@ class RunManager:
             raise InvalidInputError(f"config_json is not a JSON run config ({type(exc).__name__}: {exc})") from None
         if not seeds:
             raise InvalidInputError("no seed structures in the request (system.seeds)")
+        seed_atoms = []
         for index, seed in enumerate(seeds):
             try:
-                check_structure(structure_to_atoms(seed))
+                seed_atoms.append(structure_to_atoms(seed))
+                check_structure(seed_atoms[-1])
             except ValueError as exc:
                 raise InvalidInputError(f"seeds[{index}]: {exc}") from None
         if not run_dir or "\0" in run_dir or not Path(run_dir).is_absolute():
@@ -150,10 +153,21 @@ class RunManager:
                 raise InvalidInputError(f"run_dir {run_dir[:200]!r} cannot hold the run's state: {exc}") from None
             handle = RunHandle(run_id=run_id, config=config, run_dir=path, state=state)
             self._runs[run_id] = handle
-        handle.previous_config = _previous_config(handle.state.config_json(), config)
-        handle.state.save_config(config.name, config_json)
+        saved = _saved_config(handle.state.config_json())
+        # What the config leaves out, from the seeds and the budget (`pyacemaker run` sends it derived already),
+        # saved with the rest, so a resume and a repeated start use the same values.
+        config, derived = derive_defaults(config, seed_atoms, saved)
+        handle.config = config
+        handle.previous_config = None if saved == config else saved
+        handle.state.save_config(config.name, config_to_json(config))
         started = handle.state.add_event(_E.RUN_EVENT_KIND_RUN_STARTED, message=f"run {config.name} in {path}")
         handle.first_seq = started.seq - 1
+        if derived:
+            self._event(
+                handle,
+                _E.RUN_EVENT_KIND_LOG,
+                message="derived from the seeds and the budget: " + "; ".join(item.line() for item in derived),
+            )
         if handle.previous_config is not None:
             changes = changed_keys(handle.previous_config.model_dump(mode="json"), config.model_dump(mode="json"))
             self._event(
@@ -460,15 +474,14 @@ class RunManager:
         return None
 
 
-def _previous_config(saved_json: str | None, config: RunConfig) -> RunConfig | None:
-    """The config saved in the run dir, when there is one, it still parses and it differs from `config`."""
+def _saved_config(saved_json: str | None) -> RunConfig | None:
+    """The config saved in the run dir, when there is one and it still parses."""
     if saved_json is None:
         return None
     try:
-        previous = config_from_json(saved_json)
+        return config_from_json(saved_json)
     except ConfigError:  # saved by an older version whose keys this one no longer has
         return None
-    return None if previous == config else previous
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

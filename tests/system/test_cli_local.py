@@ -16,6 +16,7 @@ import yaml
 from pyacemaker.deploy.local import SERVICES, pid_alive
 from pyacemaker.rpc import channel, check_health
 from pyacemaker.structures import read_structures
+from services.orchestrator.state import saved_config_json
 from tests.conftest import SN2_DIR
 
 CLI = str(Path(sys.executable).parent / "pyacemaker")
@@ -78,6 +79,32 @@ def test_up_run_status_down(services, env, tmp_path):
     second = cli(env, "run", str(config))
     assert second.returncode == 0, second.stderr
     assert "step skipped: direct_sampling" in second.stderr
+
+    # The recommended minimal config (name, seeds, charge, DFT level, budget): the DIRECT size comes from the
+    # budget (35 % of 30 → 10) and reaches the sampler; the run dir's saved config holds the derived windows.
+    minimal = tmp_path / "minimal.yaml"
+    minimal.write_text(
+        "name: minimal\n"
+        "system: {seeds: [seeds/reactant_complex.xyz, seeds/transition_state.xyz, seeds/product_complex.xyz], "
+        "charge: -1}\n"
+        "oracle: {backend: xtb, method: GFN1-xTB}\n"
+        "budget: {max_dft_calls: 30}\n"
+        "sampling: {pool: {rattles_per_amplitude: 4, interpolation_images: 6, fragment_rotations_per_seed: 4}}\n"
+        "stop_after: direct_sampling\n"
+    )
+    derived = cli(env, "run", str(minimal))
+    assert derived.returncode == 0, derived.stderr
+    assert "sampling.direct.n_select: 10, derived from budget.max_dft_calls 30 (35 %)" in derived.stderr
+    assert len(read_structures(tmp_path / "runs" / "minimal" / "step1_direct" / "direct.extxyz")) == 10
+    saved = json.loads(saved_config_json(tmp_path / "runs" / "minimal"))
+    assert saved["md"]["windows"] == {
+        "atoms": [4, 0, 5],
+        "start": -1.5,
+        "stop": 1.5,
+        "count": 13,
+        "force_constant": 5.0,
+    }
+    assert (saved["sampling"]["direct"]["n_select"], saved["validation"]["holdout_size"]) == (10, 4)
 
     status = cli(env, "status")
     assert status.returncode == 0, status.stderr

@@ -31,7 +31,9 @@ def test_minimal_config_gets_defaults_and_resolved_paths(tmp_path):
     config = load_config(_write(tmp_path, _minimal()))
     assert config.system.seeds == [(tmp_path / "seed.xyz").resolve()]
     assert config.run_dir == (tmp_path / "runs" / "t").resolve()
-    assert config.sampling.direct.n_select == 50
+    assert (
+        config.sampling.direct.n_select == 0
+    )  # left to pyacemaker.config_defaults (tests/unit/test_config_defaults.py)
     assert config.oracle.backend == "xtb" and config.oracle.method == "GFN2-xTB"
     assert config_from_json(config_to_json(config)) == config
 
@@ -44,7 +46,8 @@ def test_minimal_config_gets_defaults_and_resolved_paths(tmp_path):
         ({"oracle": {"backend": "xtb", "methd": "GFN2-xTB"}}, "oracle.methd: unknown key"),
         ({"oracle": {"backend": "lj", "sigma": 0}}, "oracle.sigma: Input should be greater than 0 (got 0)"),
         ({"oracle": {"backend": "vasp9"}}, "oracle: Input tag 'vasp9'"),
-        ({"sampling": {"direct": {"n_select": 0}}}, "sampling.direct.n_select: Input should be greater than or equal"),
+        ({"sampling": {"direct": {"n_select": -1}}}, "sampling.direct.n_select: Input should be greater than or equal"),
+        ({"validation": {"holdout_size": 1}}, "validation.holdout_size: a hold-out needs at least 2 structures"),
         ({"name": "bad name!"}, "name: String should match pattern"),
         (
             {"active_learning": {"md_candidate_steps": -1}},

@@ -176,24 +176,23 @@ def test_a_basis_without_functions_for_a_seed_element_is_refused(tmp_path: Path)
     assert any(line.startswith(f"error: {config}: teacher.model: ") for line in lines)
 
 
-def test_60_direct_structures_on_a_budget_of_60_warn_and_name_both_fixes(tmp_path: Path) -> None:
-    """Budget 60 and 60 DIRECT (the README's minimal config until now): 3 isolated atoms and 10 hold-out labels
-    come first, so 13 selected structures would never be labelled and nothing is left for active learning. The run
-    works, so: a warning, exit 0."""
+def test_60_direct_structures_on_a_budget_of_60_are_refused_naming_the_keys_and_numbers(tmp_path: Path) -> None:
+    """Budget 60 and 60 DIRECT (the README's minimal config until now): the isolated atoms, the hold-out and the
+    profile points (both derived from the budget: 60 / 7 → 9, 60 / 6 → 10 → odd 9) come first, so 21 selected
+    structures would never be labelled: refused, one line."""
     config = _config(tmp_path, budget={"max_dft_calls": 60}, sampling={"direct": {"n_select": 60}})
-    code, lines, _ = _cli("config", "check", str(config))
-    assert code == EXIT_OK
-    assert lines == [
-        f"warning: {config}: budget.max_dft_calls: 60 DFT calls leave 47 for the DIRECT set after 3 isolated-atom "
-        "energies and 10 validation labels (validation.holdout_size): 13 of the 60 selected structures "
-        "(sampling.direct.n_select) get no DFT label and none are left for active learning; raise it to 83 or "
-        "lower sampling.direct.n_select to 37"
-    ]
+    line = _refused(config)
+    assert line == (
+        f"error: {config}: sampling.direct.n_select: 60 DIRECT structures + 3 isolated-atom energies + 9 hold-out "
+        "(validation.holdout_size) + 9 profile points (validation.profile.count) = 81 DFT calls, more than "
+        "budget.max_dft_calls 60: lower sampling.direct.n_select to at most 39 (38 leaves one active-learning batch "
+        "of 1) or raise budget.max_dft_calls to at least 81"
+    )
 
 
 def test_a_budget_that_cannot_label_two_direct_structures_is_refused(tmp_path: Path) -> None:
     profile = {"atoms": [4, 0, 5], "start": -1.0, "stop": 1.0, "count": 5}
-    config = _config(tmp_path, budget={"max_dft_calls": 19}, validation={"profile": profile})
+    config = _config(tmp_path, budget={"max_dft_calls": 19}, validation={"profile": profile, "holdout_size": 10})
     _refused(
         config,
         "budget.max_dft_calls: 19 DFT calls leave 1 for the DIRECT set after 3 isolated-atom energies and 15 "
@@ -203,19 +202,27 @@ def test_a_budget_that_cannot_label_two_direct_structures_is_refused(tmp_path: P
 
 
 def test_more_direct_structures_than_the_whole_budget_are_refused(tmp_path: Path) -> None:
-    config = _config(tmp_path, budget={"max_dft_calls": 30}, sampling={"direct": {"n_select": 40}})
+    config = _config(
+        tmp_path,
+        budget={"max_dft_calls": 30},
+        sampling={"direct": {"n_select": 40}},
+        validation={"holdout_size": 10, "profile": None},
+        active_learning={"batch_size": 5},
+    )
     _refused(
         config,
-        "sampling.direct.n_select: 40 DIRECT structures can never all get DFT labels on a budget of 30 DFT calls",
-        "which also pays 3 isolated-atom energies and 10 validation labels",
-        "lower it to at most 7 or raise budget.max_dft_calls to at least 63",
+        "sampling.direct.n_select: 40 DIRECT structures + 3 isolated-atom energies + 10 hold-out "
+        "(validation.holdout_size) = 53 DFT calls, more than budget.max_dft_calls 30",
+        "lower sampling.direct.n_select to at most 17 (12 leaves one active-learning batch of 5) or raise "
+        "budget.max_dft_calls to at least 53",
     )
 
 
 def test_a_budget_with_no_room_for_one_active_learning_batch_warns(tmp_path: Path) -> None:
-    code, lines, _ = _cli("config", "check", str(_config(tmp_path, budget={"max_dft_calls": 40})))
+    config = _config(tmp_path, budget={"max_dft_calls": 40}, active_learning={"batch_size": 10})
+    code, lines, _ = _cli("config", "check", str(config))
     assert code == EXIT_OK and len(lines) == 1
-    assert "leave 3 for active learning" in lines[0] and "(active_learning.batch_size 10)" in lines[0]
+    assert "leave 2 for active learning" in lines[0] and "(active_learning.batch_size 10)" in lines[0]
 
 
 def test_a_nonlinear_ace_without_tensorflow_is_refused(tmp_path: Path) -> None:

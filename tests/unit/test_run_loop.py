@@ -145,9 +145,12 @@ def test_starting_a_run_dir_with_another_config_announces_the_changed_keys(tmp_p
     changed = first.config.model_copy(update={"budget": first.config.budget.model_copy(update={"max_dft_calls": 70})})
     handle = manager.start(changed.model_dump_json(), seeds, run_dir)
     handle.thread.join(30)
+    # The DIRECT size and the hold-out derived at the first start (budget 60: 21 and 9) are kept from the run
+    # dir's saved config; the active-learning batch follows the new budget (60 − 3 − 21 − 9 = 27 → 37 left).
     assert (
-        "the config differs from the one this run dir last ran with: budget.max_dft_calls (60 → 70). Completed "
-        "steps whose inputs these change are redone; each says so when it starts"
+        "the config differs from the one this run dir last ran with: active_learning.batch_size (27 → 37); "
+        "budget.max_dft_calls (60 → 70). Completed steps whose inputs these change are redone; each says so when it "
+        "starts"
     ) in _log_messages(handle)
 
 
@@ -190,3 +193,38 @@ def test_more_iterations_or_a_new_stop_after_change_no_step_key(tmp_path):
                 for config in (handle.config, more)
             ]
             assert keys[0] == keys[1], f"{step.name}.{iteration}"
+
+
+def test_the_orchestrator_derives_what_a_config_leaves_out_and_saves_it(tmp_path):
+    """A client that sends a config without windows, profile or the budget's sizes (not derived by `pyacemaker
+    run`) gets them derived from the request's seeds; the run dir's saved config holds them, so a resume uses the
+    same values, and the run's log says what was derived."""
+    import json
+
+    from pyacemaker.config import config_from_json
+    from pyacemaker.structures import atoms_to_structure
+    from services.orchestrator.state import saved_config_json
+    from tests.conftest import sn2_seeds
+
+    seeds = [atoms_to_structure(atoms) for atoms in sn2_seeds()]
+    raw = {
+        "name": "derive",
+        "system": {"seeds": [str(SN2_DIR / "seeds" / "reactant_complex.xyz")], "charge": -1},
+        "oracle": {"backend": "xtb"},
+        "budget": {"max_dft_calls": 70},
+    }
+    manager = RunManager(ArtifactStore(tmp_path / "store"), "", "", "")
+    handle = manager.start(json.dumps(raw), seeds, str(tmp_path / "run"))
+    handle.thread.join(30)
+    saved = config_from_json(saved_config_json(tmp_path / "run"))
+    assert saved.md.windows is not None and saved.md.windows.atoms == (4, 0, 5)
+    assert (saved.md.windows.start, saved.md.windows.stop, saved.md.windows.count) == (-1.5, 1.5, 13)
+    assert (saved.sampling.direct.n_select, saved.validation.holdout_size, saved.active_learning.batch_size) == (
+        24,
+        10,
+        7,
+    )
+    assert any(
+        m.startswith("derived from the seeds and the budget: md.windows: derived from the seeds: atoms [4, 0, 5]")
+        for m in _log_messages(handle)
+    )
