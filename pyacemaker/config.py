@@ -733,6 +733,14 @@ class MaceFinetuneConfig(_Strict):
     which drives MD in step 4, labels the surrogate set in step 5 and scores the next iteration's candidates)."""
 
     epochs: int = Field(40, ge=1, le=100_000, description="Epochs of each committee member's fine-tuning.")
+    stress_weight: float = Field(
+        10.0,
+        ge=0,
+        le=1e6,
+        description="Weight of the stress term in mace's loss (stress in eV/Å³; energy per atom weighs 1, forces "
+        "mace's 100) when the DFT set holds periodic cells with a stress, for this step's and step 2's committee; "
+        "0: stress not fitted. A set without periodic cells (molecules) is fitted the same whatever the value.",
+    )
     random_seed: int = Field(1, ge=0, le=MAX_SEED)
 
 
@@ -776,6 +784,17 @@ class AceConfig(_Strict):
         True,
         description="Linear ACE: below the shortest distance of each element pair in the training data, switch "
         "the fitted part off and a core repulsion on (bounded extrapolation; carried by the .yace).",
+    )
+    stress_weight: float = Field(
+        0.1,
+        ge=0,
+        le=1e6,
+        description="Linear ACE, steps 6 and 7: weight of the stress rows (the strain derivative of the energy per "
+        "atom, V·σ/N in eV/atom, 6 per frame) of periodic frames with a stress label, next to the energy and force "
+        "terms whose weights sum to 1; 0: stress not fitted. Molecules have no stress rows: their fit is the same "
+        "whatever the value. Measured on Si cells labelled by a MACE model: held-out stress RMSE 0.24 GPa with 0, "
+        "0.09 with 0.1 (energies and forces no worse); 1 fitted stress better still but forces worse. The "
+        "nonlinear (pacemaker) fit has no stress term.",
     )
     random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
