@@ -23,8 +23,9 @@ whatever the cell. pyace gives the B-functions' gradients per atom with the peri
 total virial only for the whole potential, not per function, so the virial of a single function (which needs
 the pair vectors r_ij) is not available: the rows are central differences of the summed B-functions under a
 symmetric strain of ±STRAIN_STEP of the cell and positions. The B-functions are smooth in the positions (the
-cutoff function is), so the error is O(STRAIN_STEP²) (against pyace's analytic virial: ~1e-8 relative); it
-costs 12 evaluations of the B-functions without gradients, cheaper than the force rows' one with them.
+cutoff function is), so the error is O(STRAIN_STEP²) (against pyace's analytic virial: ~1e-8 relative). It
+costs 12 evaluations of the B-functions without gradients; measured on an 8-atom Si cell: 0.09 s against 0.05 s
+for the energy and force rows with 150 functions, 0.19 s against 0.26 s with 500.
 A basis may carry a fixed part that no coefficient scales: ACE's core repulsion below an inner cutoff (see
 `services.trainer.ace_fit.add_core_repulsion`). `AceDesign.fixed_part` evaluates it (the basis with all
 coefficients zero), and the targets of a fit are the labels minus it, so the written potential, which
