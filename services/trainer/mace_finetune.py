@@ -446,8 +446,12 @@ def validate_mace_finetune(spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactSt
             "mace_finetune.stress_weight": spec.stress_weight,
         }
     )
-    if spec.energy_weight < 0 or spec.forces_weight < 0 or spec.stress_weight < 0:
+    if spec.energy_weight < 0 or spec.forces_weight < 0:
         raise InvalidInputError("mace_finetune loss weights must not be negative (0: mace's default)")
+    if spec.stress_weight < 0:
+        raise InvalidInputError(
+            f"mace_finetune.stress_weight must not be negative (0: stress not fitted), got {spec.stress_weight:g}"
+        )
     if spec.random_seed < 0:
         raise InvalidInputError(f"mace_finetune.random_seed must not be negative, got {spec.random_seed}")
     if spec.multihead_replay and not spec.replay_data:

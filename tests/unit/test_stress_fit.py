@@ -196,3 +196,30 @@ def test_mace_fits_stress_only_when_the_frames_carry_one(tmp_path: Path) -> None
     stress_options = ("--loss", "--stress", "--compute_stress")
     assert not any(argument.startswith(stress_options) for argument in arguments(False))
     assert not any(argument.startswith(stress_options) for argument in arguments(True, weight=0.0))
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan")])
+def test_a_bad_stress_weight_is_refused_naming_the_field(weight: float) -> None:
+    from pyacemaker.rpc import InvalidInputError
+    from pyacemaker.v1 import common_pb2, trainer_pb2
+    from services.trainer.ace_fit import validate_ace_fit
+    from services.trainer.delta import validate_delta_fit
+    from services.trainer.mace_finetune import validate_mace_finetune
+
+    ref = common_pb2.ArtifactRef(uri="sha256:0", sha256="0")
+    checks = [
+        (validate_ace_fit, trainer_pb2.AceFitSpec(train_data=[ref], stress_weight=weight), "ace_fit.stress_weight"),
+        (
+            validate_delta_fit,
+            trainer_pb2.DeltaFitSpec(base_potential=ref, dft_data=[ref], stress_weight=weight),
+            "delta_fit.stress_weight",
+        ),
+        (
+            validate_mace_finetune,
+            trainer_pb2.MaceFinetuneSpec(foundation_model=ref, train_data=[ref], stress_weight=weight),
+            "mace_finetune.stress_weight",
+        ),
+    ]
+    for validate, spec, field in checks:
+        with pytest.raises(InvalidInputError, match=field):
+            validate(spec, None)  # type: ignore[arg-type]  # refused before the store is consulted
