@@ -223,3 +223,19 @@ def test_a_bad_stress_weight_is_refused_naming_the_field(weight: float) -> None:
     for validate, spec, field in checks:
         with pytest.raises(InvalidInputError, match=field):
             validate(spec, None)  # type: ignore[arg-type]  # refused before the store is consulted
+
+
+def test_stress_rows_count_in_the_memory_budget_only_when_there_are_some() -> None:
+    # 8000 functions: 512 MB per Gram matrix, 8 in the 4 GiB budget: 4 folds of 2 matrices, 2 of 3 (stress).
+    per_matrix = 8 * 8000**2
+    budget_matrices = linear_ace.GRAM_MEMORY_BYTES // per_matrix
+    assert linear_ace.folds_within_memory(8000, 500, 5) == budget_matrices // 2 == 4
+    assert linear_ace.folds_within_memory(8000, 500, 5, matrices_per_fold=3) == budget_matrices // 3 == 2
+    with pytest.raises(linear_ace.LinearAceError, match=r"need 6\.3 GiB"):  # (2 folds × 3 + 1) × 0.9 GiB
+        linear_ace.folds_within_memory(11000, 500, 5, extra_matrices=1, matrices_per_fold=3)
+    # Normal equations of frames without stress targets hold no third Gram matrix.
+    design = linear_ace.AceDesign(pyace.ACEBBasisSet(basis_config(["H", "C", "Cl"], 4.5, 4)))
+    frames = xtb_frames()[:4]
+    targets = linear_ace.Targets(np.zeros(4), [np.zeros((len(a), 3)) for a in frames], [None] * 4)
+    equations = linear_ace.accumulate(design, frames, targets, np.array([0, 0, 1, 1]), 2)
+    assert not equations.with_stress and equations.gram_stress.size == 0
