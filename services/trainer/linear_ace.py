@@ -26,6 +26,7 @@ symmetric strain of ±STRAIN_STEP of the cell and positions. The B-functions are
 cutoff function is), so the error is O(STRAIN_STEP²) (against pyace's analytic virial: ~1e-8 relative). It
 costs 12 evaluations of the B-functions without gradients; measured on an 8-atom Si cell: 0.09 s against 0.05 s
 for the energy and force rows with 150 functions, 0.19 s against 0.26 s with 500.
+
 A basis may carry a fixed part that no coefficient scales: ACE's core repulsion below an inner cutoff (see
 `services.trainer.ace_fit.add_core_repulsion`). `AceDesign.fixed_part` evaluates it (the basis with all
 coefficients zero), and the targets of a fit are the labels minus it, so the written potential, which
@@ -50,6 +51,8 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
+
+from services.trainer.datasets import stress_of
 
 # Metadata key of the per-element reference energies (JSON object symbol → eV) in a B-basis .yaml.
 E0_METADATA_KEY = "pyacemaker_e0_ev"
@@ -210,14 +213,8 @@ def has_stress_cell(atoms: Atoms) -> bool:
 def virial_per_atom(atoms: Atoms) -> np.ndarray | None:
     """The labelled stress of a frame as the target of its stress rows, V·σ/N (eV/atom, Voigt order of ASE), or
     None when the frame has no cell periodic in 3D or no stress label."""
-    if not has_stress_cell(atoms) or atoms.calc is None or "stress" not in atoms.calc.results:
-        return None
-    stress = np.asarray(atoms.calc.results["stress"], dtype=np.float64)
-    if stress.shape == (3, 3):
-        stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-    if stress.shape != (6,):
-        raise LinearAceError(f"a stress label must have 6 (Voigt) or 3×3 components, got shape {stress.shape}")
-    return stress * atoms.get_volume() / len(atoms)
+    stress = stress_of(atoms)
+    return None if stress is None else stress * atoms.get_volume() / len(atoms)
 
 
 @dataclass

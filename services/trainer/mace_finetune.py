@@ -53,6 +53,7 @@ from services.trainer.datasets import (
     reference_energy,
     require_e0s,
     shard_paths,
+    stress_of,
 )
 from services.trainer.progress import ProgressWriter
 from services.trainer.results import JobResult
@@ -117,22 +118,11 @@ def frames_on_teacher_reference(
             energy += reference_energy(atoms, teacher_e0s) - reference_energy(atoms, label_e0s)
         copy.info[ENERGY_KEY] = energy
         copy.arrays[FORCES_KEY] = forces_of(atoms)
-        stress = stress_label(atoms)
+        stress = stress_of(atoms)
         if stress is not None:
             copy.info[STRESS_KEY] = stress
         moved.append(copy)
     return moved
-
-
-def stress_label(atoms: Atoms) -> np.ndarray | None:
-    """The labelled stress (eV/Å³, 6 Voigt components in ASE's order) of a cell periodic in all three
-    directions, else None."""
-    if not (all(atoms.pbc) and atoms.cell.rank == 3) or atoms.calc is None or "stress" not in atoms.calc.results:
-        return None
-    stress = np.asarray(atoms.calc.results["stress"], dtype=np.float64)
-    if stress.shape == (3, 3):
-        stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-    return stress.reshape(6)
 
 
 def aligned_reference_energies(
