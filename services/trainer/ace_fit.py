@@ -15,6 +15,10 @@ A and λ come from s: the pair energy is CORE_ENERGY_AT_BOND_EV at r = s and COR
 s/2, so the wall rises where chemistry says atoms cannot go, whatever the data; the inner cutoff, from the
 data, says where the fitted part stops being trusted. No training pair lies inside the inner cutoff, so the
 core leaves the fit's targets untouched (they are corrected by `AceDesign.fixed_part` all the same).
+
+Stress: periodic frames whose labels carry a stress add six rows each (`linear_ace.AceDesign.stress_rows`),
+weighted by `stress_weight` (AceFitSpec.stress_weight; unset: linear_ace.DEFAULT_STRESS_WEIGHT). A set without
+such frames (molecules) fits exactly as without the option.
 """
 
 from __future__ import annotations
@@ -205,16 +209,24 @@ class AceFitResult:
 
 
 def linear_targets(
-    frames: Sequence[Atoms], e0s: dict[int, float], design: linear_ace.AceDesign | None = None
+    frames: Sequence[Atoms],
+    e0s: dict[int, float],
+    design: linear_ace.AceDesign | None = None,
+    with_stress: bool = False,
 ) -> linear_ace.Targets:
-    """Energy per atom minus the reference energies (none: the total energy per atom) and forces, minus the
-    design's fixed part (core repulsion) when a design is given."""
-    energies, forces = [], []
+    """Energy per atom minus the reference energies (none: the total energy per atom), forces and, with
+    `with_stress`, the labelled stresses of periodic frames as V·σ/N (`linear_ace.virial_per_atom`), each minus
+    the design's fixed part (core repulsion) when a design is given."""
+    energies, forces, stresses = [], [], []
     for atoms in frames:
         fixed_energy, fixed_forces = design.fixed_part(atoms) if design is not None else (0.0, 0.0)
         energies.append((energy_of(atoms) - (reference_energy(atoms, e0s) if e0s else 0.0)) / len(atoms) - fixed_energy)
         forces.append(forces_of(atoms) - fixed_forces)
-    return linear_ace.Targets(energy_per_atom=np.array(energies), forces=forces)
+        virial = linear_ace.virial_per_atom(atoms) if with_stress else None
+        if virial is not None and design is not None:
+            virial = virial - design.fixed_stress(atoms)
+        stresses.append(virial)
+    return linear_ace.Targets(energy_per_atom=np.array(energies), forces=forces, stress=stresses)
 
 
 def report_cross_validation(fit: linear_ace.RidgeFit, progress: ProgressWriter | None, member: int = 0) -> None:
@@ -244,13 +256,15 @@ def fit_linear_ace(
     stem: str = "base",
     progress: ProgressWriter | None = None,
     core_repulsion: bool = True,
+    stress_weight: float = linear_ace.DEFAULT_STRESS_WEIGHT,
 ) -> AceFitResult:
     """Fit a linear ACE to labelled frames and write <stem>.yaml, .yace, .asi into out_dir.
 
     Without `e0s`, per-element reference energies are fitted together with the basis (with a single
     stoichiometry only their sum is determined; the minimum-norm split is taken). With `core_repulsion`, the
     basis gets inner cutoffs and a core repulsion (module docstring). The ridge strength is chosen by
-    cross-validation over whole groups (MD trajectories; `linear_ace.structure_groups`)."""
+    cross-validation over whole groups (MD trajectories; `linear_ace.structure_groups`). Periodic frames with
+    a stress label add stress rows weighted by `stress_weight` (0: none)."""
     from pyace import ACEBBasisSet
 
     if len(frames) < 2:
@@ -271,8 +285,11 @@ def fit_linear_ace(
         linear_ace.check_active_set_data(design, frames)
     except linear_ace.LinearAceError as exc:
         raise InvalidInputError(str(exc)) from None
+    targets = linear_targets(frames, given, design, with_stress=stress_weight > 0)
     try:
-        n_folds = linear_ace.folds_within_memory(design.n_columns, len(frames), MAX_FOLDS)
+        n_folds = linear_ace.folds_within_memory(
+            design.n_columns, len(frames), MAX_FOLDS, matrices_per_fold=3 if targets.has_stress else 2
+        )
     except linear_ace.LinearAceError as exc:
         raise InvalidInputError(str(exc)) from None
     groups = linear_ace.structure_groups(frames)
@@ -285,9 +302,9 @@ def fit_linear_ace(
     log.info(
         "linear ACE: %d structures, %s, cutoff %.2f Å, %d functions", len(frames), elements, cutoff, design.n_functions
     )
-    equations = linear_ace.accumulate(design, frames, linear_targets(frames, given, design), folds, n_folds, report)
+    equations = linear_ace.accumulate(design, frames, targets, folds, n_folds, report)
     n_free = design.n_columns - design.n_functions
-    fit = linear_ace.fit_ridge_cv(equations, n_unpenalised=n_free, progress=report)
+    fit = linear_ace.fit_ridge_cv(equations, n_unpenalised=n_free, progress=report, stress_weight=stress_weight)
     coeffs, fitted_references = design.split(fit.coeffs)
     report_cross_validation(fit, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +320,7 @@ def fit_linear_ace(
     fit_seconds = time.perf_counter() - started
     report(0, 0, "active set")
     linear_ace.write_active_set(paths[0], frames, paths[2])
-    train_energy, train_forces = linear_ace.fit_errors(equations, fit.coeffs)
+    train_energy, train_forces, train_stress = linear_ace.fit_errors(equations, fit.coeffs)
     metrics = {
         "structures_count": float(len(frames)),
         "basis_functions_count": float(design.n_functions),
@@ -317,7 +334,12 @@ def fit_linear_ace(
         "cv_groups_count": float(len(set(groups))),
         "core_repulsion": float(bool(core)),
         "fit_time_s": fit_seconds,
+        "stress_weight": stress_weight,
+        "stress_structures_count": float(sum(value is not None for value in targets.stress)),
     }
+    if targets.has_stress:
+        metrics["train_virial_rmse_ev_per_atom"] = train_stress
+        metrics["cv_virial_rmse_ev_per_atom"] = fit.cv_stress_rmse
     for pair, values in core.items():
         metrics[f"inner_cutoff_{pair}_a"] = values["r_in_a"]
     if validation:
@@ -326,6 +348,8 @@ def fit_linear_ace(
         scores = evaluate_potential(paths[1], validation).errors
         metrics["validation_energy_rmse_ev_per_atom"] = scores.energy_rmse_per_atom
         metrics["validation_forces_rmse_ev_per_a"] = scores.forces_rmse
+        if np.isfinite(scores.stress_rmse):
+            metrics["validation_stress_rmse_ev_per_a3"] = scores.stress_rmse
     extra = [(exported[0], PACEMAKER_DATASET_KIND), (exported[1], PACEMAKER_INPUT_KIND)]
     return AceFitResult(*paths, metrics=metrics, cv_table=fit.table, extra_files=extra)
 
@@ -336,7 +360,9 @@ def validate_ace_fit(spec: trainer_pb2.AceFitSpec, store: ArtifactStore) -> None
         raise InvalidInputError("ace_fit.train_data is empty; give at least one labelled extxyz shard")
     if spec.model_kind not in ("", *MODEL_KINDS):
         raise InvalidInputError(f"ace_fit.model_kind {spec.model_kind!r} is not one of {', '.join(MODEL_KINDS)}")
-    check_finite({"ace_fit.cutoff": spec.cutoff})
+    check_finite({"ace_fit.cutoff": spec.cutoff, "ace_fit.stress_weight": spec.stress_weight})
+    if spec.stress_weight < 0:
+        raise InvalidInputError(f"ace_fit.stress_weight must not be negative, got {spec.stress_weight:g}")
     if spec.cutoff < 0 or spec.basis_size < 0:
         raise InvalidInputError("ace_fit.cutoff and ace_fit.basis_size must not be negative (0 means inferred)")
     if spec.cutoff > MAX_CUTOFF_A:
@@ -380,8 +406,14 @@ def run_ace_fit(
             "base",
             progress,
             core_repulsion=not spec.no_core_repulsion,
+            stress_weight=stress_weight_of(spec),
         )
     return store_fit_outputs(store, result, progress)
+
+
+def stress_weight_of(spec: trainer_pb2.AceFitSpec | trainer_pb2.DeltaFitSpec) -> float:
+    """The spec's stress weight; linear_ace.DEFAULT_STRESS_WEIGHT when the field is not set."""
+    return spec.stress_weight if spec.HasField("stress_weight") else linear_ace.DEFAULT_STRESS_WEIGHT
 
 
 def store_fit_outputs(store: ArtifactStore, result: AceFitResult, progress: ProgressWriter) -> JobResult:

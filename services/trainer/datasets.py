@@ -90,6 +90,19 @@ def forces_of(atoms: Atoms) -> np.ndarray:
     return np.asarray(atoms.calc.results["forces"], dtype=np.float64).reshape(len(atoms), 3)
 
 
+def stress_of(atoms: Atoms) -> np.ndarray | None:
+    """The labelled stress (eV/Å³, the 6 Voigt components in ASE's order) of a cell periodic in all three
+    directions, or None for a frame without one (a molecule, a slab, no stress label)."""
+    if not (all(atoms.pbc) and atoms.cell.rank == 3) or atoms.calc is None or "stress" not in atoms.calc.results:
+        return None
+    stress = np.asarray(atoms.calc.results["stress"], dtype=np.float64)
+    if stress.shape == (3, 3):
+        stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    if stress.shape != (6,):
+        raise InvalidInputError(f"a stress label must have 6 (Voigt) or 3×3 components, got shape {stress.shape}")
+    return stress
+
+
 def elements_of(frames: Iterable[Atoms]) -> list[str]:
     """Element symbols present, sorted by atomic number."""
     numbers = sorted({int(z) for atoms in frames for z in atoms.numbers})

@@ -26,6 +26,10 @@ the base on the validation's independent hold-out part: forces 33.0 vs 49.7 and 
 frames of GFN1-xTB MD at 300-600 K: 54.0 vs 75.5 and 59.3 vs 77.4 meV/Å (before: 54.4 and 517.5). The base
 itself has seen those structures (step 6 fits the committee's labels of them), so the final stays bounded there.
 
+Stress: periodic DFT frames with a stress label add stress rows (targets: the label minus the base's stress)
+and periodic anchor frames add stress rows with zero targets, both weighted by `stress_weight` within their
+block (DeltaFitSpec.stress_weight, as in the base fit; `services.trainer.ace_fit`).
+
 The result is one self-contained final.yaml / final.yace / final.asi: no second potential summed at run time.
 
 Nonlinear (the base is a nonlinear pacemaker potential): pacemaker fine-tunes from the base (`-p`), DFT rows
@@ -51,7 +55,7 @@ from pyacemaker.rpc import InvalidInputError
 from pyacemaker.structures import labelled_copies, read_structures
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace, pacemaker_export
-from services.trainer.ace_fit import AceFitResult, report_cross_validation, store_fit_outputs
+from services.trainer.ace_fit import AceFitResult, report_cross_validation, store_fit_outputs, stress_weight_of
 from services.trainer.datasets import (
     artifact_paths,
     check_finite,
@@ -92,20 +96,28 @@ def _spread(frames: Sequence[Atoms], limit: int) -> list[Atoms]:
 
 
 def base_residuals(
-    design: linear_ace.AceDesign, base_coeffs: np.ndarray, base_e0s: dict[int, float], frames: Sequence[Atoms]
+    design: linear_ace.AceDesign,
+    base_coeffs: np.ndarray,
+    base_e0s: dict[int, float],
+    frames: Sequence[Atoms],
+    with_stress: bool = False,
 ) -> linear_ace.Targets:
-    """DFT labels minus the base's predictions (its fixed part, the core repulsion, included): energy per atom
-    and forces."""
-    energy, forces = [], []
+    """DFT labels minus the base's predictions (its fixed part, the core repulsion, included): energy per atom,
+    forces and, with `with_stress`, the stresses of periodic frames as V·σ/N (`linear_ace.virial_per_atom`)."""
+    energy, forces, stresses = [], [], []
     n = design.n_functions
     for atoms in frames:
+        virial = linear_ace.virial_per_atom(atoms) if with_stress else None
+        if virial is not None:
+            virial = virial - design.stress_rows(atoms)[:, :n] @ base_coeffs - design.fixed_stress(atoms)
+        stresses.append(virial)
         energy_row, force_rows = design.rows(atoms)
         fixed_energy, fixed_forces = design.fixed_part(atoms)
         predicted = energy_row[:n] @ base_coeffs + reference_energy(atoms, base_e0s) / len(atoms) + fixed_energy
         energy.append(energy_of(atoms) / len(atoms) - predicted)
         predicted_forces = (force_rows[:, :n] @ base_coeffs).reshape(len(atoms), 3) + fixed_forces
         forces.append(forces_of(atoms) - predicted_forces)
-    return linear_ace.Targets(np.array(energy), forces)
+    return linear_ace.Targets(np.array(energy), forces, stresses)
 
 
 def within_surrogate_span(
@@ -147,9 +159,11 @@ def fit_linear_delta(
     stem: str = "final",
     progress: ProgressWriter | None = None,
     max_dft_gamma: float = MAX_DFT_GAMMA,
+    stress_weight: float = linear_ace.DEFAULT_STRESS_WEIGHT,
 ) -> AceFitResult:
     """Correct a linear base ACE with DFT frames; writes <stem>.yaml, .yace, .asi into out_dir. DFT frames
-    beyond the surrogate data (γ above `max_dft_gamma`, 0: no limit) are left out (module docstring)."""
+    beyond the surrogate data (γ above `max_dft_gamma`, 0: no limit) are left out (module docstring). Stress
+    rows of periodic frames are weighted by `stress_weight` (0: none)."""
     started = time.perf_counter()
     basis = linear_ace.load_basis(base_yaml)
     if not linear_ace.is_linear_basis(basis.to_BBasisConfiguration()):
@@ -177,11 +191,22 @@ def fit_linear_delta(
     all_dft = list(dft_frames)
     report(0, 0, "extrapolation grades of the DFT structures")
     dft_frames, dft_gammas = within_surrogate_span(base_yaml, design, all_dft, anchor, out_dir, max_dft_gamma)
-    residuals = base_residuals(design, base_coeffs, base_e0s, dft_frames)
+    with_stress = stress_weight > 0
+    residuals = base_residuals(design, base_coeffs, base_e0s, dft_frames, with_stress)
     base_energy_rmse = float(np.sqrt(np.mean(residuals.energy_per_atom**2)))
     base_forces_rmse = float(np.sqrt(np.mean(np.concatenate([f.ravel() for f in residuals.forces]) ** 2)))
-    try:  # the anchor's Gram matrices (2) and the working copy of the sum (1) come on top of the folds'
-        n_folds = linear_ace.folds_within_memory(design.n_columns, len(dft_frames), MAX_FOLDS, extra_matrices=3)
+    base_virials = [v for v in residuals.stress if v is not None]
+    # The anchor's Gram matrices (2, or 3 with stress rows) and the working copy of the sum (1) come on top of
+    # the folds'.
+    anchor_stress = with_stress and any(linear_ace.has_stress_cell(a) for a in anchor)
+    try:
+        n_folds = linear_ace.folds_within_memory(
+            design.n_columns,
+            len(dft_frames),
+            MAX_FOLDS,
+            extra_matrices=4 if anchor_stress else 3,
+            matrices_per_fold=3 if residuals.has_stress else 2,
+        )
     except linear_ace.LinearAceError as exc:
         raise InvalidInputError(str(exc)) from None
     folds = linear_ace.fold_assignment(len(dft_frames), n_folds, seed)
@@ -189,17 +214,24 @@ def fit_linear_delta(
     anchor_gram = None
     if anchor:
         # The anchor holds the basis part of the correction at zero; it leaves the reference shifts free.
-        zero = linear_ace.Targets(np.zeros(len(anchor)), [np.zeros((len(a), 3)) for a in anchor])
+        zero = linear_ace.Targets(
+            np.zeros(len(anchor)),
+            [np.zeros((len(a), 3)) for a in anchor],
+            [np.zeros(6) if anchor_stress and linear_ace.has_stress_cell(a) else None for a in anchor],
+        )
         anchor_equations = linear_ace.accumulate(
             design, anchor, zero, np.zeros(len(anchor), dtype=np.int64), 1, report, "surrogate rows", False
         )
-        anchor_gram, _ = anchor_equations.total(linear_ace.DEFAULT_FORCES_SHARE)
+        anchor_gram, _ = anchor_equations.total(linear_ace.DEFAULT_FORCES_SHARE, stress_weight=stress_weight)
     n_free = design.n_columns - design.n_functions
     weights = [surrogate_weight] if surrogate_weight > 0 or anchor_gram is None else list(SURROGATE_WEIGHTS)
     best: tuple[float, linear_ace.RidgeFit, float] | None = None
     for index, weight in enumerate(weights):
         fit = linear_ace.fit_ridge_cv(
-            dft_equations, anchor_gram=None if anchor_gram is None else weight * anchor_gram, n_unpenalised=n_free
+            dft_equations,
+            anchor_gram=None if anchor_gram is None else weight * anchor_gram,
+            n_unpenalised=n_free,
+            stress_weight=stress_weight,
         )
         report_cross_validation(fit, progress, member=index)
         loss = min(row["cv_loss"] for row in fit.table)
@@ -224,7 +256,7 @@ def fit_linear_delta(
     fit_seconds = time.perf_counter() - started
     report(0, 0, "active set")
     linear_ace.write_active_set(paths[0], [*all_dft, *anchor], paths[2])
-    final_energy_rmse, final_forces_rmse = linear_ace.fit_errors(dft_equations, fit.coeffs)
+    final_energy_rmse, final_forces_rmse, final_virial_rmse = linear_ace.fit_errors(dft_equations, fit.coeffs)
     metrics = {
         "dft_structures_count": float(len(dft_frames)),
         "dft_structures_beyond_surrogate_count": float(len(all_dft) - len(dft_frames)),
@@ -240,7 +272,13 @@ def fit_linear_delta(
         "cv_energy_rmse_ev_per_atom": fit.cv_energy_rmse,
         "cv_forces_rmse_ev_per_a": fit.cv_forces_rmse,
         "fit_time_s": fit_seconds,
+        "stress_weight": stress_weight,
+        "dft_stress_structures_count": float(len(base_virials)),
     }
+    if base_virials:
+        metrics["base_dft_virial_rmse_ev_per_atom"] = float(np.sqrt(np.mean(np.concatenate(base_virials) ** 2)))
+        metrics["final_dft_virial_rmse_ev_per_atom"] = final_virial_rmse
+        metrics["cv_virial_rmse_ev_per_atom"] = fit.cv_stress_rmse
     return AceFitResult(*paths, metrics=metrics, cv_table=fit.table, extra_files=extra)
 
 
@@ -285,9 +323,11 @@ def validate_delta_fit(spec: trainer_pb2.DeltaFitSpec, store: ArtifactStore) -> 
         raise InvalidInputError("delta_fit.base_potential is not set; give the base ACE .yaml")
     if not spec.dft_data:
         raise InvalidInputError("delta_fit.dft_data is empty; give the labelled DFT set")
-    check_finite({"delta_fit.surrogate_weight": spec.surrogate_weight})
+    check_finite({"delta_fit.surrogate_weight": spec.surrogate_weight, "delta_fit.stress_weight": spec.stress_weight})
     if spec.surrogate_weight < 0:
         raise InvalidInputError("delta_fit.surrogate_weight must not be negative (0 means chosen by cross-validation)")
+    if spec.stress_weight < 0:
+        raise InvalidInputError(f"delta_fit.stress_weight must not be negative, got {spec.stress_weight:g}")
     if spec.random_seed < 0:
         raise InvalidInputError(f"delta_fit.random_seed must not be negative, got {spec.random_seed}")
     (base,) = artifact_paths(store, [spec.base_potential], "delta_fit.base_potential")
@@ -328,7 +368,15 @@ def run_delta_fit(
     out_dir = work_dir / "output"
     if _is_linear(base):
         result = fit_linear_delta(
-            base, dft, surrogate, out_dir, spec.surrogate_weight, spec.random_seed, "final", progress
+            base,
+            dft,
+            surrogate,
+            out_dir,
+            spec.surrogate_weight,
+            spec.random_seed,
+            "final",
+            progress,
+            stress_weight=stress_weight_of(spec),
         )
     else:
         from services.trainer.pacemaker_nonlinear import finetune_nonlinear_ace

@@ -16,6 +16,11 @@ labels are taken to be on the teacher's reference already.
 Multihead replay fine-tuning (option) adds mace's pretraining head trained on replay data the run already
 has (teacher-labelled frames, e.g. the DIRECT pool), which keeps the model close to the teacher elsewhere.
 
+Stress: when the training frames include periodic cells with a stress label, mace fits it too (`--loss=stress`,
+whose energy and force terms are those of mace's default loss, plus `stress_weight` × the mean squared stress
+error in eV/Å³; frames without a stress weigh 0 in that term). The stress goes to mace as `REF_stress`; moving
+the energies onto the teacher's reference leaves it unchanged (a constant per atom has no strain derivative).
+
 Checkpoints: each member trains in its own directory; mace saves a checkpoint whenever the validation loss
 improves. A resumed job skips finished members and continues the current one with `--restart_latest`.
 """
@@ -48,6 +53,7 @@ from services.trainer.datasets import (
     reference_energy,
     require_e0s,
     shard_paths,
+    stress_of,
 )
 from services.trainer.progress import ProgressWriter
 from services.trainer.results import JobResult
@@ -59,6 +65,10 @@ DEFAULT_MAX_EPOCHS = 50
 LEARNING_RATE = 0.01
 ENERGY_KEY = "REF_energy"
 FORCES_KEY = "REF_forces"
+STRESS_KEY = "REF_stress"
+# Weight of the stress term in mace's loss when the spec leaves it unset (energy per atom weighs 1, forces
+# mace's 100); stress in eV/Å³.
+DEFAULT_STRESS_WEIGHT = 10.0
 DEFAULT_HEAD = "Default"
 
 
@@ -97,7 +107,8 @@ def set_model_atomic_energies(model: Any, e0s: dict[int, float]) -> None:
 def frames_on_teacher_reference(
     frames: Sequence[Atoms], label_e0s: dict[int, float], teacher_e0s: dict[int, float]
 ) -> list[Atoms]:
-    """Copies with REF_energy = E − Σ E0_label + Σ E0_teacher and REF_forces, as mace reads them."""
+    """Copies with REF_energy = E − Σ E0_label + Σ E0_teacher, REF_forces and, for a cell periodic in 3D with a
+    stress label, REF_stress (eV/Å³, Voigt order of ASE), as mace reads them."""
     moved = []
     for atoms in frames:
         copy = atoms.copy()
@@ -107,6 +118,9 @@ def frames_on_teacher_reference(
             energy += reference_energy(atoms, teacher_e0s) - reference_energy(atoms, label_e0s)
         copy.info[ENERGY_KEY] = energy
         copy.arrays[FORCES_KEY] = forces_of(atoms)
+        stress = stress_of(atoms)
+        if stress is not None:
+            copy.info[STRESS_KEY] = stress
         moved.append(copy)
     return moved
 
@@ -145,6 +159,7 @@ class FinetuneSettings:
     multihead_replay: bool
     energy_weight: float
     forces_weight: float
+    stress_weight: float = 0.0
 
 
 def mace_arguments(
@@ -159,7 +174,10 @@ def mace_arguments(
     replay_file: Path | None,
     n_replay: int,
     resume: bool,
+    with_stress: bool = False,
 ) -> list[str]:
+    """mace's command line for one member; with `with_stress` (the training frames hold stress labels) and a
+    positive `settings.stress_weight`, the loss with a stress term (module docstring)."""
     batch_size = max(1, min(10, n_train // 4))
     arguments = [
         f"--name={name}",
@@ -187,6 +205,13 @@ def mace_arguments(
         arguments.append(f"--energy_weight={settings.energy_weight}")
     if settings.forces_weight > 0:
         arguments.append(f"--forces_weight={settings.forces_weight}")
+    if with_stress and settings.stress_weight > 0:
+        arguments += [
+            "--loss=stress",
+            f"--stress_weight={settings.stress_weight}",
+            f"--stress_key={STRESS_KEY}",
+            "--compute_stress=True",
+        ]
     if settings.multihead_replay and replay_file is not None:
         arguments += [
             "--multiheads_finetuning=True",
@@ -358,6 +383,7 @@ def finetune_committee(
             replay_file,
             len(replay),
             continuing,
+            with_stress=any(STRESS_KEY in moved_train[i].info for i in chosen),
         )
         if progress is not None:
             how = "continuing from its last checkpoint" if continuing else "from the teacher"
@@ -403,9 +429,19 @@ def validate_mace_finetune(spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactSt
         raise InvalidInputError("mace_finetune.train_data is empty; give the labelled DFT set")
     if spec.committee_size < 0 or spec.max_epochs < 0:
         raise InvalidInputError("mace_finetune.committee_size and max_epochs must not be negative (0: default)")
-    check_finite({"mace_finetune.energy_weight": spec.energy_weight, "mace_finetune.forces_weight": spec.forces_weight})
+    check_finite(
+        {
+            "mace_finetune.energy_weight": spec.energy_weight,
+            "mace_finetune.forces_weight": spec.forces_weight,
+            "mace_finetune.stress_weight": spec.stress_weight,
+        }
+    )
     if spec.energy_weight < 0 or spec.forces_weight < 0:
         raise InvalidInputError("mace_finetune loss weights must not be negative (0: mace's default)")
+    if spec.stress_weight < 0:
+        raise InvalidInputError(
+            f"mace_finetune.stress_weight must not be negative (0: stress not fitted), got {spec.stress_weight:g}"
+        )
     if spec.random_seed < 0:
         raise InvalidInputError(f"mace_finetune.random_seed must not be negative, got {spec.random_seed}")
     if spec.multihead_replay and not spec.replay_data:
@@ -445,6 +481,7 @@ def run_mace_finetune(
         multihead_replay=spec.multihead_replay,
         energy_weight=spec.energy_weight,
         forces_weight=spec.forces_weight,
+        stress_weight=spec.stress_weight if spec.HasField("stress_weight") else DEFAULT_STRESS_WEIGHT,
     )
     models, metrics = finetune_committee(settings, train, validation, replay, work_dir, progress, resume)
     progress.stage("store_outputs", message="copying the committee into the artifact store")

@@ -17,7 +17,8 @@ What cannot carry over: the fit's ridge penalises every coefficient by its own c
 pacemaker's `L2_coeffs` is one weight for all. The input uses λ · median(s_j²) in pacemaker's units, so the
 regularisation has the right size but not the same shape. The delta fit's ridge acts on the correction δ to the
 base; pacemaker's acts on the coefficients themselves. And the fit picks λ (and ω) by cross-validation over whole
-trajectories; pacemaker takes them as given.
+trajectories; pacemaker takes them as given. Nor does the stress term (`stress_weight`, periodic frames):
+pacemaker's linear fit has no stress loss, so the input reproduces the fit as it would be without stress rows.
 
 The delta fit's anchor frames are written with the labels the fit gave them: the base potential's own
 predictions (core repulsion included), on the final reference energies.

@@ -139,4 +139,5 @@ def base_fit_spec(ctx: StepContext, shards: list[common_pb2.ArtifactRef]) -> tra
         e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in dft_reference_energies(ctx).items()],
         random_seed=settings.random_seed,
         no_core_repulsion=not settings.core_repulsion,
+        stress_weight=settings.stress_weight,
     )

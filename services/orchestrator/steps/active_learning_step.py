@@ -75,6 +75,7 @@ class ActiveLearningStep:
             "previous_dft": ctx.previous["active_learning"]["dft"].sha256 if ctx.iteration > 1 else "",
             "oracle": config.oracle.model_dump(mode="json"),
             "active_learning": config.active_learning.model_dump(mode="json"),
+            "mace_stress_weight": config.mace_finetune.stress_weight,  # the committee's fine-tuning fits stress
             "budget": config.budget.model_dump(mode="json"),
             "holdout_reserve": holdout_reserve(ctx),
             "md_candidates": (md.model_dump(mode="json") if (md := md_candidate_config(ctx)) is not None else None),

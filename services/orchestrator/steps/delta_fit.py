@@ -40,6 +40,7 @@ class DeltaFitStep:
             "shards": [ref.sha256 for ref in anchor_shards(ctx)],
             "surrogate_weight": ctx.config.ace.delta_surrogate_weight,
             "seed": ctx.config.ace.random_seed,
+            "stress_weight": ctx.config.ace.stress_weight,
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
@@ -49,6 +50,7 @@ class DeltaFitStep:
             surrogate_data=anchor_shards(ctx),
             surrogate_weight=ctx.config.ace.delta_surrogate_weight,
             random_seed=ctx.config.ace.random_seed,
+            stress_weight=ctx.config.ace.stress_weight,
         )
         job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(delta_fit=spec), "delta learning on the DFT set")
         return potential_outcome(job, ctx, "final", EXPORT_DIR)

@@ -38,6 +38,7 @@ def finetune_committee(
         random_seed=seed,
         max_epochs=epochs,
         e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in sorted(e0s.items())],
+        stress_weight=ctx.config.mace_finetune.stress_weight,
     )
     job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(mace_finetune=spec), stage)
     models = [ref for ref in job.outputs if ref.kind == "model"]

@@ -436,6 +436,7 @@ def fit_direct_ace(ctx: StepContext) -> DirectFit:
         model_kind=settings.model_kind,
         e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in dft_reference_energies(ctx).items()],
         random_seed=settings.random_seed,
+        stress_weight=settings.stress_weight,
     )
     try:
         job = run_trainer_job(
