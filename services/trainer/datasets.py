@@ -90,10 +90,15 @@ def forces_of(atoms: Atoms) -> np.ndarray:
     return np.asarray(atoms.calc.results["forces"], dtype=np.float64).reshape(len(atoms), 3)
 
 
+def has_stress_cell(atoms: Atoms) -> bool:
+    """True for a cell periodic in all three directions with a volume: the frames that have a stress."""
+    return bool(all(atoms.pbc)) and atoms.cell.rank == 3
+
+
 def stress_of(atoms: Atoms) -> np.ndarray | None:
     """The labelled stress (eV/Å³, the 6 Voigt components in ASE's order) of a cell periodic in all three
     directions, or None for a frame without one (a molecule, a slab, no stress label)."""
-    if not (all(atoms.pbc) and atoms.cell.rank == 3) or atoms.calc is None or "stress" not in atoms.calc.results:
+    if not has_stress_cell(atoms) or atoms.calc is None or "stress" not in atoms.calc.results:
         return None
     stress = np.asarray(atoms.calc.results["stress"], dtype=np.float64)
     if stress.shape == (3, 3):

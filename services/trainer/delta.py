@@ -62,6 +62,7 @@ from services.trainer.datasets import (
     elements_of,
     energy_of,
     forces_of,
+    has_stress_cell,
     load_labelled,
     reference_energy,
     shard_paths,
@@ -198,7 +199,7 @@ def fit_linear_delta(
     base_virials = [v for v in residuals.stress if v is not None]
     # The anchor's Gram matrices (2, or 3 with stress rows) and the working copy of the sum (1) come on top of
     # the folds'.
-    anchor_stress = with_stress and any(linear_ace.has_stress_cell(a) for a in anchor)
+    anchor_stress = with_stress and any(has_stress_cell(a) for a in anchor)
     try:
         n_folds = linear_ace.folds_within_memory(
             design.n_columns,
@@ -217,7 +218,7 @@ def fit_linear_delta(
         zero = linear_ace.Targets(
             np.zeros(len(anchor)),
             [np.zeros((len(a), 3)) for a in anchor],
-            [np.zeros(6) if anchor_stress and linear_ace.has_stress_cell(a) else None for a in anchor],
+            [np.zeros(6) if anchor_stress and has_stress_cell(a) else None for a in anchor],
         )
         anchor_equations = linear_ace.accumulate(
             design, anchor, zero, np.zeros(len(anchor), dtype=np.int64), 1, report, "surrogate rows", False

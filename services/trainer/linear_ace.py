@@ -52,7 +52,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
 
-from services.trainer.datasets import stress_of
+from services.trainer.datasets import has_stress_cell, stress_of
 
 # Metadata key of the per-element reference energies (JSON object symbol → eV) in a B-basis .yaml.
 E0_METADATA_KEY = "pyacemaker_e0_ev"
@@ -203,11 +203,6 @@ class AceDesign:
             for element, value in zip(self.reference_elements, solution[self.n_functions :], strict=True)
         }
         return solution[: self.n_functions], references
-
-
-def has_stress_cell(atoms: Atoms) -> bool:
-    """True for a cell periodic in all three directions with a volume: the frames that have a stress."""
-    return bool(all(atoms.pbc)) and atoms.cell.rank == 3
 
 
 def virial_per_atom(atoms: Atoms) -> np.ndarray | None:
