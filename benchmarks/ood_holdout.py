@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/ood_holdout.py build --level gfn1
     ... benchmarks/ood_holdout.py score --level gfn1 --run RUN_DIR [--potential NAME=FILE ...]
-    ... benchmarks/ood_holdout.py md-stability RUN_DIR [--steps 4000] [--ablation]
+    ... benchmarks/ood_holdout.py md-stability [RUN_DIR] [--potential NAME=FILE.yace] [--steps 4000] [--ablation]
 
 build: MD of Cl⁻ + CH3Cl with a method the pipeline does not sample with (GFN1-xTB through tblite by default,
 `--md-method`), ASE Langevin (fixcm=False + FixCom) at 300/600/1000 K in loose restraint windows on
@@ -19,8 +19,10 @@ and its fine-tuned committee (step 3 of that iteration; energies aligned to the 
 as the validation does for the teacher, since a MACE's energy zero is its own).
 
 md-stability: the run's final ACE (and with --ablation its direct_ace) from reactant, TS and product at
-300/600/1000 K for --steps of 0.5 fs, judged every 10 steps by services.orchestrator.md_stability (collapse below
-0.5 Å, an atom farther than 8 Å from its nearest neighbour, a non-finite energy): the survivors.
+300/600/1000 K for --steps of 0.5 fs, judged every 10 steps by services.orchestrator.md_stability's
+TrajectoryJudge as the pipeline's validation judges (collapse below 0.5 Å, a non-finite energy, an atom moving
+faster than thermal motion allows, a split beyond 8 Å into pieces that are no seed's fragments): the survivors,
+and which of them dissociated into the seeds' own fragments.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from pyacemaker.config import PyscfOracleConfig, XtbOracleConfig
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.structures import LEVEL_KEY, attach_labels, read_structures, write_extxyz
-from services.orchestrator.md_stability import frame_problem
+from services.orchestrator.md_stability import TrajectoryJudge, seed_fragments
 from services.orchestrator.steps.validation import reference_alignment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +53,7 @@ SEEDS.append(SEEDS[0].with_name("product_complex.xyz"))
 OUT_DIR = REPO_ROOT / "build" / "ood_holdout"
 XI_ATOMS = (4, 0, 5)  # Cl1, C, Cl2
 TEMPERATURES_K = (300.0, 600.0, 1000.0)
+TIMESTEP_FS = 0.5
 WINDOW_CENTERS_A = (-1.0, 0.0, 1.0)
 FORCE_CONSTANT = 1.0  # eV/Å²: loose, the windows overlap
 CATASTROPHIC_FORCE_RMSE = 1.0  # eV/Å per frame
@@ -96,7 +99,7 @@ def _langevin(atoms: Atoms, temperature: float, seed: int) -> Langevin:
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
     return Langevin(
         atoms,
-        0.5 * units.fs,
+        TIMESTEP_FS * units.fs,
         temperature_K=temperature,
         friction=0.01 / units.fs,
         fixcm=False,
@@ -269,27 +272,40 @@ def score(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def md_stability(args: argparse.Namespace) -> dict[str, Any]:
-    potentials = {k: v for k, v in run_potentials(args.run_dir).items() if "committee" not in k}
-    if not args.ablation:
-        potentials = {k: v for k, v in potentials.items() if k.startswith("final")}
+    potentials: dict[str, list[Path]] = {}
+    if args.run_dir:
+        potentials = {k: v for k, v in run_potentials(args.run_dir).items() if "committee" not in k}
+        if not args.ablation:
+            potentials = {k: v for k, v in potentials.items() if k.startswith("final")}
+    for item in args.potential or []:
+        name, _, file = item.partition("=")
+        potentials[name] = [Path(file)]
+    if not potentials:
+        raise SystemExit("md-stability needs a run directory or --potential NAME=FILE")
     names = ("reactant", "TS", "product")
     results: dict[str, Any] = {}
     for name, (path,) in potentials.items():
         survivors, runs = 0, []
+        allowed = seed_fragments(_seeds())
         for s_index, seed in enumerate(_seeds()):
             for temperature in TEMPERATURES_K:
                 atoms = seed.copy()
                 atoms.calc = _ace_calculator(path, gamma=False)
                 dynamics = _langevin(atoms, temperature, seed=7 * s_index + int(temperature))
+                judge = TrajectoryJudge(allowed, temperature, min_distance=0.5, max_neighbour_distance=8.0)
                 problem = None
                 for block in range(args.steps // 10):
                     dynamics.run(10)
-                    problem = frame_problem(atoms, atoms.get_potential_energy(), 0.5, 8.0)
+                    step = 10 * (block + 1)
+                    problem = judge.judge(atoms, atoms.get_potential_energy(), step * TIMESTEP_FS)
                     if problem is not None:
-                        problem = f"step {10 * (block + 1)}: {problem}"
+                        problem = f"step {step}: {problem}"
                         break
                 survivors += problem is None
-                runs.append(f"{names[s_index]} {temperature:g} K: {'survived' if problem is None else problem}")
+                outcome = problem or (
+                    f"survived, dissociated {judge.dissociation}" if judge.dissociation else "survived"
+                )
+                runs.append(f"{names[s_index]} {temperature:g} K: {outcome}")
         results[name] = {"survivors": survivors, "runs": len(runs), "detail": runs}
         print(f"{name}: {survivors}/{len(runs)} runs survive {args.steps} steps of 0.5 fs")
         for line in runs:
@@ -311,7 +327,8 @@ def main() -> int:
     s.add_argument("--run", type=Path, help="a run directory: its final ACE, ablation and committee")
     s.add_argument("--potential", action="append", help="NAME=FILE (.yace, with .yaml/.asi beside for γ)")
     m = sub.add_parser("md-stability", help="MD stability of a run's final ACE")
-    m.add_argument("run_dir", type=Path)
+    m.add_argument("run_dir", type=Path, nargs="?", help="a finished run (run_summary.json)")
+    m.add_argument("--potential", action="append", help="NAME=FILE.yace, also (or instead of a run)")
     m.add_argument("--steps", type=int, default=4000)
     m.add_argument("--ablation", action="store_true", help="also the run's ablation (direct_ace)")
     args = parser.parse_args()

@@ -881,8 +881,10 @@ class ReactionPathConfig(_DistanceDifferenceRange):
 
 class MdStabilityConfig(_Strict):
     """MD with the final ACE from every seed at each temperature: a replica survives when no atom pair comes
-    closer than min_distance, no atom drifts farther than max_neighbour_distance from its nearest neighbour
-    (a fragment flying apart) and every energy is finite. An iteration whose final ACE loses a replica is never
+    closer than min_distance, every energy is finite, no atom moves faster between saved frames than thermal
+    motion at the run's temperature allows (a blow-up), and a system that falls apart (an atom farther than
+    max_neighbour_distance from every other) splits only into fragments the seeds hold (Cl⁻ leaving CH3Cl is a
+    dissociation, noted in the record; a lone H is a loss). An iteration whose final ACE loses a replica is never
     the run's best and never meets the target."""
 
     steps: int = Field(2000, ge=0, description="Steps of each run (0: no stability test).")
@@ -892,7 +894,9 @@ class MdStabilityConfig(_Strict):
     runs_per_seed: int = Field(1, ge=1, description="Runs per seed and temperature (each its own random seed).")
     min_distance: Positive = Field(0.5, description="Closest approach of two atoms a survivor never goes below, Å.")
     max_neighbour_distance: Positive = Field(
-        8.0, description="Largest distance from an atom to its nearest neighbour a survivor never exceeds, Å."
+        8.0,
+        description="An atom farther than this from every other means the system fell apart: it survives only as "
+        "fragments the seeds hold, Å.",
     )
 
 

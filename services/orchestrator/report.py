@@ -792,8 +792,14 @@ def _stability_text(validation: dict[str, Any]) -> str:
         f'<p>MD stability of the final ACE: <b class="{css}">{survivors}/{n_runs} runs survive</b> '
         f"{_e(str(stability['steps']))} steps of {_fmt(stability['timestep_fs'], 2)} fs ({_e(per_t)}).</p>"
     )
-    if lost:
-        text += "<ul>" + "".join(f"<li>{_e(item)}</li>" for item in lost) + "</ul>"
+    # A survivor that split into the seeds' own fragments (Cl⁻ leaving CH3Cl at 1000 K) is physics, named so.
+    dissociated = [
+        f"seed {run['seed']} at {_fmt(run['temperature_k'], 0)} K survived and dissociated {run['dissociation']}"
+        for run in stability["runs"]
+        if run["survived"] and run.get("dissociation")
+    ]
+    if lost or dissociated:
+        text += "<ul>" + "".join(f"<li>{_e(item)}</li>" for item in [*lost, *dissociated]) + "</ul>"
     return text
 
 

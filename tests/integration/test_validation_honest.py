@@ -64,8 +64,9 @@ def test_stability_md_of_the_final_ace_and_the_independent_hold_out_md(tmp_path:
         stable = final_md_stability(context(teacher_config, sampler, oracle))
         # An impossible closest approach: the sampler stops every run at once (C–H is about 1.1 Å).
         collapsed = final_md_stability(context(_config(tmp_path, {"steps": 40, "min_distance": 2.0}), sampler, oracle))
-        # A nearest-neighbour bound below a C–H bond: every run is judged flown apart from its first saved frame.
-        escaped = final_md_stability(
+        # A nearest-neighbour bound below a C–H bond: every frame counts as split, so a survivor is one whose pieces
+        # were always the seeds' own fragments, and its record says so.
+        split = final_md_stability(
             context(
                 _config(tmp_path, {"steps": 40, "min_distance": 0.2, "max_neighbour_distance": 0.9}), sampler, oracle
             )
@@ -73,7 +74,7 @@ def test_stability_md_of_the_final_ace_and_the_independent_hold_out_md(tmp_path:
         none = final_md_stability(context(_config(tmp_path, {"steps": 0}), sampler, oracle))
         frames_ref = independent_md_frames(context(teacher_config, sampler, oracle), 3)
 
-    assert stable is not None and collapsed is not None and escaped is not None and none is None
+    assert stable is not None and collapsed is not None and split is not None and none is None
     # 3 seeds × the md temperatures (300, 600 K), one run each.
     assert stable["n_runs"] == 6 and stable["survivors_by_temperature"].keys() == {"300", "600"}
     assert sorted((run["seed"], run["temperature_k"]) for run in stable["runs"]) == [
@@ -83,11 +84,17 @@ def test_stability_md_of_the_final_ace_and_the_independent_hold_out_md(tmp_path:
     assert all(run["survived"] and run["steps_done"] == 40 for run in stable["runs"] if run["temperature_k"] == 300)
     for run in stable["runs"]:
         assert run["survived"] == (run["problem"] is None)
-        assert run["survived"] or "min_distance" in run["problem"] or "drifted" in run["problem"]
+        assert run["survived"] or any(
+            reason in run["problem"] for reason in ("min_distance", "threw it", "no fragment of any seed")
+        )
     assert stable["n_survivors"] == sum(run["survived"] for run in stable["runs"]) >= 3
     assert collapsed["n_survivors"] == 0
     assert all("min_distance" in run["problem"] for run in collapsed["runs"])
-    assert escaped["n_survivors"] == 0 and all("drifted" in run["problem"] for run in escaped["runs"])
+    assert split["n_survivors"] > 0 and split["n_dissociated"] == split["n_survivors"]
+    for run in split["runs"]:
+        # The seeds are CH3Cl + Cl (reactant, product) and CH3Cl2 (TS): the record names the pieces.
+        assert not run["survived"] or "into CH3Cl" in run["dissociation"]
+        assert run["survived"] or "no fragment of any seed" in run["problem"] or "threw it" in run["problem"]
 
     frames = read_structures(store.path(frames_ref))
     assert len(frames) >= 20

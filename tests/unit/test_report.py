@@ -226,7 +226,15 @@ def _validation_record(iteration: int, rng: np.random.Generator, run: SyntheticR
             "n_survivors": 6 if iteration == 1 else 5,
             "survivors_by_temperature": {"300": [3, 3], "600": [3 if iteration == 1 else 2, 3]},
             "runs": [
-                {"seed": 0, "temperature_k": 600.0, "steps_done": 120, "survived": False, "problem": "step 120: boom"}
+                {"seed": 0, "temperature_k": 600.0, "steps_done": 120, "survived": False, "problem": "step 120: boom"},
+                {
+                    "seed": 2,
+                    "temperature_k": 600.0,
+                    "steps_done": 400,
+                    "survived": True,
+                    "problem": None,
+                    "dissociation": "at 150 fs into CH3Cl + Cl (atom 4 8.01 Å from its nearest neighbour)",
+                },
             ]
             if iteration == 2
             else [],
@@ -362,6 +370,7 @@ def test_report_shows_the_runs_figures_and_plots(tmp_path, artifact_store):
     assert "56 of a budget of 60" in page
     assert '<th>DFT calls charged but not trained on</th><td><b class="bad">2</b>' in page
     assert "5/6 runs survive" in page and "seed 0 at 600 K: step 120: boom" in page
+    assert "seed 2 at 600 K survived and dissociated at 150 fs into CH3Cl + Cl" in page
     assert "56 at PBE/def2-SVP (pyscf) (failed 1, ok 54, requested 1)" in page
     assert "2 min 05 s" in page, "active_learning.1 took 125 s"
     assert "20 min 34 s" in page, "the run summary's wall time"

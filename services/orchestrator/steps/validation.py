@@ -45,7 +45,7 @@ from services.oracle.client import artifact_option, backend_spec
 from services.oracle.force_field import OracleForceField
 from services.orchestrator.dft_labels import DftLabeller, label_frames, oracle_spec
 from services.orchestrator.ledger import DftLedger
-from services.orchestrator.md_stability import StabilityRun, frame_problem, stability_summary
+from services.orchestrator.md_stability import StabilityRun, TrajectoryJudge, seed_fragments, stability_summary
 from services.orchestrator.model_labels import model_labels
 from services.orchestrator.reaction_profile import central_barrier_kcal, relaxed_scan, xi_of
 from services.orchestrator.state import STATE_FILE
@@ -310,7 +310,7 @@ def independent_md_frames(ctx: StepContext, n_wanted: int) -> common_pb2.Artifac
 
 def final_md_stability(ctx: StepContext) -> dict[str, Any] | None:
     """validation.md_stability: the final ACE's MD from every seed at each temperature through the sampler (plain
-    MD, no restraint), each run judged by `frame_problem` on its saved frames and by the sampler's own stops.
+    MD, no restraint), each run judged by a `TrajectoryJudge` on its saved frames and by the sampler's own stops.
     None when md_stability.steps is 0."""
     settings = ctx.config.validation.md_stability
     if settings.steps == 0:
@@ -337,6 +337,11 @@ def final_md_stability(ctx: StepContext) -> dict[str, Any] | None:
         StabilityRun(seed=r % n_seeds, temperature_k=temperatures[(r // n_seeds) % len(temperatures)], steps_done=0)
         for r in range(config.replicas)
     ]
+    allowed = seed_fragments([structure_to_atoms(seed) for seed in ctx.seeds])
+    judges = [
+        TrajectoryJudge(allowed, run.temperature_k, settings.min_distance, settings.max_neighbour_distance)
+        for run in runs
+    ]
     ctx.report(common_pb2.Progress(stage="md_stability", total=settings.steps, message="final ACE MD stability"))
     stopped: set[int] = set()
     with channel(ctx.sampler_address) as ch:
@@ -348,10 +353,11 @@ def final_md_stability(ctx: StepContext) -> dict[str, Any] | None:
                 run = runs[frame.replica]
                 run.steps_done = max(run.steps_done, int(frame.step))
                 energy = frame.labels.energy if frame.labels.HasField("energy") else float("nan")
-                problem = frame_problem(
-                    structure_to_atoms(frame.structure), energy, settings.min_distance, settings.max_neighbour_distance
-                )
-                if run.problem is None and problem is not None:
+                if run.problem is not None:
+                    continue
+                atoms = structure_to_atoms(frame.structure)
+                problem = judges[frame.replica].judge(atoms, energy, frame.step * md.timestep_fs)
+                if problem is not None:
                     run.problem = f"step {frame.step}: {problem}"
             elif event.HasField("stopped"):
                 run = runs[event.stopped.replica]
@@ -361,6 +367,7 @@ def final_md_stability(ctx: StepContext) -> dict[str, Any] | None:
     for index, run in enumerate(runs):
         if index not in stopped and run.problem is None:
             run.steps_done = settings.steps
+        run.dissociation = judges[index].dissociation
     return stability_summary(runs, settings.steps, md.timestep_fs)
 
 
