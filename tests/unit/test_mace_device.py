@@ -108,3 +108,14 @@ def test_start_job_refuses_options_the_trainer_sets_and_unknown_devices() -> Non
         InvalidInputError, match=re.escape("mace_finetune.device: unknown device 'gpu'; use one of auto, cpu")
     ):
         validate_mace_finetune(spec, None)  # type: ignore[arg-type]
+
+
+def test_the_device_is_no_input_of_the_finetuning_step_and_extra_args_are() -> None:
+    from pyacemaker.config import MaceFinetuneConfig
+
+    default = MaceFinetuneConfig()
+    # As before the two keys existed, so that older runs keep their step keys.
+    assert default.key_material() == {"epochs": 40, "stress_weight": 10.0, "random_seed": 1}
+    assert MaceFinetuneConfig(device="cuda").key_material() == default.key_material()
+    tuned = MaceFinetuneConfig(device="cpu", extra_args={"lr": 0.005})
+    assert tuned.key_material() == {**default.key_material(), "extra_args": {"lr": 0.005}}
