@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from pyacemaker.mace_options import name_problem
 from pyacemaker.teacher.resolve import closest_model_name, is_model_name
+from pyacemaker.torch_device import DeviceSetting
 from pyacemaker.yaml_input import YamlInputError, load_yaml_file
 
 Positive = Annotated[float, Field(gt=0)]
@@ -464,7 +466,12 @@ class MaceOracleConfig(_Strict):
     )
     batch_size: int = Field(32, ge=1, le=100_000, description="Structures per evaluation batch.")
     default_dtype: Literal["float64", "float32"] = "float64"
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: DeviceSetting = Field(
+        "auto",
+        description="Where the models run: 'auto' (a CUDA GPU when the oracle process sees one, else the CPU), 'cpu' "
+        "or 'cuda' (refused when the oracle sees no GPU). When the run itself asks the oracle for the teacher or "
+        "the committee, mace_finetune.device is used instead.",
+    )
 
 
 class AceOracleConfig(_Strict):
@@ -769,6 +776,41 @@ class MaceFinetuneConfig(_Strict):
         "stresses vanish 0.4 % short of its E(V) minimum) and hold-out energies 30-40 % worse.",
     )
     random_seed: int = Field(1, ge=0, le=MAX_SEED)
+    device: DeviceSetting = Field(
+        "auto",
+        description="Where the run's MACE work runs: the committee's fine-tuning (this step's and step 2's, in the "
+        "trainer's worker) and every evaluation of the teacher and the committee (through the oracle: the pool's "
+        "forces and descriptors, candidate scoring, the surrogate MD and labels, validation). One key for both: "
+        "they are the same models on the same machines' hardware. 'auto': a CUDA GPU when the process doing the "
+        "work sees one (torch.cuda.is_available()), else the CPU, decided by that process; 'cpu'; 'cuda': refused "
+        "by a trainer or oracle that sees no GPU, naming this key. Results on a GPU differ from the CPU's in the "
+        "last digits only; changing it does not redo finished steps.",
+    )
+    extra_args: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="mace's own training options for the committee's fine-tuning (this step's and step 2's), as "
+        "mace_run_train's --key=value without the dashes, e.g. {lr: 0.005, batch_size: 4, weight_decay: 1e-6}; "
+        "true/false turn one of mace's flags (ema, swa) on or off. They override the fine-tuning's own choices "
+        "(lr 0.01, amsgrad, ema with decay 0.99, float64, batch sizes min(10, frames/4)). Checked with the "
+        "installed mace's argument parser by `config check` (where mace is installed) and by the trainer; options "
+        "the pipeline sets itself (train_file, model_dir, device, seed, name, E0s, max_num_epochs, stress_weight, "
+        "...) are refused with the reason.",
+    )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _not_reserved(cls, extra_args: dict[str, Any]) -> dict[str, Any]:
+        """Names only (mace's parser checks the values where mace is installed: cli.preflight, the trainer)."""
+        for key in extra_args:
+            problem = name_problem(key)
+            if problem is not None:  # a strict_type error: its context names the key (format_validation_error)
+                raise PydanticCustomError("strict_type", "{problem}", {"key": key, "problem": problem})
+        return extra_args
+
+    def key_material(self) -> dict[str, Any]:
+        """What changes the fine-tuned models: every setting but the device; extra_args only when given, so that
+        configs written before it existed keep their steps' keys."""
+        return self.model_dump(mode="json", exclude={"device"} | (set() if self.extra_args else {"extra_args"}))
 
 
 class SurrogateLabellingConfig(_Strict):

@@ -8,6 +8,9 @@ Each problem is one line naming the key and the fix, elements by symbol:
   model file that is not a MACE model, and seed elements the teacher does not know;
 - the DFT level: a PySCF functional or basis name PySCF cannot parse (with the closest known name), a basis
   without functions for an element of the seeds;
+- mace's own options (mace_finetune.extra_args): each key and value through the installed mace's argument parser
+  (an unknown option, with the closest known one; a value mace's type or choices refuse); where mace is not
+  installed, a warning that only the trainer will check them;
 - the budget: too small for the isolated-atom energies, the validation's DFT labels and a committee's two DIRECT
   labels, or for the whole DIRECT set besides them (fatal: selected structures would never be labelled; the
   README's old minimal config, 60 DIRECT on 60 calls, was such a case); too small for one active-learning batch
@@ -20,6 +23,7 @@ Each problem is one line naming the key and the fix, elements by symbol:
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import sys
 import warnings
 from collections.abc import Sequence
@@ -55,6 +59,7 @@ def preflight(config: RunConfig, seeds: Sequence[Atoms], installed_extras: bool 
         *teacher_problems(config, seeds),
         *oracle_model_problems(config),
         *dft_name_problems(config, seeds),
+        *mace_option_problems(config),
         *budget_problems(config, seeds),
         *(extras_problems(config) if installed_extras else []),
     ]
@@ -169,6 +174,26 @@ def _suggestion(name: str, known: object) -> str:
     """ "; did you mean 'X'?" with the closest of `known` (an iterable of names), or a hint where none is close."""
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)  # type: ignore[call-overload]
     return f"; did you mean {close[0]!r}?" if close else "; use a name PySCF knows (see PySCF's documentation)"
+
+
+def mace_option_problems(config: RunConfig) -> list[Problem]:
+    """mace_finetune.extra_args through mace's own parser (the config refused the option names the pipeline sets
+    already); imports mace only when there are some."""
+    extra = config.mace_finetune.extra_args
+    if not extra:
+        return []
+    if importlib.util.find_spec("mace") is None:
+        return [
+            Problem(
+                "mace_finetune.extra_args",
+                "not checked here (mace is not installed in this environment); the trainer checks them when the "
+                "fine-tuning starts",
+                fatal=False,
+            )
+        ]
+    from pyacemaker.mace_options import option_problems
+
+    return [Problem(key, message) for key, message in option_problems(extra, "mace_finetune.extra_args")]
 
 
 def budget_problems(config: RunConfig, seeds: Sequence[Atoms]) -> list[Problem]:

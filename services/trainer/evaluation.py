@@ -65,10 +65,12 @@ def ace_calculator(path: Path, active_set: Path | None = None) -> Calculator:
     raise ValueError(f"{path}: not an ACE potential (expected {' or '.join(ACE_SUFFIXES)})")
 
 
-def mace_calculator(paths: Sequence[Path], dtype: str = "float64") -> Calculator:
+def mace_calculator(paths: Sequence[Path], dtype: str = "float64", device: str = "cpu") -> Calculator:
+    """mace's ASE calculator for one model or a committee (its mean), on a torch device ("cpu" or "cuda", as
+    pyacemaker.torch_device resolves it)."""
     from mace.calculators import MACECalculator
 
-    return MACECalculator(model_paths=[str(p) for p in paths], device="cpu", default_dtype=dtype)
+    return MACECalculator(model_paths=[str(p) for p in paths], device=device, default_dtype=dtype)
 
 
 def load_calculator(path: Path, active_set: Path | None = None) -> Calculator:

@@ -21,6 +21,12 @@ whose energy and force terms are those of mace's default loss, plus `stress_weig
 error in eV/Å³; frames without a stress weigh 0 in that term). The stress goes to mace as `REF_stress`; moving
 the energies onto the teacher's reference leaves it unchanged (a constant per atom has no strain derivative).
 
+Device and mace's options: the spec's `device` (auto | cpu | cuda) is resolved here, in the worker that trains
+(pyacemaker.torch_device), and used for the training and for the evaluations around it. The spec's `extra_args`
+are mace's own training options over this module's defaults (pyacemaker.mace_options.FINETUNE_DEFAULTS and the
+batch sizes); StartJob refuses options the trainer sets itself, and the worker checks every value with mace's
+parser before it reads the data.
+
 Checkpoints: each member trains in its own directory; mace saves a checkpoint whenever the validation loss
 improves. A resumed job skips finished members and continues the current one with `--restart_latest`.
 """
@@ -31,7 +37,7 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +45,10 @@ import numpy as np
 from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.mace_options import FINETUNE_DEFAULTS, name_problem, option_arguments, value_problem
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.structures import write_extxyz
+from pyacemaker.torch_device import DEVICE_SETTINGS, resolve_device
 from pyacemaker.v1 import trainer_pb2
 from services.trainer.datasets import (
     artifact_paths,
@@ -62,7 +70,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_COMMITTEE_SIZE = 3
 DEFAULT_MAX_EPOCHS = 50
-LEARNING_RATE = 0.01
 ENERGY_KEY = "REF_energy"
 FORCES_KEY = "REF_forces"
 STRESS_KEY = "REF_stress"
@@ -160,6 +167,9 @@ class FinetuneSettings:
     energy_weight: float
     forces_weight: float
     stress_weight: float = 0.0
+    # A resolved torch device ("cpu" or "cuda") and mace options (text values) over the defaults.
+    device: str = "cpu"
+    extra_args: dict[str, str] = field(default_factory=dict)
 
 
 def mace_arguments(
@@ -177,8 +187,14 @@ def mace_arguments(
     with_stress: bool = False,
 ) -> list[str]:
     """mace's command line for one member; with `with_stress` (the training frames hold stress labels) and a
-    positive `settings.stress_weight`, the loss with a stress term (module docstring)."""
-    batch_size = max(1, min(10, n_train // 4))
+    positive `settings.stress_weight`, the loss with a stress term (module docstring). The tunable options
+    (learning rate, batch sizes, EMA, loss weights, ...) are the defaults overridden by `settings.extra_args`."""
+    batch_size = str(max(1, min(10, n_train // 4)))
+    tunable = {**FINETUNE_DEFAULTS, "batch_size": batch_size, "valid_batch_size": batch_size}
+    if settings.energy_weight > 0:
+        tunable["energy_weight"] = repr(settings.energy_weight)
+    if settings.forces_weight > 0:
+        tunable["forces_weight"] = repr(settings.forces_weight)
     arguments = [
         f"--name={name}",
         f"--seed={seed}",
@@ -189,22 +205,11 @@ def mace_arguments(
         f"--energy_key={ENERGY_KEY}",
         f"--forces_key={FORCES_KEY}",
         f"--max_num_epochs={settings.max_epochs}",
-        f"--batch_size={batch_size}",
-        f"--valid_batch_size={batch_size}",
-        f"--lr={LEARNING_RATE}",
-        "--amsgrad",
-        "--ema",
-        "--ema_decay=0.99",
-        "--default_dtype=float64",
-        "--device=cpu",
+        f"--device={settings.device}",
         "--save_cpu",
-        "--eval_interval=1",
+        *option_arguments(tunable, settings.extra_args),
     ]
     arguments.append(f"--valid_file={valid_file}" if valid_file is not None else "--valid_fraction=0.1")
-    if settings.energy_weight > 0:
-        arguments.append(f"--energy_weight={settings.energy_weight}")
-    if settings.forces_weight > 0:
-        arguments.append(f"--forces_weight={settings.forces_weight}")
     if with_stress and settings.stress_weight > 0:
         arguments += [
             "--loss=stress",
@@ -332,7 +337,7 @@ def finetune_committee(
     if missing:
         raise InvalidInputError(f"the teacher model knows no {', '.join(missing)}; it cannot be fine-tuned on them")
     del teacher
-    teacher_calculator = mace_calculator([settings.foundation_model])
+    teacher_calculator = mace_calculator([settings.foundation_model], device=settings.device)
     reference_e0s = aligned_reference_energies(predict(teacher_calculator, train).energies, train, teacher_e0s)
     del teacher_calculator
     moved_train = frames_on_teacher_reference(train, reference_e0s, teacher_e0s)
@@ -398,7 +403,7 @@ def finetune_committee(
         import torch
 
         torch.save(model, final_model)
-        scores = evaluate_calculator(mace_calculator([final_model]), scored).errors
+        scores = evaluate_calculator(mace_calculator([final_model], device=settings.device), scored).errors
         member_metrics = {
             f"member_{member}_energy_rmse_ev_per_atom": scores.energy_rmse_per_atom,
             f"member_{member}_forces_rmse_ev_per_a": scores.forces_rmse,
@@ -448,6 +453,15 @@ def validate_mace_finetune(spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactSt
         raise InvalidInputError(
             "mace_finetune.multihead_replay needs replay_data (teacher-labelled frames the run has)"
         )
+    if spec.device and spec.device not in DEVICE_SETTINGS:
+        raise InvalidInputError(
+            f"mace_finetune.device: unknown device {spec.device!r}; use one of {', '.join(DEVICE_SETTINGS)}"
+        )
+    refused = [
+        f"mace_finetune.extra_args.{key}: {problem}" for key in spec.extra_args if (problem := name_problem(key))
+    ]
+    if refused:
+        raise InvalidInputError("; ".join(refused))
     e0s_by_number(spec.e0s)
     (foundation,) = artifact_paths(store, [spec.foundation_model], "mace_finetune.foundation_model")
     with open(foundation, "rb") as handle:
@@ -460,20 +474,18 @@ def validate_mace_finetune(spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactSt
     shard_paths(store, spec.replay_data, "mace_finetune.replay_data")
 
 
-def run_mace_finetune(
-    spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactStore, work_dir: Path, progress: ProgressWriter, resume: bool
-) -> JobResult:
-    progress.stage("load_data", message="reading and verifying the teacher and the data")
-    (foundation,) = artifact_paths(store, [spec.foundation_model], "mace_finetune.foundation_model")
-    train = load_labelled(store, spec.train_data, "mace_finetune.train_data")
-    validation = load_labelled(store, spec.validation_data, "mace_finetune.validation_data")
-    replay = load_labelled(store, spec.replay_data, "mace_finetune.replay_data") if spec.multihead_replay else []
-    # Checked, not used: the fine-tuning fits the labels' per-element offset from the teacher itself
-    # (aligned_reference_energies); a spec whose E0s miss an element still fails here, by name.
-    label_e0s = e0s_by_number(spec.e0s)
-    if label_e0s:
-        require_e0s(label_e0s, elements_of([*train, *validation]), "mace_finetune.e0s")
-    settings = FinetuneSettings(
+def finetune_settings(spec: trainer_pb2.MaceFinetuneSpec, foundation: Path) -> FinetuneSettings:
+    """The spec's settings for this worker: the device resolved here (pyacemaker.torch_device) and mace's options
+    checked with mace's parser; a GPU that is not there or an option mace refuses is an error naming the key."""
+    device = resolve_device(spec.device or "auto", "mace_finetune.device")
+    refused = [
+        f"mace_finetune.extra_args.{key}: {problem}"
+        for key, text in sorted(spec.extra_args.items())
+        if (problem := value_problem(key, text))
+    ]
+    if refused:
+        raise InvalidInputError("; ".join(refused))
+    return FinetuneSettings(
         foundation_model=foundation,
         committee_size=spec.committee_size or DEFAULT_COMMITTEE_SIZE,
         seed=int(spec.random_seed),
@@ -482,7 +494,26 @@ def run_mace_finetune(
         energy_weight=spec.energy_weight,
         forces_weight=spec.forces_weight,
         stress_weight=spec.stress_weight if spec.HasField("stress_weight") else DEFAULT_STRESS_WEIGHT,
+        device=device,
+        extra_args=dict(spec.extra_args),
     )
+
+
+def run_mace_finetune(
+    spec: trainer_pb2.MaceFinetuneSpec, store: ArtifactStore, work_dir: Path, progress: ProgressWriter, resume: bool
+) -> JobResult:
+    (foundation,) = artifact_paths(store, [spec.foundation_model], "mace_finetune.foundation_model")
+    # Before the data are read: a missing GPU or a refused option fails the job at once.
+    settings = finetune_settings(spec, foundation)
+    progress.stage("load_data", message=f"reading and verifying the data (training on {settings.device})")
+    train = load_labelled(store, spec.train_data, "mace_finetune.train_data")
+    validation = load_labelled(store, spec.validation_data, "mace_finetune.validation_data")
+    replay = load_labelled(store, spec.replay_data, "mace_finetune.replay_data") if spec.multihead_replay else []
+    # Checked, not used: the fine-tuning fits the labels' per-element offset from the teacher itself
+    # (aligned_reference_energies); a spec whose E0s miss an element still fails here, by name.
+    label_e0s = e0s_by_number(spec.e0s)
+    if label_e0s:
+        require_e0s(label_e0s, elements_of([*train, *validation]), "mace_finetune.e0s")
     models, metrics = finetune_committee(settings, train, validation, replay, work_dir, progress, resume)
     progress.stage("store_outputs", message="copying the committee into the artifact store")
     outputs = [store.put_file(path, "model") for path in models]

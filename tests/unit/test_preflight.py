@@ -252,3 +252,36 @@ def test_the_mace_backend_names_itself_once() -> None:
         create_backend("mace", {"models": []})
     assert str(caught.value).count("oracle backend 'mace'") == 1
     assert str(caught.value).startswith("oracle backend 'mace': option 'models' is empty")
+
+
+def test_mace_options_are_checked_with_maces_own_parser_naming_each_key(tmp_path: Path) -> None:
+    pytest.importorskip("mace", reason="mace-torch is not installed (pyacemaker[trainer])")
+    extra = {"lr": "fast", "optimizer": "sgd", "num_chanels": 8, "ema": "maybe", "amsgrad": False, "batch_size": 4}
+    code, lines, _ = _cli("config", "check", str(_config(tmp_path, mace_finetune={"extra_args": extra})))
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    assert code == EXIT_BAD_INPUT and "Traceback" not in "\n".join(lines)
+    prefix = f"{tmp_path / 'config.yaml'}: mace_finetune.extra_args"
+    assert sorted(errors) == [
+        f"{prefix}.amsgrad: mace's --amsgrad is on whatever is given; it cannot be turned off",
+        f"{prefix}.ema: mace's --ema is a flag: give true (set it) or false (leave it out), got 'maybe'",
+        f"{prefix}.lr: mace refuses the value 'fast': invalid float value: 'fast'",
+        f"{prefix}.num_chanels: mace has no such training option; did you mean 'num_channels'?",
+        f"{prefix}.optimizer: mace refuses the value 'sgd': invalid choice: 'sgd' (choose from 'adam', 'adamw', "
+        "'schedulefree')",
+    ]  # batch_size 4 is fine
+
+
+def test_mace_options_the_pipeline_sets_are_refused_with_the_reason(tmp_path: Path) -> None:
+    for key, reason in [
+        ("train_file", "the trainer writes each member's training (bootstrap) and validation sets itself"),
+        ("device", "set by mace_finetune.device"),
+        ("max_num_epochs", "set by mace_finetune.epochs (step 3) and active_learning.finetune_epochs (step 2)"),
+    ]:
+        _refused(
+            _config(tmp_path, mace_finetune={"extra_args": {key: "x"}}),
+            f"mace_finetune.extra_args.{key}: not settable here: {reason}",
+        )
+    _refused(
+        _config(tmp_path, mace_finetune={"extra_args": {"--lr": 0.1}}),
+        "mace_finetune.extra_args.--lr: not a mace option name (write it without leading dashes",
+    )

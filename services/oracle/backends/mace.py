@@ -45,10 +45,11 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from pyacemaker.config import MaceOracleConfig
-from pyacemaker.rpc import InvalidInputError, WrongStateError
+from pyacemaker.rpc import InvalidInputError
 from pyacemaker.structure_checks import StructureLimits, element_names
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, failed_labels
 from pyacemaker.teacher.resolve import TeacherNotFoundError, resolve_teacher
+from pyacemaker.torch_device import resolve_device
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.base import OracleBackend
 
@@ -313,20 +314,19 @@ class MaceBackend(OracleBackend):
                 self.model_paths.append(resolve_teacher(entry))
             except TeacherNotFoundError as exc:
                 raise InvalidInputError(f"oracle backend 'mace': {exc}") from None
-        import torch
-
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise WrongStateError("oracle backend 'mace': device 'cuda' requested but this process sees no CUDA GPU")
+        # Resolved here, in the oracle process that evaluates (a run's orchestrator passes mace_finetune.device).
+        self.device = resolve_device(config.device, "oracle backend 'mace': option 'device'")
         set_torch_threads()
         self.digests = [file_sha256(path) for path in self.model_paths]
         models = [
-            load_model(str(path), digest, config.default_dtype, config.device)
+            load_model(str(path), digest, config.default_dtype, self.device)
             for path, digest in zip(self.model_paths, self.digests, strict=True)
         ]
-        self.committee = MaceCommittee(models, config.device, config.default_dtype)
+        self.committee = MaceCommittee(models, self.device, config.default_dtype)
         log.info(
-            "mace committee of %d (%s, elements %s, r_max %.2f Å)",
+            "mace committee of %d on %s (%s, elements %s, r_max %.2f Å)",
             len(models),
+            self.device,
             ", ".join(str(p) for p in self.model_paths),
             self.committee.atomic_numbers,
             self.committee.r_max,
@@ -355,9 +355,7 @@ class MaceBackend(OracleBackend):
         """mace's own ASE calculator over the same (cached) models, for callers that want one structure."""
         from mace.calculators import MACECalculator
 
-        return MACECalculator(
-            models=self.committee.models, device=self.config.device, default_dtype=self.config.default_dtype
-        )
+        return MACECalculator(models=self.committee.models, device=self.device, default_dtype=self.config.default_dtype)
 
     def label(self, atoms: Atoms, attempt: int = 0) -> common_pb2.Labels:
         return next(self.label_batch([atoms]))

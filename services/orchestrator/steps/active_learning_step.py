@@ -76,6 +76,8 @@ class ActiveLearningStep:
             "oracle": config.oracle.model_dump(mode="json"),
             "active_learning": config.active_learning.model_dump(mode="json"),
             "mace_stress_weight": config.mace_finetune.stress_weight,  # the committee's fine-tuning fits stress
+            # and takes mace's options (only when given, so that older runs keep their keys)
+            **({"mace_extra_args": config.mace_finetune.extra_args} if config.mace_finetune.extra_args else {}),
             "budget": config.budget.model_dump(mode="json"),
             "holdout_reserve": holdout_reserve(ctx),
             "md_candidates": (md.model_dump(mode="json") if (md := md_candidate_config(ctx)) is not None else None),

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from pyacemaker.artifacts import sha256_of_file
+from pyacemaker.mace_options import option_text
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, trainer_pb2
 from services.oracle.client import artifact_option, backend_spec
@@ -30,7 +31,9 @@ def finetune_committee(
     ctx: StepContext, train_data: common_pb2.ArtifactRef, e0s: dict[int, float], seed: int, epochs: int, stage: str
 ) -> list[common_pb2.ArtifactRef]:
     """active_learning.committee_size models fine-tuned from the teacher on `train_data` (each member its own
-    seed and bootstrap subset); the same request is the same trainer job, also after an orchestrator restart."""
+    seed and bootstrap subset) with mace_finetune's stress weight, device and mace options; the same request is
+    the same trainer job, also after an orchestrator restart."""
+    settings = ctx.config.mace_finetune
     spec = trainer_pb2.MaceFinetuneSpec(
         foundation_model=teacher_model(ctx),
         train_data=[train_data],
@@ -38,7 +41,9 @@ def finetune_committee(
         random_seed=seed,
         max_epochs=epochs,
         e0s=[trainer_pb2.AtomicEnergy(atomic_number=z, energy=e) for z, e in sorted(e0s.items())],
-        stress_weight=ctx.config.mace_finetune.stress_weight,
+        stress_weight=settings.stress_weight,
+        device=settings.device,  # resolved by the trainer's worker, which may run on another machine
+        extra_args={key: option_text(value) for key, value in settings.extra_args.items()},
     )
     job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(mace_finetune=spec), stage)
     models = [ref for ref in job.outputs if ref.kind == "model"]
@@ -61,8 +66,12 @@ def committee_models(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
 
 
 def committee_spec(ctx: StepContext, models: list[common_pb2.ArtifactRef], **options: Any) -> oracle_pb2.BackendSpec:
-    """The mace oracle backend for a committee of model artifacts (loaded by the oracle from the store)."""
-    return backend_spec("mace", {"models": [artifact_option(ref) for ref in models], **options})
+    """The mace oracle backend for a committee of model artifacts (loaded by the oracle from the store), on the
+    device mace_finetune.device asks for (resolved by the oracle)."""
+    return backend_spec(
+        "mace",
+        {"models": [artifact_option(ref) for ref in models], "device": ctx.config.mace_finetune.device, **options},
+    )
 
 
 def dft_reference_energies(ctx: StepContext) -> dict[int, float]:
@@ -79,7 +88,7 @@ class MaceFinetuneStep:
         return {
             "dft": ctx.previous["active_learning"]["dft"].sha256,
             "iteration_record": ctx.previous["active_learning"]["iteration"].sha256,
-            "mace_finetune": ctx.config.mace_finetune.model_dump(mode="json"),
+            "mace_finetune": ctx.config.mace_finetune.key_material(),
             "committee_size": ctx.config.active_learning.committee_size,
             "iteration": ctx.iteration,
             "teacher": sha256_of_file(resolve_teacher(ctx.config.teacher.model)),
