@@ -3,8 +3,9 @@
 Default: a linear ACE through pyace (no TensorFlow). The cutoff comes from the covalent radii of the
 elements, the basis size from the amount of data (and never more functions per element than there are
 environments of that element, or the active set would be under-determined), the ridge strength from
-cross-validation. Outputs: base.yaml (B-basis, what γ needs), base.yace (C-tilde, what production uses),
-base.asi (active set) and metrics.json. Option: a nonlinear pacemaker fit (TensorFlow extra), see
+cross-validation over whole trajectories by the one-standard-error rule (`linear_ace.fit_ridge_cv`).
+Outputs: base.yaml (B-basis, what γ needs), base.yace (C-tilde, what production uses), base.asi (active set)
+and metrics.json. Option: a nonlinear pacemaker fit (TensorFlow extra), see
 `services.trainer.pacemaker_nonlinear`.
 
 Bounded extrapolation (on by default): below the shortest distance at which the training data hold a pair
@@ -304,7 +305,10 @@ def fit_linear_ace(
     )
     equations = linear_ace.accumulate(design, frames, targets, folds, n_folds, report)
     n_free = design.n_columns - design.n_functions
-    fit = linear_ace.fit_ridge_cv(equations, n_unpenalised=n_free, progress=report, stress_weight=stress_weight)
+    # The one-standard-error rule: a base that extrapolates tamely beats one a hair better on its own data.
+    fit = linear_ace.fit_ridge_cv(
+        equations, n_unpenalised=n_free, progress=report, stress_weight=stress_weight, one_standard_error=True
+    )
     coeffs, fitted_references = design.split(fit.coeffs)
     report_cross_validation(fit, progress)
     out_dir.mkdir(parents=True, exist_ok=True)

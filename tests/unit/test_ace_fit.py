@@ -100,9 +100,11 @@ def test_fit_recovers_a_known_linear_potential(tmp_path: Path) -> None:
         frames[:45], tmp_path / "fit", e0s={1: -10.0, 6: -40.0, 17: -100.0}, cutoff=5.0, functions_per_element=6
     )
     scores = evaluate_potential(fit.yace_path, frames[45:]).errors
-    assert fit.metrics["ridge_lambda_relative"] <= 1e-6
-    assert scores.energy_rmse_per_atom < 1e-5
-    assert scores.forces_rmse < 1e-4
+    # The one-standard-error rule regularises more than the smallest CV loss would (here λ = 1e-3 for a CV force
+    # error of 0.34 instead of 0.27 meV/Å): recovery to a fraction of a meV/Å, against labels spread over eV/Å.
+    assert 0 < fit.metrics["ridge_lambda_relative"] <= 1e-2
+    assert scores.energy_rmse_per_atom < 1e-4
+    assert scores.forces_rmse < 1e-3
 
 
 def test_linear_fit_on_xtb_frames_generalises(tmp_path: Path) -> None:
