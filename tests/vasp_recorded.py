@@ -72,11 +72,17 @@ def vectors(text: str, name: str, occurrence: int = -1) -> np.ndarray:
 def recorded_values(text: str) -> dict[str, object]:
     """The recorded cell, fractional positions, free energy, forces (eV/Å) and stress (kbar, VASP's sign)."""
     final_energy_block = text.split("</scstep>")[-1].split("<energy>")[1]
+
+    def energy(name: str) -> float:
+        match = re.search(rf'name="{name}">\s*(\S+)', final_energy_block)
+        assert match is not None, f"no {name} in the recorded vasprun.xml"
+        return float(match.group(1))
+
     return {
         "cell": vectors(text, "basis", 0),
         "scaled_positions": vectors(text, "positions", 0),
-        "free_energy": float(re.search(r'name="e_fr_energy">\s*(\S+)', final_energy_block).group(1)),
-        "sigma0_energy": float(re.search(r'name="e_0_energy">\s*(\S+)', final_energy_block).group(1)),
+        "free_energy": energy("e_fr_energy"),
+        "sigma0_energy": energy("e_0_energy"),
         "forces": vectors(text, "forces"),
         "stress_kbar": vectors(text, "stress"),
     }

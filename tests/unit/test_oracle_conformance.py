@@ -4,8 +4,10 @@ mace, vasp):
 - forces are minus the central finite-difference gradient of the backend's own energy, and for backends that
   label periodic cells the stress is the finite-difference strain derivative (tests/finite_differences.py);
 - impossible input (a NaN coordinate, two atoms on the same spot, atomic number 0, a NaN cell) becomes a FAILED
-  label with a reason on the oracle's labelling path (the structure check, then the backend), and the backend
-  itself, handed such a structure directly, returns a label instead of raising;
+  label with a reason on the oracle's labelling path, never an exception: the structure check refuses the first,
+  third and fourth before the backend sees them (handed them directly, ace and mace label a NaN coordinate OK
+  and mace's neighbour list spent minutes on a NaN cell: the check is what protects them); coinciding atoms
+  reach the backend, whose calculation fails, and retries end FAILED too;
 - the level of theory is fixed: every attempt of a retry labels at the backend's one level string, with the same
   answer, and options a retry may change (SCF iterations, batch size) leave the level alone;
 - a batch gives exactly the labels of the same structures labelled one by one.
@@ -13,8 +15,9 @@ mace, vasp):
 Each backend gets the smallest system it can treat (H2, CH4, a 2-atom Si cell) at its cheapest settings. VASP
 cannot run here: its case goes through a stand-in command that copies a recorded vasprun.xml
 (tests/vasp_recorded.py); the finite-difference checks skip for it, as one recorded geometry has no displaced
-energies. Backend-specific checks (against a direct call of the underlying code, charges, unit constants, failure
-messages) stay in the per-backend test files.
+energies, and its coinciding atoms fail on the stand-in's geometry check, not in VASP. Backend-specific checks
+(against a direct call of the underlying code, charges, unit constants, failure messages) stay in the
+per-backend test files.
 """
 
 from __future__ import annotations
