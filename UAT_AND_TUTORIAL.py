@@ -11,7 +11,8 @@ on this machine is neither used nor disturbed), runs the pipeline, reads what th
 the acceptance criteria, uses the final potential from ASE, and stops its services. It exits 0 when
 every check passes, 1 when one fails (each check prints PASS or FAIL with its figures).
 
-The story in seven steps (README.md's "What it does" and docs/deployment.md give the design):
+The story in seven steps (README.md's "What it does" gives the details, docs/architecture.md how the services
+carry them out):
  1. DIRECT sampling picks a diverse set from a pool of rattled, interpolated and rotated seed structures.
  2. Active learning: a committee of MACE models fine-tuned from the teacher says where it is unsure; only the
     most uncertain candidates are sent to DFT, under a hard budget.

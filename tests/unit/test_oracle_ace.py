@@ -1,6 +1,6 @@
-"""The ace backend: an isolated atom's energy is the potential's reference energy E0, forces equal finite
-differences of its energies, the level of theory names the file's digest, γ with an active set matches pyace's
-own, and an active set with a .yace is refused clearly."""
+"""The ace backend: an isolated atom's energy is the potential's reference energy E0, the level of theory names the
+file's digest, γ with an active set matches pyace's own, and an active set with a .yace is refused clearly (finite
+differences, impossible input, retries and batches: tests/unit/test_oracle_conformance.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pyacemaker.v1 import common_pb2
 from services.oracle.backends.ace import AceBackend
 from services.trainer import linear_ace
 from services.trainer.ace_fit import basis_config
-from tests.finite_differences import numerical_forces
 from tests.sn2_training_data import xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
@@ -39,15 +38,6 @@ def test_isolated_atoms_give_the_reference_energies(potential: Path) -> None:
         labels = backend.label(Atoms(numbers=[z], positions=[[0, 0, 0]]))
         assert labels.status == common_pb2.LABEL_STATUS_OK
         assert labels.energy == pytest.approx(e0, abs=1e-8)
-
-
-def test_forces_are_minus_the_energy_gradient(potential: Path) -> None:
-    backend = AceBackend(AceOracleConfig(backend="ace", potential=potential))
-    atoms = xtb_frames()[5]
-    atoms.calc = None
-    labels = backend.label(atoms)
-    reference = numerical_forces(lambda a: backend.label(a).energy, atoms, 1e-4)
-    np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), reference, atol=1e-5)
 
 
 def test_level_of_theory_names_the_file_and_an_active_set_needs_the_yaml(potential: Path) -> None:

@@ -1,4 +1,5 @@
-"""The lj backend against an independent brute-force numpy Lennard-Jones and against finite differences."""
+"""The lj backend against an independent brute-force numpy Lennard-Jones (finite differences, impossible input,
+retries and batches: tests/unit/test_oracle_conformance.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from ase.build import bulk
 from pyacemaker.config import LjOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.lj import LennardJonesBackend
-from tests.finite_differences import numerical_forces, numerical_stress
 
 CONFIG = LjOracleConfig(backend="lj", epsilon=0.0104, sigma=3.40, cutoff=7.0)
 
@@ -67,18 +67,6 @@ def argon_crystal() -> Atoms:
     return atoms
 
 
-def lj_energy(backend: LennardJonesBackend, atoms: Atoms) -> float:
-    labels = backend.label(atoms)
-    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
-    return labels.energy
-
-
-def assert_no_pair_near_cutoff(atoms: Atoms, margin: float) -> None:
-    """Shifted LJ forces jump at the cutoff; a finite difference across it would test nothing."""
-    distances = atoms.get_all_distances(mic=atoms.pbc.any())
-    assert not np.any(np.abs(distances - CONFIG.cutoff) < margin)
-
-
 def test_molecule_matches_numpy_reference_and_has_no_stress() -> None:
     atoms = argon_cluster()
     distances = atoms.get_all_distances()
@@ -103,32 +91,3 @@ def test_periodic_cell_matches_numpy_reference_including_stress() -> None:
     assert len(labels.stress) == 6
     np.testing.assert_allclose(labels.stress, stress, rtol=1e-9, atol=1e-12)
     assert np.abs(stress).max() > 1e-5, "a strained, rattled cell must have a stress worth testing"
-
-
-@pytest.mark.parametrize("make_atoms", [argon_cluster, argon_crystal], ids=["molecule", "periodic"])
-def test_forces_are_minus_the_finite_difference_gradient(make_atoms) -> None:
-    atoms = make_atoms()
-    backend = LennardJonesBackend(CONFIG)
-    step = 1e-4
-    assert_no_pair_near_cutoff(atoms, margin=10 * step)
-    forces = np.reshape(backend.label(atoms).forces, (-1, 3))
-    assert np.abs(forces).max() > 1e-3
-    numeric = numerical_forces(lambda a: lj_energy(backend, a), atoms, step)
-    np.testing.assert_allclose(forces, numeric, atol=1e-6)
-
-
-def test_stress_is_the_finite_difference_strain_derivative() -> None:
-    atoms = argon_crystal()
-    backend = LennardJonesBackend(CONFIG)
-    stress = np.array(backend.label(atoms).stress)
-    numeric = numerical_stress(lambda a: lj_energy(backend, a), atoms, step=1e-5)
-    np.testing.assert_allclose(stress, numeric, atol=1e-8)
-
-
-def test_coinciding_atoms_give_a_failed_label_not_an_exception() -> None:
-    atoms = Atoms("Ar3", positions=[[0, 0, 0], [0, 0, 0], [3.8, 0, 0]])
-    labels = LennardJonesBackend(CONFIG).label(atoms)
-    assert labels.status == common_pb2.LABEL_STATUS_FAILED
-    assert "not finite" in labels.reason
-    assert not labels.HasField("energy")
-    assert labels.level_of_theory == "lj:eps=0.0104,sigma=3.4,rc=7.0"

@@ -1,5 +1,6 @@
-"""The pyscf backend against PySCF called directly in the test (energies to 1e-6 eV) and against finite
-differences of its own energy; charge and spin reach PySCF; an SCF that cannot converge fails or is retried."""
+"""The pyscf backend against PySCF called directly in the test (energies to 1e-6 eV); charge and spin reach PySCF;
+an SCF that cannot converge fails or is retried (finite differences, impossible input, the level across retries
+and batches: tests/unit/test_oracle_conformance.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pyacemaker.config import PyscfOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.pyscf import PyscfBackend
 from tests.conftest import sn2_seeds
-from tests.finite_differences import numerical_forces
 
 pyscf = pytest.importorskip("pyscf", reason="pyscf is not installed (pyacemaker[oracle])")
 from pyscf import dft, gto  # noqa: E402
@@ -73,16 +73,6 @@ def test_energy_and_forces_equal_a_direct_pyscf_run_in_ev() -> None:
     assert list(labels.stress) == []
     assert labels.level_of_theory == "pyscf:PBE/def2-SVP"
     assert labels.attempts == 1
-
-
-def test_forces_are_minus_the_finite_difference_gradient_of_the_energy() -> None:
-    backend = PyscfBackend(config(basis="6-31G"))
-    atoms = water()
-    forces = np.reshape(backend.label(atoms).forces, (-1, 3))
-    numeric = numerical_forces(lambda a: backend.label(a).energy, atoms, step=1e-3)
-    print(f"pyscf H2O PBE/6-31G: max |analytic - finite difference| = {np.abs(forces - numeric).max():.2e} eV/Å")
-    assert np.abs(forces).max() > 0.5
-    np.testing.assert_allclose(forces, numeric, atol=1e-3)
 
 
 def test_charge_minus_one_is_honoured() -> None:

@@ -1,9 +1,7 @@
 """The vasp backend without VASP: the inputs it writes, the parsing of a recorded vasprun.xml (expected numbers
 read from the file's own text, not through ASE), and the whole path with stand-in commands for the VASP binary
-(copying the recorded output, writing a vasprun.xml for whatever POSCAR it finds, writing nothing).
-
-POTCARs are licensed, so each test builds a fake VASP_PP_PATH whose POTCARs hold just the header lines ASE reads
-(TITEL and, four lines below, POMASS/ZVAL) and a marker line that shows which file went where.
+(copying the recorded output, writing a vasprun.xml for whatever POSCAR it finds, writing nothing); the recorded
+output, the fake POTCARs and the stand-ins are in tests/vasp_recorded.py.
 """
 
 from __future__ import annotations
@@ -23,12 +21,18 @@ from pyacemaker.config import VaspOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.vasp import VaspBackend, read_vasprun
 from services.oracle.deployment import VaspProfile
+from tests.vasp_recorded import (
+    KPOINT_SPACING,
+    RECORDED,
+    recorded_structure,
+    recorded_values,
+    stand_in,
+    vasp_backend,
+    write_fake_potcars,
+)
 
-RECORDED = Path(__file__).parents[1] / "data" / "vasp" / "vasprun.xml"
 GPA_PER_EV_A3 = 160.21766208
 GPA_PER_KBAR = 0.1
-VALENCE = {"Si": 4.0, "C": 4.0}
-KPOINT_SPACING = 1.1  # Å⁻¹; 2×2×2 for the recorded cell
 
 OK = common_pb2.LABEL_STATUS_OK
 FAILED = common_pb2.LABEL_STATUS_FAILED
@@ -36,28 +40,7 @@ FAILED = common_pb2.LABEL_STATUS_FAILED
 
 @pytest.fixture
 def potcar_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "potcars"
-    for element, zval in VALENCE.items():
-        folder = root / "potpaw_PBE" / element
-        folder.mkdir(parents=True)
-        (folder / "POTCAR").write_text(
-            f"""  PAW_PBE {element} 05Jan2001
- {zval:.17f}
- parameters from PSCTR are:
-   VRHFIN ={element}: s2p2
-   LEXCH  = PE
-   EATOM  =   103.0669 eV,    7.5752 Ry
-
-   TITEL  = PAW_PBE {element} 05Jan2001
-   LULTRA =        F    use ultrasoft PP ?
-   IUNSCR =        1    unscreen: 0-lin 1-nonlin 2-no
-   RPACOR =    1.500    partial core radius
-   POMASS =   28.085; ZVAL   =    {zval:.3f}    mass and valenz
- fake potential of {element} for tests
- End of Dataset
-"""
-        )
-    return root
+    return write_fake_potcars(tmp_path / "potcars")
 
 
 @pytest.fixture
@@ -67,45 +50,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory.mkdir()
     monkeypatch.chdir(directory)
     return directory
-
-
-def vasp_backend(potcar_dir: Path, command: str, **options: object) -> VaspBackend:
-    """The backend with the options of a request and a deployment profile that runs `command` (the deployment's
-    setting, never a request's)."""
-    config = VaspOracleConfig.model_validate(
-        {
-            "backend": "vasp",
-            "encut_ev": 300.0,
-            "kpoint_spacing": KPOINT_SPACING,
-            "incar": {"ISMEAR": 0, "SIGMA": 0.05, "PREC": "Accurate"},
-            **options,
-        }
-    )
-    return VaspBackend(config, VaspProfile(command=command, potcar_dir=potcar_dir))
-
-
-def vectors(text: str, name: str, occurrence: int = -1) -> np.ndarray:
-    """Rows of the `occurrence`-th <varray name=...> of a vasprun.xml text, parsed by regex."""
-    blocks = re.findall(rf'<varray name="{name}" >(.*?)</varray>', text, re.S)
-    return np.array([[float(x) for x in row.split()] for row in re.findall(r"<v>(.*?)</v>", blocks[occurrence])])
-
-
-def recorded_values(text: str) -> dict[str, object]:
-    """The recorded cell, fractional positions, free energy, forces (eV/Å) and stress (kbar, VASP's sign)."""
-    final_energy_block = text.split("</scstep>")[-1].split("<energy>")[1]
-    return {
-        "cell": vectors(text, "basis", 0),
-        "scaled_positions": vectors(text, "positions", 0),
-        "free_energy": float(re.search(r'name="e_fr_energy">\s*(\S+)', final_energy_block).group(1)),
-        "sigma0_energy": float(re.search(r'name="e_0_energy">\s*(\S+)', final_energy_block).group(1)),
-        "forces": vectors(text, "forces"),
-        "stress_kbar": vectors(text, "stress"),
-    }
-
-
-def recorded_structure() -> Atoms:
-    values = recorded_values(RECORDED.read_text())
-    return Atoms("Si2", cell=values["cell"], scaled_positions=values["scaled_positions"], pbc=True)
 
 
 def ase_stress_from_kbar(stress_kbar: np.ndarray) -> np.ndarray:
@@ -118,13 +62,6 @@ def incar_tags() -> dict[str, str]:
     """The INCAR in the current directory as tag → value text."""
     lines = [line.split("=", 1) for line in Path("INCAR").read_text().splitlines() if "=" in line]
     return {key.strip(): value.strip() for key, value in lines}
-
-
-def stand_in(tmp_path: Path, name: str, body: str) -> str:
-    script = tmp_path / name
-    script.write_text("#!/bin/sh\n" + body)
-    script.chmod(0o755)
-    return str(script)
 
 
 def test_inputs_follow_the_options_and_the_structure(tmp_path: Path, potcar_dir: Path, workdir: Path) -> None:

@@ -1,18 +1,17 @@
-"""The xtb backend against tblite's non-ASE interface called directly, and against finite differences."""
+"""The xtb backend against tblite's non-ASE interface called directly (finite differences, impossible input,
+retries and batches: tests/unit/test_oracle_conformance.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.build import bulk
 from ase.units import Bohr, Hartree, kB
 
 from pyacemaker.config import XtbOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.xtb import XtbBackend
 from tests.conftest import sn2_seeds
-from tests.finite_differences import numerical_forces, numerical_stress
 
 tblite_interface = pytest.importorskip("tblite.interface", reason="tblite is not installed (pyacemaker[oracle])")
 
@@ -67,26 +66,6 @@ def test_the_charge_of_the_structure_reaches_tblite() -> None:
     assert neutral.energy == pytest.approx(energy, abs=1e-6)
 
 
-def test_forces_are_minus_the_finite_difference_gradient() -> None:
-    atoms = sn2_complex()
-    backend = XtbBackend(GFN2)
-    forces = np.reshape(backend.label(atoms).forces, (-1, 3))
-    numeric = numerical_forces(lambda a: backend.label(a).energy, atoms, step=1e-3)
-    assert np.abs(forces).max() > 0.05
-    np.testing.assert_allclose(forces, numeric, atol=1e-3)
-
-
-def test_periodic_stress_is_the_finite_difference_strain_derivative() -> None:
-    atoms = bulk("Si", "diamond", a=5.43)
-    atoms.rattle(0.05, seed=1)
-    backend = XtbBackend(GFN2)
-    labels = backend.label(atoms)
-    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
-    assert len(labels.stress) == 6
-    numeric = numerical_stress(lambda a: backend.label(a).energy, atoms, step=1e-4)
-    np.testing.assert_allclose(labels.stress, numeric, atol=1e-5)
-
-
 def test_unconverged_scf_gives_a_failed_label() -> None:
     backend = XtbBackend(XtbOracleConfig(backend="xtb", max_iterations=1))
     labels = backend.label(sn2_complex())
@@ -100,14 +79,6 @@ def test_impossible_spin_multiplicity_gives_a_failed_label() -> None:
     labels = XtbBackend(GFN2).label(sn2_complex(charge=-1, spin_multiplicity=2))
     assert labels.status == common_pb2.LABEL_STATUS_FAILED
     assert "spin multiplicity 2" in labels.reason and "44 electrons" in labels.reason
-
-
-def test_coinciding_atoms_give_a_failed_label() -> None:
-    atoms = sn2_complex()
-    atoms.positions[5] = atoms.positions[0]
-    labels = XtbBackend(GFN2).label(atoms)
-    assert labels.status == common_pb2.LABEL_STATUS_FAILED
-    assert labels.reason
 
 
 def test_level_of_theory_names_a_non_default_electronic_temperature() -> None:
