@@ -198,6 +198,11 @@ def run_potentials(run_dir: Path) -> dict[str, list[Path]]:
     return potentials
 
 
+def named_potentials(items: list[str] | None) -> dict[str, list[Path]]:
+    """The --potential NAME=FILE options as name → [file]."""
+    return {name: [Path(file)] for name, _, file in (item.partition("=") for item in items or [])}
+
+
 def score_one(paths: list[Path], frames: list[Atoms]) -> dict[str, float]:
     is_ace = paths[0].suffix in (".yace", ".yaml")
     gamma = is_ace and paths[0].with_suffix(".yaml").is_file() and paths[0].with_suffix(".asi").is_file()
@@ -248,9 +253,7 @@ def score(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     potentials: dict[str, list[Path]] = {}
     if args.run:
         potentials.update(run_potentials(args.run))
-    for item in args.potential or []:
-        name, _, file = item.partition("=")
-        potentials[name] = [Path(file)]
+    potentials.update(named_potentials(args.potential))
     print(f"hold-out: {len(frames)} frames at {frames[0].info.get(LEVEL_KEY)} ({path})")
     print(
         f"{'potential':<42} {'F RMSE meV/Å':>13} {'E RMSE meV/atom':>16} {'frames >1 eV/Å':>15} {'max γ':>10} "
@@ -277,17 +280,16 @@ def md_stability(args: argparse.Namespace) -> dict[str, Any]:
         potentials = {k: v for k, v in run_potentials(args.run_dir).items() if "committee" not in k}
         if not args.ablation:
             potentials = {k: v for k, v in potentials.items() if k.startswith("final")}
-    for item in args.potential or []:
-        name, _, file = item.partition("=")
-        potentials[name] = [Path(file)]
+    potentials.update(named_potentials(args.potential))
     if not potentials:
         raise SystemExit("md-stability needs a run directory or --potential NAME=FILE")
     names = ("reactant", "TS", "product")
     results: dict[str, Any] = {}
+    seeds = _seeds()
+    allowed = seed_fragments(seeds)
     for name, (path,) in potentials.items():
         survivors, runs = 0, []
-        allowed = seed_fragments(_seeds())
-        for s_index, seed in enumerate(_seeds()):
+        for s_index, seed in enumerate(seeds):
             for temperature in TEMPERATURES_K:
                 atoms = seed.copy()
                 atoms.calc = _ace_calculator(path, gamma=False)

@@ -68,14 +68,16 @@ def thermal_displacement_bound(atoms: Atoms, temperature_k: float, interval_fs: 
     return THERMAL_SPEED_FACTOR * rms_speed * interval_fs + DISPLACEMENT_SLACK
 
 
-def frame_problem(atoms: Atoms, energy: float, min_distance: float, max_neighbour_distance: float) -> str | None:
-    """Why this frame alone shows an unstable run, or None. A frame with an atom beyond max_neighbour_distance
-    of every other is no problem here: `TrajectoryJudge` decides whether that is a dissociation."""
+def frame_problem(atoms: Atoms, energy: float, min_distance: float, nearest: np.ndarray | None = None) -> str | None:
+    """Why this frame alone shows an unstable run, or None (`nearest`: its nearest_neighbour_distances, when the
+    caller has them). A frame with an atom far from every other is no problem here: `TrajectoryJudge` decides
+    whether that is a dissociation."""
     if not np.isfinite(energy):
         return f"energy {energy} is not finite"
     if not np.isfinite(atoms.positions).all():
         return "positions are not finite"
-    nearest = nearest_neighbour_distances(atoms)
+    if nearest is None:
+        nearest = nearest_neighbour_distances(atoms)
     if len(nearest) and nearest.min() < min_distance:
         return f"two atoms came within {nearest.min():.3f} Å (below {min_distance} Å)"
     return None
@@ -93,7 +95,8 @@ class TrajectoryJudge:
     _previous: tuple[float, np.ndarray] | None = field(default=None, repr=False)
 
     def judge(self, atoms: Atoms, energy: float, time_fs: float) -> str | None:
-        problem = frame_problem(atoms, energy, self.min_distance, self.max_neighbour_distance)
+        nearest = nearest_neighbour_distances(atoms)
+        problem = frame_problem(atoms, energy, self.min_distance, nearest)
         if problem is not None:
             return problem
         previous, self._previous = self._previous, (time_fs, atoms.positions.copy())
@@ -110,7 +113,6 @@ class TrajectoryJudge:
                     f"{time_fs - previous[0]:g} fs (thermal motion at {self.temperature_k:g} K explains "
                     f"{bound[worst]:.2f} Å): the potential threw it"
                 )
-        nearest = nearest_neighbour_distances(atoms)
         if len(nearest) and nearest.max() > self.max_neighbour_distance:
             pieces = fragments(atoms)
             foreign = [piece for piece in pieces if piece not in self.allowed_fragments]

@@ -29,10 +29,10 @@ def test_nearest_neighbour_distances_with_and_without_a_periodic_cell():
 
 
 def test_frame_problem_names_collapse_and_non_finite_values():
-    assert frame_problem(_chain([1.0, 1.2]), -3.0, 0.5, 8.0) is None
-    assert "within 0.300 Å" in frame_problem(_chain([0.3, 1.2]), -3.0, 0.5, 8.0)
-    assert "not finite" in frame_problem(_chain([1.0, 1.2]), float("nan"), 0.5, 8.0)
-    assert frame_problem(_chain([1.0, 9.0]), -3.0, 0.5, 8.0) is None  # a split alone: TrajectoryJudge decides
+    assert frame_problem(_chain([1.0, 1.2]), -3.0, 0.5) is None
+    assert "within 0.300 Å" in frame_problem(_chain([0.3, 1.2]), -3.0, 0.5)
+    assert "not finite" in frame_problem(_chain([1.0, 1.2]), float("nan"), 0.5)
+    assert frame_problem(_chain([1.0, 9.0]), -3.0, 0.5) is None  # a split alone: TrajectoryJudge decides
 
 
 def _complex(chloride_z: float) -> Atoms:
