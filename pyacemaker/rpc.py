@@ -13,7 +13,6 @@ import hmac
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
@@ -267,6 +266,16 @@ def serve_forever(
 ) -> None:
     """Run a service until SIGTERM/SIGINT; in-flight calls get a grace period. With port 0 the bound port
     is written to `port_file` once the server is serving, so a launcher can find it."""
+    # The handler only records the signal: doing more there (an Event's set, a log line) can deadlock when the
+    # signal lands while the main thread holds the very lock it needs. Installed before the port file appears,
+    # so a launcher that stops the service at once still gets a graceful stop.
+    received: list[int] = []
+
+    def _handle(signum: int, _frame: Any) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
     service = create_server(host, port, register)
     service.start()
     log.info("%s serving on %s:%d", name, host, service.port)
@@ -274,15 +283,9 @@ def serve_forever(
         staging = port_file.with_suffix(".tmp")
         staging.write_text(str(service.port))
         staging.replace(port_file)
-    stop = threading.Event()
-
-    def _handle(signum: int, _frame: Any) -> None:
-        log.info("%s received signal %d, stopping", name, signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _handle)
-    signal.signal(signal.SIGINT, _handle)
-    stop.wait()
+    while not received:
+        time.sleep(0.2)
+    log.info("%s received signal %d, stopping", name, received[0])
     if on_stop is not None:
         on_stop()
     service.stop()

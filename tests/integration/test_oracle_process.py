@@ -56,6 +56,30 @@ def test_oracle_process_serves_and_stops_on_sigterm(tmp_path) -> None:
             process.wait()
 
 
+def test_a_service_stopped_the_moment_its_port_file_appears_stops_gracefully(tmp_path) -> None:
+    # A launcher may stop a service as soon as it is up: the signal must be handled, not kill it mid-start.
+    port_file = tmp_path / "oracle.port"
+    command = [sys.executable, "-m", "services.oracle", "--port", "0", "--port-file", str(port_file)]
+    command += ["--store", str(tmp_path / "store")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.is_file():
+            assert process.poll() is None, process.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the oracle did not write its port file within 60 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0].decode()
+        assert process.returncode == 0, output
+        assert "oracle received signal 15, stopping" in output
+        assert "oracle stopped" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_a_bad_deployment_file_is_one_line_at_start_up(tmp_path) -> None:
     deployment = tmp_path / "oracle.yaml"
     deployment.write_text("qe:\n  profiles:\n    default: {command: pw.x, pseudo_dir: relative/dir}\n")

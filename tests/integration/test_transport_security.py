@@ -167,9 +167,14 @@ def test_a_service_process_started_with_the_environment_serves_tls_and_checks_th
         client = Security(ca=_read(pki, "ca.pem"), token=TOKEN)
         assert _get_info(address, client).backends
         assert _code_of_call(address, replace(client, token=None)) == grpc.StatusCode.UNAUTHENTICATED
-    finally:
         process.terminate()
-        process.wait(timeout=30)
+        output = process.communicate(timeout=30)[0].decode()
+        assert process.returncode == 0, output
+        assert "oracle stopped" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
     # A bad setting stops the service at start-up with one line naming the variable.
     env[ENV_TOKEN_FILE] = str(tmp_path / "no-such-token")
