@@ -70,7 +70,8 @@ apptainer-archives: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy pyacemaker
+	$(VENV)/bin/mypy pyacemaker services
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -66,6 +66,7 @@ from ase.constraints import FixCom
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+from pyacemaker.clients.sampler import md_settings
 from pyacemaker.config import MaceOracleConfig, RunConfig, XtbOracleConfig, load_config
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.seeds import load_seeds
@@ -80,7 +81,6 @@ from services.orchestrator.active_learning import (
     select_uncertain,
     within_force_cap,
 )
-from services.sampler.client import md_settings
 from services.sampler.direct import select_direct
 from services.sampler.features import get_featuriser
 from services.sampler.md import FrameEvent

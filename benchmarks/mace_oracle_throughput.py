@@ -25,10 +25,10 @@ import numpy as np
 from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.clients.oracle import artifact_option, backend_spec, stream_labels
 from pyacemaker.rpc import channel, wait_for_health
 from pyacemaker.structures import read_structures
 from pyacemaker.teacher import resolve_teacher
-from services.oracle.client import artifact_option, backend_spec, stream_labels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

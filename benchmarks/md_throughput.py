@@ -32,13 +32,13 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.clients.oracle import artifact_option, backend_spec
+from pyacemaker.clients.sampler import md_request, md_settings, run_md
 from pyacemaker.config import MaceOracleConfig, MdConfig
 from pyacemaker.deploy.local import SERVICES, down, store_dir, up
 from pyacemaker.rpc import channel
 from pyacemaker.structures import read_structures
 from pyacemaker.teacher import resolve_teacher
-from services.oracle.client import artifact_option, backend_spec
-from services.sampler.client import md_request, md_settings, run_md
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [REPO_ROOT / "examples" / "sn2" / "seeds" / f"{n}.xyz" for n in ("reactant_complex", "transition_state")]

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
+from pyacemaker.clients.oracle import backend_spec, stream_labels
 from pyacemaker.rpc import channel, create_server
 from pyacemaker.structures import read_structures
 from services.oracle.backends.xtb import XtbBackend
-from services.oracle.client import backend_spec, stream_labels
 from services.oracle.server import add_to_server
 
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pyacemaker.clients.oracle import backend_spec
+from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.config import load_config
 from pyacemaker.deploy.local import SERVICES, down, up
 from pyacemaker.rpc import channel
 from pyacemaker.seeds import load_seeds
-from services.oracle.client import backend_spec
-from services.sampler.client import md_request, run_md
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = REPO_ROOT / "examples" / "sn2" / "config.yaml"

@@ -28,10 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from pyacemaker.artifacts import ArtifactStore  # noqa: E402
+from pyacemaker.clients.oracle import artifact_option  # noqa: E402
 from pyacemaker.rpc import wait_for_health  # noqa: E402
 from pyacemaker.structures import read_structures, write_extxyz  # noqa: E402
 from pyacemaker.teacher import resolve_teacher  # noqa: E402
-from services.oracle.client import artifact_option  # noqa: E402
 
 SN2_SEEDS = REPO_ROOT / "examples" / "sn2" / "seeds"
 SEED_FILES = ("reactant_complex.xyz", "transition_state.xyz", "product_complex.xyz")

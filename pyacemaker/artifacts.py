@@ -22,6 +22,11 @@ _CHUNK = 1 << 20
 # Longest artifact uri accepted (store paths are a few dozen characters).
 MAX_URI_CHARS = 1024
 
+# Artifact kinds of a linear fit's pacemaker export (the trainer writes them, the orchestrator copies them into
+# the run dir): not potential files.
+PACEMAKER_DATASET_KIND = "pacemaker_dataset"
+PACEMAKER_INPUT_KIND = "pacemaker_input"
+
 
 class ArtifactError(ValueError):
     """An artifact that is missing, altered, or points outside the store."""

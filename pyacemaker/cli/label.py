@@ -115,9 +115,9 @@ class _OrderedWriter:
 
 def run_label(args: argparse.Namespace) -> int:
     from pyacemaker.artifacts import ArtifactStore
+    from pyacemaker.clients.oracle import backend_spec, model_files_as_artifacts, stream_labels
     from pyacemaker.deploy.local import service_address, store_dir
     from pyacemaker.teacher.resolve import TeacherNotFoundError
-    from services.oracle.client import backend_spec, model_files_as_artifacts, stream_labels
 
     try:
         frames = read_structures(args.input)

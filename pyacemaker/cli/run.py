@@ -18,10 +18,10 @@ from pyacemaker.config import ConfigError, RunConfig, config_from_json, config_t
 from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.deploy.local import service_address
 from pyacemaker.rpc import channel, describe_rpc_error
+from pyacemaker.run_layout import REPORT_DIR, REPORT_FILE, SUMMARY_FILE, saved_config_json
 from pyacemaker.seeds import load_seeds
 from pyacemaker.structures import StructureFileError, atoms_to_structure
 from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.state import SUMMARY_FILE, saved_config_json
 
 _K = orchestrator_pb2
 
@@ -105,7 +105,7 @@ def _print_outcome(console: Console, run_dir: Path) -> None:
     )
     if summary.get("final_potential"):
         console.print(f"final potential: {run_dir / summary['final_potential']}")
-    report = run_dir / "report" / "index.html"
+    report = run_dir / REPORT_DIR / REPORT_FILE
     if report.is_file():
         console.print(f"report: {report}")
 

@@ -23,6 +23,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
+from pyacemaker.clients.oracle import ARTIFACT_OPTIONS
 from pyacemaker.config import PROFILE_NAME, format_validation_error
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.teacher.resolve import BUNDLED_MODEL, BUNDLED_NAME
@@ -174,12 +175,6 @@ def load_deployment(path: str | Path | None) -> OracleDeployment:
 
 
 # -- model and potential files: store artifacts only ------------------------------------------------------------
-
-# Backend → its options that name model files (models, potentials, active sets), each with whether it is a list.
-ARTIFACT_OPTIONS: dict[str, tuple[tuple[str, bool], ...]] = {
-    "mace": (("models", True),),
-    "ace": (("potential", False), ("active_set", False)),
-}
 
 
 def resolve_artifact_options(name: str, options: Mapping[str, Any], store: ArtifactStore | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.clients.oracle import backend_spec, model_files_as_artifacts
 from pyacemaker.config import OracleConfig
 from pyacemaker.rpc import channel
 from pyacemaker.structures import (
@@ -23,7 +24,6 @@ from pyacemaker.structures import (
     attach_labels,
 )
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec, model_files_as_artifacts
 from services.orchestrator.ledger import DftLedger
 
 # A Slurm queue can hold DFT jobs for a long time; the deadline only guards against a stream that never ends.

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from ase import Atoms
 
+from pyacemaker.clients.oracle import stream_labels
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2, oracle_pb2
-from services.oracle.client import stream_labels
 from services.orchestrator.steps import StepContext
 
 _BATCH = 64

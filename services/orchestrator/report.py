@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -27,16 +26,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pyacemaker.run_layout import (
+    ACTIVE_LEARNING_RECORD,
+    REPORT_DIR,
+    REPORT_FILE,
+    SELECTION_RECORD,
+    STATE_FILE,
+    SUMMARY_FILE,
+    VALIDATION_RECORD,
+    in_iteration,
+    iteration_number,
+)
 from pyacemaker.v1 import orchestrator_pb2
 from services.orchestrator.reaction_profile import KCAL_PER_MOL_PER_EV
-from services.orchestrator.state import STATE_FILE, SUMMARY_FILE
-
-REPORT_DIR = "report"
-REPORT_FILE = "index.html"
-SELECTION_FILE = "step1_direct/selection.json"
-AL_RECORD = "step2_active_learning/iteration.json"
-VALIDATION_RECORD = "validation/validation.json"
-_ITERATION_DIR = re.compile(r"^iteration_(\d+)$")
 
 # The models validation compares, in plotting order: key in validation.json, label, colour.
 MODELS = (
@@ -207,7 +209,7 @@ def read_run(run_dir: Path) -> RunRecord:
         steps=steps,
         events=[tuple(row) for row in event_rows or []],  # type: ignore[misc]
         ledger=ledger,
-        selection=_read_json(run_dir, SELECTION_FILE),
+        selection=_read_json(run_dir, SELECTION_RECORD),
         iterations=_read_iterations(run_dir),
         summary=_read_json(run_dir, SUMMARY_FILE),
         problems=problems,
@@ -241,21 +243,23 @@ def _read_iterations(run_dir: Path) -> list[Iteration]:
     """The active-learning iterations, from the `iteration_NN` directories (a run from before the loop existed
     exported its one step-2 record at the top level: that counts as iteration 1)."""
     numbers = sorted(
-        int(match.group(1))
+        number
         for entry in (run_dir.iterdir() if run_dir.is_dir() else [])
-        if entry.is_dir() and (match := _ITERATION_DIR.match(entry.name))
+        if entry.is_dir() and (number := iteration_number(entry.name)) is not None
     )
     iterations = [
         Iteration(
             number,
-            _read_json(run_dir, f"iteration_{number:02d}/{AL_RECORD}"),
-            _read_json(run_dir, f"iteration_{number:02d}/{VALIDATION_RECORD}"),
+            _read_json(run_dir, in_iteration(number, ACTIVE_LEARNING_RECORD)),
+            _read_json(run_dir, in_iteration(number, VALIDATION_RECORD)),
         )
         for number in numbers
     ]
-    if not iterations and (run_dir / AL_RECORD).is_file():
+    if not iterations and (run_dir / ACTIVE_LEARNING_RECORD).is_file():
         iterations = [
-            Iteration(1, _read_json(run_dir, AL_RECORD), _read_json(run_dir, f"iteration_01/{VALIDATION_RECORD}"))
+            Iteration(
+                1, _read_json(run_dir, ACTIVE_LEARNING_RECORD), _read_json(run_dir, in_iteration(1, VALIDATION_RECORD))
+            )
         ]
     return iterations
 
@@ -277,8 +281,12 @@ def write_report(run_dir: Path) -> Path:
         (out_dir / name).unlink(missing_ok=True)
     sections = [
         ("Summary", _headline, [SUMMARY_FILE, STATE_FILE]),
-        ("Step 1: DIRECT sampling", _selection_section, [SELECTION_FILE]),
-        ("Active learning: DFT calls and uncertainty", _active_learning_section, [f"iteration_NN/{AL_RECORD}"]),
+        ("Step 1: DIRECT sampling", _selection_section, [SELECTION_RECORD]),
+        (
+            "Active learning: DFT calls and uncertainty",
+            _active_learning_section,
+            [f"iteration_NN/{ACTIVE_LEARNING_RECORD}"],
+        ),
         ("Validation on the DFT hold-out", _validation_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Ablation: is distillation earning its place?", _ablation_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
         ("Learning curve", _learning_curve_section, [f"iteration_NN/{VALIDATION_RECORD}"]),
@@ -354,7 +362,7 @@ def _headline(run: RunRecord, out_dir: Path) -> str:
         try:
             accuracy = _accuracy_sentence(last.number, validation)
         except (KeyError, TypeError, ValueError) as exc:
-            accuracy = _missing(f"iteration_{last.number:02d}/{VALIDATION_RECORD} is incomplete: {_problem(exc)}")
+            accuracy = _missing(f"{in_iteration(last.number, VALIDATION_RECORD)} is incomplete: {_problem(exc)}")
         rows.append(("Final ACE vs DFT hold-out", accuracy))
     return _key_value_table(rows)
 
@@ -425,7 +433,7 @@ def _selection_section(run: RunRecord, out_dir: Path) -> str:
 
 def _active_learning_section(run: RunRecord, out_dir: Path) -> str:
     if not run.iterations:
-        return _missing(f"no active-learning iteration yet (no iteration_NN/{AL_RECORD})")
+        return _missing(f"no active-learning iteration yet (no iteration_NN/{ACTIVE_LEARNING_RECORD})")
     out = []
     header = [
         "iteration",
@@ -548,7 +556,7 @@ def _ablation_section(run: RunRecord, out_dir: Path) -> str:
     ablation = validation.get("ablation")
     if not ablation:
         return _missing(
-            f"iteration_{chosen.number:02d}/{VALIDATION_RECORD} has no ablation (a run from before the ablation)"
+            f"{in_iteration(chosen.number, VALIDATION_RECORD)} has no ablation (a run from before the ablation)"
         )
     intro = (
         f"<p>The ablation: the same ACE (settings, cutoff, fit) fitted directly on the "

@@ -24,11 +24,12 @@ from pyacemaker.artifacts import ArtifactStore, sha256_of_file
 from pyacemaker.config import ConfigError, RunConfig, config_from_json, config_to_json
 from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
+from pyacemaker.run_layout import FINAL_POTENTIAL, STATE_FILE, SUMMARY_FILE, in_iteration, iteration_dir
 from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2
 from services.orchestrator.ledger import DftLedger
-from services.orchestrator.state import STATE_FILE, SUMMARY_FILE, RunState, StepRow
+from services.orchestrator.state import RunState, StepRow
 from services.orchestrator.steps import RunCancelledError, Step, StepContext, StepOutcome, step_key
 from services.orchestrator.steps.ace_fit import AceFitStep
 from services.orchestrator.steps.active_learning_step import ActiveLearningStep
@@ -100,7 +101,7 @@ class RunHandle:
             run_id=self.run_id,
             name=self.config.name,
             run_dir=str(self.run_dir),
-            state=self.job_state,
+            state=common_pb2.JobState.Name(self.job_state),
             steps=[row.to_proto() for row in self.state.steps()],
             error=self.error,
             first_seq=self.first_seq,
@@ -189,7 +190,7 @@ class RunManager:
             raise KeyError(run_id)
         return handle
 
-    def list(self) -> list[RunHandle]:
+    def all_runs(self) -> list[RunHandle]:
         with self._lock:
             return list(self._runs.values())
 
@@ -199,9 +200,9 @@ class RunManager:
         return handle
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        for handle in self.list():
+        for handle in self.all_runs():
             handle.cancel.set()
-        for handle in self.list():
+        for handle in self.all_runs():
             if handle.thread is not None:
                 handle.thread.join(timeout)
 
@@ -324,9 +325,9 @@ class RunManager:
         same DFT hold-out, and a later iteration can come out worse (small sets, a new MD region)."""
         final, best = "", self._best_iteration(handle, iterations)
         if best:
-            final = f"iteration_{best:02d}/step7_delta/final.yace"
+            final = in_iteration(best, FINAL_POTENTIAL)
         elif iterations and "delta_fit" in previous:
-            final = f"iteration_{iterations:02d}/step7_delta/final.yace"
+            final = in_iteration(iterations, FINAL_POTENTIAL)
         summary: dict[str, object] = {
             "stop_reason": stop_reason,
             "iterations": iterations,
@@ -407,7 +408,7 @@ class RunManager:
             report=report,
             previous=dict(previous),
             iteration=max(iteration, 1),
-            export_prefix=f"iteration_{iteration:02d}/" if iteration else "",
+            export_prefix=f"{iteration_dir(iteration)}/" if iteration else "",
         )
         key = step_key(step, ctx)
         ctx.key = key

@@ -49,7 +49,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def ListRuns(self, request, context):
         with status_on_error(context):
-            return orchestrator_pb2.ListRunsResponse(runs=[h.to_proto() for h in self.runs.list()])
+            return orchestrator_pb2.ListRunsResponse(runs=[h.to_proto() for h in self.runs.all_runs()])
 
     def CancelRun(self, request, context):
         with status_on_error(context):

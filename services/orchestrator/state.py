@@ -16,11 +16,8 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict, ParseDict
 
+from pyacemaker.run_layout import STATE_FILE
 from pyacemaker.v1 import common_pb2, orchestrator_pb2
-
-STATE_FILE = "state.sqlite"
-# Written beside it when a run ends: why it stopped, where the final potential is (read by the report).
-SUMMARY_FILE = "run_summary.json"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -200,19 +197,3 @@ class RunState:
         if progress_json:
             ParseDict(json.loads(progress_json), event.progress)
         return event
-
-
-def saved_config_json(run_dir: Path) -> str:
-    """The config a run was started with, read without writing (for `pyacemaker run --resume RUN_DIR`);
-    FileNotFoundError when RUN_DIR holds no run."""
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no run here (no {STATE_FILE})")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT config_json FROM run WHERE id = 1").fetchone()
-    finally:
-        db.close()
-    if row is None:
-        raise FileNotFoundError(f"{path}: the run's config was never saved")
-    return str(row[0])

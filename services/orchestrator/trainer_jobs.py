@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import PurePosixPath
 
+from pyacemaker.artifacts import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 from services.orchestrator.steps import StepContext
-from services.trainer.results import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND
 
 # The pacemaker export's artifact kinds and the names its files get in the run directory.
 PACEMAKER_FILES = {PACEMAKER_DATASET_KIND: "train.pckl.gzip", PACEMAKER_INPUT_KIND: "input.yaml"}

@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 from ase import Atoms
 
+from pyacemaker.clients.oracle import describe
+from pyacemaker.clients.oracle_force_field import OracleCallError
 from pyacemaker.rpc import InvalidInputError, channel
 from pyacemaker.v1 import oracle_pb2
-from services.oracle.client import describe
-from services.oracle.force_field import OracleCallError
 
 # Deadline of one Describe call: a fixed allowance (model loading) plus a generous time per structure.
 DEADLINE_BASE_S = 300.0

@@ -17,6 +17,7 @@ from ase import Atoms
 from pydantic import ValidationError
 
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
+from pyacemaker.clients.oracle_force_field import OracleCallError, OracleForceField
 from pyacemaker.config import BudgetConfig, DirectConfig, MdConfig, PoolConfig, format_validation_error
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.rpc import InvalidInputError, abort, channel, check_address, status_on_error
@@ -29,7 +30,6 @@ from pyacemaker.structures import (
     write_extxyz,
 )
 from pyacemaker.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
-from services.oracle.force_field import OracleCallError, OracleForceField
 from services.sampler.direct import coverage_score, select_direct
 from services.sampler.features import UnknownFeaturiserError, get_featuriser
 from services.sampler.frames import FRAME_SELECTIONS, select_frames

@@ -36,7 +36,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, covalent_radii
 
-from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.artifacts import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, ArtifactStore
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace, pacemaker_export
@@ -52,7 +52,7 @@ from services.trainer.datasets import (
     shard_paths,
 )
 from services.trainer.progress import ProgressWriter
-from services.trainer.results import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, JobResult
+from services.trainer.results import JobResult
 
 log = logging.getLogger(__name__)
 

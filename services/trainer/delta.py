@@ -51,7 +51,8 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers
 
-from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.ace_reference_energies import potential_e0s
+from pyacemaker.artifacts import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, ArtifactStore
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.structures import labelled_copies, read_structures
 from pyacemaker.v1 import trainer_pb2
@@ -69,7 +70,7 @@ from services.trainer.datasets import (
     shard_paths,
 )
 from services.trainer.progress import ProgressWriter
-from services.trainer.results import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, JobResult
+from services.trainer.results import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def fit_linear_delta(
         if progress is not None:
             progress.stage("delta_fit", done, total, message)
 
-    base_e0s = linear_ace.potential_e0s(base_yaml) or {atomic_numbers[s]: 0.0 for s in basis.elements_name}
+    base_e0s = potential_e0s(base_yaml) or {atomic_numbers[s]: 0.0 for s in basis.elements_name}
     base_coeffs = np.array(basis.basis_coeffs, dtype=np.float64)
     # Shifts of the per-element reference energies are fitted with the correction, unpenalised: a constant
     # offset between the two levels (other isolated-atom energies) cannot come from a short-ranged basis.

@@ -18,8 +18,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
+from pyacemaker.ace_reference_energies import potential_e0s
 from services.trainer.datasets import energy_of, forces_of
-from services.trainer.linear_ace import potential_e0s
 
 ACE_SUFFIXES = (".yace", ".yaml")
 MACE_SUFFIXES = (".model", ".pt")

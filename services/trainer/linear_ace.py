@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,10 +51,9 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
 
+from pyacemaker.ace_reference_energies import E0_METADATA_KEY, e0_metadata_value
 from services.trainer.datasets import has_stress_cell, stress_of
 
-# Metadata key of the per-element reference energies (JSON object symbol → eV) in a B-basis .yaml.
-E0_METADATA_KEY = "pyacemaker_e0_ev"
 # Ridge strengths tried by cross-validation, relative to unit-diagonal (standardised) normal equations: half
 # decades, so that the one-standard-error rule (fit_ridge_cv) does not have to jump a whole decade.
 DEFAULT_LAMBDAS = tuple(10.0 ** (p / 2) for p in range(-18, 1))
@@ -671,17 +669,6 @@ def load_basis(yaml_path: Path) -> Any:
     return ACEBBasisSet(str(yaml_path))
 
 
-def potential_e0s(yaml_path: Path) -> dict[int, float]:
-    """The reference energies stored in a .yaml's metadata (by atomic number); empty when there are none, as
-    for a potential that pacemaker wrote."""
-    from pyace import BBasisConfiguration
-
-    metadata = BBasisConfiguration(str(yaml_path)).metadata
-    if E0_METADATA_KEY not in metadata:
-        return {}
-    return {atomic_numbers[symbol]: float(value) for symbol, value in json.loads(metadata[E0_METADATA_KEY]).items()}
-
-
 _YACE_E0_LINE = re.compile(r"^E0: \[[^\]]*\]$", re.MULTILINE)
 _YACE_ELEMENTS_LINE = re.compile(r"^elements: \[([^\]]*)\]$", re.MULTILINE)
 
@@ -720,10 +707,9 @@ def write_potential_files(
     from pyace import ACEBBasisSet
 
     config = basis.to_BBasisConfiguration()
-    symbols = {z: s for s, z in atomic_numbers.items()}
     for key, value in (metadata or {}).items():
         config.metadata[key] = value
-    config.metadata[E0_METADATA_KEY] = json.dumps({symbols[z]: e for z, e in sorted(e0s.items())})
+    config.metadata[E0_METADATA_KEY] = e0_metadata_value(e0s)
     config.save(str(yaml_path))
     _write_yace_with_e0(ACEBBasisSet(config), e0s, yace_path)
 

@@ -338,7 +338,7 @@ def finetune_committee(
         raise InvalidInputError(f"the teacher model knows no {', '.join(missing)}; it cannot be fine-tuned on them")
     del teacher
     teacher_calculator = mace_calculator([settings.foundation_model], device=settings.device)
-    reference_e0s = aligned_reference_energies(predict(teacher_calculator, train).energies, train, teacher_e0s)
+    reference_e0s = aligned_reference_energies(list(predict(teacher_calculator, train).energies), train, teacher_e0s)
     del teacher_calculator
     moved_train = frames_on_teacher_reference(train, reference_e0s, teacher_e0s)
     moved_validation = frames_on_teacher_reference(validation, reference_e0s, teacher_e0s)

@@ -24,6 +24,7 @@ import yaml
 from ase import Atoms
 from ase.data import chemical_symbols
 
+from pyacemaker.ace_reference_energies import potential_e0s
 from pyacemaker.rpc import WrongStateError
 from services.trainer import linear_ace
 from services.trainer.ace_fit import (
@@ -203,7 +204,7 @@ def finetune_nonlinear_ace(
     """pacemaker fine-tune from the base: DFT rows weight 1, surrogate rows (labelled by the base's own
     level) `surrogate_weight`."""
     require_tensorflow()
-    base_e0s = linear_ace.potential_e0s(base_yaml)
+    base_e0s = potential_e0s(base_yaml)
     basis = linear_ace.load_basis(base_yaml)
     elements = list(basis.elements_name)
     weight = surrogate_weight or DEFAULT_SURROGATE_WEIGHT

@@ -12,9 +12,6 @@ from pathlib import Path
 from pyacemaker.v1 import common_pb2
 
 RESULT_FILE = "result.json"
-# Artifact kinds of a linear fit's pacemaker export (services.trainer.pacemaker_export): not potential files.
-PACEMAKER_DATASET_KIND = "pacemaker_dataset"
-PACEMAKER_INPUT_KIND = "pacemaker_input"
 
 
 @dataclass

@@ -17,10 +17,10 @@ import pytest
 from ase import Atoms
 from ase.build import molecule
 
+from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.rpc import channel
 from pyacemaker.structures import atoms_to_structure, content_id
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec
 from services.oracle.executors.gateway import JOB_TABLE_FILE
 from services.oracle.jobs import JobTable
 from services.oracle.server import add_to_server

@@ -14,11 +14,11 @@ from ase import Atoms
 from ase.build import molecule
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.clients.oracle import artifact_option, backend_spec, stream_labels
 from pyacemaker.rpc import channel
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, atoms_to_structure
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import artifact_option, backend_spec, stream_labels
 from services.oracle.server import add_to_server
 from tests.conftest import running_service, sn2_seeds
 

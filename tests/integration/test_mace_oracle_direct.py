@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.rpc import channel
 from pyacemaker.structures import atoms_to_structure, read_structures
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import sampler_pb2, sampler_pb2_grpc
-from services.oracle.client import backend_spec
 from services.oracle.server import add_to_server as add_oracle
 from services.sampler.direct import select_direct
 from services.sampler.oracle_features import OracleFeaturiser

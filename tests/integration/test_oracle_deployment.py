@@ -21,9 +21,9 @@ from ase import Atoms
 from ase.build import bulk
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.clients.oracle import artifact_option, backend_spec, stream_labels
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2
-from services.oracle.client import artifact_option, backend_spec, stream_labels
 from services.oracle.deployment import OracleDeployment
 from services.oracle.server import add_to_server
 from tests.conftest import running_service

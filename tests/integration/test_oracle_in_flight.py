@@ -10,9 +10,9 @@ import grpc
 import pytest
 from ase import Atoms
 
+from pyacemaker.clients.oracle import backend_spec, stream_labels
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2
-from services.oracle.client import backend_spec, stream_labels
 from services.oracle.server import add_to_server
 from tests.conftest import running_service
 from tests.integration.test_oracle_service import LJ_OPTIONS, argon, direct_lj_energy

@@ -14,10 +14,10 @@ import grpc
 import pytest
 from ase.build import bulk
 
+from pyacemaker.clients.oracle import backend_spec, stream_labels
 from pyacemaker.deploy.local import read_registry
 from pyacemaker.rpc import channel, wait_for_health
 from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec, stream_labels
 from tests.conftest import CLI, REPO_ROOT, cli
 
 

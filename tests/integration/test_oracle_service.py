@@ -14,10 +14,10 @@ from ase.calculators.lj import LennardJones
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from pyacemaker.clients.oracle import backend_spec, label_requests, stream_labels
 from pyacemaker.rpc import channel
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec, label_requests, stream_labels
 from services.oracle.server import SERVICE_NAME, add_to_server
 from tests.conftest import running_service
 

@@ -21,10 +21,10 @@ from ase.io import read, write
 
 from pyacemaker.cli import label
 from pyacemaker.cli.main import EXIT_OK
+from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.config import SlurmExecutorConfig
 from pyacemaker.structures import atoms_to_structure, content_id
 from pyacemaker.v1 import common_pb2, oracle_pb2
-from services.oracle.client import backend_spec
 from services.oracle.deployment import OracleDeployment
 from services.oracle.executors.base import JOB_SCRIPT_FILE, TEMPLATES_DIR, Batch
 from services.oracle.executors.gateway import JOB_TABLE_FILE, ORPHAN_AGE_S
@@ -240,7 +240,7 @@ _KILLABLE_ORCHESTRATOR = """
 import sys
 from pathlib import Path
 from pyacemaker.structures import atoms_to_structure, read_structures
-from services.oracle.client import backend_spec
+from pyacemaker.clients.oracle import backend_spec
 from services.orchestrator.dft_labels import DftLabeller
 from services.orchestrator.ledger import DftLedger
 

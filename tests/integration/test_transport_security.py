@@ -16,6 +16,7 @@ import grpc
 import pytest
 from ase import Atoms
 
+from pyacemaker.clients.oracle import backend_spec, stream_labels
 from pyacemaker.rpc import (
     ENV_TLS_CA,
     ENV_TLS_CERT,
@@ -29,7 +30,6 @@ from pyacemaker.rpc import (
     describe_rpc_error,
 )
 from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec, stream_labels
 from services.oracle.server import add_to_server
 from tests.conftest import REPO_ROOT
 from tests.pki import make_pki, openssl_available

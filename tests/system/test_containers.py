@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.deploy import images, podman
 from pyacemaker.deploy.local import SERVICES, read_registry
 from pyacemaker.rpc import ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN_FILE, channel
 from pyacemaker.structures import LEVEL_KEY, content_id, read_structures
 from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
-from services.oracle.client import backend_spec
 from tests.conftest import REPO_ROOT, SN2_DIR
 from tests.pki import make_pki
 

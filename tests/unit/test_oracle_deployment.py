@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.clients.oracle import artifact_option
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.teacher.resolve import BUNDLED_MODEL
-from services.oracle.client import artifact_option
 from services.oracle.deployment import (
     DEBIAN_PSEUDO_DIR,
     DeploymentError,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.rpc import InvalidInputError
 from services.oracle.backends import backend_infos, create_backend
 from services.oracle.backends.lj import LennardJonesBackend
 from services.oracle.backends.xtb import XtbBackend
-from services.oracle.client import backend_spec
 from services.oracle.server import OracleService
 
 

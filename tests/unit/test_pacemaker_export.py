@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
+from pyacemaker.ace_reference_energies import potential_e0s
 from pyacemaker.v1 import common_pb2
 from services.trainer import pacemaker_export
 from services.trainer.ace_fit import fit_linear_ace
 from services.trainer.delta import fit_linear_delta
 from services.trainer.evaluation import ace_calculator
-from services.trainer.linear_ace import potential_e0s
 from tests.sn2_training_data import level_b, xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")

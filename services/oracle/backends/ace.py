@@ -18,11 +18,11 @@ from typing import ClassVar
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
+from pyacemaker.ace_reference_energies import potential_e0s
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.config import AceOracleConfig
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.base import OracleBackend
-from services.trainer.linear_ace import potential_e0s
 
 
 class AceBackend(OracleBackend):

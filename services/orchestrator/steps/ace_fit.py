@@ -16,6 +16,7 @@ from typing import Any
 
 from ase import Atoms
 
+from pyacemaker.run_layout import BASE_ACE_DIR
 from pyacemaker.structures import attach_labels, read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.active_learning import largest_atomic_force
@@ -24,7 +25,7 @@ from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, dft_reference_energies
 from services.orchestrator.trainer_jobs import outputs_by_suffix, pacemaker_outputs, run_trainer_job
 
-EXPORT_DIR = "step6_base_ace"
+EXPORT_DIR = BASE_ACE_DIR
 POTENTIAL_FILES = {".yaml": "yaml", ".yace": "yace", ".asi": "asi", ".json": "metrics"}
 # Step 6's output: the committee-labelled DFT structures (a shard of the base's training data).
 DFT_STRUCTURES_OUTPUT = "dft_structures"

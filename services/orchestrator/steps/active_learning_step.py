@@ -20,12 +20,13 @@ import numpy as np
 from ase import Atoms
 
 from pyacemaker.artifacts import sha256_of_file
+from pyacemaker.clients.oracle import describe
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
+from pyacemaker.run_layout import ACTIVE_LEARNING_DIR
 from pyacemaker.structures import atoms_to_structure, read_structures, write_extxyz
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2
-from services.oracle.client import describe
 from services.orchestrator.active_learning import (
     below_force_cap,
     calibration_factor,
@@ -48,7 +49,7 @@ from services.orchestrator.steps.mace_finetune import (
 )
 from services.orchestrator.steps.surrogate_md import md_config, run_committee_md
 
-EXPORT_DIR = "step2_active_learning"
+EXPORT_DIR = ACTIVE_LEARNING_DIR
 # Surrogate-MD frames scored as candidates at most (evenly spaced), so scoring stays seconds, not hours.
 MAX_MD_CANDIDATES = 5000
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyacemaker.run_layout import DELTA_DIR
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.ace_fit import potential_outcome, surrogate_shards
 from services.orchestrator.trainer_jobs import run_trainer_job
 
-EXPORT_DIR = "step7_delta"
+EXPORT_DIR = DELTA_DIR
 REFINEMENT_STEP = "student_refinement"
 
 

@@ -17,6 +17,7 @@ import grpc
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.config import PoolConfig
 from pyacemaker.rpc import channel
+from pyacemaker.run_layout import DIRECT_DIR
 from pyacemaker.structures import read_structures, write_extxyz
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, sampler_pb2, sampler_pb2_grpc
@@ -25,7 +26,7 @@ from services.orchestrator.model_labels import model_labels
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_spec, teacher_model
 
-EXPORT_DIR = "step1_direct"
+EXPORT_DIR = DIRECT_DIR
 
 
 class DirectSamplingStep:

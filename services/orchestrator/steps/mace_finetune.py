@@ -11,14 +11,15 @@ import json
 from typing import Any
 
 from pyacemaker.artifacts import sha256_of_file
+from pyacemaker.clients.oracle import artifact_option, backend_spec
 from pyacemaker.mace_options import option_text
+from pyacemaker.run_layout import MACE_FINETUNE_DIR
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, trainer_pb2
-from services.oracle.client import artifact_option, backend_spec
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.trainer_jobs import run_trainer_job
 
-EXPORT_DIR = "step3_mace_finetune"
+EXPORT_DIR = MACE_FINETUNE_DIR
 
 
 def teacher_model(ctx: StepContext) -> common_pb2.ArtifactRef:

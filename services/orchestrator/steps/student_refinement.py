@@ -42,11 +42,13 @@ import numpy as np
 from ase import Atoms
 from google.protobuf import json_format
 
+from pyacemaker.clients.oracle import artifact_option, backend_spec
+from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
+from pyacemaker.run_layout import STUDENT_REFINEMENT_DIR
 from pyacemaker.structures import attach_labels, structure_to_atoms, write_extxyz
 from pyacemaker.v1 import common_pb2, trainer_pb2
-from services.oracle.client import artifact_option, backend_spec
 from services.orchestrator.active_learning import largest_atomic_force
 from services.orchestrator.model_labels import model_labels
 from services.orchestrator.steps import StepContext, StepOutcome
@@ -54,9 +56,8 @@ from services.orchestrator.steps.ace_fit import POTENTIAL_FILES, base_fit_spec, 
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
 from services.orchestrator.steps.surrogate_md import md_config
 from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
-from services.sampler.client import md_request, run_md
 
-EXPORT_DIR = "step6b_student_refinement"
+EXPORT_DIR = STUDENT_REFINEMENT_DIR
 # Upper edges of the γ histogram bins in the record (the last bin is open).
 GAMMA_BIN_EDGES = (1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1000.0)
 # info entries of the frames the refinement adds: its cross-validation group (one student trajectory) and source.

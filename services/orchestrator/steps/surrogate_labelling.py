@@ -38,7 +38,9 @@ import grpc
 from ase import Atoms
 
 from pyacemaker.artifacts import sha256_of_file
+from pyacemaker.clients.oracle import stream_labels
 from pyacemaker.rpc import channel
+from pyacemaker.run_layout import SURROGATE_LABELS_DIR
 from pyacemaker.structures import (
     StructureFileError,
     attach_labels,
@@ -48,11 +50,10 @@ from pyacemaker.structures import (
     write_extxyz,
 )
 from pyacemaker.v1 import common_pb2, oracle_pb2
-from services.oracle.client import stream_labels
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
 
-EXPORT_DIR = "step5_surrogate_labels"
+EXPORT_DIR = SURROGATE_LABELS_DIR
 FRAMES_STEP = "surrogate_md"
 # Labelled frames written to the shard file at a time (bounds the write buffer, whatever the shard size).
 WRITE_CHUNK = 256

@@ -14,14 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
+from pyacemaker.run_layout import SURROGATE_MD_DIR
 from pyacemaker.v1 import common_pb2, sampler_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
-from services.sampler.client import md_request, run_md
 
-EXPORT_DIR = "step4_surrogate_md"
+EXPORT_DIR = SURROGATE_MD_DIR
 # Width of the ξ histogram bins in the record, Å.
 XI_BIN_WIDTH = 0.1
 

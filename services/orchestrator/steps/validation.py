@@ -31,7 +31,11 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from pyacemaker.clients.oracle import artifact_option, backend_spec
+from pyacemaker.clients.oracle_force_field import OracleForceField
+from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.rpc import channel
+from pyacemaker.run_layout import VALIDATION_DIR
 from pyacemaker.structures import (
     LEVEL_KEY,
     atoms_to_structure,
@@ -41,8 +45,6 @@ from pyacemaker.structures import (
     write_extxyz,
 )
 from pyacemaker.v1 import common_pb2, trainer_pb2
-from services.oracle.client import artifact_option, backend_spec
-from services.oracle.force_field import OracleForceField
 from services.orchestrator.dft_labels import DftLabeller, label_frames, oracle_spec
 from services.orchestrator.ledger import DftLedger
 from services.orchestrator.md_stability import StabilityRun, TrajectoryJudge, seed_fragments, stability_summary
@@ -59,9 +61,8 @@ from services.orchestrator.steps.mace_finetune import (
 )
 from services.orchestrator.steps.surrogate_md import md_config, run_committee_md
 from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
-from services.sampler.client import md_request, run_md
 
-EXPORT_DIR = "validation"
+EXPORT_DIR = VALIDATION_DIR
 # teacher: the MACE the run distils; committee: the fine-tuned MACE committee (step 3); base_ace / final_ace:
 # steps 6 and 7; direct_ace: the ablation, the same ACE fitted on the DFT training labels alone.
 MODELS = ("teacher", "committee", "base_ace", "final_ace", "direct_ace")

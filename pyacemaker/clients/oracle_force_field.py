@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import grpc
 from ase import Atoms
 
+from pyacemaker.clients.oracle import stream_labels
 from pyacemaker.v1 import common_pb2, oracle_pb2
-from services.oracle.client import stream_labels
 
 
 class OracleCallError(RuntimeError):

@@ -30,6 +30,14 @@ def backend_spec(name: str, options: Mapping[str, Any] | None = None) -> oracle_
     return oracle_pb2.BackendSpec(name=name, options=struct)
 
 
+# Backend → its options that name model files (models, potentials, active sets), each with whether it is a list:
+# the oracle accepts these only as artifact references into the shared store, never as paths.
+ARTIFACT_OPTIONS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "mace": (("models", True),),
+    "ace": (("potential", False), ("active_set", False)),
+}
+
+
 def artifact_option(ref: common_pb2.ArtifactRef) -> dict[str, Any]:
     """An ArtifactRef as a backend option value (a protobuf Struct holds plain mappings): how mace's `models`
     and ace's `potential` name model files."""
@@ -41,7 +49,6 @@ def model_files_as_artifacts(name: str, options: Mapping[str, Any], store: Artif
     and ace's `potential` name on this side are put into the shared store and sent as artifact references; the
     oracle loads model files from nowhere else. "bundled" stays a name (the oracle ships that file itself)."""
     from pyacemaker.teacher.resolve import BUNDLED_NAME, resolve_teacher
-    from services.oracle.deployment import ARTIFACT_OPTIONS
 
     options = dict(options)
 

@@ -1,0 +1,71 @@
+"""Where a run keeps its files: every path inside a run directory is spelled here and nowhere else.
+
+    RUN_DIR/state.sqlite          the run's state (steps, keys, outputs, events, the DFT ledger)
+    RUN_DIR/run_summary.json      why the run stopped and where its potential is
+    RUN_DIR/step1_direct/         DIRECT sampling (once per run)
+    RUN_DIR/iteration_NN/stepK_*/ the looped steps 2-7 and validation, once per active-learning iteration
+    RUN_DIR/report/index.html     the HTML report
+
+The orchestrator writes these, the report and the CLI read them; both import the names from here."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+
+STATE_FILE = "state.sqlite"
+SUMMARY_FILE = "run_summary.json"
+REPORT_DIR = "report"
+REPORT_FILE = "index.html"
+
+# Each step's directory, relative to the run dir (step 1) or to its iteration's dir (the others).
+DIRECT_DIR = "step1_direct"
+ACTIVE_LEARNING_DIR = "step2_active_learning"
+MACE_FINETUNE_DIR = "step3_mace_finetune"
+SURROGATE_MD_DIR = "step4_surrogate_md"
+SURROGATE_LABELS_DIR = "step5_surrogate_labels"
+BASE_ACE_DIR = "step6_base_ace"
+STUDENT_REFINEMENT_DIR = "step6b_student_refinement"
+DELTA_DIR = "step7_delta"
+VALIDATION_DIR = "validation"
+
+# The records the report reads, relative to the run dir (selection) or to an iteration's dir (the others).
+SELECTION_RECORD = f"{DIRECT_DIR}/selection.json"
+ACTIVE_LEARNING_RECORD = f"{ACTIVE_LEARNING_DIR}/iteration.json"
+VALIDATION_RECORD = f"{VALIDATION_DIR}/validation.json"
+FINAL_POTENTIAL = f"{DELTA_DIR}/final.yace"
+
+_ITERATION_DIR = re.compile(r"^iteration_(\d+)$")
+
+
+def iteration_dir(number: int) -> str:
+    """The directory of active-learning iteration `number` (1-based), relative to the run dir."""
+    return f"iteration_{number:02d}"
+
+
+def iteration_number(name: str) -> int | None:
+    """The iteration a directory name stands for, or None when it is not an iteration's directory."""
+    match = _ITERATION_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def in_iteration(number: int, path: str) -> str:
+    """`path` (relative to an iteration's dir) relative to the run dir."""
+    return f"{iteration_dir(number)}/{path}"
+
+
+def saved_config_json(run_dir: Path) -> str:
+    """The config a run was started with, read without writing (for `pyacemaker run --resume RUN_DIR`);
+    FileNotFoundError when RUN_DIR holds no run."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run here (no {STATE_FILE})")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT config_json FROM run WHERE id = 1").fetchone()
+    finally:
+        db.close()
+    if row is None:
+        raise FileNotFoundError(f"{path}: the run's config was never saved")
+    return str(row[0])
