@@ -18,9 +18,10 @@ def test_the_barrier_in_kcal_per_mol_uses_the_codata_conversion() -> None:
 
 
 def test_the_report_and_the_teacher_build_share_ases_constant() -> None:
-    from services.orchestrator import reaction_profile, report
+    from services.orchestrator import reaction_profile
+    from services.orchestrator.report import sections
 
-    assert report.KCAL_PER_MOL_PER_EV is reaction_profile.KCAL_PER_MOL_PER_EV
+    assert sections.KCAL_PER_MOL_PER_EV is reaction_profile.KCAL_PER_MOL_PER_EV
     from pyacemaker.teacher import build
 
     kcal_per_mol_per_ev = 1.0 / build.EV_PER_KCAL_MOL
