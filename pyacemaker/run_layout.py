@@ -11,8 +11,6 @@ The orchestrator writes these, the report and the CLI read them; both import the
 from __future__ import annotations
 
 import re
-import sqlite3
-from pathlib import Path
 
 STATE_FILE = "state.sqlite"
 SUMMARY_FILE = "run_summary.json"
@@ -53,19 +51,3 @@ def iteration_number(name: str) -> int | None:
 def in_iteration(number: int, path: str) -> str:
     """`path` (relative to an iteration's dir) relative to the run dir."""
     return f"{iteration_dir(number)}/{path}"
-
-
-def saved_config_json(run_dir: Path) -> str:
-    """The config a run was started with, read without writing (for `pyacemaker run --resume RUN_DIR`);
-    FileNotFoundError when RUN_DIR holds no run."""
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no run here (no {STATE_FILE})")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT config_json FROM run WHERE id = 1").fetchone()
-    finally:
-        db.close()
-    if row is None:
-        raise FileNotFoundError(f"{path}: the run's config was never saved")
-    return str(row[0])

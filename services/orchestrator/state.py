@@ -61,6 +61,15 @@ class StepRow:
     # Files exported into the run directory: path relative to it -> sha256.
     exported: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    # When the step last started and finished (epoch s); None while it has not.
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started is None or self.finished is None:
+            return None
+        return self.finished - self.started
 
     def to_proto(self) -> orchestrator_pb2.StepRecord:
         return orchestrator_pb2.StepRecord(
@@ -91,14 +100,29 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class RunState:
-    """The SQLite state of one run; safe to use from several threads."""
+    """The SQLite state of one run; safe to use from several threads. The orchestrator opens it to write; the
+    report and the CLI open it with `read_only`, which never changes a run (sqlite3.Error when it cannot be
+    read)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, db: sqlite3.Connection | None = None) -> None:
         self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = connect(run_dir / STATE_FILE)
-        self._db.executescript(_SCHEMA)
+        if db is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            db = connect(run_dir / STATE_FILE)
+            db.executescript(_SCHEMA)
+        self._db = db
+
+    @classmethod
+    def read_only(cls, run_dir: Path) -> RunState:
+        path = (run_dir / STATE_FILE).resolve()
+        return cls(run_dir, sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False))
+
+    def run_info(self) -> tuple[str, str, float] | None:
+        """(name, config JSON, creation time) of the run; None before its config was saved."""
+        with self._lock:
+            row = self._db.execute("SELECT name, config_json, created FROM run WHERE id = 1").fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), float(row[2]))
 
     def close(self) -> None:
         with self._lock:
@@ -116,20 +140,20 @@ class RunState:
 
     def config_json(self) -> str | None:
         """The config saved by the last start of this run (None for a new run dir)."""
-        with self._lock:
-            row = self._db.execute("SELECT config_json FROM run WHERE id = 1").fetchone()
-        return None if row is None else str(row[0])
+        info = self.run_info()
+        return None if info is None else info[1]
 
     def step(self, name: str) -> StepRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT name, key, state, outputs_json, metrics_json, exported_json, error FROM steps WHERE name=?",
+                "SELECT name, key, state, outputs_json, metrics_json, exported_json, error, started, finished "
+                "FROM steps WHERE name=?",
                 (name,),
             ).fetchone()
         if row is None:
             return None
         outputs = {k: _ref_from_dict(v) for k, v in json.loads(row[3]).items()}
-        return StepRow(row[0], row[1], row[2], outputs, json.loads(row[4]), json.loads(row[5]), row[6])
+        return StepRow(row[0], row[1], row[2], outputs, json.loads(row[4]), json.loads(row[5]), row[6], row[7], row[8])
 
     def steps(self) -> list[StepRow]:
         with self._lock:
@@ -181,12 +205,30 @@ class RunState:
             seq = int(cursor.lastrowid or 0)
         return self._event(seq, now, kind, step, progress_json, message)
 
-    def events_after(self, seq: int) -> list[orchestrator_pb2.RunEvent]:
+    def events_after(self, seq: int, with_progress: bool = True) -> list[orchestrator_pb2.RunEvent]:
+        """The events after `seq`, in order; without the (many) progress events when `with_progress` is False."""
+        skipped = -1 if with_progress else orchestrator_pb2.RUN_EVENT_KIND_STEP_PROGRESS
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, time, kind, step, progress_json, message FROM events WHERE seq > ? ORDER BY seq", (seq,)
+                "SELECT seq, time, kind, step, progress_json, message FROM events WHERE seq > ? AND kind != ? "
+                "ORDER BY seq",
+                (seq, skipped),
             ).fetchall()
         return [self._event(*row) for row in rows]
+
+    def ledger_counts(self) -> dict[tuple[str, str], int] | None:
+        """Rows of the DFT ledger (services.orchestrator.ledger, a table of this file) by (level of theory,
+        status); None before the ledger's table exists."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT level_of_theory, status, COUNT(*) FROM dft_ledger GROUP BY 1, 2"
+                ).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return None
+                raise
+        return {(level, status): int(count) for level, status, count in rows}
 
     @staticmethod
     def _event(
@@ -197,3 +239,19 @@ class RunState:
         if progress_json:
             ParseDict(json.loads(progress_json), event.progress)
         return event
+
+
+def saved_config_json(run_dir: Path) -> str:
+    """The config a run was started with, read without writing (for `pyacemaker run --resume RUN_DIR`);
+    FileNotFoundError when RUN_DIR holds no run."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run here (no {STATE_FILE})")
+    state = RunState.read_only(Path(run_dir))
+    try:
+        config_json = state.config_json()
+    finally:
+        state.close()
+    if config_json is None:
+        raise FileNotFoundError(f"{path}: the run's config was never saved")
+    return config_json

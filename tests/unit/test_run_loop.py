@@ -202,8 +202,8 @@ def test_the_orchestrator_derives_what_a_config_leaves_out_and_saves_it(tmp_path
     import json
 
     from pyacemaker.config import config_from_json
-    from pyacemaker.run_layout import saved_config_json
     from pyacemaker.structures import atoms_to_structure
+    from services.orchestrator.state import saved_config_json
     from tests.conftest import sn2_seeds
 
     seeds = [atoms_to_structure(atoms) for atoms in sn2_seeds()]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from pyacemaker.run_layout import (
     in_iteration,
     iteration_number,
 )
-from pyacemaker.v1 import orchestrator_pb2
+from pyacemaker.v1 import common_pb2, orchestrator_pb2
+from services.orchestrator.state import RunState, StepRow
 
 STEP_STATES = {v: k.removeprefix("STEP_STATE_").lower() for k, v in orchestrator_pb2.StepState.items()}
 
@@ -40,20 +40,34 @@ class JsonRecord:
 
 @dataclass
 class StepRecord:
-    name: str
+    """A step as the report shows it: its row of the state file and its state's name."""
+
+    row: StepRow
     state: str
-    outputs: dict[str, dict[str, Any]]
-    metrics: dict[str, float]
-    exported: dict[str, str]
-    error: str
-    started: float | None
-    finished: float | None
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def outputs(self) -> dict[str, common_pb2.ArtifactRef]:
+        return self.row.outputs
+
+    @property
+    def exported(self) -> dict[str, str]:
+        return self.row.exported
+
+    @property
+    def error(self) -> str:
+        return self.row.error
+
+    @property
+    def started(self) -> float | None:
+        return self.row.started
 
     @property
     def duration_s(self) -> float | None:
-        if self.started is None or self.finished is None:
-            return None
-        return self.finished - self.started
+        return self.row.duration_s
 
 
 @dataclass
@@ -107,71 +121,37 @@ def read_run(run_dir: Path) -> RunRecord:
     if not state_path.is_file():
         raise ReportInputError(f"{run_dir} is not a run directory: it has no {STATE_FILE}")
     try:
-        db = sqlite3.connect(f"{state_path.resolve().as_uri()}?mode=ro", uri=True)
+        state = RunState.read_only(run_dir)
+        try:
+            info = state.run_info()
+            steps = state.steps()
+            events = state.events_after(0, with_progress=False)
+            ledger = state.ledger_counts()
+        finally:
+            state.close()
     except sqlite3.Error as exc:
-        raise ReportInputError(f"cannot open {state_path}: {exc}") from None
-    try:
-        run_row = query(db, "SELECT name, config_json, created FROM run WHERE id = 1")
-        step_rows = query(
-            db,
-            "SELECT name, state, outputs_json, metrics_json, exported_json, error, started, finished FROM steps "
-            "ORDER BY started, name",
-        )
-        event_rows = query(
-            db,
-            "SELECT time, kind, step, message FROM events WHERE kind != ? ORDER BY seq",
-            (orchestrator_pb2.RUN_EVENT_KIND_STEP_PROGRESS,),
-        )
-        ledger_rows = query(db, "SELECT level_of_theory, status, COUNT(*) FROM dft_ledger GROUP BY 1, 2")
-    except sqlite3.DatabaseError as exc:
         raise ReportInputError(f"cannot read {state_path}: {exc}") from None
-    finally:
-        db.close()
     problems = []
     name, config, created = run_dir.name, {}, None
-    if run_row:
-        name, created = run_row[0][0], run_row[0][2]
+    if info is not None:
+        name, created = info[0], info[2]
         try:
-            config = json.loads(run_row[0][1])
+            config = json.loads(info[1])
         except json.JSONDecodeError as exc:
             problems.append(f"the run's config in {STATE_FILE} is not valid JSON ({exc})")
-    steps = [
-        StepRecord(
-            name=row[0],
-            state=STEP_STATES.get(row[1], str(row[1])),
-            outputs=json.loads(row[2] or "{}"),
-            metrics=json.loads(row[3] or "{}"),
-            exported=json.loads(row[4] or "{}"),
-            error=row[5] or "",
-            started=row[6],
-            finished=row[7],
-        )
-        for row in step_rows or []
-    ]
-    ledger = None if ledger_rows is None else {(level, status): count for level, status, count in ledger_rows}
     return RunRecord(
         run_dir=run_dir,
         name=name,
         config=config,
         created=created,
-        steps=steps,
-        events=[tuple(row) for row in event_rows or []],  # type: ignore[misc]
+        steps=[StepRecord(row, STEP_STATES.get(row.state, str(row.state))) for row in steps],
+        events=[(e.time.ToNanoseconds() / 1e9, int(e.kind), e.step, e.message) for e in events],
         ledger=ledger,
         selection=read_json(run_dir, SELECTION_RECORD),
         iterations=read_iterations(run_dir),
         summary=read_json(run_dir, SUMMARY_FILE),
         problems=problems,
     )
-
-
-def query(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]] | None:
-    """Rows of a query; None when its table does not exist yet (a run that stopped before creating it)."""
-    try:
-        return db.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return None
-        raise
 
 
 def read_json(run_dir: Path, relative: str) -> JsonRecord:

@@ -447,7 +447,7 @@ def artifacts_section(run: RunRecord, out_dir: Path) -> str:
         for relative, digest in step.exported.items():
             by_digest.setdefault(digest, []).append(relative)
         for name, ref in sorted(step.outputs.items()):
-            digest = str(ref.get("sha256", ""))
+            digest = ref.sha256
             exported = ", ".join(
                 f'<a href="../{escape(p)}"><code>{escape(p)}</code></a>' for p in sorted(by_digest.get(digest, []))
             )
@@ -455,8 +455,8 @@ def artifacts_section(run: RunRecord, out_dir: Path) -> str:
                 [
                     escape(step.name),
                     escape(name),
-                    escape(str(ref.get("kind", ""))),
-                    format_size(int(ref.get("size", 0))),
+                    escape(ref.kind),
+                    format_size(ref.size),
                     f'<code title="{escape(digest)}">{escape(digest[:12])}</code>',
                     exported,
                 ]
