@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from ase import Atoms
 from sklearn.cluster import Birch
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -178,3 +180,32 @@ def coverage_score(pool_scores: np.ndarray, selected: np.ndarray, bins: int) -> 
         occupied = pool_counts > 0
         fractions.append(np.count_nonzero(selected_counts[occupied] > 0) / np.count_nonzero(occupied))
     return float(np.mean(fractions))
+
+
+@dataclass
+class DirectSample:
+    """A DIRECT selection of a pool: the chosen structures (each with its `pool_index` in `info`), the
+    selection itself and its coverage of the pool's PC space."""
+
+    selected: list[Atoms]
+    selection: DirectSelection
+    coverage: float
+
+
+def direct_sample(
+    frames: Sequence[Atoms],
+    features: np.ndarray,
+    n_select: int,
+    k_per_cluster: int = 1,
+    coverage_bins: int = 10,
+    random_seed: int = 0,
+) -> DirectSample:
+    """Select `n_select` of `frames` by DIRECT on their `features` (one row per frame) and score the coverage."""
+    selection = select_direct(features, n_select, k_per_cluster, random_seed)
+    coverage = coverage_score(selection.pc_scores, selection.indices, coverage_bins)
+    selected = []
+    for index in selection.indices:
+        atoms = frames[int(index)]
+        atoms.info["pool_index"] = int(index)
+        selected.append(atoms)
+    return DirectSample(selected, selection, coverage)

@@ -15,6 +15,8 @@ import numpy as np
 from ase import Atoms
 
 from services.sampler.direct import select_direct
+from services.sampler.features import get_featuriser
+from services.sampler.md import REPLICA_KEY
 
 FRAME_SELECTIONS = ("stride", "direct")
 
@@ -65,3 +67,16 @@ def select_frames(
     if method == "stride":
         return stride_selection(trajectory_ids, n_select)
     return np.sort(select_direct(featuriser(frames), n_select, random_seed=random_seed).indices)
+
+
+def select_saved_frames(frames: Sequence[Atoms], n_select: int, method: str, random_seed: int = 0) -> np.ndarray:
+    """`select_frames` over an MD run's saved frames (each knows its replica), on the distribution features;
+    n_select 0 keeps them all."""
+    return select_frames(
+        frames,
+        [int(atoms.info[REPLICA_KEY]) for atoms in frames],
+        n_select or len(frames),
+        method,
+        get_featuriser("distribution"),
+        random_seed,
+    )

@@ -30,10 +30,10 @@ from pyacemaker.structures import (
     write_extxyz,
 )
 from pyacemaker.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
-from services.sampler.direct import coverage_score, select_direct
+from services.sampler.direct import direct_sample
 from services.sampler.features import UnknownFeaturiserError, get_featuriser
-from services.sampler.frames import FRAME_SELECTIONS, select_frames
-from services.sampler.md import REPLICA_KEY, FrameEvent, MdParameters, MdSummary, ReplicaStoppedEvent, run_md
+from services.sampler.frames import FRAME_SELECTIONS, select_saved_frames
+from services.sampler.md import FrameEvent, MdParameters, MdSummary, ReplicaStoppedEvent, run_md
 from services.sampler.oracle_features import OracleFeaturiser
 from services.sampler.pool import ProgressCallback, check_pool_size, generate_pool
 
@@ -265,8 +265,10 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
             except OracleCallError as exc:
                 abort(context, exc.code, str(exc))
             yield progress("featurise", len(frames), len(frames), f"{features.shape[1]} features per structure")
-            selection = select_direct(features, request.n_select, k_per_cluster, request.random_seed)
-            coverage = coverage_score(selection.pc_scores, selection.indices, coverage_bins)
+            sample = direct_sample(
+                frames, features, request.n_select, k_per_cluster, coverage_bins, request.random_seed
+            )
+            selection, coverage = sample.selection, sample.coverage
             yield progress(
                 "cluster",
                 1,
@@ -274,14 +276,13 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
                 f"{selection.n_components} principal components, {selection.n_clusters} clusters, "
                 f"coverage {coverage:.3f}",
             )
-            selected = []
-            for index in selection.indices:
-                atoms = frames[int(index)]
-                atoms.info["pool_index"] = int(index)
-                selected.append(atoms)
-            selected_ref = self._store_structures(selected)
+            selected_ref = self._store_structures(sample.selected)
             log.info(
-                "DIRECT selected %d of %d (coverage %.3f): %s", len(selected), len(frames), coverage, selected_ref.uri
+                "DIRECT selected %d of %d (coverage %.3f): %s",
+                len(sample.selected),
+                len(frames),
+                coverage,
+                selected_ref.uri,
             )
             yield sampler_pb2.SelectDirectResponse(
                 result=sampler_pb2.SelectDirectResult(
@@ -426,15 +427,7 @@ class SamplerService(sampler_pb2_grpc.SamplerServiceServicer):
             return result  # nothing saved: every replica stopped before its first save, or steps < save_interval
         result.trajectory.CopyFrom(self.store.put_file(trajectory, "structures"))
         frames = read_structures(trajectory)
-        n_select = selection.n_frames or len(frames)
-        indices = select_frames(
-            frames,
-            [int(atoms.info[REPLICA_KEY]) for atoms in frames],
-            n_select,
-            method,
-            get_featuriser("distribution"),
-            selection.random_seed,
-        )
+        indices = select_saved_frames(frames, selection.n_frames, method, selection.random_seed)
         result.selected.CopyFrom(self._store_structures([frames[int(i)] for i in indices]))
         result.selected_indices.extend(int(i) for i in indices)
         return result
