@@ -507,34 +507,6 @@ ORACLE_OPTION_MODELS: dict[str, type[_Strict]] = {
 }
 
 
-class TeacherConfig(_Strict):
-    """The MACE teacher that the ACE student is distilled from."""
-
-    model: str = Field(
-        "bundled",
-        min_length=1,
-        description="A MACE model file, a mace foundation-model name, or 'bundled' (the project's C/H/Cl teacher).",
-    )
-
-    @field_validator("model")
-    @classmethod
-    def _file_relative_to_config(cls, model: str, info: ValidationInfo) -> str:
-        """A model file given by a relative path is taken relative to the config file's directory, like every
-        path of the config (the orchestrator that opens it runs elsewhere); names stay names."""
-        if is_model_name(model):
-            return model
-        context = info.context or {}
-        path = Path(model).expanduser()
-        if not path.is_absolute():
-            path = (Path(context.get("base_dir", ".")) / path).resolve()
-        if context.get("check_files") and not path.is_file():
-            raise ValueError(
-                f"not a model name ('bundled' or a mace foundation model) and no such file: {path}"
-                + closest_model_name(model)
-            )
-        return str(path)
-
-
 class BudgetConfig(_Strict):
     """The DFT budget: every DFT call of the run counts (the isolated-atom energies, the DIRECT set, active
     learning, the hold-out and the profile points), each structure once, over all starts of the run."""
@@ -594,6 +566,81 @@ class PoolConfig(_Strict):
         if self.rattle_amplitudes is not None:
             return self
         return self.model_copy(update={"rattle_amplitudes": thermal_rattle_amplitudes(temperatures)})
+
+
+def _bootstrap_pool() -> PoolConfig:
+    # The bundled teacher's spread: rattles from gentle to bond-straining, images along the path, turned fragments.
+    return PoolConfig(
+        rattle_amplitudes=[0.02, 0.05, 0.08, 0.12, 0.16],
+        rattles_per_amplitude=20,
+        interpolation_images=10,
+        fragment_rotations_per_seed=10,
+    )
+
+
+class TeacherBootstrapConfig(_Strict):
+    """A teacher trained by the run itself, before step 1, for elements that no available model knows: a small
+    MACE (the bundled teacher's recipe) on a cheap level's labels of structures around the seeds (a pool like
+    step 1's, plus MD at the cheap level along the md section's windows and temperatures)."""
+
+    oracle: OracleConfig = Field(
+        default_factory=lambda: XtbOracleConfig(backend="xtb"),
+        description="The cheap level that labels the teacher's training set (default GFN2-xTB; any oracle backend).",
+    )
+    pool: PoolConfig = Field(
+        default_factory=_bootstrap_pool, description="Structures around the seeds (as sampling.pool)."
+    )
+    md_steps: int = Field(
+        2000, ge=0, le=10_000_000, description="Steps of MD at the cheap level from every seed (0: no MD)."
+    )
+    md_frames: int = Field(200, ge=0, le=1_000_000, description="Frames of that MD added to the training set.")
+    max_epochs: int = Field(400, ge=1, le=100_000, description="Training epochs of the teacher.")
+    max_force_ev_per_a: Positive = Field(
+        10.0, description="Structures with a larger force component at the cheap level are left out, eV/Å."
+    )
+    random_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class TeacherConfig(_Strict):
+    """The MACE teacher that the ACE student is distilled from."""
+
+    model: str = Field(
+        "bundled",
+        min_length=1,
+        description="A MACE model file, a mace foundation-model name, or 'bundled' (the project's C/H/Cl teacher).",
+    )
+    bootstrap: TeacherBootstrapConfig | None = Field(
+        None,
+        description="Train the teacher in the run instead (for elements no model knows); excludes teacher.model.",
+    )
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> TeacherConfig:
+        # Not "model in model_fields_set": the config travels as JSON with every field written out.
+        if self.bootstrap is not None and self.model != "bundled":
+            raise ValueError(
+                "teacher.model and teacher.bootstrap exclude each other: the bootstrapped teacher is the run's "
+                "teacher; remove one of them"
+            )
+        return self
+
+    @field_validator("model")
+    @classmethod
+    def _file_relative_to_config(cls, model: str, info: ValidationInfo) -> str:
+        """A model file given by a relative path is taken relative to the config file's directory, like every
+        path of the config (the orchestrator that opens it runs elsewhere); names stay names."""
+        if is_model_name(model):
+            return model
+        context = info.context or {}
+        path = Path(model).expanduser()
+        if not path.is_absolute():
+            path = (Path(context.get("base_dir", ".")) / path).resolve()
+        if context.get("check_files") and not path.is_file():
+            raise ValueError(
+                f"not a model name ('bundled' or a mace foundation model) and no such file: {path}"
+                + closest_model_name(model)
+            )
+        return str(path)
 
 
 class DirectConfig(_Strict):
@@ -1005,6 +1052,7 @@ class RunConfig(_Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     stop_after: (
         Literal[
+            "teacher_bootstrap",
             "direct_sampling",
             "active_learning",
             "mace_finetune",

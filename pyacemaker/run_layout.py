@@ -2,6 +2,7 @@
 
     RUN_DIR/state.sqlite          the run's state (steps, keys, outputs, events, the DFT ledger)
     RUN_DIR/run_summary.json      why the run stopped and where its potential is
+    RUN_DIR/step0_teacher/        the run's own teacher (once per run, only with teacher.bootstrap)
     RUN_DIR/step1_direct/         DIRECT sampling (once per run)
     RUN_DIR/iteration_NN/stepK_*/ the looped steps 2-7 and validation, once per active-learning iteration
     RUN_DIR/report/index.html     the HTML report
@@ -18,6 +19,7 @@ REPORT_DIR = "report"
 REPORT_FILE = "index.html"
 
 # Each step's directory, relative to the run dir (step 1) or to its iteration's dir (the others).
+TEACHER_BOOTSTRAP_DIR = "step0_teacher"
 DIRECT_DIR = "step1_direct"
 ACTIVE_LEARNING_DIR = "step2_active_learning"
 MACE_FINETUNE_DIR = "step3_mace_finetune"
@@ -29,6 +31,7 @@ DELTA_DIR = "step7_delta"
 VALIDATION_DIR = "validation"
 
 # The records the report reads, relative to the run dir (selection) or to an iteration's dir (the others).
+TEACHER_BOOTSTRAP_RECORD = f"{TEACHER_BOOTSTRAP_DIR}/teacher.json"
 SELECTION_RECORD = f"{DIRECT_DIR}/selection.json"
 ACTIVE_LEARNING_RECORD = f"{ACTIVE_LEARNING_DIR}/iteration.json"
 VALIDATION_RECORD = f"{VALIDATION_DIR}/validation.json"

@@ -80,7 +80,10 @@ def preflight_errors(
 
 
 def teacher_problems(config: RunConfig, seeds: Sequence[Atoms]) -> list[Problem]:
-    """teacher.model must resolve to a MACE file here and know every element of the seeds."""
+    """teacher.model must resolve to a MACE file here and know every element of the seeds (a bootstrapped
+    teacher is trained on the seeds' elements)."""
+    if config.teacher.bootstrap is not None:
+        return []
     name = config.teacher.model
     try:
         path = resolve_teacher(name)
@@ -98,7 +101,8 @@ def teacher_problems(config: RunConfig, seeds: Sequence[Atoms]) -> list[Problem]
             "teacher.model",
             f"{teacher} knows {element_names(known)}, but the seeds also contain {element_names(missing)} "
             f"({chemical_symbols[missing[0]]} in {where}); set teacher.model to a MACE model file or a foundation "
-            f"model ({FOUNDATION_MODELS_DOC}) that covers {element_names(wanted)}",
+            f"model ({FOUNDATION_MODELS_DOC}) that covers {element_names(wanted)}, "
+            "or add `teacher: {bootstrap: {}}` to train one from GFN2-xTB in the run",
         )
     ]
 

@@ -38,6 +38,7 @@ from pyacemaker.config import XtbOracleConfig
 from pyacemaker.rpc import WrongStateError
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, write_extxyz
 from pyacemaker.teacher.dataset import GROUP_KEY, INDEX_C, INDEX_CL2, sn2_seeds, training_structures
+from pyacemaker.teacher.recipe import MACE_SETTINGS
 from pyacemaker.teacher.resolve import BUNDLED_METRICS, BUNDLED_MODEL
 from pyacemaker.torch_device import DEVICE_SETTINGS, resolve_device
 
@@ -56,28 +57,6 @@ MAX_MODEL_BYTES = 1_000_000
 # together (MD of these molecules up to ~1000 K stays well below), and a few of them in the validation set made
 # the validation loss, which picks mace's checkpoint, rise while the training loss fell.
 MAX_FORCE_EV_PER_A = 10.0
-# A small MACE (the settings below) with more epochs for a ~500-structure set, and energy weighted 20:100 against
-# forces from the start: mace's default 1:100 leaves the energies of the −1 structures (which carry GFN2-xTB's
-# E(Cl⁻) − E(Cl) = −8.2 eV) hundreds of meV/atom off until stage two, which then trades forces for them.
-MACE_SETTINGS: dict[str, str | int | float] = {
-    "model": "ScaleShiftMACE",
-    "num_channels": 16,
-    "max_L": 0,
-    "correlation": 2,
-    "r_max": 5.0,
-    "num_interactions": 2,
-    "batch_size": 10,
-    "valid_batch_size": 20,
-    "lr": 0.01,
-    "max_num_epochs": 400,
-    "start_swa": 320,
-    "energy_weight": 20,
-    "forces_weight": 100,
-    "swa_energy_weight": 100,
-    "swa_forces_weight": 100,
-    "default_dtype": "float64",
-    "seed": 1,
-}
 
 
 def xtb_backend() -> Any:

@@ -39,6 +39,7 @@ from services.orchestrator.steps.mace_finetune import MaceFinetuneStep
 from services.orchestrator.steps.student_refinement import StudentRefinementStep
 from services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep
 from services.orchestrator.steps.surrogate_md import SurrogateMdStep
+from services.orchestrator.steps.teacher_bootstrap import TeacherBootstrapStep
 from services.orchestrator.steps.validation import (
     ValidationStep,
     best_iteration,
@@ -48,8 +49,9 @@ from services.orchestrator.steps.validation import (
 
 log = logging.getLogger(__name__)
 
-# Step 1 runs once; steps 2-7 and the validation repeat per active-learning iteration until the target is met,
-# the budget is spent or validation.max_iterations is reached. `stop_after` in the config ends a run early.
+# Step 1 runs once (after step 0, the teacher's training, when teacher.bootstrap is set); steps 2-7 and the
+# validation repeat per active-learning iteration until the target is met, the budget is spent or
+# validation.max_iterations is reached. `stop_after` in the config ends a run early.
 FIRST_STEP: Step = DirectSamplingStep()
 ITERATION_STEPS: tuple[Step, ...] = (
     ActiveLearningStep(),
@@ -228,9 +230,13 @@ class RunManager:
         started = time.monotonic()
         try:
             self._check_oracle(handle.config)
-            previous = {FIRST_STEP.name: self._run_step(handle, FIRST_STEP, seeds, {}, 0)}
-            iterations, stop_reason = 0, f"stop_after: {FIRST_STEP.name}"
-            if handle.config.stop_after != FIRST_STEP.name:
+            previous: dict[str, dict[str, common_pb2.ArtifactRef]] = {}
+            for step in self._once_steps(handle.config):
+                previous[step.name] = self._run_step(handle, step, seeds, previous, 0)
+                if handle.config.stop_after == step.name:
+                    iterations, stop_reason = 0, f"stop_after: {step.name}"
+                    break
+            else:
                 iterations, stop_reason = self._iterate(handle, seeds, previous)
             summary = self._write_summary(handle, previous, iterations, stop_reason, time.monotonic() - started)
             self._event(
@@ -264,6 +270,12 @@ class RunManager:
                 message=handle.error,
                 final_state=common_pb2.JOB_STATE_FAILED,
             )
+
+    @staticmethod
+    def _once_steps(config: RunConfig) -> list[Step]:
+        """The steps that run once per run, before the loop: the teacher's training when the run bootstraps it,
+        then step 1."""
+        return [TeacherBootstrapStep(), FIRST_STEP] if config.teacher.bootstrap is not None else [FIRST_STEP]
 
     def _iterate(
         self,
@@ -387,8 +399,8 @@ class RunManager:
         previous: dict[str, dict[str, common_pb2.ArtifactRef]],
         iteration: int,
     ) -> dict[str, common_pb2.ArtifactRef]:
-        """Run one step (iteration 0: step 1, which runs once), or skip it when its key matches a completed
-        record whose outputs verify. State rows are named "<step>" for step 1 and "<step>.<iteration>"."""
+        """Run one step (iteration 0: a step that runs once per run), or skip it when its key matches a completed
+        record whose outputs verify. State rows are named "<step>" for those and "<step>.<iteration>"."""
         name = f"{step.name}.{iteration}" if iteration else step.name
         handle.current_step = name
 

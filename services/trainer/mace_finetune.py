@@ -231,7 +231,7 @@ def mace_arguments(
     return arguments
 
 
-class _MetricsTail:
+class MetricsTail:
     """Follows mace's per-epoch results file (JSON lines) and turns its evaluations into progress lines."""
 
     def __init__(self, path: Path, member: int, progress: ProgressWriter | None) -> None:
@@ -249,7 +249,7 @@ class _MetricsTail:
                     self.iterations += 1
             self._offset = path.stat().st_size
 
-    def __enter__(self) -> _MetricsTail:
+    def __enter__(self) -> MetricsTail:
         self._thread.start()
         return self
 
@@ -395,7 +395,7 @@ def finetune_committee(
             progress.stage("mace_finetune", member, settings.committee_size, f"member {member + 1} {how}")
         log.info("mace %s", " ".join(arguments))
         results = member_dir / "results" / f"{name}_run-{seed}_train.txt"
-        with _MetricsTail(results, member, progress):
+        with MetricsTail(results, member, progress):
             run_mace_training(arguments)
         model = load_model(member_dir / f"{name}.model")
         # Back onto the labels' energy scale (see aligned_reference_energies).

@@ -1,18 +1,21 @@
 """The process that runs one trainer job: `python -m services.trainer.worker --job-dir DIR --store ROOT
 [--resume]`.
 
-It reads the StartJobRequest from the job directory, runs the job's science (MACE fine-tuning, linear ACE
-fit, delta fit), reports through progress.jsonl and ends by writing result.json. The trainer starts it in a
+It reads the StartJobRequest from the job directory, runs the job's science (MACE fine-tuning or training,
+linear ACE fit, delta fit), reports through progress.jsonl and ends by writing result.json. The trainer starts it in a
 session of its own, so it finishes its work whatever happens to the trainer or to the client.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError
@@ -23,43 +26,49 @@ from services.trainer.results import JobResult, write_result
 log = logging.getLogger("services.trainer.worker")
 
 
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of trainer job: its module (imported only when such a job comes: torch, mace and pyace are heavy)
+    with a `validate` run by the trainer before it accepts the job and a `run` run by the worker."""
+
+    module: str
+    validate: str
+    run: str
+    # Whether `run` takes `resume` (a job that continues from its checkpoint after the worker was killed).
+    resumable: bool = False
+
+
+# The StartJobRequest.spec field of each kind -> how to check and run it.
+JOB_KINDS: dict[str, JobKind] = {
+    "mace_finetune": JobKind("services.trainer.mace_finetune", "validate_mace_finetune", "run_mace_finetune", True),
+    "mace_train": JobKind("services.trainer.mace_train", "validate_mace_train", "run_mace_train"),
+    "ace_fit": JobKind("services.trainer.ace_fit", "validate_ace_fit", "run_ace_fit"),
+    "delta_fit": JobKind("services.trainer.delta", "validate_delta_fit", "run_delta_fit"),
+}
+
+
+def job_kind(request: trainer_pb2.StartJobRequest) -> tuple[str, JobKind]:
+    kind = request.WhichOneof("spec")
+    if kind is None:
+        raise InvalidInputError(f"StartJobRequest has no spec; set one of {', '.join(JOB_KINDS)}")
+    return kind, JOB_KINDS[kind]
+
+
 def validate_request(request: trainer_pb2.StartJobRequest, store: ArtifactStore) -> None:
     """Checks that need no heavy library, run by the trainer before it accepts a job, so that bad input is an
     INVALID_ARGUMENT at once rather than a FAILED job later."""
-    kind = request.WhichOneof("spec")
-    if kind == "mace_finetune":
-        from services.trainer.mace_finetune import validate_mace_finetune
-
-        validate_mace_finetune(request.mace_finetune, store)
-    elif kind == "ace_fit":
-        from services.trainer.ace_fit import validate_ace_fit
-
-        validate_ace_fit(request.ace_fit, store)
-    elif kind == "delta_fit":
-        from services.trainer.delta import validate_delta_fit
-
-        validate_delta_fit(request.delta_fit, store)
-    else:
-        raise InvalidInputError("StartJobRequest has no spec; set one of mace_finetune, ace_fit, delta_fit")
+    kind, entry = job_kind(request)
+    getattr(importlib.import_module(entry.module), entry.validate)(getattr(request, kind), store)
 
 
 def run_request(
     request: trainer_pb2.StartJobRequest, store: ArtifactStore, work_dir: Path, progress: ProgressWriter, resume: bool
 ) -> JobResult:
-    kind = request.WhichOneof("spec")
-    if kind == "mace_finetune":
-        from services.trainer.mace_finetune import run_mace_finetune
-
-        return run_mace_finetune(request.mace_finetune, store, work_dir, progress, resume)
-    if kind == "ace_fit":
-        from services.trainer.ace_fit import run_ace_fit
-
-        return run_ace_fit(request.ace_fit, store, work_dir, progress)
-    if kind == "delta_fit":
-        from services.trainer.delta import run_delta_fit
-
-        return run_delta_fit(request.delta_fit, store, work_dir, progress)
-    raise InvalidInputError(f"unknown job kind {kind!r}")
+    kind, entry = job_kind(request)
+    run = getattr(importlib.import_module(entry.module), entry.run)
+    if entry.resumable:
+        return cast(JobResult, run(getattr(request, kind), store, work_dir, progress, resume))
+    return cast(JobResult, run(getattr(request, kind), store, work_dir, progress))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,9 +83,18 @@ def test_a_seed_element_the_bundled_teacher_lacks_is_refused_naming_teacher_elem
         "teacher.model: the bundled teacher",
         "knows H, C, Cl, but the seeds also contain F (F in reactant_complex.xyz:0)",
         "set teacher.model to a MACE model file or a foundation model",
-        "that covers H, C, F, Cl",
+        "that covers H, C, F, Cl, or add `teacher: {bootstrap: {}}` to train one from GFN2-xTB in the run",
     )
     assert "[9]" not in line and "atomic number" not in line
+
+
+def test_a_bootstrapped_teacher_needs_no_model_that_knows_the_seeds(tmp_path: Path) -> None:
+    config = _config(tmp_path, teacher={"bootstrap": {"max_epochs": 50}})
+    _fluoride_seeds(tmp_path)
+    code, lines, out = _cli("config", "check", str(config))
+    assert code == EXIT_OK and lines == [] and "OK" in out
+    config = _config(tmp_path, teacher={"bootstrap": {}, "model": "small"})
+    _refused(config, "teacher.model and teacher.bootstrap exclude each other")
 
 
 def test_run_refuses_the_same_seeds_with_exit_2_before_contacting_any_service(tmp_path: Path) -> None:
@@ -97,7 +106,8 @@ def test_run_refuses_the_same_seeds_with_exit_2_before_contacting_any_service(tm
     assert lines == [
         f"error: {config}: teacher.model: the bundled teacher ({BUNDLED_MODEL}) knows H, C, Cl, but the seeds also "
         "contain F (F in reactant_complex.xyz:0); set teacher.model to a MACE model file or a foundation model "
-        "(docs/configuration.md#teacher-models) that covers H, C, F, Cl"
+        "(docs/configuration.md#teacher-models) that covers H, C, F, Cl, or add `teacher: {bootstrap: {}}` to "
+        "train one from GFN2-xTB in the run"
     ]
 
 

@@ -23,6 +23,7 @@ from pyacemaker.run_layout import (
     SELECTION_RECORD,
     STATE_FILE,
     SUMMARY_FILE,
+    TEACHER_BOOTSTRAP_RECORD,
     VALIDATION_RECORD,
 )
 from services.orchestrator.report.html import CSS, escape, format_utc, missing_note
@@ -36,6 +37,7 @@ from services.orchestrator.report.sections import (
     problem_of,
     profile_section,
     selection_section,
+    teacher_section,
     time_section,
     validation_section,
 )
@@ -60,6 +62,7 @@ def write_report(run_dir: Path) -> Path:
         (out_dir / name).unlink(missing_ok=True)
     sections = [
         ("Summary", headline, [SUMMARY_FILE, STATE_FILE]),
+        ("The teacher", teacher_section, [TEACHER_BOOTSTRAP_RECORD]),
         ("Step 1: DIRECT sampling", selection_section, [SELECTION_RECORD]),
         (
             "Active learning: DFT calls and uncertainty",

@@ -15,6 +15,7 @@ from pyacemaker.run_layout import (
     SELECTION_RECORD,
     STATE_FILE,
     SUMMARY_FILE,
+    TEACHER_BOOTSTRAP_RECORD,
     VALIDATION_RECORD,
     in_iteration,
     iteration_number,
@@ -90,6 +91,8 @@ class RunRecord:
     events: list[tuple[float, int, str, str]]
     # (level of theory, status) -> rows; None when the run has no ledger yet.
     ledger: dict[tuple[str, str], int] | None
+    # step0_teacher/teacher.json: the run's own teacher (teacher.bootstrap); missing when it uses teacher.model.
+    teacher: JsonRecord
     selection: JsonRecord
     iterations: list[Iteration]
     summary: JsonRecord
@@ -147,6 +150,7 @@ def read_run(run_dir: Path) -> RunRecord:
         steps=[StepRecord(row, STEP_STATES.get(row.state, str(row.state))) for row in steps],
         events=[(e.time.ToNanoseconds() / 1e9, int(e.kind), e.step, e.message) for e in events],
         ledger=ledger,
+        teacher=read_json(run_dir, TEACHER_BOOTSTRAP_RECORD),
         selection=read_json(run_dir, SELECTION_RECORD),
         iterations=read_iterations(run_dir),
         summary=read_json(run_dir, SUMMARY_FILE),

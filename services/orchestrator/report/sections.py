@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ase.data import chemical_symbols
 from matplotlib.ticker import MaxNLocator
 
 from pyacemaker.run_layout import ACTIVE_LEARNING_RECORD, STATE_FILE, SUMMARY_FILE, VALIDATION_RECORD, in_iteration
@@ -137,6 +138,42 @@ def _accuracy_sentence(number: int, validation: dict[str, Any]) -> str:
         f"Iteration {number}, {escape(str(validation.get('n_holdout', '?')))} "
         f"hold-out structures at {escape(str(validation.get('level_of_theory', '?')))}.{escape(stable)}"
     )
+
+
+def teacher_section(run: RunRecord, out_dir: Path) -> str:
+    data = run.teacher.data
+    if data is None:
+        model = run.config.get("teacher", {}).get("model", "bundled")
+        return f"<p>The teacher is <code>{escape(str(model))}</code> (teacher.model; not trained by the run).</p>"
+    e0s = data.get("isolated_atom_energies_ev") or {}
+    rows = [
+        ("Level of theory of its labels", escape(str(data.get("level_of_theory", "?")))),
+        ("Pool structures", fmt(data.get("n_pool"), 0)),
+        ("MD frames at that level", fmt(data.get("n_md_frames"), 0)),
+        ("Labelled (trained on and validated)", fmt(data.get("n_labelled"), 0)),
+        (
+            "Left out: failed / force above the cap",
+            f"{fmt(data.get('n_failed'), 0)} / {fmt(data.get('n_above_max_force'), 0)}",
+        ),
+        ("Epochs", fmt(data.get("epochs_count"), 0)),
+        (
+            "Validation RMSE (its own level)",
+            _rmse_pair(1000 * float(data["energy_rmse_ev_per_atom"]), 1000 * float(data["forces_rmse_ev_per_a"])),
+        ),
+        (
+            "Isolated-atom energies E0 (eV)",
+            escape(", ".join(f"{chemical_symbols[int(z)]} {e:.4f}" for z, e in sorted(e0s.items(), key=_by_number))),
+        ),
+    ]
+    note = (
+        "<p>The run trained its own teacher (teacher.bootstrap): a small MACE on the cheap level's labels of "
+        "structures around the seeds. Its errors are against that level, not DFT.</p>"
+    )
+    return note + key_value_table(rows)
+
+
+def _by_number(item: tuple[str, Any]) -> int:
+    return int(item[0])
 
 
 def selection_section(run: RunRecord, out_dir: Path) -> str:

@@ -20,6 +20,10 @@ from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import RunConfig
 from pyacemaker.v1 import common_pb2
 
+# The step that trains the run's own teacher (teacher.bootstrap); named here because the steps that use the
+# teacher find its model among their context's previous outputs under this name.
+TEACHER_BOOTSTRAP_STEP = "teacher_bootstrap"
+
 
 class RunCancelledError(RuntimeError):
     """Raised inside a step when the run was cancelled."""

@@ -19,13 +19,11 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.clients.oracle import describe
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import ACTIVE_LEARNING_DIR
 from pyacemaker.structures import atoms_to_structure, read_structures, write_extxyz
-from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2
 from services.orchestrator.active_learning import (
     below_force_cap,
@@ -83,7 +81,7 @@ class ActiveLearningStep:
             "holdout_reserve": holdout_reserve(ctx),
             "md_candidates": (md.model_dump(mode="json") if (md := md_candidate_config(ctx)) is not None else None),
             # Digest only: computing a key must not write into the store.
-            "teacher": sha256_of_file(resolve_teacher(ctx.config.teacher.model)),
+            "teacher": teacher_model(ctx).sha256,
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:

@@ -14,12 +14,10 @@ from typing import Any
 
 import grpc
 
-from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.config import PoolConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import DIRECT_DIR
 from pyacemaker.structures import read_structures, write_extxyz
-from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, sampler_pb2, sampler_pb2_grpc
 from services.orchestrator.active_learning import largest_atomic_force
 from services.orchestrator.model_labels import model_labels
@@ -39,7 +37,7 @@ class DirectSamplingStep:
         return {
             "pool": pool_config(ctx).model_dump(mode="json"),
             "max_candidate_force": ctx.config.active_learning.max_candidate_force,
-            "teacher": sha256_of_file(resolve_teacher(ctx.config.teacher.model)),
+            "teacher": teacher_model(ctx).sha256,
             "direct": sampling.direct.model_dump(mode="json"),
             "featuriser": featuriser,
             "descriptor_models": [ref["sha256"] for ref in descriptor_backend.options["models"]]
@@ -54,7 +52,7 @@ class DirectSamplingStep:
         featuriser, descriptor_backend = _featuriser(ctx)
         with channel(ctx.sampler_address) as ch:
             sampler = sampler_pb2_grpc.SamplerServiceStub(ch)
-            pool_result = _last_result(
+            pool_result = last_result(
                 sampler.GeneratePool(
                     sampler_pb2.GeneratePoolRequest(
                         seeds=ctx.seeds, settings=sampler_pb2.PoolSettings(**settings.model_dump())
@@ -70,7 +68,7 @@ class DirectSamplingStep:
                     f"active_learning.max_candidate_force) but sampling.direct.n_select is {direct.n_select}; "
                     "raise the pool settings (sampling.pool) or lower n_select"
                 )
-            selection = _last_result(
+            selection = last_result(
                 sampler.SelectDirect(
                     sampler_pb2.SelectDirectRequest(
                         pool=pool,
@@ -157,7 +155,7 @@ def _featuriser(ctx: StepContext) -> tuple[str, oracle_pb2.BackendSpec | None]:
     return name, committee_spec(ctx, [teacher_model(ctx)])
 
 
-def _last_result(responses: Any, ctx: StepContext) -> Any:
+def last_result(responses: Any, ctx: StepContext) -> Any:
     """Forward a sampler stream's progress to the run and return its final `result` message."""
     final = None
     try:

@@ -10,21 +10,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.clients.oracle import artifact_option, backend_spec
 from pyacemaker.mace_options import option_text
 from pyacemaker.run_layout import MACE_FINETUNE_DIR
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, trainer_pb2
-from services.orchestrator.steps import StepContext, StepOutcome
+from services.orchestrator.steps import TEACHER_BOOTSTRAP_STEP, StepContext, StepOutcome
 from services.orchestrator.trainer_jobs import run_trainer_job
 
 EXPORT_DIR = MACE_FINETUNE_DIR
 
 
 def teacher_model(ctx: StepContext) -> common_pb2.ArtifactRef:
-    """The run's teacher as a store artifact: the oracle and the trainer load model files only from verified
-    artifacts (torch.load unpickles)."""
+    """The run's teacher as a store artifact (the oracle and the trainer load model files only from verified
+    artifacts: torch.load unpickles): the model step 0 trained with teacher.bootstrap, else teacher.model."""
+    if ctx.config.teacher.bootstrap is not None:
+        return ctx.previous[TEACHER_BOOTSTRAP_STEP]["model"]
     return ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model")
 
 
@@ -92,7 +93,7 @@ class MaceFinetuneStep:
             "mace_finetune": ctx.config.mace_finetune.key_material(),
             "committee_size": ctx.config.active_learning.committee_size,
             "iteration": ctx.iteration,
-            "teacher": sha256_of_file(resolve_teacher(ctx.config.teacher.model)),
+            "teacher": teacher_model(ctx).sha256,
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:

@@ -18,7 +18,7 @@ from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import SURROGATE_MD_DIR
-from pyacemaker.v1 import common_pb2, sampler_pb2
+from pyacemaker.v1 import common_pb2, oracle_pb2, sampler_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
 
@@ -62,7 +62,13 @@ def run_committee_md(
     """The `md` section's MD (windows, temperatures, replicas, frame selection as `config` says) from the seeds,
     with forces from `committee` through the oracle, run by the sampler: its result and what the frames showed.
     RuntimeError when no frame was saved."""
-    spec = committee_spec(ctx, committee)
+    return run_md_with(ctx, committee_spec(ctx, committee), config, f"a committee of {len(committee)}")
+
+
+def run_md_with(
+    ctx: StepContext, spec: oracle_pb2.BackendSpec, config: MdConfig, forces_from: str
+) -> tuple[sampler_pb2.MdResult, MdRecord]:
+    """`run_committee_md` with forces from any oracle backend `spec` (`forces_from` names it in the progress)."""
     request = md_request(ctx.seeds, config, ctx.oracle_address, spec)
     n_trajectories = config.replicas * max(len(request.windows), 1)
     ctx.report(
@@ -70,7 +76,7 @@ def run_committee_md(
             stage="md",
             done=0,
             total=config.steps,
-            message=f"{n_trajectories} replicas, forces from a committee of {len(committee)}",
+            message=f"{n_trajectories} replicas, forces from {forces_from}",
         )
     )
     record = MdRecord([w.center for w in request.windows])
