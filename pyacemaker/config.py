@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from pyacemaker.mace_options import name_problem
+from pyacemaker.run_layout import STEP_DIRS
 from pyacemaker.teacher.resolve import closest_model_name, is_model_name
 from pyacemaker.torch_device import DeviceSetting
 from pyacemaker.yaml_input import YamlInputError, load_yaml_file
@@ -1050,20 +1051,21 @@ class RunConfig(_Strict):
     ace: AceConfig = Field(default_factory=AceConfig)
     student_refinement: StudentRefinementConfig = Field(default_factory=StudentRefinementConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    stop_after: (
-        Literal[
-            "teacher_bootstrap",
-            "direct_sampling",
-            "active_learning",
-            "mace_finetune",
-            "surrogate_md",
-            "surrogate_labelling",
-            "ace_fit",
-            "student_refinement",
-            "delta_fit",
-        ]
-        | None
-    ) = Field(None, description="End the run after this step of the first iteration (default: run to the end).")
+    stop_after: str | None = Field(
+        None,
+        description="End the run after this step of the first iteration (default: run to the end): one of "
+        + ", ".join(name for name in STEP_DIRS if name != "validation")
+        + ".",
+    )
+
+    @field_validator("stop_after")
+    @classmethod
+    def _a_step_name(cls, name: str | None) -> str | None:
+        # After the validation an iteration is over anyway: max_iterations says how many.
+        steps = [step for step in STEP_DIRS if step != "validation"]
+        if name is not None and name not in steps:
+            raise ValueError(f"{name!r} is not a step; use one of {', '.join(steps)}")
+        return name
 
 
 def _loc_path(loc: tuple[Any, ...], data: Any) -> str:

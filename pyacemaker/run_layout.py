@@ -30,6 +30,23 @@ STUDENT_REFINEMENT_DIR = "step6b_student_refinement"
 DELTA_DIR = "step7_delta"
 VALIDATION_DIR = "validation"
 
+# Every step of a run, in the order the run takes them, with its directory: the names the state file, the
+# events, the report and the config's `stop_after` use. The first two run once per run (the first only with
+# teacher.bootstrap); the others once per active-learning iteration, inside iteration_NN/.
+STEP_DIRS: dict[str, str] = {
+    "teacher_bootstrap": TEACHER_BOOTSTRAP_DIR,
+    "direct_sampling": DIRECT_DIR,
+    "active_learning": ACTIVE_LEARNING_DIR,
+    "mace_finetune": MACE_FINETUNE_DIR,
+    "surrogate_md": SURROGATE_MD_DIR,
+    "surrogate_labelling": SURROGATE_LABELS_DIR,
+    "ace_fit": BASE_ACE_DIR,
+    "student_refinement": STUDENT_REFINEMENT_DIR,
+    "delta_fit": DELTA_DIR,
+    "validation": VALIDATION_DIR,
+}
+ONCE_PER_RUN_STEPS = ("teacher_bootstrap", "direct_sampling")
+
 # The records the report reads, relative to the run dir (selection) or to an iteration's dir (the others).
 TEACHER_BOOTSTRAP_RECORD = f"{TEACHER_BOOTSTRAP_DIR}/teacher.json"
 SELECTION_RECORD = f"{DIRECT_DIR}/selection.json"

@@ -167,7 +167,8 @@ def test_more_iterations_or_a_new_stop_after_change_no_step_key(tmp_path):
             "stop_after": "delta_fit",
         }
     )
-    outputs = ("dft", "iteration", "frames", "yaml", "yace", "asi", "metrics", "holdout", "model_0", "shard_0000")
+    outputs = ("dft", "iteration", "frames", "md_record", "yaml", "yace", "asi", "metrics", "holdout", "validation")
+    outputs += ("model_0", "shard_0000")
     previous = {
         step: {name: common_pb2.ArtifactRef(uri=f"{step}/{name}", sha256=f"{step}{name}") for name in outputs}
         for step in ("direct_sampling", *(s.name for s in runner.ITERATION_STEPS))

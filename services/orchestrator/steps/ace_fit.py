@@ -23,6 +23,7 @@ from services.orchestrator.active_learning import largest_atomic_force
 from services.orchestrator.model_labels import model_labels
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec, dft_reference_energies
+from services.orchestrator.steps.outputs import base_potential, dft_set, has_run
 from services.orchestrator.trainer_jobs import outputs_by_suffix, pacemaker_outputs, run_trainer_job
 
 EXPORT_DIR = BASE_ACE_DIR
@@ -42,7 +43,7 @@ def surrogate_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
 def base_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
     """The base fit's training shards once step 6 ran: step 5's plus the committee-labelled DFT structures
     (the student refinement's refits start from these)."""
-    extra = ctx.previous.get("ace_fit", {}).get(DFT_STRUCTURES_OUTPUT)
+    extra = base_potential(ctx).dft_structures if has_run(ctx, AceFitStep.name) else None
     return [*surrogate_shards(ctx), *([extra] if extra is not None else [])]
 
 
@@ -51,7 +52,7 @@ def committee_labelled_dft_structures(ctx: StepContext) -> tuple[list[Atoms], in
     instead of DFT's, and how many were left out for committee forces above active_learning.max_candidate_force."""
     structures = [
         Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-        for atoms in read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"]))
+        for atoms in read_structures(ctx.store.path(dft_set(ctx).dft))
         if len(atoms) > 1
     ]
     if not structures:
@@ -98,9 +99,9 @@ class AceFitStep:
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
             "shards": [ref.sha256 for ref in surrogate_shards(ctx)],
-            "e0s": ctx.previous["active_learning"]["iteration"].sha256,
+            "e0s": dft_set(ctx).iteration.sha256,
             "ace": ctx.config.ace.model_dump(mode="json", exclude={"delta_surrogate_weight"}),
-            "dft": ctx.previous["active_learning"]["dft"].sha256,
+            "dft": dft_set(ctx).dft.sha256,
             "committee": [ref.sha256 for ref in committee_models(ctx)],
             "max_candidate_force": ctx.config.active_learning.max_candidate_force,
         }

@@ -45,6 +45,7 @@ from services.orchestrator.steps.mace_finetune import (
     finetune_committee,
     teacher_model,
 )
+from services.orchestrator.steps.outputs import dft_set, direct_sample, has_run, last_validation, surrogate_md_outputs
 from services.orchestrator.steps.surrogate_md import md_config, run_committee_md
 
 EXPORT_DIR = ACTIVE_LEARNING_DIR
@@ -55,7 +56,7 @@ MAX_MD_CANDIDATES = 5000
 def holdout_reserve(ctx: StepContext) -> int:
     """DFT calls to keep free for validation (the hold-out and the profile points), until a validation has
     labelled them; later validations reuse them."""
-    return 0 if "validation" in ctx.previous else ctx.config.validation.dft_labels()
+    return 0 if has_run(ctx, "validation") else ctx.config.validation.dft_labels()
 
 
 class ActiveLearningStep:
@@ -67,11 +68,11 @@ class ActiveLearningStep:
         used = ("mace_finetune", "surrogate_md", "validation") if ctx.iteration > 1 else ()
         return {
             "iteration": ctx.iteration,
-            "direct": {k: v.sha256 for k, v in ctx.previous["direct_sampling"].items()},
+            "direct": {k: v.sha256 for k, v in ctx.previous["direct_sampling"].items()},  # every output, as named
             "previous": {
                 step: {k: v.sha256 for k, v in ctx.previous[step].items()} for step in used if step in ctx.previous
             },
-            "previous_dft": ctx.previous["active_learning"]["dft"].sha256 if ctx.iteration > 1 else "",
+            "previous_dft": dft_set(ctx).dft.sha256 if ctx.iteration > 1 else "",
             "oracle": config.oracle.model_dump(mode="json"),
             "active_learning": config.active_learning.model_dump(mode="json"),
             "mace_stress_weight": config.mace_finetune.stress_weight,  # the committee's fine-tuning fits stress
@@ -98,7 +99,7 @@ class ActiveLearningStep:
                 periodic=any(frame.pbc.any() for frame in candidates),
             )
             if ctx.iteration == 1:
-                direct = read_structures(ctx.store.path(ctx.previous["direct_sampling"]["direct"]))
+                direct = read_structures(ctx.store.path(direct_sample(ctx).direct))
                 labelled, too_hot = within_force_cap(
                     label_frames(dft, direct, ctx.report, "DFT labels of the DIRECT set"), settings.max_candidate_force
                 )
@@ -112,7 +113,7 @@ class ActiveLearningStep:
                 md_frames, md_frames_ref = _md_candidates(ctx)
                 candidates += md_frames
             else:
-                labelled, too_hot = read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"])), []
+                labelled, too_hot = read_structures(ctx.store.path(dft_set(ctx).dft)), []
                 md_frames_ref = None
                 committee = committee_models(ctx)
             spec = committee_spec(ctx, committee)
@@ -243,17 +244,14 @@ def _md_candidates(ctx: StepContext) -> tuple[list[Atoms], common_pb2.ArtifactRe
 def _candidates(ctx: StepContext) -> tuple[list[Atoms], int]:
     """(candidates, how many of them come first from the pool): the pool, plus (after iteration 1) the previous
     iteration's MD frames, less the validation hold-out."""
-    pool = read_structures(ctx.store.path(ctx.previous["direct_sampling"]["pool"]))
+    pool = read_structures(ctx.store.path(direct_sample(ctx).pool))
     frames: list[Atoms] = []
-    if ctx.iteration > 1 and "surrogate_md" in ctx.previous:
-        frames = read_structures(ctx.store.path(ctx.previous["surrogate_md"]["frames"]))
+    if ctx.iteration > 1 and has_run(ctx, "surrogate_md"):
+        frames = read_structures(ctx.store.path(surrogate_md_outputs(ctx).frames))
         stride = max(1, -(-len(frames) // MAX_MD_CANDIDATES))
         frames = frames[::stride]
-    if "validation" in ctx.previous:
-        held_out = {
-            atoms_to_structure(a).content_id
-            for a in read_structures(ctx.store.path(ctx.previous["validation"]["holdout"]))
-        }
+    if (validation := last_validation(ctx)) is not None:
+        held_out = {atoms_to_structure(a).content_id for a in read_structures(ctx.store.path(validation.holdout))}
         pool = [a for a in pool if atoms_to_structure(a).content_id not in held_out]
         frames = [a for a in frames if atoms_to_structure(a).content_id not in held_out]
     return pool + frames, len(pool)

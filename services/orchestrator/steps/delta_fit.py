@@ -13,20 +13,23 @@ from pyacemaker.run_layout import DELTA_DIR
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.ace_fit import potential_outcome, surrogate_shards
+from services.orchestrator.steps.outputs import Potential, base_potential, dft_set, has_run, outputs_of
 from services.orchestrator.trainer_jobs import run_trainer_job
 
 EXPORT_DIR = DELTA_DIR
 REFINEMENT_STEP = "student_refinement"
 
 
-def refined_base(ctx: StepContext) -> dict[str, common_pb2.ArtifactRef]:
-    """The base potential's outputs (yaml, yace, asi, ...): the refinement's when it ran, else step 6's."""
-    return ctx.previous.get(REFINEMENT_STEP) or ctx.previous["ace_fit"]
+def refined_base(ctx: StepContext) -> Potential:
+    """The base potential: the refinement's when it ran, else step 6's."""
+    if has_run(ctx, REFINEMENT_STEP):
+        return outputs_of(ctx, REFINEMENT_STEP, Potential)
+    return base_potential(ctx)
 
 
 def anchor_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
     """Step 5's shards plus the student refinement's frames (when it added some)."""
-    extra = ctx.previous.get(REFINEMENT_STEP, {}).get("student_frames")
+    extra = refined_base(ctx).student_frames
     return [*surrogate_shards(ctx), *([extra] if extra is not None else [])]
 
 
@@ -36,8 +39,8 @@ class DeltaFitStep:
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
-            "base": refined_base(ctx)["yaml"].sha256,
-            "dft": ctx.previous["active_learning"]["dft"].sha256,
+            "base": refined_base(ctx).yaml.sha256,
+            "dft": dft_set(ctx).dft.sha256,
             "shards": [ref.sha256 for ref in anchor_shards(ctx)],
             "surrogate_weight": ctx.config.ace.delta_surrogate_weight,
             "seed": ctx.config.ace.random_seed,
@@ -46,8 +49,8 @@ class DeltaFitStep:
 
     def run(self, ctx: StepContext) -> StepOutcome:
         spec = trainer_pb2.DeltaFitSpec(
-            base_potential=refined_base(ctx)["yaml"],
-            dft_data=[ctx.previous["active_learning"]["dft"]],
+            base_potential=refined_base(ctx).yaml,
+            dft_data=[dft_set(ctx).dft],
             surrogate_data=anchor_shards(ctx),
             surrogate_weight=ctx.config.ace.delta_surrogate_weight,
             random_seed=ctx.config.ace.random_seed,

@@ -16,6 +16,7 @@ from pyacemaker.run_layout import MACE_FINETUNE_DIR
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, trainer_pb2
 from services.orchestrator.steps import TEACHER_BOOTSTRAP_STEP, StepContext, StepOutcome
+from services.orchestrator.steps.outputs import dft_set
 from services.orchestrator.trainer_jobs import run_trainer_job
 
 EXPORT_DIR = MACE_FINETUNE_DIR
@@ -78,7 +79,7 @@ def committee_spec(ctx: StepContext, models: list[common_pb2.ArtifactRef], **opt
 
 def dft_reference_energies(ctx: StepContext) -> dict[int, float]:
     """The DFT level's isolated-atom energies E0, as step 2 recorded them."""
-    record = json.loads(ctx.store.path(ctx.previous["active_learning"]["iteration"]).read_text())
+    record = json.loads(ctx.store.path(dft_set(ctx).iteration).read_text())
     return {int(z): float(e) for z, e in record["isolated_atom_energies_ev"].items()}
 
 
@@ -88,8 +89,8 @@ class MaceFinetuneStep:
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
-            "dft": ctx.previous["active_learning"]["dft"].sha256,
-            "iteration_record": ctx.previous["active_learning"]["iteration"].sha256,
+            "dft": dft_set(ctx).dft.sha256,
+            "iteration_record": dft_set(ctx).iteration.sha256,
             "mace_finetune": ctx.config.mace_finetune.key_material(),
             "committee_size": ctx.config.active_learning.committee_size,
             "iteration": ctx.iteration,
@@ -100,7 +101,7 @@ class MaceFinetuneStep:
         settings = ctx.config.mace_finetune
         models = finetune_committee(
             ctx,
-            ctx.previous["active_learning"]["dft"],
+            dft_set(ctx).dft,
             dft_reference_energies(ctx),
             # Another seed per iteration, so each iteration's committee is an independent draw.
             settings.random_seed + 1000 * ctx.iteration,

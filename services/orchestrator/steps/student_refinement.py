@@ -54,6 +54,7 @@ from services.orchestrator.model_labels import model_labels
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.ace_fit import POTENTIAL_FILES, base_fit_spec, base_shards
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
+from services.orchestrator.steps.outputs import base_potential, dft_set
 from services.orchestrator.steps.surrogate_md import md_config
 from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
 
@@ -98,10 +99,10 @@ class StudentRefinementStep:
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
-            "base": ctx.previous["ace_fit"]["yaml"].sha256,
+            "base": base_potential(ctx).yaml.sha256,
             "shards": [ref.sha256 for ref in base_shards(ctx)],
             "committee": [ref.sha256 for ref in committee_models(ctx)],
-            "iteration_record": ctx.previous["active_learning"]["iteration"].sha256,
+            "iteration_record": dft_set(ctx).iteration.sha256,
             "refinement": ctx.config.student_refinement.model_dump(mode="json"),
             "md": md_config(ctx).model_dump(mode="json"),
             "ace": ctx.config.ace.model_dump(mode="json", exclude={"delta_surrogate_weight"}),
@@ -110,7 +111,7 @@ class StudentRefinementStep:
 
     def run(self, ctx: StepContext) -> StepOutcome:
         settings = ctx.config.student_refinement
-        base = {name: ctx.previous["ace_fit"][name] for name in ("yaml", "yace", "asi", "metrics")}
+        base = base_potential(ctx).files()
         if not settings.enabled:
             return StepOutcome(outputs=base, metrics={"rounds": 0.0, "enabled": 0.0}, exports={})
         work_dir = _work_dir(ctx)
@@ -317,7 +318,7 @@ def refit(
 
 def _calibration(ctx: StepContext) -> tuple[float, float]:
     """Step 2's calibration factor of the committee spread and its force-error threshold (eV/Å)."""
-    iteration = json.loads(ctx.store.path(ctx.previous["active_learning"]["iteration"]).read_text())
+    iteration = json.loads(ctx.store.path(dft_set(ctx).iteration).read_text())
     return (
         float(iteration.get("calibration_factor", 1.0)),
         float(iteration.get("force_error_threshold_ev_per_a", ctx.config.active_learning.force_error_threshold)),
@@ -393,7 +394,7 @@ def _outcome(
     prefix = f"{ctx.export_prefix}{EXPORT_DIR}"
     outputs = {**potential, "record": record_ref}
     exports = {f"{prefix}/refinement.json": record_ref}
-    if potential["yace"].sha256 != ctx.previous["ace_fit"]["yace"].sha256:
+    if potential["yace"].sha256 != base_potential(ctx).yace.sha256:
         exports.update(
             {
                 f"{prefix}/refined{suffix}": potential[name]

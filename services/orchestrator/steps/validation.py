@@ -59,6 +59,13 @@ from services.orchestrator.steps.mace_finetune import (
     dft_reference_energies,
     teacher_model,
 )
+from services.orchestrator.steps.outputs import (
+    base_potential,
+    dft_set,
+    final_potential,
+    last_validation,
+    surrogate_md_outputs,
+)
 from services.orchestrator.steps.surrogate_md import md_config, run_committee_md
 from services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
 
@@ -101,20 +108,22 @@ class ValidationStep:
     version = 5
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
-        held_out = ctx.previous["validation"]["holdout"].sha256 if "validation" in ctx.previous else ""
+        previous = last_validation(ctx)
+        held_out = previous.holdout.sha256 if previous is not None else ""
+        base, final = base_potential(ctx), final_potential(ctx)
         return {
             "iteration": ctx.iteration,
             "previous_holdout": held_out,
-            "frames": ctx.previous["surrogate_md"]["frames"].sha256,
-            "base": ctx.previous["ace_fit"]["yace"].sha256,
-            "final": ctx.previous["delta_fit"]["yace"].sha256,
-            "final_active_set": ctx.previous["delta_fit"]["asi"].sha256 if "asi" in ctx.previous["delta_fit"] else "",
+            "frames": surrogate_md_outputs(ctx).frames.sha256,
+            "base": base.yace.sha256,
+            "final": final.yace.sha256,
+            "final_active_set": final.asi.sha256 if final.asi is not None else "",
             "committee": {k: v.sha256 for k, v in ctx.previous["mace_finetune"].items()},
-            "e0s": ctx.previous["active_learning"]["iteration"].sha256,
+            "e0s": dft_set(ctx).iteration.sha256,
             # The ablation's inputs: the DFT training set, the ACE settings and the base fit's (cutoff) record.
-            "dft": ctx.previous["active_learning"]["dft"].sha256,
+            "dft": dft_set(ctx).dft.sha256,
             "ace": ctx.config.ace.model_dump(mode="json", exclude={"delta_surrogate_weight"}),
-            "base_metrics": ctx.previous["ace_fit"]["metrics"].sha256 if "metrics" in ctx.previous["ace_fit"] else "",
+            "base_metrics": base.metrics.sha256 if base.metrics is not None else "",
             # Not max_iterations: it decides how many iterations run, not how one is validated, and raising it to
             # continue a finished run must not redo the validations (and, through their records, what follows).
             "validation": ctx.config.validation.model_dump(mode="json", exclude={"max_iterations"}),
@@ -132,8 +141,8 @@ class ValidationStep:
             dft = DftLabeller(
                 ledger, ctx.oracle_address, oracle_spec(ctx.config.oracle, ctx.store), ctx.config.budget.max_dft_calls
             )
-            if "validation" in ctx.previous:
-                holdout = read_structures(ctx.store.path(ctx.previous["validation"]["holdout"]))
+            if (previous := last_validation(ctx)) is not None:
+                holdout = read_structures(ctx.store.path(previous.holdout))
             else:
                 holdout = label_frames(dft, _draw_holdout(ctx), ctx.report, "DFT labels of the hold-out set")
             path = _profile_path(ctx, dft)
@@ -177,7 +186,7 @@ class ValidationStep:
             if profile is not None:
                 on_path = model_labels(ctx, spec, path, f"{model} along the reaction path")
                 profile["energies_ev"][model] = _relative([lab.energy for lab in on_path])
-        for model, outputs in (("final_ace", ctx.previous["delta_fit"]), (ABLATION_STEM, ablation.files)):
+        for model, outputs in (("final_ace", final_potential(ctx).files()), (ABLATION_STEM, ablation.files)):
             if model in scores and "yaml" in outputs and "asi" in outputs:
                 grades = extrapolation_grades(ctx, outputs["yaml"], outputs["asi"], holdout, model)
                 scores[model]["max_gamma_per_structure"] = grades.tolist()
@@ -251,7 +260,7 @@ def _draw_holdout(ctx: StepContext) -> list[Atoms]:
     the independent teacher MD, the rest surrogate-MD frames, each at random (seeded), tagged with their source."""
     settings = ctx.config.validation
     n_external = round(settings.holdout_size * settings.external_fraction)
-    surrogate_frames = ctx.store.path(ctx.previous["surrogate_md"]["frames"])
+    surrogate_frames = ctx.store.path(surrogate_md_outputs(ctx).frames)
     drawn = _draw_frames(ctx, surrogate_frames, settings.holdout_size - n_external)
     for atoms in drawn:
         atoms.info[SOURCE_KEY] = SURROGATE_SOURCE
@@ -260,10 +269,7 @@ def _draw_holdout(ctx: StepContext) -> list[Atoms]:
         for atoms in external:
             atoms.info[SOURCE_KEY] = EXTERNAL_SOURCE
         drawn += external
-    trained = {
-        atoms_to_structure(a).content_id
-        for a in read_structures(ctx.store.path(ctx.previous["active_learning"]["dft"]))
-    }
+    trained = {atoms_to_structure(a).content_id for a in read_structures(ctx.store.path(dft_set(ctx).dft))}
     return [a for a in drawn if atoms_to_structure(a).content_id not in trained]
 
 
@@ -332,7 +338,7 @@ def final_md_stability(ctx: StepContext) -> dict[str, Any] | None:
             "random_seed": md.random_seed + 3,
         }
     )
-    spec = backend_spec("ace", {"potential": artifact_option(ctx.previous["delta_fit"]["yace"])})
+    spec = backend_spec("ace", {"potential": artifact_option(final_potential(ctx).yace)})
     request = md_request(ctx.seeds, config, ctx.oracle_address, spec)
     runs = [
         StabilityRun(seed=r % n_seeds, temperature_k=temperatures[(r // n_seeds) % len(temperatures)], steps_done=0)
@@ -383,8 +389,9 @@ def _profile_path(ctx: StepContext, dft: DftLabeller) -> list[Atoms]:
     settings = ctx.config.validation.profile
     if settings is None:
         return []
-    if "validation" in ctx.previous and "profile" in ctx.previous["validation"]:
-        return read_structures(ctx.store.path(ctx.previous["validation"]["profile"]))
+    previous = last_validation(ctx)
+    if previous is not None and previous.profile is not None:
+        return read_structures(ctx.store.path(previous.profile))
     if max(settings.atoms) >= min(len(seed.atomic_numbers) for seed in ctx.seeds):
         raise ValueError(f"validation.profile.atoms {list(settings.atoms)} are out of range for the seeds")
     seeds = [structure_to_atoms(seed) for seed in ctx.seeds]
@@ -408,8 +415,8 @@ def _model_specs(ctx: StepContext, ablation: common_pb2.ArtifactRef | None) -> d
     specs = {
         "teacher": committee_spec(ctx, [teacher_model(ctx)]),
         "committee": committee_spec(ctx, committee_models(ctx)),
-        "base_ace": backend_spec("ace", {"potential": artifact_option(ctx.previous["ace_fit"]["yace"])}),
-        "final_ace": backend_spec("ace", {"potential": artifact_option(ctx.previous["delta_fit"]["yace"])}),
+        "base_ace": backend_spec("ace", {"potential": artifact_option(base_potential(ctx).yace)}),
+        "final_ace": backend_spec("ace", {"potential": artifact_option(final_potential(ctx).yace)}),
     }
     if ablation is not None:
         specs[ABLATION_STEM] = backend_spec("ace", {"potential": artifact_option(ablation)})
@@ -435,7 +442,7 @@ def fit_direct_ace(ctx: StepContext) -> DirectFit:
     A fit the trainer refuses (too few structures for the configured basis) is recorded, not fatal: the run's
     own potential stands without its ablation."""
     settings = ctx.config.ace
-    dft_ref = ctx.previous["active_learning"]["dft"]
+    dft_ref = dft_set(ctx).dft
     n_training = sum(1 for _ in iter_extxyz(ctx.store.path(dft_ref)))
     spec = trainer_pb2.AceFitSpec(
         train_data=[dft_ref],
@@ -461,7 +468,7 @@ def fit_direct_ace(ctx: StepContext) -> DirectFit:
 
 def _base_cutoff(ctx: StepContext) -> float:
     """The cutoff step 6 used (its metrics record), 0 (inferred again, by the same rule) when it has none."""
-    ref = ctx.previous["ace_fit"].get("metrics")
+    ref = base_potential(ctx).metrics
     if ref is None:
         return 0.0
     data = json.loads(ctx.store.path(ref).read_text())
