@@ -1,7 +1,9 @@
-"""`python -m services.trainer --port 0 --port-file F --store DIR [--work-dir DIR]` starts the trainer.
+"""`python -m services.trainer --port 0 --port-file F --store DIR [--work-dir DIR] [--deployment FILE]` starts
+the trainer.
 
-Its job table and job directories live in --work-dir (default: a "trainer" directory beside the store).
-Stopping the trainer leaves running jobs' workers alone; the next trainer on the same work dir re-adopts
+Its job table and job directories live in --work-dir (default: a "trainer" directory beside the store). The
+deployment file names executor profiles that run workers as Slurm/PBS jobs (default: local processes).
+Stopping the trainer leaves running jobs' workers alone; the next trainer on the same work dir re-attaches to
 them, or reports them INTERRUPTED when they are gone.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,16 +20,34 @@ import grpc
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import run_service_cli
+from services.oracle.deployment import DeploymentError
+from services.trainer.deployment import DEPLOYMENT_ENV, TrainerDeployment, load_trainer_deployment
 from services.trainer.server import add_to_server, create_manager
+
+
+def _deployment(path: str) -> TrainerDeployment:
+    try:
+        return load_trainer_deployment(path or None)
+    except DeploymentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="job table and job directories (default: <store>/../trainer)")
-    parser.add_argument("--max-running-jobs", type=int, default=1, help="jobs that train at the same time")
+    parser.add_argument("--max-running-jobs", type=int, default=1, help="local workers that train at the same time")
+    parser.add_argument(
+        "--deployment",
+        type=_deployment,
+        default=os.environ.get(DEPLOYMENT_ENV, ""),
+        metavar="FILE",
+        help="YAML file of the trainer's deployment settings: executor profiles that run training workers as "
+        f"Slurm/PBS jobs (scheduler resources, job template, Apptainer image); see docs/deployment.md (default: "
+        f"${DEPLOYMENT_ENV}, else every worker a local process)",
+    )
 
 
 def make_register(args: argparse.Namespace, store: ArtifactStore) -> Callable[[grpc.Server], list[str]]:
-    manager = create_manager(store, args.work_dir, args.max_running_jobs)
+    manager = create_manager(store, args.work_dir, args.max_running_jobs, args.deployment)
     return functools.partial(add_to_server, manager=manager)
 
 

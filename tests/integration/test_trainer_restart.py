@@ -25,7 +25,8 @@ import pytest
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel, wait_for_health
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.trainer.jobs import JobTable, worker_alive
+from services.trainer.processes import worker_alive
+from services.trainer.table import JobTable
 from tests.conftest import REPO_ROOT
 from tests.sn2_training_data import level_b, level_b_e0s, tiny_mace, write_frames, xtb_frames
 
