@@ -50,7 +50,9 @@ def test_a_slurm_training_job_survives_a_killed_trainer_and_fits_the_local_model
     deployment = tmp_path / "trainer-deployment.yaml"
     profile = {"executor": {"kind": "slurm", "partition": "debug", "time_limit": "10", "poll_interval_s": 0.5}}
     profile["extra_directives"] = [SITE_DIRECTIVE]
-    deployment.write_text(yaml.safe_dump({"default_executor": "cpu", "executors": {"cpu": profile}}))
+    nowhere = {"executor": {"kind": "slurm", "partition": "nosuch"}}
+    executors = {"cpu": profile, "nowhere": nowhere}
+    deployment.write_text(yaml.safe_dump({"default_executor": "cpu", "executors": executors}))
     request = ace_fit_request(store, tmp_path, key="slurm-fit")
     local_request = trainer_pb2.StartJobRequest()
     local_request.CopyFrom(request)
@@ -99,6 +101,22 @@ def test_a_slurm_training_job_survives_a_killed_trainer_and_fits_the_local_model
         local_seconds = time.monotonic() - started
         assert local.state == common_pb2.JOB_STATE_SUCCEEDED, local.error
         assert JobTable(work_dir / "jobs.sqlite").get(local.job_id).scheduler == "local"
+
+        # CancelJob scancels the Slurm job; a partition Slurm does not have fails the job with sbatch's words.
+        with channel(second.address) as ch:
+            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
+            other = trainer_pb2.StartJobRequest()
+            other.CopyFrom(request)
+            other.idempotency_key = "to-cancel"
+            to_cancel = stub.StartJob(other, timeout=60).job
+            cancelled = stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=to_cancel.job_id), timeout=120).job
+            assert cancelled.state == common_pb2.JOB_STATE_CANCELLED, cancelled.error
+            cancelled_id = JobTable(work_dir / "jobs.sqlite").get(to_cancel.job_id).scheduler_job_id
+            assert squeue_state(slurm, cancelled_id) == "CANCELLED"
+            other.idempotency_key, other.executor_profile = "nowhere", "nowhere"
+            refused = wait_until_ended(second.address, stub.StartJob(other, timeout=60).job.job_id)
+        assert refused.state == common_pb2.JOB_STATE_FAILED
+        assert refused.error.startswith("sbatch refused the job:") and "partition" in refused.error
 
     # Potential (.yaml, .yace), active set and pacemaker's files: byte for byte the same. The report and the metrics
     # too, but for the fit's wall-clock time.
