@@ -14,8 +14,9 @@ confined to the store root) or as the name "bundled" (the teacher shipped inside
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -150,6 +151,28 @@ def _profile(profiles: Mapping[str, Any], backend: str, name: str) -> Any:
             "see docs/deployment.md)"
         )
     return profiles[name]
+
+
+def add_deployment_argument(
+    parser: argparse.ArgumentParser, load: Callable[[str | None], BaseModel], env: str, help: str, fallback: str
+) -> None:
+    """A service's `--deployment FILE` option (default: $`env`, else `fallback`, said in the help): the file is
+    read and validated as the command line is parsed, so a bad one stops the service at start-up with one line
+    naming the file and the key."""
+
+    def parse(path: str) -> BaseModel:
+        try:
+            return load(path or None)
+        except DeploymentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument(
+        "--deployment",
+        type=parse,
+        default=os.environ.get(env, ""),
+        metavar="FILE",
+        help=f"{help} (default: ${env}, else {fallback})",
+    )
 
 
 def load_deployment(path: str | Path | None) -> OracleDeployment:

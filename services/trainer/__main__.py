@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,29 +19,21 @@ import grpc
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import run_service_cli
-from services.oracle.deployment import DeploymentError
-from services.trainer.deployment import DEPLOYMENT_ENV, TrainerDeployment, load_trainer_deployment
+from services.oracle.deployment import add_deployment_argument
+from services.trainer.deployment import DEPLOYMENT_ENV, load_trainer_deployment
 from services.trainer.server import add_to_server, create_manager
-
-
-def _deployment(path: str) -> TrainerDeployment:
-    try:
-        return load_trainer_deployment(path or None)
-    except DeploymentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="job table and job directories (default: <store>/../trainer)")
     parser.add_argument("--max-running-jobs", type=int, default=1, help="local workers that train at the same time")
-    parser.add_argument(
-        "--deployment",
-        type=_deployment,
-        default=os.environ.get(DEPLOYMENT_ENV, ""),
-        metavar="FILE",
-        help="YAML file of the trainer's deployment settings: executor profiles that run training workers as "
-        f"Slurm/PBS jobs (scheduler resources, job template, Apptainer image); see docs/deployment.md (default: "
-        f"${DEPLOYMENT_ENV}, else every worker a local process)",
+    add_deployment_argument(
+        parser,
+        load_trainer_deployment,
+        DEPLOYMENT_ENV,
+        "YAML file of the trainer's deployment settings: executor profiles that run training workers as Slurm/PBS "
+        "jobs (scheduler resources, job template, Apptainer image); see docs/deployment.md",
+        "every worker a local process",
     )
 
 

@@ -153,17 +153,16 @@ class JobTable:
         return record
 
     def get(self, job_id: str) -> JobRecord:
-        with self._connect() as connection:
-            row = connection.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise JobNotFoundError(f"no trainer job {job_id!r}")
-        return self._record(row)
+        return self._one("job_id", job_id, f"no trainer job {job_id!r}")
 
     def by_key(self, key: str) -> JobRecord:
+        return self._one("idempotency_key", key, f"no trainer job with idempotency key {key!r}")
+
+    def _one(self, column: str, value: str, missing: str) -> JobRecord:
         with self._connect() as connection:
-            row = connection.execute(f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+            row = connection.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {column} = ?", (value,)).fetchone()
         if row is None:
-            raise JobNotFoundError(f"no trainer job with idempotency key {key!r}")
+            raise JobNotFoundError(missing)
         return self._record(row)
 
     def with_states(self, *states: int) -> list[JobRecord]:
