@@ -260,25 +260,38 @@ class JobManager:
             for record in self.table.with_states(common_pb2.JOB_STATE_RUNNING):
                 end = self._launcher(record).ended(record, self.job_dir(record.job_id))
                 if end is None:
-                    where = f"pid {record.pid}" if record.scheduler == "local" else f"{record.scheduler} job"
-                    log.info("re-attached to job %s (%s %s)", record.job_id, where, record.scheduler_job_id)
+                    where = f"pid {record.pid}" if record.scheduler == LocalLauncher.scheduler else ""
+                    where = where or f"{record.scheduler} job {record.scheduler_job_id}"
+                    log.info("re-attached to job %s (%s)", record.job_id, where)
                     continue
                 self._finalize(record, end)
 
     def _launcher(self, record: JobRecord) -> Launcher:
-        """The launcher of the record's profile; for a profile that has left the deployment since (or now names
-        another scheduler), one with its scheduler's defaults, enough to ask about and cancel the job."""
+        """The launcher of the record's profile; for a profile that has left the deployment since the job was
+        submitted (or now names another scheduler), one with its scheduler's defaults, enough to ask about and
+        cancel the job."""
         launcher = self.launchers.get(record.profile)
-        if launcher is None or launcher.scheduler != record.scheduler:
-            launcher = SchedulerLauncher.for_scheduler(record.scheduler)
-            self.launchers[f"{record.scheduler} (left the deployment: {record.profile})"] = launcher
-        return launcher
+        if launcher is not None and launcher.scheduler == record.scheduler:
+            return launcher
+        if record.scheduler == LocalLauncher.scheduler:
+            return self.launchers[LOCAL_PROFILE]
+        key = f"{record.profile} (as submitted: {record.scheduler})"
+        if key not in self.launchers:
+            self.launchers[key] = SchedulerLauncher.for_scheduler(record.scheduler)
+        return self.launchers[key]
 
     def _launch_ready(self) -> None:
         with self._lock:
             running = sum(self._launcher(r).limited for r in self.table.with_states(common_pb2.JOB_STATE_RUNNING))
             for record in self.table.with_states(common_pb2.JOB_STATE_QUEUED):
-                launcher = self._launcher(record)
+                if record.profile != LOCAL_PROFILE and record.profile not in self.deployment.executors:
+                    error = (
+                        f"executor profile {record.profile!r} is no longer in this trainer's deployment (it has: "
+                        f"{self.deployment.known()}); start the job again with another profile"
+                    )
+                    self.table.update(record.job_id, state=common_pb2.JOB_STATE_FAILED, error=error)
+                    continue
+                launcher = self.launchers[record.profile]  # as the deployment says now
                 if launcher.limited and running >= self.max_running:
                     continue
                 self._launch(record, launcher)
@@ -302,6 +315,7 @@ class JobManager:
             state=common_pb2.JOB_STATE_RUNNING,
             pid=launched.pid,
             pid_start=launched.pid_start,
+            scheduler=launcher.scheduler,
             scheduler_job_id=launched.scheduler_job_id,
             attempt=record.attempt + 1,
         )

@@ -1,11 +1,14 @@
 """The trainer's deployment file and the run config's `trainer.executor`: a bad setting is one clear error that
-names the file and the key, and a scheduler profile renders a job script that runs the training worker (inside
-an Apptainer image when the profile names one). No scheduler needed: the job script is rendered, not submitted."""
+names the file and the key; a job whose profile has gone fails saying so; an older job table gains the new
+columns; a scheduler profile renders a job script that runs the training worker (inside an Apptainer image when
+the profile names one). No scheduler needed: the job script is rendered, not submitted."""
 
 from __future__ import annotations
 
 import functools
 import shlex
+import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -15,16 +18,18 @@ import yaml
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import ConfigError, load_config
 from pyacemaker.rpc import InvalidInputError
-from pyacemaker.v1 import trainer_pb2
+from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.oracle.deployment import DeploymentError
 from services.oracle.executors.base import Batch
 from services.oracle.executors.slurm import SlurmExecutor
 from services.orchestrator.steps import StepContext
 from services.orchestrator.trainer_jobs import run_trainer_job
 from services.trainer.deployment import TrainerDeployment, load_trainer_deployment
+from services.trainer.jobs import JobManager
 from services.trainer.launcher import worker_argv
 from services.trainer.scheduler import SchedulerLauncher
 from services.trainer.server import add_to_server, create_manager
+from services.trainer.table import JobRecord, JobTable
 from tests.conftest import running_service
 from tests.unit.test_config import _minimal, _write
 
@@ -136,3 +141,38 @@ def test_the_orchestrator_sends_the_run_configs_profile_and_the_trainer_refuses_
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("executor_profile: this trainer's deployment has no executor profile 'gpu2'")
     assert not list((tmp_path / "trainer" / "jobs").iterdir()), "a refused request leaves no job behind"
+
+
+def test_a_queued_job_whose_profile_left_the_deployment_fails_saying_so(
+    tmp_path: Path, artifact_store: ArtifactStore
+) -> None:
+    table = JobTable(tmp_path / "trainer" / "jobs.sqlite")
+    request = trainer_pb2.StartJobRequest(ace_fit=trainer_pb2.AceFitSpec(), executor_profile="gpu")
+    record = JobRecord("job-1", "ace_fit", common_pb2.JOB_STATE_QUEUED, request.SerializeToString(), profile="gpu")
+    table.insert(replace(record, scheduler="slurm"))
+    manager = JobManager(artifact_store, tmp_path / "trainer", deployment=TrainerDeployment())
+    manager.shutdown()
+    job = manager.job("job-1")
+    assert job.state == common_pb2.JOB_STATE_FAILED
+    assert job.error.startswith("executor profile 'gpu' is no longer in this trainer's deployment (it has: local)")
+
+
+def test_a_job_table_of_an_older_trainer_gains_the_executor_columns(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as connection:  # the table as the trainer wrote it before executor profiles
+        connection.execute(
+            "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, kind TEXT NOT NULL, state "
+            "INTEGER NOT NULL, request BLOB NOT NULL, error TEXT NOT NULL DEFAULT '', metrics TEXT NOT NULL DEFAULT "
+            "'{}', outputs TEXT NOT NULL DEFAULT '[]', created REAL NOT NULL, updated REAL NOT NULL, pid INTEGER NOT "
+            "NULL DEFAULT 0, pid_start TEXT NOT NULL DEFAULT '', attempt INTEGER NOT NULL DEFAULT 0, resume INTEGER "
+            "NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0)"
+        )
+        connection.execute(
+            "INSERT INTO jobs (job_id, kind, state, request, created, updated, pid, pid_start, attempt) "
+            "VALUES ('job-old', 'ace_fit', 2, x'', 1.0, 2.0, 4242, '777', 1)"
+        )
+    connection.close()
+    record = JobTable(path).get("job-old")
+    assert (record.profile, record.scheduler, record.scheduler_job_id) == ("local", "local", "")
+    assert (record.pid, record.pid_start, record.attempt, record.idempotency_key) == (4242, "777", 1, "")
+    assert JobTable(path).update("job-old", scheduler_job_id="12").scheduler_job_id == "12"
