@@ -10,9 +10,11 @@ See docs/deployment.md for the format and an example.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pyacemaker.config import PbsExecutorConfig, SlurmExecutorConfig
 from pyacemaker.rpc import InvalidInputError
@@ -22,6 +24,7 @@ from services.trainer.table import LOCAL_PROFILE
 DEPLOYMENT_ENV = "PYACEMAKER_TRAINER_DEPLOYMENT"
 # The interpreter that runs the worker inside an Apptainer image (outside one: the trainer's own).
 IMAGE_PYTHON = "python3"
+TASK_COMMAND = re.compile(r"\{\{\s*task_command\s*\}\}")
 
 
 class _Strict(BaseModel):
@@ -48,6 +51,24 @@ class TrainerExecutorProfile(_Strict):
     apptainer_options: list[Directive] = Field(
         default_factory=list, description="Options of `apptainer exec`, one argument each, e.g. --nv for GPUs."
     )
+
+    @field_validator("template")
+    @classmethod
+    def _runs_the_worker(cls, template: Path | None) -> Path | None:
+        """A template that does not run `{{ task_command }}` (one written for the oracle's task runner, such as
+        containers/apptainer/slurm_task.sh) would run something else than the training worker."""
+        if template is None:
+            return None
+        try:
+            text = template.read_text()
+        except OSError as exc:
+            raise ValueError(f"{template}: cannot be read ({exc.strerror})") from None
+        if not TASK_COMMAND.search(text):
+            raise ValueError(
+                f"{template}: the job script must run the training worker through the {{{{ task_command }}}} "
+                'placeholder (followed by "$task_dir"), as the bundled template does'
+            )
+        return template
 
 
 class TrainerDeployment(_Strict):

@@ -20,7 +20,7 @@ from pyacemaker.config import ConfigError, load_config
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.oracle.deployment import DeploymentError
-from services.oracle.executors.base import Batch
+from services.oracle.executors.base import TEMPLATES_DIR, Batch
 from services.oracle.executors.slurm import SlurmExecutor
 from services.orchestrator.steps import StepContext
 from services.orchestrator.trainer_jobs import run_trainer_job
@@ -63,6 +63,22 @@ def test_bad_deployment_settings_name_the_file_and_key(tmp_path: Path, data: dic
         load_trainer_deployment(str(path))
     assert str(info.value).startswith(f"trainer deployment file {path}")
     assert expected in str(info.value)
+
+
+def test_a_template_must_run_the_worker(tmp_path: Path) -> None:
+    oracle_only = tmp_path / "slurm_task.sh"  # runs the oracle's task runner, as containers/apptainer's does
+    oracle_only.write_text('#!/bin/bash\n{{ directives }}\npython -m services.oracle.task "$task_dir"\n')
+    path = _file(tmp_path, {"executors": {"gpu": {**GPU, "template": str(oracle_only)}}})
+    with pytest.raises(DeploymentError) as info:
+        load_trainer_deployment(str(path))
+    assert f"executors.gpu.template: {oracle_only}: the job script must run the training worker" in str(info.value)
+    path = _file(tmp_path, {"executors": {"gpu": {**GPU, "template": str(tmp_path / "gone.sh")}}})
+    with pytest.raises(DeploymentError, match=r"executors\.gpu\.template: .*gone\.sh: cannot be read"):
+        load_trainer_deployment(str(path))
+    own = tmp_path / "own.sh"
+    own.write_text(TEMPLATES_DIR.joinpath("slurm.sh").read_text())
+    path = _file(tmp_path, {"executors": {"gpu": {**GPU, "template": str(own)}}})
+    assert load_trainer_deployment(str(path)).executors["gpu"].template == own
 
 
 def test_an_unknown_profile_in_a_request_names_the_field_and_the_known_profiles() -> None:
