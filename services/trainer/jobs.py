@@ -373,11 +373,16 @@ class JobManager:
     def _monitor_loop(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             try:
-                with self._lock:
-                    for record in self.table.with_states(common_pb2.JOB_STATE_RUNNING):
-                        end = self._launcher(record).ended(record, self.job_dir(record.job_id))
-                        if end is not None:
+                for record in self.table.with_states(common_pb2.JOB_STATE_RUNNING):
+                    # Outside the lock: asking a scheduler (squeue) may take a while, and StartJob must not wait.
+                    end = self._launcher(record).ended(record, self.job_dir(record.job_id))
+                    if end is None:
+                        continue
+                    with self._lock:
+                        record = self.table.get(record.job_id)
+                        if record.state == common_pb2.JOB_STATE_RUNNING:
                             self._finalize(record, end)
+                with self._lock:
                     self._launch_ready()
             except Exception:  # the monitor must survive a transient SQLite or file error
                 log.exception("trainer job monitor")

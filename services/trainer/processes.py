@@ -71,7 +71,7 @@ class LocalLauncher(Launcher):
         code = child.poll()
         if code is None:
             return None
-        del self._children[record.job_id]
+        self._children.pop(record.job_id, None)  # cancel and the monitor may both ask
         if code < 0:
             return WorkerEnd(code, f"the worker was killed by signal {-code}")
         return WorkerEnd(code, f"the worker exited with code {code}")
