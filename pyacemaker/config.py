@@ -1034,6 +1034,30 @@ class ValidationConfig(_Strict):
         return self.holdout_size + (self.profile.count if self.profile is not None else 0)
 
 
+class TrainerConfig(_Strict):
+    """Where the trainer runs this run's training jobs."""
+
+    executor: str | None = Field(
+        None,
+        pattern=PROFILE_NAME,
+        description="An executor profile of the trainer's deployment file: 'local' (a worker process on the "
+        "trainer's host) or a name its `executors` define (a Slurm/PBS job with the partition, resources, job "
+        "template and Apptainer image set there); default: the deployment's default_executor ('local' without one).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_name_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("executor"), dict):
+            problem = (
+                "give the name of an executor profile of the trainer's deployment file, e.g. `executor: gpu`; the "
+                "scheduler and its settings (kind, partition, time limit, template, image) are set there, under "
+                "executors.<name> (python -m services.trainer --deployment FILE; see docs/deployment.md)"
+            )
+            raise PydanticCustomError("strict_type", "{problem}", {"key": "executor", "problem": problem})
+        return data
+
+
 class RunConfig(_Strict):
     """A PyAceMaker run."""
 
@@ -1050,6 +1074,7 @@ class RunConfig(_Strict):
     surrogate_labelling: SurrogateLabellingConfig = Field(default_factory=SurrogateLabellingConfig)
     ace: AceConfig = Field(default_factory=AceConfig)
     student_refinement: StudentRefinementConfig = Field(default_factory=StudentRefinementConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     stop_after: str | None = Field(
         None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,15 +13,8 @@ import grpc
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import run_service_cli
-from services.oracle.deployment import DEPLOYMENT_ENV, DeploymentError, OracleDeployment, load_deployment
+from services.oracle.deployment import DEPLOYMENT_ENV, add_deployment_argument, load_deployment
 from services.oracle.server import add_to_server
-
-
-def _deployment(path: str) -> OracleDeployment:
-    try:
-        return load_deployment(path or None)
-    except DeploymentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,14 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calculation dirs and the durable job table of DFT backends; must survive restarts, and be visible "
         "on the compute nodes for slurm/pbs (default: 'oracle' beside the --store dir)",
     )
-    parser.add_argument(
-        "--deployment",
-        type=_deployment,
-        default=os.environ.get(DEPLOYMENT_ENV, ""),
-        metavar="FILE",
-        help="YAML file of the oracle's deployment settings: qe/vasp profiles (commands, pseudopotential and "
-        "POTCAR dirs), job templates, extra directives and scratch dirs of the executors; see docs/deployment.md "
-        f"(default: ${DEPLOYMENT_ENV}, else pw.x on PATH, the bundled templates, scratch in --work-dir)",
+    add_deployment_argument(
+        parser,
+        load_deployment,
+        DEPLOYMENT_ENV,
+        "YAML file of the oracle's deployment settings: qe/vasp profiles (commands, pseudopotential and POTCAR "
+        "dirs), job templates, extra directives and scratch dirs of the executors; see docs/deployment.md",
+        "pw.x on PATH, the bundled templates, scratch in --work-dir",
     )
 
 

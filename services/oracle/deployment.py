@@ -14,10 +14,11 @@ confined to the store root) or as the name "bundled" (the teacher shipped inside
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
@@ -49,8 +50,16 @@ def _absolute(path: Path) -> Path:
     return path
 
 
+def _one_line(directive: str) -> str:
+    if "\n" in directive or "\r" in directive:
+        raise ValueError(f"{directive!r}: a directive is one line")
+    return directive
+
+
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 ProfileName = Annotated[str, StringConstraints(pattern=PROFILE_NAME)]
+# One scheduler line of a job script (#SBATCH / #PBS directive or its options).
+Directive = Annotated[str, AfterValidator(_one_line)]
 
 
 def default_pseudo_dir() -> Path:
@@ -105,17 +114,9 @@ class LocalExecutorDeployment(_Strict):
 
 class BatchExecutorDeployment(LocalExecutorDeployment):
     template: AbsolutePath | None = Field(None, description="Job script template; default: the bundled one.")
-    extra_directives: list[str] = Field(
+    extra_directives: list[Directive] = Field(
         default_factory=list, description="Extra scheduler lines for every job, e.g. --account=chem42."
     )
-
-    @field_validator("extra_directives")
-    @classmethod
-    def _one_line_each(cls, directives: list[str]) -> list[str]:
-        for directive in directives:
-            if "\n" in directive or "\r" in directive:
-                raise ValueError(f"{directive!r}: a directive is one line")
-        return directives
 
 
 class ExecutorsDeployment(_Strict):
@@ -153,25 +154,56 @@ def _profile(profiles: Mapping[str, Any], backend: str, name: str) -> Any:
     return profiles[name]
 
 
+def add_deployment_argument(
+    parser: argparse.ArgumentParser, load: Callable[[str | None], BaseModel], env: str, help: str, fallback: str
+) -> None:
+    """A service's `--deployment FILE` option (default: $`env`, else `fallback`, said in the help): the file is
+    read and validated as the command line is parsed, so a bad one stops the service at start-up with one line
+    naming the file and the key."""
+
+    def parse(path: str) -> BaseModel:
+        try:
+            return load(path or None)
+        except DeploymentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument(
+        "--deployment",
+        type=parse,
+        default=os.environ.get(env, ""),
+        metavar="FILE",
+        help=f"{help} (default: ${env}, else {fallback})",
+    )
+
+
 def load_deployment(path: str | Path | None) -> OracleDeployment:
     """The deployment file at `path` (YAML), or the defaults for None; DeploymentError names the file and key."""
+    return read_settings_file(path, OracleDeployment, "oracle deployment file")
+
+
+SettingsModel = TypeVar("SettingsModel", bound=BaseModel)
+
+
+def read_settings_file(path: str | Path | None, model: type[SettingsModel], what: str) -> SettingsModel:
+    """A service's YAML settings file validated as `model` (its defaults for None); DeploymentError names `what`,
+    the file and the key. Shared by the oracle's and the trainer's deployment files."""
     if path is None or str(path) == "":
-        return OracleDeployment()
+        return model()
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise DeploymentError(f"oracle deployment file {path}: cannot be read ({exc.strerror})") from None
+        raise DeploymentError(f"{what} {path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise DeploymentError(f"oracle deployment file {path}: not valid YAML: {exc}") from None
+        raise DeploymentError(f"{what} {path}: not valid YAML: {exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise DeploymentError(f"oracle deployment file {path}: must be a mapping of keys")
+        raise DeploymentError(f"{what} {path}: must be a mapping of keys")
     try:
-        return OracleDeployment.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise DeploymentError(format_validation_error(exc, data, f"oracle deployment file {path}")) from None
+        raise DeploymentError(format_validation_error(exc, data, f"{what} {path}")) from None
 
 
 # -- model and potential files: store artifacts only ------------------------------------------------------------

@@ -28,6 +28,7 @@ def run_trainer_job(ctx: StepContext, request: trainer_pb2.StartJobRequest, stag
     spec = request.WhichOneof("spec")
     if spec is None:
         raise ValueError("StartJobRequest without a spec")
+    request.executor_profile = ctx.config.trainer.executor or ""  # empty: the trainer deployment's default
     digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
     request.idempotency_key = f"{ctx.run_dir}:{spec}:{digest}"
     with channel(ctx.trainer_address) as ch:

@@ -1,5 +1,5 @@
 """The TrainerService servicer: parse requests, hand them to the JobManager, build responses. No science
-here; the jobs themselves run in worker processes (see services.trainer.jobs)."""
+here; the jobs themselves run in worker processes or scheduler jobs (see services.trainer.jobs)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import grpc
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError, abort, status_on_error
 from pyacemaker.v1 import trainer_pb2, trainer_pb2_grpc
+from services.trainer.deployment import TrainerDeployment
 from services.trainer.jobs import JobManager, JobNotFoundError
 from services.trainer.worker import validate_request
 
@@ -77,12 +78,18 @@ def default_work_dir(store: ArtifactStore) -> Path:
     return store.root.parent / "trainer"
 
 
-def create_manager(store: ArtifactStore, work_dir: Path | None = None, max_running: int = 1) -> JobManager:
+def create_manager(
+    store: ArtifactStore,
+    work_dir: Path | None = None,
+    max_running: int = 1,
+    deployment: TrainerDeployment | None = None,
+) -> JobManager:
     return JobManager(
         store,
         work_dir or default_work_dir(store),
         validate=functools.partial(_validate, store=store),
         max_running=max_running,
+        deployment=deployment,
     )
 
 

@@ -19,7 +19,8 @@ from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 from services.trainer import linear_ace
-from services.trainer.jobs import JobManager, process_start_time
+from services.trainer.jobs import JobManager
+from services.trainer.processes import process_start_time
 from services.trainer.server import add_to_server, create_manager
 from tests.conftest import running_service
 from tests.sn2_training_data import level_b, write_frames, xtb_e0s, xtb_frames

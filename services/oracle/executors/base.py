@@ -24,6 +24,8 @@ from pyacemaker.rpc import InvalidInputError
 
 TASK_LIST_FILE = "tasks.txt"
 JOB_SCRIPT_FILE = "job.sh"
+# Written into the task dir by the bundled job templates once the task's command has ended: its exit status.
+EXIT_CODE_FILE = "exit_code"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 # Scheduler commands (sbatch, squeue, qsub, qstat) that take longer than this count as failed.
 COMMAND_TIMEOUT_S = 60.0
@@ -36,6 +38,13 @@ class Batch:
     name: str  # unique; the scheduler's job name, so a batch can be found again after a crash
     job_dir: Path  # job script, task list and scheduler logs
     task_dirs: tuple[Path, ...]
+    # What each task runs, its task dir appended; empty: the oracle's task runner (`task_argv`). The trainer
+    # runs its training worker through the same executors with its own command here.
+    command: tuple[str, ...] = ()
+
+    def task_command(self) -> str:
+        """The command for the job script (shell-quoted); the template appends the task dir."""
+        return shlex.join(self.command) if self.command else task_command()
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,10 @@ class Executor(ABC):
     def find_job(self, batch_name: str) -> str | None:
         """The job id of a batch submitted under `batch_name`, if the scheduler knows one (for a batch whose
         submitter died before it could record the id)."""
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the scheduler to end the job (all its tasks); raises SubmissionError when it refuses."""
+        raise NotImplementedError(f"the {self.scheduler} executor cannot cancel a job")
 
 
 class SubmissionError(RuntimeError):

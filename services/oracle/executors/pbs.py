@@ -35,7 +35,6 @@ from services.oracle.executors.base import (
     read_template,
     render_template,
     run_command,
-    task_command,
     write_private,
     write_task_list,
 )
@@ -77,7 +76,7 @@ class PbsExecutor(Executor):
             "ncpus": str(self.config.ncpus),
             "threads_per_rank": str(max(1, self.config.ncpus // self.config.mpiprocs)),
             "directives": "\n".join(directives),
-            "task_command": task_command(),
+            "task_command": batch.task_command(),
         }
         return render_template(template, values, source)
 
@@ -117,6 +116,11 @@ class PbsExecutor(Executor):
         result = run_command(["qselect", "-x", "-N", batch_name])
         ids = result.stdout.split() if result.returncode == 0 else []
         return ids[0] if ids else None
+
+    def cancel(self, job_id: str) -> None:
+        result = run_command(["qdel", job_id])
+        if result.returncode != 0:
+            raise SubmissionError(f"qdel refused to delete job {job_id}: {command_message(result)}")
 
 
 class Subjob:

@@ -29,7 +29,6 @@ from services.oracle.executors.base import (
     read_template,
     render_template,
     run_command,
-    task_command,
     write_private,
     write_task_list,
 )
@@ -87,7 +86,7 @@ class SlurmExecutor(Executor):
             "cpus_per_task": str(self.config.cpus_per_task),
             "ntasks": str(self.config.ntasks),
             "directives": "\n".join(directives),
-            "task_command": task_command(),
+            "task_command": batch.task_command(),
         }
         return render_template(template, values, source)
 
@@ -130,6 +129,11 @@ class SlurmExecutor(Executor):
         result = run_command(["squeue", "-h", "-t", "all", f"--name={batch_name}", "-o", "%F"])
         ids = result.stdout.split() if result.returncode == 0 else []
         return ids[0] if ids else None
+
+    def cancel(self, job_id: str) -> None:
+        result = run_command(["scancel", job_id])
+        if result.returncode != 0:
+            raise SubmissionError(f"scancel refused to cancel job {job_id}: {command_message(result)}")
 
     def _sacct_states(self, job_id: str) -> dict[int, str]:
         if self._sacct_works is False:

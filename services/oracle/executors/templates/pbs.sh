@@ -1,8 +1,9 @@
 #!/bin/bash
-# PyAceMaker oracle job: one PBS Pro array subjob per calculation.
+# PyAceMaker job: one PBS Pro array subjob per calculation of the oracle, or a training worker of the trainer (one task).
 #
 # To adapt it (modules, a container, scratch on local disk), copy this file, edit the copy and set
-# `executors.pbs.template` in the oracle's deployment file to its path (docs/deployment.md). Placeholders in double braces are filled in at submission:
+# `executors.pbs.template` in the oracle's deployment file (or `executors.<profile>.template` in the trainer's)
+# to its path (docs/deployment.md). Placeholders in double braces are filled in at submission:
 #   job_name  array_directive  job_dir  task_list  walltime  select  directives  task_command  ncpus
 #   threads_per_rank
 # A line holding only a placeholder that comes out empty is dropped.

@@ -1,8 +1,9 @@
 #!/bin/bash
-# PyAceMaker oracle job: one Slurm array task per calculation.
+# PyAceMaker job: one Slurm array task per calculation of the oracle, or a training worker of the trainer (one task).
 #
 # To adapt it (modules, a container, scratch on local disk), copy this file, edit the copy and set
-# `executors.slurm.template` in the oracle's deployment file to its path (docs/deployment.md). Placeholders in double braces are filled in at submission:
+# `executors.slurm.template` in the oracle's deployment file (or `executors.<profile>.template` in the trainer's)
+# to its path (docs/deployment.md). Placeholders in double braces are filled in at submission:
 #   job_name  array  job_dir  task_list  time_limit  ntasks  cpus_per_task  directives  task_command
 # A line holding only a placeholder that comes out empty is dropped.
 #SBATCH --job-name={{ job_name }}
