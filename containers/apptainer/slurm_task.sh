@@ -6,7 +6,7 @@
 #   executors: {slurm: {template: /path/to/slurm_task.sh}}
 # The job inherits PYACEMAKER_ORACLE_SIF and PYACEMAKER_HOME from the instance that submits it (sbatch exports
 # the submitter's environment). Placeholders in double braces are filled in at submission, as in the bundled
-# template (services/oracle/executors/templates/slurm.sh); the task_command placeholder is not used here: the
+# template (pyacemaker/executors/templates/slurm.sh); the task_command placeholder is not used here: the
 # task runs with the image's Python through apptainer exec, not with the instance's path to it.
 #SBATCH --job-name={{ job_name }}
 #SBATCH --array={{ array }}

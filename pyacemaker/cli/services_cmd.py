@@ -12,8 +12,9 @@ from rich.table import Table
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, fail
 from pyacemaker.deploy import local, podman
+from pyacemaker.executors.deployment import DeploymentError
 from pyacemaker.rpc import SecurityConfigError
-from services.oracle.deployment import DEPLOYMENT_ENV, DeploymentError, load_deployment
+from services.oracle.deployment import DEPLOYMENT_ENV, load_deployment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import grpc
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.executors.deployment import add_deployment_argument
 from pyacemaker.rpc import run_service_cli
-from services.oracle.deployment import DEPLOYMENT_ENV, add_deployment_argument, load_deployment
+from services.oracle.deployment import DEPLOYMENT_ENV, load_deployment
 from services.oracle.server import add_to_server
 
 

@@ -14,18 +14,22 @@ confined to the store root) or as the name "bundled" (the teacher shipped inside
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
 from pyacemaker.clients.oracle import ARTIFACT_OPTIONS
-from pyacemaker.config import PROFILE_NAME, format_validation_error
+from pyacemaker.executors.deployment import (
+    AbsolutePath,
+    ExecutorsDeployment,
+    ProfileName,
+    StrictSettings,
+    read_settings_file,
+)
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.teacher.resolve import BUNDLED_MODEL, BUNDLED_NAME
 from pyacemaker.v1 import common_pb2
@@ -34,32 +38,6 @@ DEPLOYMENT_ENV = "PYACEMAKER_ORACLE_DEPLOYMENT"
 DEBIAN_PSEUDO_DIR = Path("/usr/share/espresso/pseudo")
 # pw.x's own default below $HOME when $ESPRESSO_PSEUDO is unset.
 QE_HOME_PSEUDO_DIR = Path("espresso/pseudo")
-
-
-class DeploymentError(ValueError):
-    """A deployment file that cannot be used; the message names the file and the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _absolute(path: Path) -> Path:
-    if not path.is_absolute():
-        raise ValueError("must be an absolute path")
-    return path
-
-
-def _one_line(directive: str) -> str:
-    if "\n" in directive or "\r" in directive:
-        raise ValueError(f"{directive!r}: a directive is one line")
-    return directive
-
-
-AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
-ProfileName = Annotated[str, StringConstraints(pattern=PROFILE_NAME)]
-# One scheduler line of a job script (#SBATCH / #PBS directive or its options).
-Directive = Annotated[str, AfterValidator(_one_line)]
 
 
 def default_pseudo_dir() -> Path:
@@ -73,14 +51,14 @@ def default_pseudo_dir() -> Path:
     return DEBIAN_PSEUDO_DIR
 
 
-class QeProfile(_Strict):
+class QeProfile(StrictSettings):
     """How pw.x runs and where its UPF files are."""
 
     command: str = Field("pw.x", min_length=1, description="How to run pw.x, e.g. 'mpirun -np 4 pw.x'.")
     pseudo_dir: AbsolutePath = Field(default_factory=default_pseudo_dir, description="Directory of the UPF files.")
 
 
-class VaspProfile(_Strict):
+class VaspProfile(StrictSettings):
     """How VASP runs and where its POTCARs are."""
 
     command: str = Field(min_length=1, description="How to run VASP (a shell command line), e.g. 'srun vasp_std'.")
@@ -89,7 +67,7 @@ class VaspProfile(_Strict):
     )
 
 
-class QeDeployment(_Strict):
+class QeDeployment(StrictSettings):
     profiles: dict[ProfileName, QeProfile] = Field(
         default_factory=dict,
         validate_default=True,  # the default profile is there without a file too
@@ -102,34 +80,11 @@ class QeDeployment(_Strict):
         return {"default": QeProfile(), **profiles}
 
 
-class VaspDeployment(_Strict):
+class VaspDeployment(StrictSettings):
     profiles: dict[ProfileName, VaspProfile] = Field(default_factory=dict)
 
 
-class LocalExecutorDeployment(_Strict):
-    scratch_dir: AbsolutePath | None = Field(
-        None, description="Root of the task and job dirs; default: the oracle's --work-dir."
-    )
-
-
-class BatchExecutorDeployment(LocalExecutorDeployment):
-    template: AbsolutePath | None = Field(None, description="Job script template; default: the bundled one.")
-    extra_directives: list[Directive] = Field(
-        default_factory=list, description="Extra scheduler lines for every job, e.g. --account=chem42."
-    )
-
-
-class ExecutorsDeployment(_Strict):
-    local: LocalExecutorDeployment = Field(default_factory=LocalExecutorDeployment)
-    slurm: BatchExecutorDeployment = Field(default_factory=BatchExecutorDeployment)
-    pbs: BatchExecutorDeployment = Field(default_factory=BatchExecutorDeployment)
-
-    def of(self, kind: str) -> LocalExecutorDeployment:
-        settings: LocalExecutorDeployment = getattr(self, kind)
-        return settings
-
-
-class OracleDeployment(_Strict):
+class OracleDeployment(StrictSettings):
     """The oracle's deployment file."""
 
     qe: QeDeployment = Field(default_factory=QeDeployment)
@@ -154,56 +109,9 @@ def _profile(profiles: Mapping[str, Any], backend: str, name: str) -> Any:
     return profiles[name]
 
 
-def add_deployment_argument(
-    parser: argparse.ArgumentParser, load: Callable[[str | None], BaseModel], env: str, help: str, fallback: str
-) -> None:
-    """A service's `--deployment FILE` option (default: $`env`, else `fallback`, said in the help): the file is
-    read and validated as the command line is parsed, so a bad one stops the service at start-up with one line
-    naming the file and the key."""
-
-    def parse(path: str) -> BaseModel:
-        try:
-            return load(path or None)
-        except DeploymentError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parser.add_argument(
-        "--deployment",
-        type=parse,
-        default=os.environ.get(env, ""),
-        metavar="FILE",
-        help=f"{help} (default: ${env}, else {fallback})",
-    )
-
-
 def load_deployment(path: str | Path | None) -> OracleDeployment:
     """The deployment file at `path` (YAML), or the defaults for None; DeploymentError names the file and key."""
     return read_settings_file(path, OracleDeployment, "oracle deployment file")
-
-
-SettingsModel = TypeVar("SettingsModel", bound=BaseModel)
-
-
-def read_settings_file(path: str | Path | None, model: type[SettingsModel], what: str) -> SettingsModel:
-    """A service's YAML settings file validated as `model` (its defaults for None); DeploymentError names `what`,
-    the file and the key. Shared by the oracle's and the trainer's deployment files."""
-    if path is None or str(path) == "":
-        return model()
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise DeploymentError(f"{what} {path}: cannot be read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise DeploymentError(f"{what} {path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DeploymentError(f"{what} {path}: must be a mapping of keys")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise DeploymentError(format_validation_error(exc, data, f"{what} {path}")) from None
 
 
 # -- model and potential files: store artifacts only ------------------------------------------------------------

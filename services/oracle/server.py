@@ -21,7 +21,7 @@ from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from services.oracle.backends import OracleBackend, backend_infos, create_backend
 from services.oracle.deployment import OracleDeployment
-from services.oracle.executors.gateway import LabelGateway, executor_config_of
+from services.oracle.gateway import LabelGateway, executor_config_of
 from services.oracle.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                 backend = self.backend(first_spec)
                 log.info("label stream started: backend %s (%s)", backend.name, backend.level_of_theory)
                 if executor_config_of(backend) is not None:
-                    # Expensive backends: task dirs, array jobs, re-attachment (services/oracle/executors).
+                    # Expensive backends: task dirs, array jobs, re-attachment (pyacemaker/executors).
                     options = backend_options(first_spec)
                     batches = _structure_batches(request, requests, first_spec)
                     yield from self.gateway().label_stream(backend, options, batches, is_active)

@@ -27,6 +27,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from pyacemaker.executors.base import PID_FILE
 from pyacemaker.structures import failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2
 from services.oracle.deployment import OracleDeployment
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 TASK_FILE = "task.json"
 STRUCTURE_FILE = "structure.json"
 RESULT_FILE = "labels.json"
-PID_FILE = "worker.pid"
 
 
 def write_task(

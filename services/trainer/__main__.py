@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.executors.deployment import add_deployment_argument
 from pyacemaker.rpc import run_service_cli
-from services.oracle.deployment import add_deployment_argument
 from services.trainer.deployment import DEPLOYMENT_ENV, load_trainer_deployment
 from services.trainer.server import add_to_server, create_manager
 

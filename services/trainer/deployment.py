@@ -17,8 +17,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pyacemaker.config import PbsExecutorConfig, SlurmExecutorConfig
+from pyacemaker.executors.deployment import AbsolutePath, Directive, ProfileName, read_settings_file
 from pyacemaker.rpc import InvalidInputError
-from services.oracle.deployment import AbsolutePath, Directive, ProfileName, read_settings_file
 from services.trainer.table import LOCAL_PROFILE
 
 DEPLOYMENT_ENV = "PYACEMAKER_TRAINER_DEPLOYMENT"

@@ -33,9 +33,9 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.executors.base import SubmissionError
 from pyacemaker.rpc import InvalidInputError, WrongStateError
 from pyacemaker.v1 import common_pb2, trainer_pb2
-from services.oracle.executors.base import SubmissionError
 from services.trainer.deployment import TrainerDeployment
 from services.trainer.launcher import Launcher, WorkerEnd, worker_argv
 from services.trainer.processes import WORK_SUBDIR, LocalLauncher

@@ -142,7 +142,8 @@ def write_dataset(
     frame = pd.DataFrame(table)
     frame.columns = pd.Index(list(frame.columns), dtype=object)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_pickle(path, compression="gzip")
+    # No time stamp in the gzip header: the same fit writes the same bytes (the artifact store deduplicates them).
+    frame.to_pickle(path, compression={"method": "gzip", "mtime": 0})
     return path
 
 

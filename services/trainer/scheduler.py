@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from pyacemaker.config import PbsExecutorConfig, SlurmExecutorConfig
-from services.oracle.deployment import BatchExecutorDeployment, ExecutorsDeployment
-from services.oracle.executors import create_executor, default_executor_config
-from services.oracle.executors.base import EXIT_CODE_FILE, Batch, Executor, SubmissionError
+from pyacemaker.executors import create_executor, default_executor_config
+from pyacemaker.executors.base import EXIT_CODE_FILE, Batch, Executor, SubmissionError
+from pyacemaker.executors.deployment import BatchExecutorDeployment, ExecutorsDeployment
 from services.trainer.deployment import IMAGE_PYTHON, TrainerExecutorProfile
 from services.trainer.launcher import Launched, Launcher, WorkerEnd
 from services.trainer.table import JobRecord

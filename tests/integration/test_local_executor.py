@@ -21,7 +21,7 @@ from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.rpc import channel
 from pyacemaker.structures import atoms_to_structure, content_id
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.executors.gateway import JOB_TABLE_FILE
+from services.oracle.gateway import JOB_TABLE_FILE
 from services.oracle.jobs import JobTable
 from services.oracle.server import add_to_server
 from services.oracle.task import PID_FILE, STRUCTURE_FILE, TASK_FILE

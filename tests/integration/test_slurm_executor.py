@@ -23,12 +23,12 @@ from pyacemaker.cli import label
 from pyacemaker.cli.main import EXIT_OK
 from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.config import SlurmExecutorConfig
+from pyacemaker.executors.base import JOB_SCRIPT_FILE, TEMPLATES_DIR, Batch
+from pyacemaker.executors.slurm import SlurmExecutor
 from pyacemaker.structures import atoms_to_structure, content_id
 from pyacemaker.v1 import common_pb2, oracle_pb2
 from services.oracle.deployment import OracleDeployment
-from services.oracle.executors.base import JOB_SCRIPT_FILE, TEMPLATES_DIR, Batch
-from services.oracle.executors.gateway import JOB_TABLE_FILE, ORPHAN_AGE_S
-from services.oracle.executors.slurm import SlurmExecutor
+from services.oracle.gateway import JOB_TABLE_FILE, ORPHAN_AGE_S
 from services.oracle.jobs import JobTable
 from services.oracle.server import add_to_server
 from services.oracle.task import write_task

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.executors.base import JOB_SCRIPT_FILE
 from pyacemaker.rpc import channel
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.oracle.executors.base import JOB_SCRIPT_FILE
 from services.trainer.progress import PROGRESS_FILE
 from services.trainer.table import JobTable
 from tests.integration.test_trainer_restart import TrainerProcess, get_job, trainer_home, wait_for

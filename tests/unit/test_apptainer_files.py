@@ -14,9 +14,10 @@ import pytest
 from pyacemaker.config import SlurmExecutorConfig
 from pyacemaker.deploy import images
 from pyacemaker.deploy.local import DEFAULT_PORTS
-from services.oracle.deployment import BatchExecutorDeployment, load_deployment
-from services.oracle.executors.base import Batch
-from services.oracle.executors.slurm import SlurmExecutor
+from pyacemaker.executors.base import Batch
+from pyacemaker.executors.deployment import BatchExecutorDeployment
+from pyacemaker.executors.slurm import SlurmExecutor
+from services.oracle.deployment import load_deployment
 from tests.conftest import REPO_ROOT
 
 APPTAINER_DIR = REPO_ROOT / "containers" / "apptainer"

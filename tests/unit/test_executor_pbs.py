@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from pyacemaker.config import PbsExecutorConfig, pbs_walltime_seconds
-from services.oracle.deployment import BatchExecutorDeployment
-from services.oracle.executors.base import Batch
-from services.oracle.executors.pbs import PbsExecutor, parse_qstat_json
+from pyacemaker.executors.base import Batch
+from pyacemaker.executors.deployment import BatchExecutorDeployment
+from pyacemaker.executors.pbs import PbsExecutor, parse_qstat_json
 from tests.conftest import REPO_ROOT
 
 PBS_DATA = REPO_ROOT / "tests" / "data" / "pbs"

@@ -11,10 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from pyacemaker.config import SlurmExecutorConfig, slurm_time_seconds
+from pyacemaker.executors.base import Batch, array_range, render_template
+from pyacemaker.executors.deployment import BatchExecutorDeployment
+from pyacemaker.executors.slurm import SlurmExecutor, parse_sacct, parse_squeue
 from pyacemaker.rpc import InvalidInputError
-from services.oracle.deployment import BatchExecutorDeployment
-from services.oracle.executors.base import Batch, array_range, render_template
-from services.oracle.executors.slurm import SlurmExecutor, parse_sacct, parse_squeue
 
 
 def batch_of(tmp_path: Path, n_tasks: int) -> Batch:

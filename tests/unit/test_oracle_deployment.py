@@ -9,15 +9,10 @@ import pytest
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.clients.oracle import artifact_option
+from pyacemaker.executors.deployment import DeploymentError
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.teacher.resolve import BUNDLED_MODEL
-from services.oracle.deployment import (
-    DEBIAN_PSEUDO_DIR,
-    DeploymentError,
-    OracleDeployment,
-    load_deployment,
-    resolve_artifact_options,
-)
+from services.oracle.deployment import DEBIAN_PSEUDO_DIR, OracleDeployment, load_deployment, resolve_artifact_options
 
 
 def test_without_a_file_the_defaults_are_pw_x_debians_pseudos_and_no_vasp(

@@ -17,11 +17,11 @@ import yaml
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import ConfigError, load_config
+from pyacemaker.executors.base import TEMPLATES_DIR, Batch
+from pyacemaker.executors.deployment import DeploymentError
+from pyacemaker.executors.slurm import SlurmExecutor
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.v1 import common_pb2, trainer_pb2
-from services.oracle.deployment import DeploymentError
-from services.oracle.executors.base import TEMPLATES_DIR, Batch
-from services.oracle.executors.slurm import SlurmExecutor
 from services.orchestrator.steps import StepContext
 from services.orchestrator.trainer_jobs import run_trainer_job
 from services.trainer.deployment import TrainerDeployment, load_trainer_deployment

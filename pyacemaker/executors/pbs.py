@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pyacemaker.config import PbsExecutorConfig
-from services.oracle.deployment import BatchExecutorDeployment
-from services.oracle.executors.base import (
+from pyacemaker.executors.base import (
     JOB_SCRIPT_FILE,
     Batch,
     Executor,
@@ -38,6 +37,7 @@ from services.oracle.executors.base import (
     write_private,
     write_task_list,
 )
+from pyacemaker.executors.deployment import BatchExecutorDeployment
 
 log = logging.getLogger(__name__)
 

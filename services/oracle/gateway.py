@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from pyacemaker.config import ExecutorConfig, LocalExecutorConfig
+from pyacemaker.executors import create_executor, default_executor_config
+from pyacemaker.executors.base import Batch, Executor, SubmissionError, TaskEnd
 from pyacemaker.rpc import WrongStateError
 from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2
 from services.oracle.backends import OracleBackend
 from services.oracle.deployment import OracleDeployment
-from services.oracle.executors import create_executor, default_executor_config
-from services.oracle.executors.base import Batch, Executor, SubmissionError, TaskEnd
 from services.oracle.jobs import JobTable, TaskKey, TaskRecord, TaskState
 from services.oracle.task import read_result, write_task
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pyacemaker.config import SlurmExecutorConfig
-from services.oracle.deployment import BatchExecutorDeployment
-from services.oracle.executors.base import (
+from pyacemaker.executors.base import (
     JOB_SCRIPT_FILE,
     Batch,
     Executor,
@@ -32,6 +31,7 @@ from services.oracle.executors.base import (
     write_private,
     write_task_list,
 )
+from pyacemaker.executors.deployment import BatchExecutorDeployment
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pyacemaker.config import LocalExecutorConfig
-from services.oracle.executors.base import Batch, Executor, TaskEnd, task_argv
-from services.oracle.task import PID_FILE
+from pyacemaker.executors.base import PID_FILE, Batch, Executor, TaskEnd, task_argv
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,15 @@
-"""Where calculations run: a local process pool, or Slurm / PBS array jobs. See base.py for the interface
-and gateway.py for the Label path that uses them."""
+"""Where work runs: a local process pool, or Slurm / PBS (array) jobs. Shared by the oracle (DFT calculations,
+through services/oracle/gateway.py) and the trainer (training workers, through services/trainer/scheduler.py);
+see base.py for the interface and deployment.py for the settings a service's deployment file gives them."""
 
 from __future__ import annotations
 
 from pyacemaker.config import ExecutorConfig, LocalExecutorConfig, PbsExecutorConfig, SlurmExecutorConfig
-from services.oracle.deployment import ExecutorsDeployment
-from services.oracle.executors.base import Batch, Executor, SubmissionError, TaskEnd
-from services.oracle.executors.local import LocalExecutor
-from services.oracle.executors.pbs import PbsExecutor
-from services.oracle.executors.slurm import SlurmExecutor
+from pyacemaker.executors.base import Batch, Executor, SubmissionError, TaskEnd
+from pyacemaker.executors.deployment import ExecutorsDeployment
+from pyacemaker.executors.local import LocalExecutor
+from pyacemaker.executors.pbs import PbsExecutor
+from pyacemaker.executors.slurm import SlurmExecutor
 
 __all__ = [
     "Batch",

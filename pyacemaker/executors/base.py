@@ -1,10 +1,11 @@
 """What every executor does: run a batch of task dirs (one array job), say which of its tasks have ended,
 and find a batch again by its name after a crash.
 
-Executors know nothing about backends or labels: a task is a directory that `python -m services.oracle.task`
-turns into `labels.json`. Whether a task ended *with* a result is the gateway's question (it reads the file);
-the executor only reports how the scheduler saw it end, so the gateway can tell a calculation that failed
-(it wrote a FAILED label) from a task killed before it could write anything.
+Executors know nothing about backends or labels: a task is a directory that a command turns into its result
+(by default the oracle's task runner, `python -m services.oracle.task`, named here, never imported, writes
+`labels.json`; the trainer's worker writes `result.json`). Whether a task ended *with* a result is the caller's
+question (it reads the file); the executor only reports how the scheduler saw it end, so the oracle's gateway
+can tell a calculation that failed (it wrote a FAILED label) from a task killed before it could write anything.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ JOB_SCRIPT_FILE = "job.sh"
 # Written into the task dir by the bundled job templates once the task's command has ended: its exit status.
 EXIT_CODE_FILE = "exit_code"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+# Written into the task dir by the process that runs a task (the oracle's task runner): its pid, so that a local
+# executor can tell after a restart whether the task still runs.
+PID_FILE = "worker.pid"
 # Scheduler commands (sbatch, squeue, qsub, qstat) that take longer than this count as failed.
 COMMAND_TIMEOUT_S = 60.0
 
