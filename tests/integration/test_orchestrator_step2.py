@@ -6,46 +6,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from pyacemaker.rpc import channel
 from pyacemaker.structures import read_structures
-from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from services.oracle.server import add_to_server as add_oracle
+from pyacemaker.v1 import common_pb2, orchestrator_pb2
 from services.orchestrator.ledger import DftLedger
-from services.orchestrator.runner import RunManager
-from services.orchestrator.server import add_to_server as add_orchestrator
-from services.sampler.server import add_to_server as add_sampler
-from services.trainer.server import add_to_server as add_trainer
-from services.trainer.server import create_manager
-from tests.conftest import SN2_DIR, running_service
+from tests.conftest import SN2_DIR
 from tests.integration.test_orchestrator_step1 import _kinds, _run
 
 pytestmark = pytest.mark.slow
 N_DIRECT, AL_BUDGET, HOLDOUT = 8, 14, 2  # 3 isolated atoms + 8 DIRECT + at most 3 uncertain candidates
 BUDGET = AL_BUDGET + HOLDOUT  # step 2 keeps the hold-out's share free for the validation
-
-
-@pytest.fixture
-def orchestrator(artifact_store, tmp_path) -> Iterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
-    with ExitStack() as stack:
-        oracle = stack.enter_context(
-            running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle", store=artifact_store))
-        )
-        sampler = stack.enter_context(running_service(lambda s: add_sampler(s, artifact_store)))
-        manager = create_manager(artifact_store, tmp_path / "trainer")
-        stack.callback(manager.shutdown)
-        trainer = stack.enter_context(running_service(lambda s: add_trainer(s, manager)))
-        runs = RunManager(artifact_store, sampler, oracle, trainer)
-        stack.callback(runs.shutdown)
-        address = stack.enter_context(running_service(lambda s: add_orchestrator(s, runs)))
-        yield orchestrator_pb2_grpc.OrchestratorServiceStub(stack.enter_context(channel(address)))
 
 
 def _config(tmp_path: Path) -> Path:
@@ -67,9 +42,9 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
-def test_one_active_learning_iteration_within_the_budget(orchestrator, tmp_path):
+def test_one_active_learning_iteration_within_the_budget(all_services, tmp_path):
     config = _config(tmp_path)
-    run, events = _run(orchestrator, config)
+    run, events = _run(all_services, config)
     assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
     out = tmp_path / "runs" / "sn2-quick" / "iteration_01" / "step2_active_learning"
     record = json.loads((out / "iteration.json").read_text())
@@ -90,7 +65,7 @@ def test_one_active_learning_iteration_within_the_budget(orchestrator, tmp_path)
     assert not set(chosen) & set(record["excluded_by_force_pool_indices"])
 
     # Again: the step is skipped and no DFT call is made or charged.
-    run, events = _run(orchestrator, config)
+    run, events = _run(all_services, config)
     assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
     assert orchestrator_pb2.RUN_EVENT_KIND_STEP_SKIPPED in _kinds(events, "active_learning.1")
     assert ledger.count() == len(rows)

@@ -5,8 +5,6 @@ step 1 then runs on that teacher."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -14,40 +12,17 @@ import yaml
 from ase import Atoms
 
 from pyacemaker.config import XtbOracleConfig
-from pyacemaker.rpc import channel
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, read_structures
-from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from pyacemaker.v1 import common_pb2, orchestrator_pb2
 from services.oracle.backends.xtb import XtbBackend
-from services.oracle.server import add_to_server as add_oracle
 from services.orchestrator.report import write_report
-from services.orchestrator.runner import RunManager
-from services.orchestrator.server import add_to_server as add_orchestrator
-from services.sampler.server import add_to_server as add_sampler
 from services.trainer.mace_finetune import load_model, model_atomic_energies
-from services.trainer.server import add_to_server as add_trainer
-from services.trainer.server import create_manager
-from tests.conftest import SN2_DIR, running_service
+from tests.conftest import SN2_DIR
 from tests.integration.test_orchestrator_step1 import _kinds, _run
 
 pytestmark = pytest.mark.slow
 _K = orchestrator_pb2
 SEEDS = ("reactant_complex.xyz", "transition_state.xyz", "product_complex.xyz")
-
-
-@pytest.fixture
-def orchestrator(artifact_store, tmp_path) -> Iterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
-    with ExitStack() as stack:
-        oracle = stack.enter_context(
-            running_service(lambda s: add_oracle(s, work_dir=tmp_path / "oracle", store=artifact_store))
-        )
-        sampler = stack.enter_context(running_service(lambda s: add_sampler(s, artifact_store)))
-        manager = create_manager(artifact_store, tmp_path / "trainer")
-        stack.callback(manager.shutdown)
-        trainer = stack.enter_context(running_service(lambda s: add_trainer(s, manager)))
-        runs = RunManager(artifact_store, sampler, oracle, trainer)
-        stack.callback(runs.shutdown)
-        address = stack.enter_context(running_service(lambda s: add_orchestrator(s, runs)))
-        yield orchestrator_pb2_grpc.OrchestratorServiceStub(stack.enter_context(channel(address)))
 
 
 def _fluoride_config(tmp_path: Path) -> Path:
@@ -77,9 +52,9 @@ def _fluoride_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_bootstrapped_teacher_knows_fluorine_and_step1_runs_on_it(orchestrator, tmp_path):
+def test_a_bootstrapped_teacher_knows_fluorine_and_step1_runs_on_it(all_services, tmp_path):
     config = _fluoride_config(tmp_path)
-    run, events = _run(orchestrator, config)
+    run, events = _run(all_services, config)
     assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
     run_dir = tmp_path / "runs" / "fluoride"
     teacher_dir = run_dir / "step0_teacher"
@@ -117,7 +92,7 @@ def test_a_bootstrapped_teacher_knows_fluorine_and_step1_runs_on_it(orchestrator
     assert f"H {expected[1]:.4f}, C {expected[6]:.4f}, F {expected[9]:.4f}" in teacher_section  # E0s, eV
 
     # Started again: both steps are found done and skipped.
-    run, events = _run(orchestrator, config)
+    run, events = _run(all_services, config)
     assert run.state == common_pb2.JOB_STATE_SUCCEEDED, run.error
     assert _kinds(events, "teacher_bootstrap") == [_K.RUN_EVENT_KIND_STEP_SKIPPED]
     assert _kinds(events, "direct_sampling") == [_K.RUN_EVENT_KIND_STEP_SKIPPED]
