@@ -15,6 +15,8 @@ from pyacemaker.deploy import local, podman
 from pyacemaker.executors.deployment import DeploymentError
 from pyacemaker.rpc import SecurityConfigError
 from services.oracle.deployment import DEPLOYMENT_ENV, load_deployment
+from services.trainer.deployment import DEPLOYMENT_ENV as TRAINER_DEPLOYMENT_ENV
+from services.trainer.deployment import load_trainer_deployment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +69,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "templates and scratch dirs of its executors; see docs/deployment.md (default: "
         "$PYACEMAKER_ORACLE_DEPLOYMENT, else the oracle's defaults)",
     )
+    up.add_argument(
+        "--trainer-deployment",
+        type=Path,
+        metavar="FILE",
+        help="local runtime: the trainer's deployment file, its executor profiles (Slurm/PBS settings, job "
+        "template, Apptainer image); see docs/deployment.md (default: $PYACEMAKER_TRAINER_DEPLOYMENT, else every "
+        "training job runs as a local process)",
+    )
     up.set_defaults(handler=run_up)
     down = subparsers.add_parser(
         "down",
@@ -95,6 +105,15 @@ def run_up(args: argparse.Namespace) -> int:
     ports = dict.fromkeys(local.SERVICES, 0) if args.ports == "auto" else None
     if args.runtime == "local" and (args.services or args.image or args.workdir):
         return fail("--services, --image and --workdir apply to --runtime podman only", EXIT_BAD_INPUT)
+    if args.trainer_deployment is not None:
+        if args.runtime != "local":
+            return fail("--trainer-deployment applies to --runtime local only", EXIT_BAD_INPUT)
+        try:
+            load_trainer_deployment(str(args.trainer_deployment))
+        except DeploymentError as exc:
+            return fail(str(exc), EXIT_BAD_INPUT)
+        # The trainer reads it from its environment, which the local processes inherit.
+        os.environ[TRAINER_DEPLOYMENT_ENV] = str(args.trainer_deployment.resolve())
     deployment = args.oracle_deployment or (
         Path(os.environ[DEPLOYMENT_ENV]) if os.environ.get(DEPLOYMENT_ENV) else None
     )
