@@ -72,7 +72,10 @@ def test_the_student_md_adds_high_gamma_frames_refits_and_checks_again(artifact_
         },
         "surrogate_labelling": {"shard_0000": shard},
         "mace_finetune": {"model_0": teacher, "model_1": teacher},
-        "active_learning": {"iteration": artifact_store.put_bytes(json.dumps(iteration).encode(), "record", ".json")},
+        "active_learning": {
+            "iteration": artifact_store.put_bytes(json.dumps(iteration).encode(), "record", ".json"),
+            "dft": artifact_store.put_bytes(b"unused", "structures", ".extxyz"),  # not read by the refinement
+        },
     }
     manager = create_manager(artifact_store, tmp_path / "trainer")
     progress: list[common_pb2.Progress] = []

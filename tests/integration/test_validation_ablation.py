@@ -49,7 +49,11 @@ def _context(tmp_path: Path, store: ArtifactStore, trainer_address: str, basis_s
                 "dft": dft,
                 "iteration": store.put_bytes(json.dumps(record).encode(), kind="al_iteration", suffix=".json"),
             },
-            "ace_fit": {"metrics": store.put_bytes(json.dumps(base_metrics).encode(), kind="report", suffix=".json")},
+            "ace_fit": {
+                "metrics": store.put_bytes(json.dumps(base_metrics).encode(), kind="report", suffix=".json"),
+                # Not read by the ablation: a step 6 always records its potential's files.
+                **{name: store.put_bytes(b"unused", kind="potential", suffix=f".{name}") for name in ("yaml", "yace")},
+            },
         },
     )
 

@@ -54,7 +54,7 @@ def test_stability_md_of_the_final_ace_and_the_independent_hold_out_md(tmp_path:
             oracle_address=oracle,
             trainer_address="",
             report=lambda progress: None,
-            previous={"delta_fit": {"yace": final}},
+            previous={"delta_fit": {"yace": final, "yaml": final}},  # the .yaml is not read here
         )
 
     with (

@@ -55,6 +55,10 @@ class StepRecord:
         return self.row.outputs
 
     @property
+    def metrics(self) -> dict[str, float]:
+        return self.row.metrics
+
+    @property
     def exported(self) -> dict[str, str]:
         return self.row.exported
 
