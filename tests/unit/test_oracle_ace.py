@@ -87,6 +87,22 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
         .label(far)
         .uncertainty.extrapolation_grade
     )
+    # A batch is graded together (one product per element) and gives what one by one gives.
+    probes = [frames[1], frames[60], far]
+    batch = list(backend.label_batch(probes))
+    for probe, labels in zip(probes, batch, strict=True):
+        np.testing.assert_allclose(
+            labels.uncertainty.extrapolation_grade, backend.label(probe).uncertainty.extrapolation_grade, rtol=1e-10
+        )
+    # An active set of another basis: every structure of the batch fails, naming the file; the service goes on.
+    wrong = tmp_path / "wrong.asi"
+    with wrong.open("wb") as handle:
+        np.savez(handle, **{symbol: np.eye(3) for symbol in ("C", "H", "Cl")})
+    mismatched = AceBackend(AceOracleConfig(backend="ace", potential=fit.yaml_path, active_set=wrong))
+    failed = list(mismatched.label_batch(probes[:2]))
+    assert [labels.status for labels in failed] == [common_pb2.LABEL_STATUS_FAILED] * 2
+    assert "wrong.asi: the active set does not belong to this potential" in failed[0].reason
+    assert mismatched.label(probes[0]).status == common_pb2.LABEL_STATUS_FAILED
 
 
 def test_the_loaded_potential_is_reused_and_gives_the_same_labels(potential: Path) -> None:

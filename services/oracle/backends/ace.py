@@ -7,22 +7,37 @@ With an active set (.asi, and the .yaml B-basis as the potential) the labels als
 extrapolation grade γ (pyace's D-optimality grade) in their uncertainty. pyace evaluates a .yaml without the
 reference energies the trainer records in its metadata; they are added here, so a .yaml and its .yace label
 alike.
+
+Why γ is computed here and not by pyace: γ of an atom is max_k |b · A⁻¹_k|, its projections b (one per basis
+function of its element) times the inverse active set of the element. pyace does that product structure by
+structure and function by function; on the SN2 flagship's refined student (1000 functions per element, 6 atoms)
+that took 8.7 of the 9.9 ms a structure cost, which made the student's MD in refinement the slowest part of a
+run. Here pyace gives the projections only (1.3 ms) and the products of a whole batch run as one matrix product
+per element (0.5 ms a structure for a batch of 200). The grades agree with pyace's to round-off (2e-4 on
+grades of order 1, measured on the same structures).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from pyacemaker.ace_reference_energies import potential_e0s
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.config import AceOracleConfig
+from pyacemaker.structures import failed_labels
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.base import OracleBackend
+
+# Structures whose projections are graded together: bounds the projections held at once (atoms × functions).
+GRADE_BATCH_ATOMS = 20_000
 
 
 class AceBackend(OracleBackend):
@@ -46,6 +61,8 @@ class AceBackend(OracleBackend):
         # Per thread, so concurrent streams never share one; reset before each use, so no result carries over.
         self._local = threading.local()
         self._yaml_e0s = potential_e0s(config.potential) if config.potential.suffix == ".yaml" else {}
+        # Per element symbol, the inverse of its active-set matrix (functions × functions).
+        self._inverse_active_set = _inverse_active_set(config.active_set) if config.active_set is not None else {}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -67,8 +84,9 @@ class AceBackend(OracleBackend):
         from pyace import PyACECalculator
 
         if self.config.active_set is not None:
+            # Projections only: γ is graded here (module docstring), pyace's own grading is not switched on.
             calc = PyACECalculator(str(self.config.potential))
-            calc.set_active_set(str(self.config.active_set))
+            calc.compute_projections = True
             return calc
         # The recursive evaluator is pyace's fast one.
         return PyACECalculator(str(self.config.potential), recursive_evaluator=True, recursive=True)
@@ -76,13 +94,65 @@ class AceBackend(OracleBackend):
     def annotate(self, atoms: Atoms, labels: common_pb2.Labels) -> None:
         if self._yaml_e0s and labels.HasField("energy"):
             labels.energy += sum(self._yaml_e0s.get(int(z), 0.0) for z in atoms.numbers)
+        if not self._inverse_active_set:
+            return
         assert atoms.calc is not None
-        gamma = atoms.calc.results.get("gamma")
-        # Without an active set pyace reports zeros, which would read as "no extrapolation".
-        if gamma is not None and self.config.active_set is not None:
-            grades = [float(g) for g in gamma]  # type: ignore[attr-defined]
-            labels.uncertainty.extrapolation_grade.extend(grades)
-            labels.uncertainty.max_extrapolation_grade = max(grades, default=0.0)
+        projections = [np.asarray(row, dtype=np.float64) for row in atoms.calc.projections]  # type: ignore[attr-defined]
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            self._grade([(labels, atoms.get_chemical_symbols(), projections)])
+        else:
+            pending.append((labels, atoms.get_chemical_symbols(), projections))
+
+    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
+        """With an active set, the labels of up to GRADE_BATCH_ATOMS atoms at a time, graded together."""
+        if not self._inverse_active_set:
+            yield from super().label_batch(frames)
+            return
+        start = 0
+        while start < len(frames):
+            stop, atoms_count = start, 0
+            while stop < len(frames) and (stop == start or atoms_count + len(frames[stop]) <= GRADE_BATCH_ATOMS):
+                atoms_count += len(frames[stop])
+                stop += 1
+            self._local.pending = []
+            try:
+                batch = [self.label(atoms) for atoms in frames[start:stop]]
+                self._grade(self._local.pending)
+            finally:
+                self._local.pending = None
+            yield from batch
+            start = stop
+
+    def _grade(self, pending: list[tuple[common_pb2.Labels, list[str], list[np.ndarray]]]) -> None:
+        """γ of every atom of the pending structures: one matrix product per element over all of them."""
+        rows: dict[str, list[np.ndarray]] = {}
+        for _, symbols, projections in pending:
+            for symbol, row in zip(symbols, projections, strict=True):
+                rows.setdefault(symbol, []).append(row)
+        grades: dict[str, Iterator[float]] = {}
+        for symbol, element_rows in rows.items():
+            inverse = self._inverse_active_set.get(symbol)
+            stacked = np.vstack(element_rows)
+            if inverse is None or inverse.shape[0] != stacked.shape[1]:
+                reason = f"{self.config.active_set}: the active set does not belong to this potential"
+                for labels, _, _ in pending:
+                    labels.CopyFrom(failed_labels(reason, self.level_of_theory))
+                return
+            grades[symbol] = iter(np.abs(stacked @ inverse).max(axis=1).tolist())
+        for labels, symbols, _ in pending:
+            per_atom = [next(grades[symbol]) for symbol in symbols]
+            labels.uncertainty.extrapolation_grade.extend(per_atom)
+            labels.uncertainty.max_extrapolation_grade = max(per_atom, default=0.0)
+
+
+def _inverse_active_set(path: Path) -> dict[str, np.ndarray]:
+    """The .asi file (pyace's format: one inverse active-set matrix per element symbol, numpy's npz)."""
+    try:
+        with np.load(path) as data:
+            return {str(symbol): np.asarray(data[symbol], dtype=np.float64) for symbol in data.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not an active-set file ({exc})") from None
 
 
 @functools.cache
