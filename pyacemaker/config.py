@@ -1044,6 +1044,14 @@ class TrainerConfig(_Strict):
         "trainer's host) or a name its `executors` define (a Slurm/PBS job with the partition, resources, job "
         "template and Apptainer image set there); default: the deployment's default_executor ('local' without one).",
     )
+    fit_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="CPU threads of each linear ACE fit (base, refits, delta: the BLAS of their normal equations); "
+        "0: every core the trainer's worker may run on. The pipeline runs these fits while nothing else computes; "
+        "set a number when other work shares the trainer's machine.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -22,6 +22,10 @@ _START_TIMEOUT_S = 60.0
 _MAX_RESUMES = 3
 
 
+# Job kinds whose work is BLAS on the normal equations: they get `trainer.fit_threads` threads.
+LINEAR_FIT_JOBS = ("ace_fit", "delta_fit")
+
+
 def run_trainer_job(ctx: StepContext, request: trainer_pb2.StartJobRequest, stage: str) -> common_pb2.Job:
     """Start the job (or find the one with the same spec), stream its progress into the run's events, and return
     the finished job; raises RuntimeError when it did not succeed."""
@@ -29,6 +33,9 @@ def run_trainer_job(ctx: StepContext, request: trainer_pb2.StartJobRequest, stag
     if spec is None:
         raise ValueError("StartJobRequest without a spec")
     request.executor_profile = ctx.config.trainer.executor or ""  # empty: the trainer deployment's default
+    if spec in LINEAR_FIT_JOBS and not request.HasField("threads"):
+        # The pipeline runs its fits when nothing else computes: they may take the trainer's cores.
+        request.threads = ctx.config.trainer.fit_threads
     digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
     request.idempotency_key = f"{ctx.run_dir}:{spec}:{digest}"
     with channel(ctx.trainer_address) as ch:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -71,6 +72,19 @@ def run_request(
     return cast(JobResult, run(getattr(request, kind), store, work_dir, progress))
 
 
+def limit_threads(requested: int) -> int:
+    """Let BLAS/OpenMP use `requested` threads (0: every core this process may run on, never more); returns
+    the number set. Set at run time (threadpoolctl), since numpy's BLAS started with the trainer's
+    OMP_NUM_THREADS; exported too, for anything the job starts."""
+    from threadpoolctl import threadpool_limits
+
+    cores = len(os.sched_getaffinity(0))
+    threads = cores if requested == 0 else min(requested, cores)
+    threadpool_limits(limits=threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def main(argv: list[str] | None = None) -> int:
     from services.trainer.jobs import REQUEST_FILE, WORK_SUBDIR
 
@@ -84,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = ProgressWriter(job_dir / PROGRESS_FILE)
     try:
         request = trainer_pb2.StartJobRequest.FromString((job_dir / REQUEST_FILE).read_bytes())
+        if request.HasField("threads"):
+            log.info("%d CPU threads for this job", limit_threads(request.threads))
         progress.stage("start", message="resuming from the last checkpoint" if args.resume else "starting")
         result = run_request(request, ArtifactStore(args.store), job_dir / WORK_SUBDIR, progress, args.resume)
     except Exception as exc:  # every failure becomes the job's error message

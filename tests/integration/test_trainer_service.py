@@ -110,12 +110,17 @@ def test_ace_fit_then_delta_fit_through_the_service(trainer, artifact_store: Art
                 dft_data=[put_frames(artifact_store, tmp_path, "dft", b_frames[:20])],
                 surrogate_data=request.ace_fit.train_data,
                 random_seed=1,
-            )
+            ),
+            threads=0,  # every core the worker may run on
         ),
         timeout=30,
     ).job
     delta = wait_until_done(stub, delta.job_id)
     assert delta.state == common_pb2.JOB_STATE_SUCCEEDED, delta.error
+    # The delta's worker took the cores; the base fit, sent without threads, kept the trainer's setting.
+    cores = len(os.sched_getaffinity(0))
+    assert f"{cores} CPU threads for this job" in (manager.job_dir(delta.job_id) / "worker.log").read_text()
+    assert "CPU threads for this job" not in (manager.job_dir(job.job_id) / "worker.log").read_text()
     assert len([r for r in delta.outputs if r.uri.endswith(".yace")]) == 1  # one self-contained potential
     assert {r.kind for r in delta.outputs} >= {"pacemaker_dataset", "pacemaker_input"}
     assert delta.metrics["final_dft_energy_rmse_ev_per_atom"] < delta.metrics["base_dft_energy_rmse_ev_per_atom"]
