@@ -41,6 +41,7 @@ from pyacemaker.rpc import InvalidInputError
 from pyacemaker.v1 import trainer_pb2
 from services.trainer import linear_ace, pacemaker_export
 from services.trainer.datasets import (
+    artifact_paths,
     check_finite,
     e0s_by_number,
     elements_of,
@@ -57,6 +58,8 @@ from services.trainer.results import JobResult
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("linear", "nonlinear")
+# Artifact kind of a fit's kept normal equations (EquationsReuse).
+NORMAL_EQUATIONS_KIND = "normal_equations"
 # A larger ACE cutoff is not a local potential any more (pyace's basis grows with it); 0 means inferred.
 MAX_CUTOFF_A = 20.0
 # Cutoff = this many times the largest sum of two covalent radii, clamped to the range below (Å).
@@ -246,6 +249,97 @@ def report_cross_validation(fit: linear_ace.RidgeFit, progress: ProgressWriter |
         )
 
 
+@dataclass
+class EquationsReuse:
+    """A refit that adds data to a fit on the same basis need not compute the rows of that fit's frames again:
+    the fit saves its normal equations per cross-validation fold (`keep`), and the refit, on the same basis (the
+    pacemaker section of the first fit's .yaml), starts from them (`start_from`, holding the first `covered`
+    frames) and adds the rows of the frames after those. A known group keeps its fold, new groups are placed
+    onto the folds' loads (`linear_ace.extend_group_folds`), so the result equals a fit of all frames on that
+    basis with those folds, to the round-off of the sums (measured: coefficients agree to 1e-9 relative).
+    Measured on the SN2 flagship's refit (3104 frames, 3000 functions, 1 thread): the rows and their Gram
+    matrices were 135 of its 262 s."""
+
+    section: dict[str, Any] | None = None  # the basis, as pacemaker's potential section of a linear fit
+    start_from: Path | None = None
+    covered: int = 0
+    keep: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # recorded with the kept equations
+
+
+def section_settings(
+    section: dict[str, Any], frames: Sequence[Atoms]
+) -> tuple[list[str], float, int, dict[str, dict[str, float]]]:
+    """(elements, cutoff, functions per element, core repulsion per pair as `add_core_repulsion` returns it)
+    of a linear fit's section; InvalidInputError when the frames hold an element it lacks."""
+    elements = [str(symbol) for symbol in section["elements"]]
+    missing = sorted(set(elements_of(frames)) - set(elements))
+    if missing:
+        raise InvalidInputError(f"ace_fit.basis has no functions for {', '.join(missing)}, which the data hold")
+    cutoff = float(section["bonds"]["ALL"]["rcut"])
+    core: dict[str, dict[str, float]] = {}
+    for name, bond in section["bonds"].items():
+        if name == "ALL" or "r_in" not in bond:
+            continue
+        symbols = name.split()
+        a, b = sorted(symbols * 2 if len(symbols) == 1 else symbols)
+        prefactor, lam = bond["core-repulsion"]
+        core[f"{a}-{b}"] = {
+            "r_in_a": bond["r_in"],
+            "delta_in_a": bond["delta_in"],
+            "prefactor_ev_a": prefactor,
+            "lambda": lam,
+        }
+    return elements, cutoff, int(section["functions"]["number_of_functions_per_element"]), core
+
+
+def create_basis_config(section: dict[str, Any]) -> Any:
+    from pyace.multispecies_basisextension import create_multispecies_basis_config
+
+    return create_multispecies_basis_config(section)
+
+
+def _e0_json(e0s: dict[int, float]) -> dict[str, float]:
+    return {str(z): float(e) for z, e in sorted(e0s.items())}
+
+
+def _saved_equations(
+    path: Path,
+    covered: int,
+    identity: str,
+    e0s: dict[int, float],
+    with_stress: bool,
+    groups: Sequence[str],
+    seed: int,
+) -> tuple[linear_ace.FoldedNormalEquations, np.ndarray]:
+    """Saved equations of the first `covered` frames and the folds of all frames; InvalidInputError naming what
+    does not match this fit (another basis, other reference energies, stress rows, frame count)."""
+    try:
+        metadata = linear_ace.equations_metadata(path)
+    except linear_ace.LinearAceError as exc:
+        raise InvalidInputError(f"ace_fit.normal_equations: {exc}") from None
+    problems = []
+    if metadata.get("basis") != identity:
+        problems.append("they were made for another basis than ace_fit.basis")
+    if metadata.get("e0s") != _e0_json(e0s):
+        problems.append("with other reference energies (ace_fit.e0s)")
+    if metadata.get("fit_stress") != with_stress:
+        problems.append("with stress rows" if metadata.get("fit_stress") else "without stress rows")
+    if metadata.get("structures") != covered:
+        problems.append(f"for {metadata.get('structures')} structures, but their shards hold {covered}")
+    if problems:
+        raise InvalidInputError(f"ace_fit.normal_equations do not fit this fit: {'; '.join(problems)}")
+    equations = linear_ace.load_equations(path)
+    known: dict[str, int] = metadata["group_folds"]
+    folds = linear_ace.extend_group_folds(known, equations.rows_energy.tolist(), groups, seed)
+    if any(int(folds[i]) != known.get(groups[i], -1) for i in range(covered)):
+        raise InvalidInputError("ace_fit.normal_equations: their groups are not those of the frames they cover")
+    if with_stress and not equations.with_stress:
+        equations.gram_stress = np.zeros((equations.n_folds, equations.n_functions, equations.n_functions))
+        equations.with_stress = True
+    return equations, folds
+
+
 def fit_linear_ace(
     frames: Sequence[Atoms],
     out_dir: Path,
@@ -258,6 +352,7 @@ def fit_linear_ace(
     progress: ProgressWriter | None = None,
     core_repulsion: bool = True,
     stress_weight: float = linear_ace.DEFAULT_STRESS_WEIGHT,
+    reuse: EquationsReuse | None = None,
 ) -> AceFitResult:
     """Fit a linear ACE to labelled frames and write <stem>.yaml, .yace, .asi into out_dir.
 
@@ -265,20 +360,28 @@ def fit_linear_ace(
     stoichiometry only their sum is determined; the minimum-norm split is taken). With `core_repulsion`, the
     basis gets inner cutoffs and a core repulsion (module docstring). The ridge strength is chosen by
     cross-validation over whole groups (MD trajectories; `linear_ace.structure_groups`). Periodic frames with
-    a stress label add stress rows weighted by `stress_weight` (0: none)."""
+    a stress label add stress rows weighted by `stress_weight` (0: none). `reuse`: fit on a given basis,
+    starting from saved normal equations and/or saving this fit's (`EquationsReuse`)."""
     from pyace import ACEBBasisSet
 
     if len(frames) < 2:
         raise InvalidInputError(f"a linear ACE fit needs at least 2 labelled structures, got {len(frames)}")
     started = time.perf_counter()
-    elements = elements_of(frames)
-    cutoff = cutoff or infer_cutoff(elements)
-    functions_per_element = functions_per_element or infer_functions_per_element(frames, elements)
+    reuse = reuse or EquationsReuse()
+    if reuse.section is not None:
+        section = reuse.section
+        elements, cutoff, functions_per_element, core = section_settings(section, frames)
+        config = create_basis_config(section)
+    else:
+        elements = elements_of(frames)
+        cutoff = cutoff or infer_cutoff(elements)
+        functions_per_element = functions_per_element or infer_functions_per_element(frames, elements)
+        config = basis_config(elements, cutoff, functions_per_element)
+        core = add_core_repulsion(config, frames, cutoff) if core_repulsion else {}
+        section = basis_section(elements, cutoff, functions_per_element, core)
     if e0s:
         require_e0s(e0s, elements, "e0s")
     given = dict(e0s or {})
-    config = basis_config(elements, cutoff, functions_per_element)
-    core = add_core_repulsion(config, frames, cutoff) if core_repulsion else {}
     basis = ACEBBasisSet(config)
     # Without given E0s, per-element reference energies are fitted with the basis (unpenalised columns).
     design = linear_ace.AceDesign(basis, reference_elements=() if given else elements)
@@ -286,24 +389,50 @@ def fit_linear_ace(
         linear_ace.check_active_set_data(design, frames)
     except linear_ace.LinearAceError as exc:
         raise InvalidInputError(str(exc)) from None
-    targets = linear_targets(frames, given, design, with_stress=stress_weight > 0)
-    try:
-        n_folds = linear_ace.folds_within_memory(
-            design.n_columns, len(frames), MAX_FOLDS, matrices_per_fold=3 if targets.has_stress else 2
-        )
-    except linear_ace.LinearAceError as exc:
-        raise InvalidInputError(str(exc)) from None
+    with_stress = stress_weight > 0
     groups = linear_ace.structure_groups(frames)
-    folds, n_folds = linear_ace.group_folds(groups, n_folds, seed)
+    identity = linear_ace.basis_identity(basis) if reuse.start_from or reuse.keep else ""
+    covered = reuse.covered if reuse.start_from else 0
+    # Rows are computed for the frames the saved equations do not hold; the equations hold the others'.
+    targets = linear_targets(frames[covered:], given, design, with_stress=with_stress)
+    if reuse.start_from is not None:
+        equations, folds = _saved_equations(reuse.start_from, covered, identity, given, with_stress, groups, seed)
+        n_folds = equations.n_folds
+    else:
+        try:
+            n_folds = linear_ace.folds_within_memory(
+                design.n_columns, len(frames), MAX_FOLDS, matrices_per_fold=3 if targets.has_stress else 2
+            )
+        except linear_ace.LinearAceError as exc:
+            raise InvalidInputError(str(exc)) from None
+        folds, n_folds = linear_ace.group_folds(groups, n_folds, seed)
+        equations = None
 
     def report(done: int, total: int, message: str) -> None:
         if progress is not None:
             progress.stage("ace_fit", done, total, message)
 
     log.info(
-        "linear ACE: %d structures, %s, cutoff %.2f Å, %d functions", len(frames), elements, cutoff, design.n_functions
+        "linear ACE: %d structures (%d from saved normal equations), %s, cutoff %.2f Å, %d functions",
+        len(frames),
+        covered,
+        elements,
+        cutoff,
+        design.n_functions,
     )
-    equations = linear_ace.accumulate(design, frames, targets, folds, n_folds, report)
+    equations = linear_ace.accumulate(
+        design, frames[covered:], targets, folds[covered:], n_folds, report, into=equations
+    )
+    if reuse.keep is not None:
+        fold_of = {group: int(fold) for group, fold in zip(groups, folds, strict=True)}
+        metadata = {
+            "basis": identity,
+            "structures": len(frames),
+            "e0s": _e0_json(given),
+            "fit_stress": with_stress,
+            "group_folds": fold_of,
+        }
+        linear_ace.save_equations(equations, reuse.keep, {**reuse.metadata, **metadata})
     n_free = design.n_columns - design.n_functions
     # The one-standard-error rule: a base that extrapolates tamely beats one a hair better on its own data.
     fit = linear_ace.fit_ridge_cv(
@@ -314,7 +443,6 @@ def fit_linear_ace(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / f"{stem}.yaml", out_dir / f"{stem}.yace", out_dir / f"{stem}.asi")
     references = given or fitted_references
-    section = basis_section(elements, cutoff, functions_per_element, core)
     section_json = {pacemaker_export.SECTION_METADATA_KEY: json.dumps(section)}
     linear_ace.write_potential(basis, coeffs, references, paths[0], paths[1], section_json)
     energy_weights, forces_weights = pacemaker_export.block_weights([(frames, 1.0)])
@@ -340,8 +468,9 @@ def fit_linear_ace(
         "fit_time_s": fit_seconds,
         "stress_weight": stress_weight,
         "stress_structures_count": float(sum(value is not None for value in targets.stress)),
+        "reused_equations_structures_count": float(covered),
     }
-    if targets.has_stress:
+    if equations.with_stress:
         metrics["train_virial_rmse_ev_per_atom"] = train_stress
         metrics["cv_virial_rmse_ev_per_atom"] = fit.cv_stress_rmse
     for pair, values in core.items():
@@ -376,17 +505,37 @@ def validate_ace_fit(spec: trainer_pb2.AceFitSpec, store: ArtifactStore) -> None
     e0s_by_number(spec.e0s)
     shard_paths(store, spec.train_data, "ace_fit.train_data")
     shard_paths(store, spec.validation_data, "ace_fit.validation_data")
+    linear_only = [
+        name
+        for name, given in (
+            ("basis", spec.HasField("basis")),
+            ("normal_equations", spec.HasField("normal_equations")),
+            ("keep_normal_equations", spec.keep_normal_equations),
+        )
+        if given
+    ]
     if spec.model_kind == "nonlinear":
+        if linear_only:
+            raise InvalidInputError(f"ace_fit.{linear_only[0]} is for linear fits, not model_kind 'nonlinear'")
         from services.trainer.pacemaker_nonlinear import require_tensorflow
 
         require_tensorflow()
+    if spec.HasField("normal_equations") and not spec.HasField("basis"):
+        raise InvalidInputError("ace_fit.normal_equations need ace_fit.basis, the basis they were made for")
+    for name in ("basis", "normal_equations"):
+        if spec.HasField(name):
+            artifact_paths(store, [getattr(spec, name)], f"ace_fit.{name}")
 
 
 def run_ace_fit(
     spec: trainer_pb2.AceFitSpec, store: ArtifactStore, work_dir: Path, progress: ProgressWriter
 ) -> JobResult:
     progress.stage("load_data", message="reading and verifying the training shards")
-    frames = load_labelled(store, spec.train_data, "ace_fit.train_data")
+    reuse, covered_shards = equations_reuse(spec, store, work_dir)
+    # The frames of the shards the saved equations hold come first (their count is what the equations hold).
+    frames = load_labelled(store, spec.train_data[:covered_shards], "ace_fit.train_data")
+    reuse.covered = len(frames)
+    frames += load_labelled(store, spec.train_data[covered_shards:], "ace_fit.train_data")
     validation = load_labelled(store, spec.validation_data, "ace_fit.validation_data")
     e0s = e0s_by_number(spec.e0s)
     out_dir = work_dir / "output"
@@ -411,8 +560,41 @@ def run_ace_fit(
             progress,
             core_repulsion=not spec.no_core_repulsion,
             stress_weight=stress_weight_of(spec),
+            reuse=reuse,
         )
+        if reuse.keep is not None:
+            result.extra_files.append((reuse.keep, NORMAL_EQUATIONS_KIND))
     return store_fit_outputs(store, result, progress)
+
+
+def equations_reuse(spec: trainer_pb2.AceFitSpec, store: ArtifactStore, work_dir: Path) -> tuple[EquationsReuse, int]:
+    """The spec's basis, saved equations and where to keep this fit's; and how many leading shards of
+    train_data the saved equations hold."""
+    shards = [ref.sha256 for ref in spec.train_data]
+    reuse = EquationsReuse(metadata={"shards": shards})
+    if spec.keep_normal_equations:
+        reuse.keep = work_dir / "normal_equations.npz"
+        reuse.keep.parent.mkdir(parents=True, exist_ok=True)
+    if spec.HasField("basis"):
+        (basis_path,) = artifact_paths(store, [spec.basis], "ace_fit.basis")
+        try:
+            reuse.section = pacemaker_export.section_of(basis_path)
+        except RuntimeError as exc:  # pyace's message for a file that is not a basis
+            raise InvalidInputError(f"ace_fit.basis: not an ACE .yaml ({exc})") from None
+        if reuse.section is None:
+            raise InvalidInputError("ace_fit.basis: not a linear fit's .yaml (it records no pacemaker section)")
+    if spec.HasField("normal_equations"):
+        (reuse.start_from,) = artifact_paths(store, [spec.normal_equations], "ace_fit.normal_equations")
+        try:
+            covered_shards = list(linear_ace.equations_metadata(reuse.start_from).get("shards", []))
+        except linear_ace.LinearAceError as exc:
+            raise InvalidInputError(f"ace_fit.normal_equations: {exc}") from None
+        if not covered_shards or shards[: len(covered_shards)] != covered_shards:
+            raise InvalidInputError(
+                "ace_fit.normal_equations were made from shards that are not the first ones of ace_fit.train_data"
+            )
+        return reuse, len(covered_shards)
+    return reuse, 0
 
 
 def stress_weight_of(spec: trainer_pb2.AceFitSpec | trainer_pb2.DeltaFitSpec) -> float:
@@ -431,6 +613,7 @@ def store_fit_outputs(store: ArtifactStore, result: AceFitResult, progress: Prog
         store.put_file(result.yace_path, "potential"),
         store.put_file(result.asi_path, "active_set"),
         store.put_file(report, "report"),
-        *(store.put_file(path, kind) for path, kind in result.extra_files),
+        # Moved, not copied: kept normal equations are hundreds of MB.
+        *(store.put_file(path, kind, move=True) for path, kind in result.extra_files),
     ]
     return JobResult(metrics=result.metrics, outputs=outputs)

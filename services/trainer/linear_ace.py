@@ -40,8 +40,12 @@ the training folds measures interpolation, which chooses too weak a ridge.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import hashlib
+import json
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,6 +335,60 @@ class FoldedNormalEquations:
         )
 
 
+# What a saved set of normal equations holds besides its metadata.
+_EQUATION_ARRAYS = tuple(f.name for f in dataclasses.fields(FoldedNormalEquations) if not f.init)
+
+
+def save_equations(equations: FoldedNormalEquations, path: Path, metadata: dict[str, Any]) -> None:
+    """The equations and what they were made from (`metadata`, JSON) in one .npz file (uncompressed: Gram
+    matrices of real data do not compress, and a refit reads them back at disk speed)."""
+    header = {"n_functions": equations.n_functions, "n_folds": equations.n_folds, "with_stress": equations.with_stress}
+    with path.open("wb") as handle:
+        np.savez(
+            handle,
+            metadata=np.array(json.dumps({**metadata, **header})),
+            **{name: getattr(equations, name) for name in _EQUATION_ARRAYS},
+        )
+
+
+def equations_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of saved equations, without reading the matrices."""
+    try:
+        with np.load(path) as data:
+            return dict(json.loads(str(data["metadata"])))
+    except (OSError, ValueError, KeyError) as exc:
+        raise LinearAceError(f"{path.name}: not a file of saved normal equations ({exc})") from None
+
+
+def load_equations(path: Path) -> FoldedNormalEquations:
+    metadata = equations_metadata(path)
+    equations = FoldedNormalEquations.__new__(FoldedNormalEquations)  # no zero matrices allocated first
+    equations.n_functions = int(metadata["n_functions"])
+    equations.n_folds = int(metadata["n_folds"])
+    equations.with_stress = bool(metadata["with_stress"])
+    with np.load(path) as data:
+        for name in _EQUATION_ARRAYS:
+            setattr(equations, name, np.array(data[name]))
+    return equations
+
+
+def basis_identity(basis: Any) -> str:
+    """sha256 of a B-basis without its coefficients and metadata: what the design rows depend on. Two fits on
+    one basis (a base and its refit, a delta on it) have the same identity whatever their coefficients and
+    reference energies."""
+    from pyace import ACEBBasisSet
+    from pyace.basis import MapStringString
+
+    bare = ACEBBasisSet(basis.to_BBasisConfiguration())
+    bare.basis_coeffs = np.zeros(len(bare.basis_coeffs))
+    config = bare.to_BBasisConfiguration()
+    config.metadata = MapStringString()
+    with tempfile.TemporaryDirectory(prefix="basis-") as scratch:
+        path = Path(scratch) / "basis.yaml"
+        config.save(str(path))
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def folds_within_memory(
     n_columns: int, n_structures: int, wanted: int, extra_matrices: int = 0, matrices_per_fold: int = 2
 ) -> int:
@@ -367,15 +425,34 @@ def group_fold_assignment(groups: Sequence[str], n_folds: int, seed: int) -> np.
     sizes = {name: 0 for name in names}
     for name in groups:
         sizes[name] += 1
+    fold_of = _place_groups(sizes, {}, np.zeros(n_folds, dtype=np.int64), seed)
+    return np.array([fold_of[name] for name in groups], dtype=np.int64)
+
+
+def extend_group_folds(known: dict[str, int], loads: Sequence[int], groups: Sequence[str], seed: int) -> np.ndarray:
+    """Folds for `groups` when some groups were placed before (`known`, with `loads` structures per fold then):
+    a known group keeps its fold, new groups are placed as `group_fold_assignment` places them, onto the loads
+    there are. So the normal equations of the structures placed before stay valid fold by fold."""
+    sizes = {name: 0 for name in sorted(set(groups)) if name not in known}
+    for name in groups:
+        if name in sizes:
+            sizes[name] += 1
+    fold_of = _place_groups(sizes, known, np.array(loads, dtype=np.int64), seed)
+    return np.array([fold_of[name] for name in groups], dtype=np.int64)
+
+
+def _place_groups(sizes: dict[str, int], known: dict[str, int], load: np.ndarray, seed: int) -> dict[str, int]:
+    """Groups (name: structures) in random order, largest first, each into the fold that holds the fewest
+    structures so far."""
+    names = sorted(sizes)
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
     order.sort(key=lambda name: -sizes[name])  # stable: ties keep the random order
-    load = np.zeros(n_folds, dtype=np.int64)
-    fold_of: dict[str, int] = {}
+    fold_of = dict(known)
     for name in order:
         fold = int(np.argmin(load))
         fold_of[name] = fold
         load[fold] += sizes[name]
-    return np.array([fold_of[name] for name in groups], dtype=np.int64)
+    return fold_of
 
 
 def group_folds(groups: Sequence[str], wanted: int, seed: int) -> tuple[np.ndarray, int]:
@@ -418,12 +495,14 @@ def accumulate(
     progress: ProgressCallback | None = None,
     stage: str = "design",
     with_references: bool = True,
+    into: FoldedNormalEquations | None = None,
 ) -> FoldedNormalEquations:
     """Fold every structure's rows into its fold's normal equations, CHUNK_STRUCTURES at a time; stress rows
     for the frames whose `targets.stress` entry is given. Without `with_references` the reference-energy
     columns are left out of these rows (zero). The targets are taken as given: a caller whose labels include
-    the basis's fixed part subtracts it first (`fixed_part`, `fixed_stress`)."""
-    equations = FoldedNormalEquations(design.n_columns, n_folds, with_stress=targets.has_stress)
+    the basis's fixed part subtracts it first (`fixed_part`, `fixed_stress`). `into`: equations of other
+    structures (same design and folds) to add these to."""
+    equations = into or FoldedNormalEquations(design.n_columns, n_folds, with_stress=targets.has_stress)
     with _garbage_collection_paused():
         _accumulate_into(equations, design, frames, targets, folds, progress, stage, with_references)
     return equations

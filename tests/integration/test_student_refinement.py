@@ -23,7 +23,7 @@ from services.oracle.server import add_to_server as add_oracle
 from services.orchestrator.steps import StepContext, step_key
 from services.orchestrator.steps.student_refinement import GAMMA_BIN_EDGES, StudentRefinementStep
 from services.sampler.server import add_to_server as add_sampler
-from services.trainer.ace_fit import fit_linear_ace
+from services.trainer.ace_fit import NORMAL_EQUATIONS_KIND, EquationsReuse, fit_linear_ace
 from services.trainer.evaluation import extrapolation_grades
 from services.trainer.server import add_to_server as add_trainer
 from services.trainer.server import create_manager
@@ -55,9 +55,11 @@ def _config(tmp_path: Path):
 def test_the_student_md_adds_high_gamma_frames_refits_and_checks_again(artifact_store, tmp_path):
     config = _config(tmp_path)
     train = xtb_frames()[:50]
-    base = fit_linear_ace(train, tmp_path / "base", e0s=xtb_e0s(), functions_per_element=10)
-    teacher = artifact_store.put_file(resolve_teacher("bundled"), kind="model")
     shard = artifact_store.put_file(write_extxyz_file(tmp_path / "shard.extxyz", train), kind="structures")
+    # The base keeps its normal equations, as step 6 does when the refinement is on.
+    kept = EquationsReuse(keep=tmp_path / "base_equations.npz", metadata={"shards": [shard.sha256]})
+    base = fit_linear_ace(train, tmp_path / "base", e0s=xtb_e0s(), functions_per_element=10, reuse=kept)
+    teacher = artifact_store.put_file(resolve_teacher("bundled"), kind="model")
     iteration = {
         "isolated_atom_energies_ev": {str(z): e for z, e in xtb_e0s().items()},
         "calibration_factor": 3.0,
@@ -69,6 +71,7 @@ def test_the_student_md_adds_high_gamma_frames_refits_and_checks_again(artifact_
             "yace": artifact_store.put_file(base.yace_path, "potential"),
             "asi": artifact_store.put_file(base.asi_path, "active_set"),
             "metrics": artifact_store.put_bytes(b"{}", "report", ".json"),
+            "normal_equations": artifact_store.put_file(tmp_path / "base_equations.npz", NORMAL_EQUATIONS_KIND),
         },
         "surrogate_labelling": {"shard_0000": shard},
         "mace_finetune": {"model_0": teacher, "model_1": teacher},
@@ -115,6 +118,9 @@ def test_the_student_md_adds_high_gamma_frames_refits_and_checks_again(artifact_
     # (γ 1: the edge of the data; measured max γ 1.29 with the one-standard-error ridge, above 2 at the CV minimum).
     assert first["max_gamma"] > 1.1 and first["frames_above_threshold"] > 0
     assert 0 < first["frames_added"] <= 30 and first["refit_metrics"]["structures_count"] == 50 + first["frames_added"]
+    # The refit kept the base's basis and took the base's 50 frames from its normal equations.
+    assert first["refit_metrics"]["reused_equations_structures_count"] == 50
+    assert first["refit_metrics"]["basis_functions_count"] == base.metrics["basis_functions_count"]
     # The added frames carry the committee's labels and their own trajectory groups; the base's γ on them
     # (recomputed with pyace directly) is above the threshold, except for structures where a replica stopped.
     added = read_structures(artifact_store.path(outcome.outputs["student_frames"]))

@@ -30,6 +30,8 @@ EXPORT_DIR = BASE_ACE_DIR
 POTENTIAL_FILES = {".yaml": "yaml", ".yace": "yace", ".asi": "asi", ".json": "metrics"}
 # Step 6's output: the committee-labelled DFT structures (a shard of the base's training data).
 DFT_STRUCTURES_OUTPUT = "dft_structures"
+# Step 6's output (and the trainer's artifact kind): the base fit's normal equations, for the refits of step 6b.
+NORMAL_EQUATIONS_OUTPUT = "normal_equations"
 # info entries of those frames: each its own cross-validation group, and where it comes from.
 DFT_STRUCTURES_SOURCE = "dft_structures"
 
@@ -81,6 +83,9 @@ def potential_outcome(job: common_pb2.Job, ctx: StepContext, stem: str, export_d
     if missing:
         raise RuntimeError(f"trainer job {job.job_id} returned no {', '.join(missing)} file")
     outputs = {POTENTIAL_FILES[suffix]: ref for suffix, ref in by_suffix.items() if suffix in POTENTIAL_FILES}
+    for ref in job.outputs:
+        if ref.kind == NORMAL_EQUATIONS_OUTPUT:
+            outputs[NORMAL_EQUATIONS_OUTPUT] = ref
     exports = {
         f"{ctx.export_prefix}{export_dir}/{stem}{suffix}": ref
         for suffix, ref in by_suffix.items()
@@ -116,6 +121,8 @@ class AceFitStep:
             extra[DFT_STRUCTURES_OUTPUT] = ctx.store.put_file(path, kind="structures", move=True)
             shards = [*shards, extra[DFT_STRUCTURES_OUTPUT]]
         spec = base_fit_spec(ctx, shards)
+        # The refinement's refits add frames to this fit on its basis: they start from its normal equations.
+        spec.keep_normal_equations = ctx.config.student_refinement.enabled and spec.model_kind == "linear"
         job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(ace_fit=spec), "base ACE fit on the surrogate set")
         outcome = potential_outcome(job, ctx, "base", EXPORT_DIR)
         outcome.outputs.update(extra)

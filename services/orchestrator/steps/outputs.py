@@ -51,6 +51,7 @@ class Potential:
     asi: Ref | None = None  # the active set (extrapolation grade γ)
     metrics: Ref | None = None  # the fit's metrics JSON
     dft_structures: Ref | None = None  # step 6: the committee-labelled DFT structures it was fitted on too
+    normal_equations: Ref | None = None  # step 6: its kept normal equations, where the refits of 6b start
     student_frames: Ref | None = None  # step 6b: the student-MD frames its refits added
     dft_candidates: Ref | None = None  # step 6b: high-γ student frames for the next active-learning step
     record: Ref | None = None  # step 6b: refinement.json

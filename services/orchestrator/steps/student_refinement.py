@@ -14,7 +14,9 @@ structures with the chloride beside the molecule, which no surrogate frame held.
    whose committee forces exceed active_learning.max_candidate_force left out (near-collisions: the core
    repulsion, not data, covers them);
 3. the base is refitted on step 6's training shards (step 5's and the committee-labelled DFT structures) plus
-   every round's frames (a trainer ace_fit job, as step 6).
+   every round's frames (a trainer ace_fit job, as step 6), on the base's basis (its cutoffs, functions and core
+   repulsion): so the refit starts from the normal equations step 6 kept and computes only the student frames'
+   rows (`services.trainer.ace_fit.EquationsReuse`).
 
 The rounds end when the student's MD stays below the threshold (no frame above it, no replica stopped) or
 after max_rounds refits. Frames of the student's MD where the committee itself is uncertain (its force spread,
@@ -95,7 +97,8 @@ class RoundRecord:
 
 class StudentRefinementStep:
     name = "student_refinement"
-    version = 1
+    # 2: refits keep the base's basis (and start from its normal equations)
+    version = 2
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         return {
@@ -301,8 +304,13 @@ def label_with_committee(
 def refit(
     ctx: StepContext, shards: list[common_pb2.ArtifactRef], record: RoundRecord
 ) -> dict[str, common_pb2.ArtifactRef]:
-    """The base fit again, on step 5's shards plus the student frames so far; the new potential's files."""
+    """The base fit again on the base's basis, on step 5's shards plus the student frames so far, starting from
+    the base fit's normal equations where step 6 kept them; the new potential's files."""
     spec = base_fit_spec(ctx, shards)
+    base = base_potential(ctx)
+    spec.basis.CopyFrom(base.yaml)
+    if base.normal_equations is not None:
+        spec.normal_equations.CopyFrom(base.normal_equations)
     job = run_trainer_job(
         ctx, trainer_pb2.StartJobRequest(ace_fit=spec), f"refit {record.round} with the student's frames"
     )
