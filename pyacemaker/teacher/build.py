@@ -38,7 +38,7 @@ from pyacemaker.config import XtbOracleConfig
 from pyacemaker.rpc import WrongStateError
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, write_extxyz
 from pyacemaker.teacher.dataset import GROUP_KEY, INDEX_C, INDEX_CL2, sn2_seeds, training_structures
-from pyacemaker.teacher.recipe import MACE_SETTINGS
+from pyacemaker.teacher.recipe import MACE_SETTINGS, split_frames
 from pyacemaker.teacher.resolve import BUNDLED_METRICS, BUNDLED_MODEL
 from pyacemaker.torch_device import DEVICE_SETTINGS, resolve_device
 
@@ -108,20 +108,6 @@ def label_with_xtb(frames: Sequence[Atoms]) -> list[Atoms]:
         copy.arrays["REF_forces"] = forces
         labelled.append(copy)
     return labelled
-
-
-def split(frames: list[Atoms], rng: np.random.Generator) -> dict[str, list[Atoms]]:
-    """Random train/valid/test split; single atoms always train (they carry no forces to test)."""
-    singles = [a for a in frames if len(a) == 1]
-    rest = [a for a in frames if len(a) > 1]
-    order = rng.permutation(len(rest))
-    n_test = round(TEST_FRACTION * len(rest))
-    n_valid = round(VALID_FRACTION * len(rest))
-    return {
-        "test": [rest[i] for i in order[:n_test]],
-        "valid": [rest[i] for i in order[n_test : n_test + n_valid]],
-        "train": [rest[i] for i in order[n_test + n_valid :]] + singles,
-    }
 
 
 def train_mace(
@@ -225,7 +211,7 @@ def build(
     started = time.perf_counter()
     frames = training_structures(SEED_DIR, relax_with_xtb, RANDOM_SEED)
     labelled = label_with_xtb(frames)
-    sets = split(labelled, np.random.default_rng(RANDOM_SEED + 1))
+    sets = split_frames(labelled, np.random.default_rng(RANDOM_SEED + 1), VALID_FRACTION, TEST_FRACTION)
     for name, subset in sets.items():
         write_extxyz(work_dir / f"{name}.extxyz", subset)
     e0s = isolated_atom_energies()

@@ -12,12 +12,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.structures import write_extxyz
-from pyacemaker.teacher.recipe import MACE_SETTINGS
+from pyacemaker.teacher.recipe import MACE_SETTINGS, split_frames
 from pyacemaker.torch_device import DEVICE_SETTINGS, resolve_device
 from pyacemaker.v1 import trainer_pb2
 from services.trainer.datasets import e0s_by_number, elements_of, load_labelled, require_e0s, shard_paths
@@ -59,15 +58,6 @@ def validate_mace_train(spec: trainer_pb2.MaceTrainSpec, store: ArtifactStore) -
     shard_paths(store, spec.validation_data, "mace_train.validation_data")
 
 
-def held_out(frames: list[Atoms], seed: int) -> tuple[list[Atoms], list[Atoms]]:
-    """(train, validation): a tenth of the multi-atom frames held out at random; single atoms always train."""
-    singles = [a for a in frames if len(a) == 1]
-    rest = [a for a in frames if len(a) > 1]
-    order = np.random.default_rng(seed).permutation(len(rest))
-    n_valid = max(1, round(VALIDATION_FRACTION * len(rest))) if len(rest) > 1 else 0
-    return [rest[i] for i in order[n_valid:]] + singles, [rest[i] for i in order[:n_valid]]
-
-
 def training_arguments(
     work_dir: Path, train_file: Path, valid_file: Path, e0s: dict[int, float], seed: int, epochs: int, device: str
 ) -> list[str]:
@@ -102,7 +92,8 @@ def run_mace_train(
     e0s = e0s_by_number(spec.e0s)
     require_e0s(e0s, elements_of([*train, *validation]), "mace_train.e0s")
     if not validation:
-        train, validation = held_out(train, int(spec.random_seed))
+        sets = split_frames(train, np.random.default_rng(int(spec.random_seed)), VALIDATION_FRACTION, min_valid=1)
+        train, validation = sets["train"], sets["valid"]
     if not validation:
         raise InvalidInputError("mace_train: no structure to validate on (give validation_data or more train_data)")
     work_dir.mkdir(parents=True, exist_ok=True)

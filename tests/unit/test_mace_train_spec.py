@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.structures import write_extxyz
+from pyacemaker.teacher.recipe import split_frames
 from pyacemaker.v1 import trainer_pb2
-from services.trainer.mace_train import held_out
+from services.trainer.mace_train import VALIDATION_FRACTION
 from services.trainer.worker import JOB_KINDS, validate_request
 
 
@@ -56,7 +58,15 @@ def test_a_request_without_a_spec_names_every_job_kind(tmp_path) -> None:
 
 def test_a_tenth_is_held_out_and_single_atoms_always_train() -> None:
     frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7 + 0.01 * i]]) for i in range(20)] + [Atoms("H")]
-    train, validation = held_out(frames, seed=0)
-    assert len(validation) == 2 and len(train) == 19
+    sets = split_frames(frames, np.random.default_rng(0), VALIDATION_FRACTION, min_valid=1)
+    train, validation = sets["train"], sets["valid"]
+    assert len(validation) == 2 and len(train) == 19 and not sets["test"]
     assert any(len(a) == 1 for a in train) and all(len(a) == 2 for a in validation)
-    assert held_out(frames, seed=0)[1][0].positions[1, 2] == validation[0].positions[1, 2]  # reproducible
+    again = split_frames(frames, np.random.default_rng(0), VALIDATION_FRACTION, min_valid=1)["valid"]
+    assert again[0].positions[1, 2] == validation[0].positions[1, 2]  # reproducible
+    # Few frames: a tenth rounds to none, but one is held out all the same (mace needs a validation set).
+    assert len(split_frames(frames[:4], np.random.default_rng(0), VALIDATION_FRACTION, min_valid=1)["valid"]) == 1
+    # The teacher build's three-way split: test and valid disjoint, every frame once.
+    three = split_frames(frames, np.random.default_rng(1), 0.1, test_fraction=0.1)
+    assert [len(three[k]) for k in ("test", "valid", "train")] == [2, 2, 17]
+    assert len({id(a) for part in three.values() for a in part}) == len(frames)

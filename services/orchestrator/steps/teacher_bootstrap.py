@@ -16,20 +16,19 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from pyacemaker.clients.oracle import stream_labels
 from pyacemaker.config import TeacherBootstrapConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import TEACHER_BOOTSTRAP_DIR
 from pyacemaker.structures import LEVEL_KEY, attach_labels, read_structures, structure_to_atoms, write_extxyz
 from pyacemaker.v1 import common_pb2, oracle_pb2, sampler_pb2, sampler_pb2_grpc, trainer_pb2
 from services.orchestrator.dft_labels import isolated_atoms, oracle_spec
+from services.orchestrator.model_labels import all_labels
 from services.orchestrator.steps import TEACHER_BOOTSTRAP_STEP, StepContext, StepOutcome
 from services.orchestrator.steps.direct_sampling import last_result
 from services.orchestrator.steps.surrogate_md import md_config, run_md_with
 from services.orchestrator.trainer_jobs import run_trainer_job
 
 EXPORT_DIR = TEACHER_BOOTSTRAP_DIR
-_BATCH = 64
 
 
 def bootstrap_config(ctx: StepContext) -> TeacherBootstrapConfig:
@@ -132,21 +131,16 @@ def cheap_labels(
     """(labelled copies, failed, above max_force): the frames the cheap level labels, those it could not, and
     those with a force component above `max_force` (rattles that pushed atoms together; a teacher trained on them
     learns walls it never needs at the cost of the region that matters)."""
-    labelled: list[Atoms | None] = [None] * len(frames)
+    labelled: list[Atoms] = []
     failed = too_hot = 0
-    with channel(ctx.oracle_address) as ch:
-        for done, (index, labels) in enumerate(stream_labels(ch, spec, frames, batch_size=_BATCH, timeout=3600), 1):
-            if labels.status != common_pb2.LABEL_STATUS_OK:
-                failed += 1
-            elif np.abs(np.asarray(labels.forces)).max(initial=0.0) > max_force:
-                too_hot += 1
-            else:
-                labelled[index] = attach_labels(frames[index].copy(), labels)
-            if done % _BATCH == 0 or done == len(frames):
-                ctx.report(
-                    common_pb2.Progress(stage="label", done=done, total=len(frames), message="cheap-level labels")
-                )
-    return [atoms for atoms in labelled if atoms is not None], failed, too_hot
+    for atoms, labels in zip(frames, all_labels(ctx, spec, frames, "cheap-level labels", "label"), strict=True):
+        if labels.status != common_pb2.LABEL_STATUS_OK:
+            failed += 1
+        elif np.abs(np.asarray(labels.forces)).max(initial=0.0) > max_force:
+            too_hot += 1
+        else:
+            labelled.append(attach_labels(atoms.copy(), labels))
+    return labelled, failed, too_hot
 
 
 def cheap_reference_energies(
