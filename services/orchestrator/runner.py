@@ -27,7 +27,7 @@ from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
 from pyacemaker.run_layout import FINAL_POTENTIAL, STATE_FILE, SUMMARY_FILE, in_iteration, iteration_dir
 from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import structure_to_atoms
-from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2
+from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2, trainer_pb2, trainer_pb2_grpc
 from services.orchestrator.ledger import DftLedger
 from services.orchestrator.state import RunState, StepRow
 from services.orchestrator.steps import RunCancelledError, Step, StepContext, StepOutcome, step_key
@@ -230,6 +230,7 @@ class RunManager:
         started = time.monotonic()
         try:
             self._check_oracle(handle.config)
+            self._check_trainer(handle.config)
             previous: dict[str, dict[str, common_pb2.ArtifactRef]] = {}
             for step in self._once_steps(handle.config):
                 previous[step.name] = self._run_step(handle, step, seeds, previous, 0)
@@ -389,6 +390,23 @@ class RunManager:
             raise RuntimeError(
                 f"oracle backend {wanted!r} is not available at {self.oracle_address}: "
                 f"{offered[wanted].unavailable_reason}"
+            )
+
+    def _check_trainer(self, config: RunConfig) -> None:
+        """Fail early when trainer.executor names a profile the trainer's deployment lacks, instead of at the first
+        training job, after the DFT of step 2."""
+        wanted = config.trainer.executor
+        if not wanted:
+            return
+        with channel(self.trainer_address) as ch:
+            info = trainer_pb2_grpc.TrainerServiceStub(ch).GetTrainerInfo(
+                trainer_pb2.GetTrainerInfoRequest(), timeout=30
+            )
+        if wanted not in info.executor_profiles:
+            raise RuntimeError(
+                f"trainer.executor: the trainer at {self.trainer_address} has no executor profile {wanted!r} (it has: "
+                f"{', '.join(info.executor_profiles)}); profiles are set in the trainer's deployment file "
+                "(executors.<name>, see docs/deployment.md)"
             )
 
     def _run_step(

@@ -90,8 +90,11 @@ class TrainerDeployment(_Strict):
             )
         return self
 
+    def profile_names(self) -> list[str]:
+        return [LOCAL_PROFILE, *sorted(self.executors)]
+
     def known(self) -> str:
-        return ", ".join([LOCAL_PROFILE, *sorted(self.executors)])
+        return ", ".join(self.profile_names())
 
     def profile_name(self, requested: str) -> str:
         """The profile a job runs under: the requested one, else the deployment's default. An unknown name is an

@@ -62,6 +62,14 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
         with _job_errors(context):
             return trainer_pb2.ResumeJobResponse(job=self.manager.resume(_job_id(request.job_id), request.restart))
 
+    def GetTrainerInfo(
+        self, request: trainer_pb2.GetTrainerInfoRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.GetTrainerInfoResponse:
+        deployment = self.manager.deployment
+        return trainer_pb2.GetTrainerInfoResponse(
+            executor_profiles=deployment.profile_names(), default_executor=deployment.default_executor
+        )
+
 
 @contextlib.contextmanager
 def _job_errors(context: grpc.ServicerContext) -> Iterator[None]:

@@ -513,6 +513,7 @@ def request_strategies(services: Services) -> dict[str, st.SearchStrategy[Any]]:
         "TrainerService.WatchJob": st.builds(trainer_pb2.WatchJobRequest, job_id=job_ids),
         "TrainerService.CancelJob": st.builds(trainer_pb2.CancelJobRequest, job_id=job_ids),
         "TrainerService.ResumeJob": st.builds(trainer_pb2.ResumeJobRequest, job_id=job_ids, restart=st.booleans()),
+        "TrainerService.GetTrainerInfo": st.just(trainer_pb2.GetTrainerInfoRequest()),
         "OrchestratorService.StartRun": start_run,
         "OrchestratorService.WatchRun": st.builds(
             orchestrator_pb2.WatchRunRequest, run_id=nasty_text, after_seq=nasty_int64

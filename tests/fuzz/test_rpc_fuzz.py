@@ -39,6 +39,7 @@ RPCS = [
     "TrainerService.WatchJob",
     "TrainerService.CancelJob",
     "TrainerService.ResumeJob",
+    "TrainerService.GetTrainerInfo",
     "OrchestratorService.StartRun",
     "OrchestratorService.WatchRun",
     "OrchestratorService.GetRun",
