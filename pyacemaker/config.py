@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from pyacemaker.mace_options import name_problem
-from pyacemaker.run_layout import STEP_DIRS
+from pyacemaker.run_layout import STEP_DIRS, StepName
 from pyacemaker.teacher.resolve import closest_model_name, is_model_name
 from pyacemaker.torch_device import DeviceSetting
 from pyacemaker.yaml_input import YamlInputError, load_yaml_file
@@ -1087,7 +1087,7 @@ class RunConfig(_Strict):
     stop_after: str | None = Field(
         None,
         description="End the run after this step of the first iteration (default: run to the end): one of "
-        + ", ".join(name for name in STEP_DIRS if name != "validation")
+        + ", ".join(name for name in STEP_DIRS if name != StepName.VALIDATION)
         + ".",
     )
 
@@ -1095,7 +1095,7 @@ class RunConfig(_Strict):
     @classmethod
     def _a_step_name(cls, name: str | None) -> str | None:
         # After the validation an iteration is over anyway: max_iterations says how many.
-        steps = [step for step in STEP_DIRS if step != "validation"]
+        steps = [step for step in STEP_DIRS if step != StepName.VALIDATION]
         if name is not None and name not in steps:
             raise ValueError(f"{name!r} is not a step; use one of {', '.join(steps)}")
         return name

@@ -12,6 +12,7 @@ The orchestrator writes these, the report and the CLI read them; both import the
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 STATE_FILE = "state.sqlite"
 SUMMARY_FILE = "run_summary.json"
@@ -30,22 +31,39 @@ STUDENT_REFINEMENT_DIR = "step6b_student_refinement"
 DELTA_DIR = "step7_delta"
 VALIDATION_DIR = "validation"
 
+
 # Every step of a run, in the order the run takes them, with its directory: the names the state file, the
 # events, the report and the config's `stop_after` use. The first two run once per run (the first only with
 # teacher.bootstrap); the others once per active-learning iteration, inside iteration_NN/.
+class StepName(StrEnum):
+    """A step's name: its state rows ("<name>" once per run, "<name>.<iteration>" for the looped steps), the key
+    of its outputs for later steps, its events and the config's `stop_after` value. A str: it is the name."""
+
+    TEACHER_BOOTSTRAP = "teacher_bootstrap"
+    DIRECT_SAMPLING = "direct_sampling"
+    ACTIVE_LEARNING = "active_learning"
+    MACE_FINETUNE = "mace_finetune"
+    SURROGATE_MD = "surrogate_md"
+    SURROGATE_LABELLING = "surrogate_labelling"
+    ACE_FIT = "ace_fit"
+    STUDENT_REFINEMENT = "student_refinement"
+    DELTA_FIT = "delta_fit"
+    VALIDATION = "validation"
+
+
 STEP_DIRS: dict[str, str] = {
-    "teacher_bootstrap": TEACHER_BOOTSTRAP_DIR,
-    "direct_sampling": DIRECT_DIR,
-    "active_learning": ACTIVE_LEARNING_DIR,
-    "mace_finetune": MACE_FINETUNE_DIR,
-    "surrogate_md": SURROGATE_MD_DIR,
-    "surrogate_labelling": SURROGATE_LABELS_DIR,
-    "ace_fit": BASE_ACE_DIR,
-    "student_refinement": STUDENT_REFINEMENT_DIR,
-    "delta_fit": DELTA_DIR,
-    "validation": VALIDATION_DIR,
+    StepName.TEACHER_BOOTSTRAP: TEACHER_BOOTSTRAP_DIR,
+    StepName.DIRECT_SAMPLING: DIRECT_DIR,
+    StepName.ACTIVE_LEARNING: ACTIVE_LEARNING_DIR,
+    StepName.MACE_FINETUNE: MACE_FINETUNE_DIR,
+    StepName.SURROGATE_MD: SURROGATE_MD_DIR,
+    StepName.SURROGATE_LABELLING: SURROGATE_LABELS_DIR,
+    StepName.ACE_FIT: BASE_ACE_DIR,
+    StepName.STUDENT_REFINEMENT: STUDENT_REFINEMENT_DIR,
+    StepName.DELTA_FIT: DELTA_DIR,
+    StepName.VALIDATION: VALIDATION_DIR,
 }
-ONCE_PER_RUN_STEPS = ("teacher_bootstrap", "direct_sampling")
+ONCE_PER_RUN_STEPS = (StepName.TEACHER_BOOTSTRAP, StepName.DIRECT_SAMPLING)
 
 # The records the report reads, relative to the run dir (selection) or to an iteration's dir (the others).
 TEACHER_BOOTSTRAP_RECORD = f"{TEACHER_BOOTSTRAP_DIR}/teacher.json"

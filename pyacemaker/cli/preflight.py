@@ -33,6 +33,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from pyacemaker.config import MaceOracleConfig, PyscfOracleConfig, RunConfig
+from pyacemaker.run_layout import StepName
 from pyacemaker.structure_checks import element_names
 from pyacemaker.teacher.elements import ModelElementsError, model_elements
 from pyacemaker.teacher.resolve import BUNDLED_NAME, TeacherNotFoundError, is_model_name, resolve_teacher
@@ -204,7 +205,7 @@ def budget_problems(config: RunConfig, seeds: Sequence[Atoms]) -> list[Problem]:
     """The DFT budget against what the run charges to it before active learning can pick anything: one
     isolated-atom energy per element, the DIRECT set (step 1's selection, labelled in step 2) and the
     validation's labels (kept free from iteration 1 on)."""
-    if config.stop_after == "direct_sampling":  # no DFT at all
+    if config.stop_after == StepName.DIRECT_SAMPLING:  # no DFT at all
         return []
     budget = config.budget.max_dft_calls
     n_elements = len({int(z) for atoms in seeds for z in atoms.numbers})

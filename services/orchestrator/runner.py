@@ -24,7 +24,7 @@ from pyacemaker.artifacts import ArtifactStore, sha256_of_file
 from pyacemaker.config import ConfigError, RunConfig, config_from_json, config_to_json
 from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
-from pyacemaker.run_layout import FINAL_POTENTIAL, STATE_FILE, SUMMARY_FILE, in_iteration, iteration_dir
+from pyacemaker.run_layout import FINAL_POTENTIAL, STATE_FILE, SUMMARY_FILE, StepName, in_iteration, iteration_dir
 from pyacemaker.structure_checks import check_structure
 from pyacemaker.structures import structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, orchestrator_pb2, trainer_pb2, trainer_pb2_grpc
@@ -339,7 +339,7 @@ class RunManager:
         final, best = "", self._best_iteration(handle, iterations)
         if best:
             final = in_iteration(best, FINAL_POTENTIAL)
-        elif iterations and "delta_fit" in previous:
+        elif iterations and StepName.DELTA_FIT in previous:
             final = in_iteration(iterations, FINAL_POTENTIAL)
         summary: dict[str, object] = {
             "stop_reason": stop_reason,

@@ -18,11 +18,8 @@ from typing import Any, Protocol
 from pyacemaker import __version__
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import RunConfig
+from pyacemaker.run_layout import StepName
 from pyacemaker.v1 import common_pb2
-
-# The step that trains the run's own teacher (teacher.bootstrap); named here because the steps that use the
-# teacher find its model among their context's previous outputs under this name.
-TEACHER_BOOTSTRAP_STEP = "teacher_bootstrap"
 
 
 class RunCancelledError(RuntimeError):
@@ -62,7 +59,7 @@ class StepOutcome:
 
 
 class Step(Protocol):
-    name: str
+    name: StepName
     version: int
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]: ...

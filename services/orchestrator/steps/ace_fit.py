@@ -16,7 +16,7 @@ from typing import Any
 
 from ase import Atoms
 
-from pyacemaker.run_layout import BASE_ACE_DIR
+from pyacemaker.run_layout import BASE_ACE_DIR, StepName
 from pyacemaker.structures import attach_labels, read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.active_learning import largest_atomic_force
@@ -38,7 +38,7 @@ DFT_STRUCTURES_SOURCE = "dft_structures"
 
 def surrogate_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
     """Step 5's labelled shards, in order."""
-    outputs = ctx.previous["surrogate_labelling"]
+    outputs = ctx.previous[StepName.SURROGATE_LABELLING]
     return [outputs[name] for name in sorted(outputs) if name.startswith("shard_")]
 
 
@@ -98,7 +98,7 @@ def potential_outcome(job: common_pb2.Job, ctx: StepContext, stem: str, export_d
 
 
 class AceFitStep:
-    name = "ace_fit"
+    name = StepName.ACE_FIT
     version = 2
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:

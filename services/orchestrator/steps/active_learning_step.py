@@ -22,7 +22,7 @@ from ase import Atoms
 from pyacemaker.clients.oracle import describe
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
-from pyacemaker.run_layout import ACTIVE_LEARNING_DIR
+from pyacemaker.run_layout import ACTIVE_LEARNING_DIR, StepName
 from pyacemaker.structures import atoms_to_structure, read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2
 from services.orchestrator.active_learning import (
@@ -56,19 +56,21 @@ MAX_MD_CANDIDATES = 5000
 def holdout_reserve(ctx: StepContext) -> int:
     """DFT calls to keep free for validation (the hold-out and the profile points), until a validation has
     labelled them; later validations reuse them."""
-    return 0 if has_run(ctx, "validation") else ctx.config.validation.dft_labels()
+    return 0 if has_run(ctx, StepName.VALIDATION) else ctx.config.validation.dft_labels()
 
 
 class ActiveLearningStep:
-    name = "active_learning"
+    name = StepName.ACTIVE_LEARNING
     version = 5
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
         config = ctx.config
-        used = ("mace_finetune", "surrogate_md", "validation") if ctx.iteration > 1 else ()
+        used = (StepName.MACE_FINETUNE, StepName.SURROGATE_MD, StepName.VALIDATION) if ctx.iteration > 1 else ()
         return {
             "iteration": ctx.iteration,
-            "direct": {k: v.sha256 for k, v in ctx.previous["direct_sampling"].items()},  # every output, as named
+            "direct": {
+                k: v.sha256 for k, v in ctx.previous[StepName.DIRECT_SAMPLING].items()
+            },  # every output, as named
             "previous": {
                 step: {k: v.sha256 for k, v in ctx.previous[step].items()} for step in used if step in ctx.previous
             },
@@ -246,7 +248,7 @@ def _candidates(ctx: StepContext) -> tuple[list[Atoms], int]:
     iteration's MD frames, less the validation hold-out."""
     pool = read_structures(ctx.store.path(direct_sample(ctx).pool))
     frames: list[Atoms] = []
-    if ctx.iteration > 1 and has_run(ctx, "surrogate_md"):
+    if ctx.iteration > 1 and has_run(ctx, StepName.SURROGATE_MD):
         frames = read_structures(ctx.store.path(surrogate_md_outputs(ctx).frames))
         stride = max(1, -(-len(frames) // MAX_MD_CANDIDATES))
         frames = frames[::stride]

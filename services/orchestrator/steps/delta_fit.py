@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyacemaker.run_layout import DELTA_DIR
+from pyacemaker.run_layout import DELTA_DIR, StepName
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.ace_fit import potential_outcome, surrogate_shards
@@ -17,13 +17,12 @@ from services.orchestrator.steps.outputs import Potential, base_potential, dft_s
 from services.orchestrator.trainer_jobs import run_trainer_job
 
 EXPORT_DIR = DELTA_DIR
-REFINEMENT_STEP = "student_refinement"
 
 
 def refined_base(ctx: StepContext) -> Potential:
     """The base potential: the refinement's when it ran, else step 6's."""
-    if has_run(ctx, REFINEMENT_STEP):
-        return outputs_of(ctx, REFINEMENT_STEP, Potential)
+    if has_run(ctx, StepName.STUDENT_REFINEMENT):
+        return outputs_of(ctx, StepName.STUDENT_REFINEMENT, Potential)
     return base_potential(ctx)
 
 
@@ -34,7 +33,7 @@ def anchor_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
 
 
 class DeltaFitStep:
-    name = "delta_fit"
+    name = StepName.DELTA_FIT
     version = 1
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:

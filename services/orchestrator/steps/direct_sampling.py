@@ -16,7 +16,7 @@ import grpc
 
 from pyacemaker.config import PoolConfig
 from pyacemaker.rpc import channel
-from pyacemaker.run_layout import DIRECT_DIR
+from pyacemaker.run_layout import DIRECT_DIR, StepName
 from pyacemaker.structures import read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc, sampler_pb2, sampler_pb2_grpc
 from services.orchestrator.active_learning import largest_atomic_force
@@ -28,7 +28,7 @@ EXPORT_DIR = DIRECT_DIR
 
 
 class DirectSamplingStep:
-    name = "direct_sampling"
+    name = StepName.DIRECT_SAMPLING
     version = 2
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from typing import Any
 
 from pyacemaker.clients.oracle import artifact_option, backend_spec
 from pyacemaker.mace_options import option_text
-from pyacemaker.run_layout import MACE_FINETUNE_DIR
+from pyacemaker.run_layout import MACE_FINETUNE_DIR, StepName
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, trainer_pb2
-from services.orchestrator.steps import TEACHER_BOOTSTRAP_STEP, StepContext, StepOutcome
+from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.outputs import dft_set
 from services.orchestrator.trainer_jobs import run_trainer_job
 
@@ -26,7 +26,7 @@ def teacher_model(ctx: StepContext) -> common_pb2.ArtifactRef:
     """The run's teacher as a store artifact (the oracle and the trainer load model files only from verified
     artifacts: torch.load unpickles): the model step 0 trained with teacher.bootstrap, else teacher.model."""
     if ctx.config.teacher.bootstrap is not None:
-        return ctx.previous[TEACHER_BOOTSTRAP_STEP]["model"]
+        return ctx.previous[StepName.TEACHER_BOOTSTRAP]["model"]
     return ctx.store.put_file(resolve_teacher(ctx.config.teacher.model), kind="model")
 
 
@@ -64,7 +64,7 @@ def committee_models(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
         if name.startswith("model_") and name.removeprefix("model_").isdigit()
     )
     if not members:
-        raise RuntimeError(f"this step needs the fine-tuned committee; step {MaceFinetuneStep.name!r} has no models")
+        raise RuntimeError(f"this step needs the fine-tuned committee; step '{MaceFinetuneStep.name}' has no models")
     return [ref for _, ref in members]
 
 
@@ -84,7 +84,7 @@ def dft_reference_energies(ctx: StepContext) -> dict[int, float]:
 
 
 class MaceFinetuneStep:
-    name = "mace_finetune"
+    name = StepName.MACE_FINETUNE
     version = 1
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pyacemaker.run_layout import StepName
 from pyacemaker.v1 import common_pb2
 from services.orchestrator.steps import StepContext
 
@@ -92,25 +93,25 @@ def has_run(ctx: StepContext, step: str) -> bool:
 
 
 def direct_sample(ctx: StepContext) -> DirectSample:
-    return outputs_of(ctx, "direct_sampling", DirectSample)
+    return outputs_of(ctx, StepName.DIRECT_SAMPLING, DirectSample)
 
 
 def dft_set(ctx: StepContext) -> DftSet:
-    return outputs_of(ctx, "active_learning", DftSet)
+    return outputs_of(ctx, StepName.ACTIVE_LEARNING, DftSet)
 
 
 def surrogate_md_outputs(ctx: StepContext) -> SurrogateMd:
-    return outputs_of(ctx, "surrogate_md", SurrogateMd)
+    return outputs_of(ctx, StepName.SURROGATE_MD, SurrogateMd)
 
 
 def base_potential(ctx: StepContext) -> Potential:
-    return outputs_of(ctx, "ace_fit", Potential)
+    return outputs_of(ctx, StepName.ACE_FIT, Potential)
 
 
 def final_potential(ctx: StepContext) -> Potential:
-    return outputs_of(ctx, "delta_fit", Potential)
+    return outputs_of(ctx, StepName.DELTA_FIT, Potential)
 
 
 def last_validation(ctx: StepContext) -> Validation | None:
     """The previous iteration's validation (None in iteration 1)."""
-    return outputs_of(ctx, "validation", Validation) if has_run(ctx, "validation") else None
+    return outputs_of(ctx, StepName.VALIDATION, Validation) if has_run(ctx, StepName.VALIDATION) else None

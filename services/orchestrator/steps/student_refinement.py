@@ -48,7 +48,7 @@ from pyacemaker.clients.oracle import artifact_option, backend_spec
 from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
-from pyacemaker.run_layout import STUDENT_REFINEMENT_DIR
+from pyacemaker.run_layout import STUDENT_REFINEMENT_DIR, StepName
 from pyacemaker.structures import attach_labels, structure_to_atoms, write_extxyz
 from pyacemaker.v1 import common_pb2, trainer_pb2
 from services.orchestrator.active_learning import largest_atomic_force
@@ -96,7 +96,7 @@ class RoundRecord:
 
 
 class StudentRefinementStep:
-    name = "student_refinement"
+    name = StepName.STUDENT_REFINEMENT
     # 2: refits keep the base's basis (and start from its normal equations)
     version = 2
 

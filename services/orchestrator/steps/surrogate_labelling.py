@@ -40,7 +40,7 @@ from ase import Atoms
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.clients.oracle import stream_labels
 from pyacemaker.rpc import channel
-from pyacemaker.run_layout import SURROGATE_LABELS_DIR
+from pyacemaker.run_layout import SURROGATE_LABELS_DIR, StepName
 from pyacemaker.structures import (
     StructureFileError,
     attach_labels,
@@ -54,7 +54,6 @@ from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
 
 EXPORT_DIR = SURROGATE_LABELS_DIR
-FRAMES_STEP = "surrogate_md"
 # Labelled frames written to the shard file at a time (bounds the write buffer, whatever the shard size).
 WRITE_CHUNK = 256
 # Structures sent to the oracle but not yet answered, in request batches: enough to keep the oracle busy
@@ -92,7 +91,7 @@ def shard_name(index: int) -> str:
 
 
 class SurrogateLabellingStep:
-    name = "surrogate_labelling"
+    name = StepName.SURROGATE_LABELLING
     version = 1
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
@@ -150,9 +149,11 @@ class SurrogateLabellingStep:
 
 
 def _frames_ref(ctx: StepContext) -> common_pb2.ArtifactRef:
-    frames = ctx.previous.get(FRAMES_STEP, {}).get("frames")
+    frames = ctx.previous.get(StepName.SURROGATE_MD, {}).get("frames")
     if frames is None:
-        raise RuntimeError(f"step 5 needs the surrogate frames: output 'frames' of step {FRAMES_STEP!r} is missing")
+        raise RuntimeError(
+            f"step 5 needs the surrogate frames: output 'frames' of step '{StepName.SURROGATE_MD}' is missing"
+        )
     return frames
 
 

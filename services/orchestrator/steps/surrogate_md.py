@@ -17,7 +17,7 @@ import numpy as np
 from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
-from pyacemaker.run_layout import SURROGATE_MD_DIR
+from pyacemaker.run_layout import SURROGATE_MD_DIR, StepName
 from pyacemaker.v1 import common_pb2, oracle_pb2, sampler_pb2
 from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.mace_finetune import committee_models, committee_spec
@@ -28,7 +28,7 @@ XI_BIN_WIDTH = 0.1
 
 
 class SurrogateMdStep:
-    name = "surrogate_md"
+    name = StepName.SURROGATE_MD
     version = 1
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from ase import Atoms
 
 from pyacemaker.config import TeacherBootstrapConfig
 from pyacemaker.rpc import channel
-from pyacemaker.run_layout import TEACHER_BOOTSTRAP_DIR
+from pyacemaker.run_layout import TEACHER_BOOTSTRAP_DIR, StepName
 from pyacemaker.structures import LEVEL_KEY, attach_labels, read_structures, structure_to_atoms, write_extxyz
 from pyacemaker.v1 import common_pb2, oracle_pb2, sampler_pb2, sampler_pb2_grpc, trainer_pb2
 from services.orchestrator.dft_labels import isolated_atoms, oracle_spec
 from services.orchestrator.model_labels import all_labels
-from services.orchestrator.steps import TEACHER_BOOTSTRAP_STEP, StepContext, StepOutcome
+from services.orchestrator.steps import StepContext, StepOutcome
 from services.orchestrator.steps.direct_sampling import last_result
 from services.orchestrator.steps.surrogate_md import md_config, run_md_with
 from services.orchestrator.trainer_jobs import run_trainer_job
@@ -39,7 +39,7 @@ def bootstrap_config(ctx: StepContext) -> TeacherBootstrapConfig:
 
 
 class TeacherBootstrapStep:
-    name = TEACHER_BOOTSTRAP_STEP
+    name = StepName.TEACHER_BOOTSTRAP
     version = 1
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:

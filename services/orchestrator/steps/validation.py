@@ -35,7 +35,7 @@ from pyacemaker.clients.oracle import artifact_option, backend_spec
 from pyacemaker.clients.oracle_force_field import OracleForceField
 from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.rpc import channel
-from pyacemaker.run_layout import VALIDATION_DIR
+from pyacemaker.run_layout import VALIDATION_DIR, StepName
 from pyacemaker.structures import (
     LEVEL_KEY,
     atoms_to_structure,
@@ -104,7 +104,7 @@ def target_met(scores: dict[str, Any], energy_target: float, forces_target: floa
 
 
 class ValidationStep:
-    name = "validation"
+    name = StepName.VALIDATION
     version = 5
 
     def key_material(self, ctx: StepContext) -> dict[str, Any]:
@@ -118,7 +118,7 @@ class ValidationStep:
             "base": base.yace.sha256,
             "final": final.yace.sha256,
             "final_active_set": final.asi.sha256 if final.asi is not None else "",
-            "committee": {k: v.sha256 for k, v in ctx.previous["mace_finetune"].items()},
+            "committee": {k: v.sha256 for k, v in ctx.previous[StepName.MACE_FINETUNE].items()},
             "e0s": dft_set(ctx).iteration.sha256,
             # The ablation's inputs: the DFT training set, the ACE settings and the base fit's (cutoff) record.
             "dft": dft_set(ctx).dft.sha256,
