@@ -44,8 +44,9 @@ from ase.units import GPa
 
 from pyacemaker.config import QeOracleConfig
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, read_structures, write_extxyz
-from pyacemaker.teacher.build import MACE_SETTINGS, rmse_metrics, sha256_of, split, train_mace
+from pyacemaker.teacher.build import MACE_SETTINGS, TEST_FRACTION, VALID_FRACTION, rmse_metrics, sha256_of, train_mace
 from pyacemaker.teacher.dataset import GROUP_KEY
+from pyacemaker.teacher.recipe import split_frames
 from pyacemaker.v1 import common_pb2
 from services.oracle.backends.qe import QeBackend
 from services.orchestrator.dft_labels import isolated_atoms
@@ -282,7 +283,7 @@ def build(work_dir: Path, reuse_labels: bool = False) -> dict:
     backend = QeBackend(TEACHER_LEVEL)
     started = time.perf_counter()
     labelled, e0s = labelled_set(backend, work_dir, reuse_labels)
-    sets = split(labelled, np.random.default_rng(RANDOM_SEED + 1))
+    sets = split_frames(labelled, np.random.default_rng(RANDOM_SEED + 1), VALID_FRACTION, TEST_FRACTION)
     for name, subset in sets.items():
         write_extxyz(work_dir / f"{name}.extxyz", subset)
     labelling_s = time.perf_counter() - started
