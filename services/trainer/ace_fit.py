@@ -141,9 +141,7 @@ def basis_section(
 
 def basis_config(elements: Sequence[str], cutoff: float, functions_per_element: int) -> Any:
     """A linear B-basis configuration: one density, linear embedding, SBessel radial basis."""
-    from pyace.multispecies_basisextension import create_multispecies_basis_config
-
-    return create_multispecies_basis_config(basis_section(elements, cutoff, functions_per_element))
+    return create_basis_config(basis_section(elements, cutoff, functions_per_element))
 
 
 def bond_length(a: str, b: str) -> float:
@@ -294,6 +292,7 @@ def section_settings(
 
 
 def create_basis_config(section: dict[str, Any]) -> Any:
+    """The basis configuration pyace builds from pacemaker's potential section."""
     from pyace.multispecies_basisextension import create_multispecies_basis_config
 
     return create_multispecies_basis_config(section)
@@ -467,7 +466,10 @@ def fit_linear_ace(
         "core_repulsion": float(bool(core)),
         "fit_time_s": fit_seconds,
         "stress_weight": stress_weight,
-        "stress_structures_count": float(sum(value is not None for value in targets.stress)),
+        # Over every frame: `targets` holds only the rows computed here, not those of reused equations.
+        "stress_structures_count": float(
+            sum(linear_ace.virial_per_atom(atoms) is not None for atoms in frames) if with_stress else 0
+        ),
         "reused_equations_structures_count": float(covered),
     }
     if equations.with_stress:

@@ -98,11 +98,12 @@ class AceBackend(OracleBackend):
             return
         assert atoms.calc is not None
         projections = [np.asarray(row, dtype=np.float64) for row in atoms.calc.projections]  # type: ignore[attr-defined]
+        entry = (labels, atoms.get_chemical_symbols(), projections)
         pending = getattr(self._local, "pending", None)
         if pending is None:
-            self._grade([(labels, atoms.get_chemical_symbols(), projections)])
+            self._grade([entry])
         else:
-            pending.append((labels, atoms.get_chemical_symbols(), projections))
+            pending.append(entry)
 
     def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
         """With an active set, the labels of up to GRADE_BATCH_ATOMS atoms at a time, graded together."""
