@@ -8,6 +8,9 @@ A config of a name, the seeds, the charge, the DFT level and the budget is enoug
 - the split of `budget.max_dft_calls` (each key left at 0 is derived; given ones are kept and the rest fits
   around them): see `budget_split`.
 - `sampling.pool.rattle_amplitudes`: the thermal amplitudes of `md.temperatures` (`thermal_rattle_amplitudes`).
+- `teacher`, when the section is absent and the bundled teacher lacks an element of the seeds: `teacher.bootstrap`
+  with its defaults (a small MACE trained in the run on GFN2-xTB labels), so a config for other elements needs no
+  teacher of its own. A teacher section that is given is never changed (`config check` then says what it lacks).
 
 `pyacemaker config check` prints each derived value; `pyacemaker run` sends the config with them filled in and
 the orchestrator saves that, so a resumed run (`run --resume`) uses the same values. A config that went through
@@ -22,7 +25,16 @@ from dataclasses import dataclass
 
 from ase import Atoms
 
-from pyacemaker.config import MdWindowsConfig, ReactionPathConfig, RunConfig, thermal_rattle_amplitudes
+from pyacemaker.config import (
+    MdWindowsConfig,
+    ReactionPathConfig,
+    RunConfig,
+    TeacherBootstrapConfig,
+    TeacherConfig,
+    XtbOracleConfig,
+    thermal_rattle_amplitudes,
+)
+from pyacemaker.structure_checks import element_names
 
 # The budget rule (B = budget.max_dft_calls). Measured on the SN2 flagship at B = 70 (3 elements, B3LYP): 24
 # DIRECT, 10 hold-out and 11 profile points, 22 calls left for active learning, scored 7.3 meV/atom and 96.5 meV/Å
@@ -38,6 +50,8 @@ HOLDOUT_MIN, HOLDOUT_MAX = 2, 20
 # the SN2 range of 3 Å, closer than the barrier region's width).
 PROFILE_PER_CALL = 1 / 6
 PROFILE_MIN, PROFILE_MAX = 5, 11
+# The level a derived teacher.bootstrap learns from (TeacherBootstrapConfig's default oracle).
+BOOTSTRAP_LEVEL = XtbOracleConfig(backend="xtb").method
 
 
 @dataclass(frozen=True)
@@ -219,8 +233,32 @@ def derive_defaults(
             Derived("sampling.pool.rattle_amplitudes", f"{', '.join(f'{a:g}' for a in amplitudes)} Å, {why}")
         )
 
-    sampling = config.sampling.model_copy(update={"pool": pool, "direct": direct})
-    resolved = config.model_copy(
-        update={"md": md, "validation": validation, "sampling": sampling, "active_learning": learning}
-    )
-    return resolved, derived
+    update = {"md": md, "validation": validation, "active_learning": learning}
+    if "teacher" not in config.model_fields_set:
+        missing = bundled_teacher_missing(seeds)
+        if missing:
+            update["teacher"] = TeacherConfig(bootstrap=TeacherBootstrapConfig())
+            derived.append(
+                Derived(
+                    "teacher.bootstrap",
+                    f"derived: the bundled teacher does not know {element_names(missing)} of the seeds, so step 0 "
+                    f"trains a small MACE teacher on {BOOTSTRAP_LEVEL} labels of structures around "
+                    "them (set teacher.model to a MACE file of your own instead)",
+                )
+            )
+
+    update["sampling"] = config.sampling.model_copy(update={"pool": pool, "direct": direct})
+    return config.model_copy(update=update), derived
+
+
+def bundled_teacher_missing(seeds: Sequence[Atoms]) -> list[int]:
+    """The atomic numbers of `seeds` that the bundled teacher does not know (none when it cannot be read: then
+    `config check` names the problem with the bundled file itself)."""
+    from pyacemaker.teacher.elements import ModelElementsError, model_elements
+    from pyacemaker.teacher.resolve import BUNDLED_MODEL
+
+    try:
+        known = set(model_elements(BUNDLED_MODEL))
+    except ModelElementsError:
+        return []
+    return sorted({int(z) for atoms in seeds for z in atoms.numbers} - known)

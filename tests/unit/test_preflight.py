@@ -76,7 +76,7 @@ def test_the_consistent_minimal_config_passes_without_warnings(tmp_path: Path) -
 
 
 def test_a_seed_element_the_bundled_teacher_lacks_is_refused_naming_teacher_element_and_fix(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = _config(tmp_path, teacher={"model": "bundled"})
     _fluoride_seeds(tmp_path)
     line = _refused(
         config,
@@ -86,6 +86,22 @@ def test_a_seed_element_the_bundled_teacher_lacks_is_refused_naming_teacher_elem
         "that covers H, C, F, Cl, or add `teacher: {bootstrap: {}}` to train one from GFN2-xTB in the run",
     )
     assert "[9]" not in line and "atomic number" not in line
+
+
+def test_without_a_teacher_section_seeds_the_bundled_teacher_lacks_get_a_bootstrapped_one(tmp_path: Path) -> None:
+    """The five-line config for F⁻ + CH3Cl: teacher.bootstrap is derived and said, nothing refused; the SN2
+    seeds the bundled teacher covers keep it."""
+    config = _config(tmp_path)
+    code, lines, out = _cli("config", "check", str(config))
+    assert code == EXIT_OK and "teacher.bootstrap" not in out + "\n".join(lines)
+    _fluoride_seeds(tmp_path)
+    code, lines, out = _cli("config", "check", str(config))
+    assert code == EXIT_OK and lines == [], lines
+    assert (
+        "teacher.bootstrap: derived: the bundled teacher does not know F of the seeds, so step 0 trains a small "
+        "MACE teacher on GFN2-xTB labels of structures around them (set teacher.model to a MACE file of your own "
+        "instead)"
+    ) in out.splitlines(), out
 
 
 def test_a_bootstrapped_teacher_needs_no_model_that_knows_the_seeds(tmp_path: Path) -> None:
@@ -99,7 +115,7 @@ def test_a_bootstrapped_teacher_needs_no_model_that_knows_the_seeds(tmp_path: Pa
 
 def test_run_refuses_the_same_seeds_with_exit_2_before_contacting_any_service(tmp_path: Path) -> None:
     """Port 1 has no orchestrator: reaching it would be exit 3 (unavailable), not the teacher's exit 2."""
-    config = _config(tmp_path)
+    config = _config(tmp_path, teacher={"model": "bundled"})
     _fluoride_seeds(tmp_path)
     code, lines, _ = _cli("run", str(config), "--orchestrator", "127.0.0.1:1")
     assert code == EXIT_BAD_INPUT, lines
@@ -174,8 +190,8 @@ def test_a_misspelt_basis_is_refused_with_the_closest_name(tmp_path: Path) -> No
 
 
 def test_a_basis_without_functions_for_a_seed_element_is_refused(tmp_path: Path) -> None:
-    """6-31G stops at Kr: iodine in the seeds (the teacher lacks it too; that is a second line)."""
-    config = _config(tmp_path, oracle={"basis": "6-31G"})
+    """6-31G stops at Kr: iodine in the seeds (the bundled teacher lacks it too; that is a second line)."""
+    config = _config(tmp_path, oracle={"basis": "6-31G"}, teacher={"model": "bundled"})
     for name in SEEDS:
         path = tmp_path / name
         path.write_text(path.read_text().replace("\nCl ", "\nI ", 1))
