@@ -25,6 +25,8 @@
 #   PYACEMAKER_ORACLE_DEPLOYMENT  the oracle's deployment file (qe/vasp profiles, job template, scratch dirs; see
 #                          docs/deployment.md), bound read-only into the oracle instance (default:
 #                          $PYACEMAKER_HOME/oracle-deployment.yaml, written at the first start when absent)
+#   PYACEMAKER_LABELLING_ORACLES  space-separated HOST:PORT of extra oracle instances (oracle-mace, e.g. one per
+#                          GPU node, on the same PYACEMAKER_HOME) that step 5 spreads its shards over
 #   PYACEMAKER_APPTAINER   the apptainer command (default: apptainer; "echo" prints the commands: a dry run)
 #
 # The oracle's Slurm array tasks must run inside the same image: the default deployment file written here sets
@@ -90,7 +92,8 @@ service_arguments() {
   case $1 in
     orchestrator)
       echo --sampler "$peer_host:$(port_of sampler)" --oracle "$peer_host:$(port_of oracle)"
-      echo --trainer "$peer_host:$(port_of trainer)" ;;
+      echo --trainer "$peer_host:$(port_of trainer)"
+      for address in ${PYACEMAKER_LABELLING_ORACLES:-}; do echo --labelling-oracle "$address"; done ;;
     oracle) echo --work-dir "$home/oracle" --deployment "$oracle_deployment" ;;
     trainer) echo --work-dir "$home/trainer" ;;
   esac

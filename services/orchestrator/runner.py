@@ -112,12 +112,18 @@ class RunHandle:
 
 class RunManager:
     def __init__(
-        self, store: ArtifactStore, sampler_address: str, oracle_address: str, trainer_address: str = ""
+        self,
+        store: ArtifactStore,
+        sampler_address: str,
+        oracle_address: str,
+        trainer_address: str = "",
+        labelling_oracle_addresses: tuple[str, ...] = (),
     ) -> None:
         self.store = store
         self.sampler_address = sampler_address
         self.oracle_address = oracle_address
         self.trainer_address = trainer_address
+        self.labelling_oracle_addresses = labelling_oracle_addresses
         self._runs: dict[str, RunHandle] = {}
         self._lock = threading.Lock()
 
@@ -435,6 +441,7 @@ class RunManager:
             sampler_address=self.sampler_address,
             oracle_address=self.oracle_address,
             trainer_address=self.trainer_address,
+            labelling_oracle_addresses=self.labelling_oracle_addresses,
             report=report,
             previous=dict(previous),
             iteration=max(iteration, 1),

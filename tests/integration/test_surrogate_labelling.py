@@ -1,10 +1,14 @@
 """Step 5 through a real oracle (mace backend, a committee of two): shards hold mace's own committee labels,
 a restarted step resumes after the last complete shard without relabelling it and ends with the same shards
-as an uninterrupted run, an altered shard is found and relabelled, another key reuses nothing."""
+as an uninterrupted run, an altered shard is found and relabelled, another key reuses nothing; spread over two
+real oracle instances the shards are the same bytes, and an instance that fails drops out without failing the
+step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +61,10 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
     return ArtifactStore(tmp_path_factory.mktemp("store"))
 
 
-@pytest.fixture(scope="module")
-def oracle(shared_store: ArtifactStore) -> Iterator[tuple[str, CountingOracle]]:
-    servicer = CountingOracle(shared_store)
+@contextlib.contextmanager
+def counting_oracle(store: ArtifactStore) -> Iterator[tuple[str, CountingOracle]]:
+    """A real oracle server on a loopback port, serving from `store`."""
+    servicer = CountingOracle(store)
 
     def register(server: grpc.Server) -> list[str]:
         oracle_pb2_grpc.add_OracleServiceServicer_to_server(servicer, server)
@@ -67,6 +72,12 @@ def oracle(shared_store: ArtifactStore) -> Iterator[tuple[str, CountingOracle]]:
 
     with running_service(register) as address:
         yield address, servicer
+
+
+@pytest.fixture(scope="module")
+def oracle(shared_store: ArtifactStore) -> Iterator[tuple[str, CountingOracle]]:
+    with counting_oracle(shared_store) as served:
+        yield served
 
 
 @dataclass
@@ -245,9 +256,10 @@ def test_an_altered_shard_is_relabelled_and_another_key_reuses_nothing(
     servicer.labelled = 0
     progress: list[str] = []
     resumed = STEP.run(context(inputs, address, run_dir, report=lambda p: progress.append(p.message)))
-    assert servicer.labelled == N_FRAMES - SHARD  # shard 0 reused; 1 (altered) and everything after relabelled
-    assert resumed.metrics["n_shards_reused"] == 1
-    assert any("redoing from shard_0001" in m and "altered" in m for m in progress)
+    # Shards 0 and 2 reused; 1 (altered) relabelled, and 3 and 4, which were never done.
+    assert servicer.labelled == SHARD + N_FRAMES - 3 * SHARD
+    assert resumed.metrics["n_shards_reused"] == 2
+    assert any("relabelling shard_0001" in m and "altered" in m for m in progress)
     assert shard_refs(resumed) == shard_refs(reference)
 
     # A different key (here: other settings) never reuses another key's shards, and removes them.
@@ -259,6 +271,54 @@ def test_an_altered_shard_is_relabelled_and_another_key_reuses_nothing(
     STEP.run(other)
     assert servicer.labelled == N_FRAMES
     assert not work_parent.exists() or not any(work_parent.iterdir())
+
+
+def test_two_oracle_instances_share_the_shards_and_give_the_same_bytes(
+    oracle: tuple[str, CountingOracle], inputs: Inputs, shared_store: ArtifactStore, tmp_path: Path
+) -> None:
+    address, servicer = oracle
+    reference = STEP.run(context(inputs, address, tmp_path / "one"))
+    servicer.labelled = 0
+    progress: list[str] = []
+    with counting_oracle(shared_store) as (second_address, second):
+        ctx = context(inputs, address, tmp_path / "two", report=lambda p: progress.append(p.message))
+        ctx.labelling_oracle_addresses = (second_address, address)  # the run's oracle listed again: used once
+        spread = STEP.run(ctx)
+    assert servicer.labelled + second.labelled == N_FRAMES  # every frame labelled once
+    assert servicer.labelled > 0 and second.labelled > 0, (servicer.labelled, second.labelled)
+    assert shard_refs(spread) == shard_refs(reference)
+    written_by = [m.rsplit(" by oracle ", 1)[1] for m in progress if " written by oracle " in m]
+    assert sorted(set(written_by)) == sorted({address, second_address}) and len(written_by) == 5
+
+
+def _unused_address() -> str:
+    """A loopback port where nothing listens: an oracle instance that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_instance_that_fails_drops_out_and_the_others_finish(
+    oracle: tuple[str, CountingOracle], inputs: Inputs, tmp_path: Path
+) -> None:
+    address, servicer = oracle
+    reference = STEP.run(context(inputs, address, tmp_path / "one"))
+    down = _unused_address()
+    servicer.labelled = 0
+    progress: list[str] = []
+    ctx = context(inputs, address, tmp_path / "run", report=lambda p: progress.append(p.message))
+    ctx.labelling_oracle_addresses = (down,)
+    outcome = STEP.run(ctx)
+    assert servicer.labelled == N_FRAMES
+    assert shard_refs(outcome) == shard_refs(reference)
+    assert any(m.startswith(f"oracle {down} failed on shard_") and "drops out" in m for m in progress), progress
+
+    # When every instance fails, the step fails with the first failure and keeps nothing half-done.
+    ctx = context(inputs, down, tmp_path / "none")
+    with pytest.raises(grpc.RpcError) as failure:
+        STEP.run(ctx)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not list((tmp_path / "none").glob(".work/*/*/shard_*.json"))
 
 
 def test_missing_inputs_name_the_step(oracle: tuple[str, CountingOracle], inputs: Inputs, tmp_path: Path) -> None:

@@ -91,6 +91,14 @@ def test_start_script_dry_run_starts_the_instances_in_order_with_ports_binds_and
     assert "export PYACEMAKER_ORCHESTRATOR_ADDRESS=127.0.0.1:50051" in exports
     assert (home / "store").is_dir() and (home / "oracle").is_dir()
 
+    # Extra oracle instances for step 5 reach the orchestrator as --labelling-oracle, one each.
+    env["PYACEMAKER_LABELLING_ORACLES"] = "gpu01:50060 gpu02:50060"
+    env["PYACEMAKER_SERVICES"] = "orchestrator"
+    result = subprocess.run([str(START_SCRIPT), "start"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (start,) = [line for line in result.stdout.splitlines() if line.startswith("instance start")]
+    assert start.endswith("--trainer 127.0.0.1:50054 --labelling-oracle gpu01:50060 --labelling-oracle gpu02:50060")
+
 
 def test_start_script_refuses_a_missing_image(tmp_path: Path) -> None:
     env = {**os.environ, "PYACEMAKER_HOME": str(tmp_path), "PYACEMAKER_SIF_DIR": str(tmp_path / "sif")}

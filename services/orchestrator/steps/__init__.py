@@ -45,6 +45,9 @@ class StepContext:
     iteration: int = 1
     # Prefix of this step's exports in the run directory ("" for step 1, "iteration_01/" for looped steps).
     export_prefix: str = ""
+    # Extra oracle instances step 5 spreads its shards over, besides oracle_address (orchestrator
+    # --labelling-oracle; they share the artifact store).
+    labelling_oracle_addresses: tuple[str, ...] = ()
     # This step's key (set by the runner before `run`), for work that must survive a crash mid-step and be
     # reused only by the same step with the same inputs.
     key: str = ""

@@ -1,7 +1,12 @@
 """Step 5: the surrogate MD frames labelled by the fine-tuned MACE committee, streamed into extxyz shards.
 
 Frames stream from step 4's extxyz file through the oracle (mace backend over the committee of step 3) into
-shards of `surrogate_labelling.shard_size` frames. The step holds at most IN_FLIGHT_BATCHES request batches of
+shards of `surrogate_labelling.shard_size` frames. With more than one oracle instance (the orchestrator's
+`--labelling-oracle` addresses besides `--oracle`, e.g. one per GPU node, all sharing the artifact store), the
+shards are spread over them: each instance labels one shard at a time and takes the next unlabelled one when it
+is done, so a fast node does more. An instance that fails hands its shard back and drops out; the step fails
+only when no instance is left. The shards, their order and their bytes do not depend on how many instances
+labelled them. The step holds at most IN_FLIGHT_BATCHES request batches of
 frames awaiting their labels (left to gRPC's flow control, megabytes of frames would pile up in both
 processes) and one write buffer, never the whole set, so neither its memory nor the oracle's grows with the
 frame count or the shard size; the oracle answers each request batch before it reads the next.
@@ -11,9 +16,10 @@ theory. A frame the committee cannot label is left out of its shard and listed i
 
 Resume: shards are written into <run_dir>/.work/surrogate_labelling/<key[:16]>/ as a temp file renamed when
 complete, followed by a small record (`shard_0000.json`: its input range, file digest, failed frames). A
-restarted step with the same key checks the shards in order (record present, digest equal, the content ids
-of its frames equal to those of the input frames it covers) and labels again from the first that fails; a
-different key (other frames, models or settings) uses another dir, and the dirs of other keys are removed.
+restarted step with the same key checks every shard that has a record (digest equal, the content ids of its
+frames equal to those of the input frames it covers) and labels only the ones missing or failing the check
+(shards finish out of order when several instances label them); a different key (other frames, models or
+settings) uses another dir, and the dirs of other keys are removed.
 When every shard is done they move into the artifact store and the work dir is removed.
 
 Exports: every shard and the summary go to the run dir (`step5_surrogate_labels/`), so the user has the
@@ -27,8 +33,11 @@ import contextlib
 import json
 import math
 import os
+import queue
 import shutil
-from collections.abc import Callable, Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice, zip_longest
 from pathlib import Path
@@ -108,7 +117,7 @@ class SurrogateLabellingStep:
         work_dir = work_dir_for(ctx)
         records, reused = label_into_shards(
             frames_path,
-            ctx.oracle_address,
+            labelling_oracles(ctx),
             spec,
             work_dir,
             shard_size=settings.shard_size,
@@ -157,6 +166,11 @@ def _frames_ref(ctx: StepContext) -> common_pb2.ArtifactRef:
     return frames
 
 
+def labelling_oracles(ctx: StepContext) -> list[str]:
+    """The oracle instances that label the shards: the run's oracle first, then the extra ones, each once."""
+    return list(dict.fromkeys([ctx.oracle_address, *ctx.labelling_oracle_addresses]))
+
+
 def work_dir_for(ctx: StepContext) -> Path:
     """This key's shard dir; dirs left by attempts with other keys (other inputs or settings) are removed."""
     if not ctx.key:
@@ -173,7 +187,7 @@ def work_dir_for(ctx: StepContext) -> Path:
 
 def label_into_shards(
     frames_path: Path,
-    oracle_address: str,
+    oracle_addresses: Sequence[str],
     spec: oracle_pb2.BackendSpec,
     work_dir: Path,
     shard_size: int,
@@ -181,62 +195,191 @@ def label_into_shards(
     report: Callable[[common_pb2.Progress], None],
     timeout: float,
 ) -> tuple[list[ShardRecord], int]:
-    """Label every frame of `frames_path` through the oracle into complete shards in `work_dir` (reusing the
-    ones a previous attempt completed there); returns the shard records and how many were reused."""
+    """Label every frame of `frames_path` into complete shards in `work_dir`, spread over the oracle instances
+    at `oracle_addresses` (reusing the shards a previous attempt completed there); returns the shard records in
+    order and how many were reused."""
     total = count_extxyz_frames(frames_path)
     if total == 0:
         raise ValueError(f"{frames_path}: the surrogate frames file holds no frames")
+    if not oracle_addresses:
+        raise ValueError("no oracle address to label the surrogate frames with")
     n_shards = math.ceil(total / shard_size)
-    records = _reusable_shards(frames_path, work_dir, shard_size, total, report)
-    reused = len(records)
-    keep = {f"{r.name}{suffix}" for r in records for suffix in (".extxyz", ".json")}
-    for stale in work_dir.iterdir():  # what comes after the last good shard is redone
+    done = _reusable_shards(frames_path, work_dir, shard_size, total, report)
+    keep = {f"{r.name}{suffix}" for r in done.values() for suffix in (".extxyz", ".json")}
+    for stale in work_dir.iterdir():  # partial files and shards that failed their check are redone
         if stale.name not in keep:
             stale.unlink()
-    if reused == n_shards:
-        return records, reused
-    frames = iter_extxyz(frames_path, start=reused * shard_size)
-    progress = _Progress(report, total, done=reused * shard_size)
-    with channel(oracle_address) as ch:
-        for index in range(reused, n_shards):
-            first = index * shard_size
-            chunk = islice(frames, min(shard_size, total - first))
-            records.append(_label_shard(ch, spec, chunk, index, first, work_dir, batch_size, timeout, progress))
-            progress.shard_written(index, n_shards)
-    return records, reused
+    todo = [index for index in range(n_shards) if index not in done]
+    if todo:
+        relay = _ReportRelay(report)
+        progress = _Progress(relay, total, done=sum(r.n_input for r in done.values()))
+        shared = _SharedShards(todo)
+        job = _ShardJob(frames_path, spec, work_dir, shard_size, total, batch_size, timeout)
+        workers = [
+            threading.Thread(
+                target=_label_shards_through,
+                args=(address, job, shared, progress, len(oracle_addresses) > 1),
+                name=f"surrogate-labelling-{number}",
+                daemon=True,
+            )
+            for number, address in enumerate(oracle_addresses)
+        ]
+        for worker in workers:
+            worker.start()
+        relay.serve(workers)
+        if shared.remaining:
+            raise shared.failures[0][1]  # every instance failed: the first failure says why
+        done.update(shared.records)
+    return [done[index] for index in range(n_shards)], n_shards - len(todo)
+
+
+class _StepStoppedError(Exception):
+    """Raised in a shard worker once the step is stopping (the run was cancelled)."""
+
+
+class _ReportRelay:
+    """Progress from the shard workers, reported by the step's own thread: the runner's report records it in
+    the run's state and raises RunCancelledError there once the run is cancelled. A worker waits until its report
+    was made, so every worker stops at its next frame after a cancel, as a single-threaded step would."""
+
+    def __init__(self, report: Callable[[common_pb2.Progress], None]) -> None:
+        self._report = report
+        self._queue: queue.Queue[tuple[common_pb2.Progress, threading.Event]] = queue.Queue()
+        self.stopped = threading.Event()
+        self._error: BaseException | None = None
+
+    def __call__(self, progress: common_pb2.Progress) -> None:
+        """From a worker: report `progress` and wait until it was; _StepStoppedError once the step stops."""
+        self.check()
+        reported = threading.Event()
+        self._queue.put((progress, reported))
+        reported.wait()
+        self.check()
+
+    def report_here(self, progress: common_pb2.Progress) -> None:
+        """From the step's own thread, before the workers start."""
+        self._report(progress)
+
+    def check(self) -> None:
+        if self.stopped.is_set():
+            raise _StepStoppedError()
+
+    def serve(self, workers: list[threading.Thread]) -> None:
+        """In the step's thread: report for the workers until all of them have ended; then raise what the
+        report raised (RunCancelledError), if anything."""
+        while any(worker.is_alive() for worker in workers) or not self._queue.empty():
+            try:
+                progress, reported = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                if self._error is None:
+                    self._report(progress)
+            except BaseException as exc:  # RunCancelledError, or a report that failed: stop every worker
+                self._error = exc
+                self.stopped.set()
+            finally:
+                reported.set()
+        if self._error is not None:
+            raise self._error
 
 
 class _Progress:
-    def __init__(self, report: Callable[[common_pb2.Progress], None], total: int, done: int) -> None:
-        self.report, self.total, self.done = report, total, done
-        self.report(self._message(f"labelling from frame {done}"))
+    def __init__(self, relay: _ReportRelay, total: int, done: int) -> None:
+        self.relay, self.total, self.done = relay, total, done
+        self._lock = threading.Lock()
+        relay.report_here(self._message(f"labelling from frame {done}"))
 
     def _message(self, text: str) -> common_pb2.Progress:
         return common_pb2.Progress(stage="surrogate_labelling", done=self.done, total=self.total, message=text)
 
     def frame_done(self) -> None:
-        self.done += 1
-        if self.done % REPORT_EVERY == 0:
-            self.report(self._message("surrogate labels"))
+        self.relay.check()
+        with self._lock:
+            self.done += 1
+            message = self._message("surrogate labels") if self.done % REPORT_EVERY == 0 else None
+        if message is not None:
+            self.relay(message)
 
-    def shard_written(self, index: int, n_shards: int) -> None:
-        self.report(self._message(f"shard {index + 1} of {n_shards} written"))
+    def shard_written(self, index: int, n_shards: int, by: str = "") -> None:
+        self.relay(self._message(f"shard {index + 1} of {n_shards} written{f' by oracle {by}' if by else ''}"))
+
+    def say(self, text: str) -> None:
+        self.relay(self._message(text))
 
 
-def _label_shard(
-    ch: grpc.Channel,
-    spec: oracle_pb2.BackendSpec,
-    frames: Iterator[Atoms],
-    index: int,
-    first_frame: int,
-    work_dir: Path,
-    batch_size: int,
-    timeout: float,
-    progress: _Progress,
-) -> ShardRecord:
+@dataclass(frozen=True)
+class _ShardJob:
+    """What every shard worker needs to label a shard."""
+
+    frames_path: Path
+    spec: oracle_pb2.BackendSpec
+    work_dir: Path
+    shard_size: int
+    total: int
+    batch_size: int
+    timeout: float
+
+    def frames(self, index: int) -> Iterator[Atoms]:
+        first = index * self.shard_size
+        return islice(iter_extxyz(self.frames_path, start=first), min(self.shard_size, self.total - first))
+
+
+class _SharedShards:
+    """The shards still to label (lowest first), the records of those labelled, and each instance's failure."""
+
+    def __init__(self, todo: list[int]) -> None:
+        self._todo = deque(todo)
+        self._lock = threading.Lock()
+        self.records: dict[int, ShardRecord] = {}
+        self.failures: list[tuple[str, Exception]] = []
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._todo.popleft() if self._todo else None
+
+    def give_back(self, index: int, address: str, exc: Exception) -> None:
+        with self._lock:
+            self._todo.appendleft(index)
+            self.failures.append((address, exc))
+
+    def done(self, record: ShardRecord) -> None:
+        with self._lock:
+            self.records[record.index] = record
+
+    @property
+    def remaining(self) -> int:
+        with self._lock:
+            return len(self._todo)
+
+
+def _label_shards_through(
+    address: str, job: _ShardJob, shared: _SharedShards, progress: _Progress, name_oracle: bool
+) -> None:
+    """A worker: label shards through the oracle at `address` until none is left, the step stops, or the oracle
+    fails (then its shard goes back for the other instances and this worker ends)."""
+    n_shards = math.ceil(job.total / job.shard_size)
+    with contextlib.suppress(_StepStoppedError), channel(address) as ch:
+        while (index := shared.take()) is not None:
+            try:
+                record = _label_shard(ch, job, index, progress)
+            except _StepStoppedError:
+                raise
+            except Exception as exc:  # the oracle or the frames file: the other instances may still succeed
+                shared.give_back(index, address, exc)
+                if name_oracle:
+                    progress.say(f"oracle {address} failed on {shard_name(index)} and drops out: {exc}")
+                return
+            shared.done(record)
+            progress.shard_written(index, n_shards, address if name_oracle else "")
+
+
+def _label_shard(ch: grpc.Channel, job: _ShardJob, index: int, progress: _Progress) -> ShardRecord:
     """One shard through one oracle stream, written in input order to a temp file that is renamed into place
     once complete; then its record."""
-    path = work_dir / f"{shard_name(index)}.extxyz"
+    first_frame = index * job.shard_size
+    frames = job.frames(index)
+    path = job.work_dir / f"{shard_name(index)}.extxyz"
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(b"")
     in_flight: dict[int, Atoms] = {}  # sent, not yet answered: at most IN_FLIGHT_BATCHES batches
@@ -255,15 +398,15 @@ def _label_shard(
     record = ShardRecord(index, first_frame, 0, 0, "", "", 0.0, 0.0)
     answered: dict[int, common_pb2.Labels] = {}  # labels that came back ahead of an earlier frame's
     buffer: list[Atoms] = []
-    # closing(): a cancelled run (report raising) cancels the oracle call at once, not when garbage-collected.
+    # closing(): a stopped step (a cancelled run) cancels the oracle call at once, not when garbage-collected.
     with contextlib.closing(
         stream_labels(
             ch,
-            spec,
+            job.spec,
             outgoing(),
-            batch_size=batch_size,
-            timeout=timeout,
-            max_in_flight=IN_FLIGHT_BATCHES * batch_size,
+            batch_size=job.batch_size,
+            timeout=job.timeout,
+            max_in_flight=IN_FLIGHT_BATCHES * job.batch_size,
         )
     ) as results:
         for offset, labels in results:
@@ -283,7 +426,7 @@ def _label_shard(
         os.fsync(handle.fileno())  # on disk before the rename marks it complete
     os.replace(partial, path)
     record.sha256 = sha256_of_file(path)
-    _write_json_atomically(work_dir / f"{record.name}.json", asdict(record))
+    _write_json_atomically(job.work_dir / f"{record.name}.json", asdict(record))
     return record
 
 
@@ -311,22 +454,29 @@ def _write_json_atomically(path: Path, data: Any) -> None:
 
 def _reusable_shards(
     frames_path: Path, work_dir: Path, shard_size: int, total: int, report: Callable[[common_pb2.Progress], None]
-) -> list[ShardRecord]:
-    """The complete shards of an earlier attempt that still verify, from shard 0 up to the first that does not."""
-    records: list[ShardRecord] = []
-    if not (work_dir / f"{shard_name(0)}.json").is_file():
+) -> dict[int, ShardRecord]:
+    """The complete shards of an earlier attempt that still verify, by index; any shard with a record is checked
+    (with several instances they complete out of order)."""
+    n_shards = math.ceil(total / shard_size)
+    recorded = [index for index in range(n_shards) if (work_dir / f"{shard_name(index)}.json").is_file()]
+    records: dict[int, ShardRecord] = {}
+    if not recorded:
         return records
     frames = iter_extxyz(frames_path)
-    for index in range(math.ceil(total / shard_size)):
+    position = 0
+    for index in recorded:
         first = index * shard_size
+        for _ in islice(frames, first - position):  # frames of shards without a record: not needed here
+            pass
         expected = [content_id(atoms) for atoms in islice(frames, min(shard_size, total - first))]
+        position = first + len(expected)
         record, problem = verify_shard(work_dir, index, first, expected)
         if record is None:
             report(
-                common_pb2.Progress(stage="surrogate_labelling", message=f"redoing from {shard_name(index)}: {problem}")
+                common_pb2.Progress(stage="surrogate_labelling", message=f"relabelling {shard_name(index)}: {problem}")
             )
-            break
-        records.append(record)
+            continue
+        records[index] = record
         report(
             common_pb2.Progress(
                 stage="surrogate_labelling",
