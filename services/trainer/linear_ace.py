@@ -65,8 +65,12 @@ DEFAULT_LAMBDAS = tuple(10.0 ** (p / 2) for p in range(-18, 1))
 DEFAULT_FORCES_SHARE = 0.3
 # Memory allowed for the Gram matrices of the normal equations (they dominate a linear fit's memory).
 GRAM_MEMORY_BYTES = 4 * 2**30
-# Structures whose rows are computed together before they are folded into the Gram matrices.
+# Structures whose rows are computed together before they are folded into the Gram matrices: at most
+# CHUNK_STRUCTURES, and no more atoms than CHUNK_ATOMS past the first structure, so that a chunk's force rows
+# (3 · atoms × functions) stay bounded for large cells too (4096 atoms × 1000 functions: 98 MB). Molecules and
+# small cells fill a chunk by count (64 SN2 frames are 384 atoms), 216-atom cells by atoms (18 per chunk).
 CHUNK_STRUCTURES = 64
+CHUNK_ATOMS = 4096
 # Weight of the stress (virial per atom) term in the loss, relative to the energy and force terms, whose
 # shares sum to 1 (see FoldedNormalEquations.weights); 0 leaves stresses out. Measured: on Si cells labelled by
 # a MACE model (consistent stresses) 0.01 brought most of the gain of 0.1 (held-out stress RMSE 0.24 GPa with 0,
@@ -497,7 +501,7 @@ def accumulate(
     with_references: bool = True,
     into: FoldedNormalEquations | None = None,
 ) -> FoldedNormalEquations:
-    """Fold every structure's rows into its fold's normal equations, CHUNK_STRUCTURES at a time; stress rows
+    """Fold every structure's rows into its fold's normal equations, a chunk at a time (`chunks`); stress rows
     for the frames whose `targets.stress` entry is given. Without `with_references` the reference-energy
     columns are left out of these rows (zero). The targets are taken as given: a caller whose labels include
     the basis's fixed part subtracts it first (`fixed_part`, `fixed_stress`). `into`: equations of other
@@ -531,10 +535,10 @@ def _accumulate_into(
     stage: str,
     with_references: bool,
 ) -> None:
-    for start in range(0, len(frames), CHUNK_STRUCTURES):
-        stop = min(len(frames), start + CHUNK_STRUCTURES)
+    for structures in chunks([len(atoms) for atoms in frames]):
+        stop = structures.stop
         chunk: dict[int, tuple[list, list, list, list, list, list]] = {}
-        for i in range(start, stop):
+        for i in structures:
             energy_row, force_rows = design.rows(frames[i])
             if not with_references:
                 energy_row[design.n_functions :] = 0.0
@@ -559,6 +563,19 @@ def _accumulate_into(
             )
         if progress is not None:
             progress(stop, len(frames), f"{stage}: rows of {stop}/{len(frames)} structures")
+
+
+def chunks(sizes: Sequence[int]) -> Iterator[range]:
+    """Consecutive structures (of `sizes` atoms each) whose rows are computed together: at most
+    CHUNK_STRUCTURES, and at most CHUNK_ATOMS atoms unless one structure alone has more."""
+    start = 0
+    while start < len(sizes):
+        stop, atoms = start + 1, sizes[start]
+        while stop < len(sizes) and stop - start < CHUNK_STRUCTURES and atoms + sizes[stop] <= CHUNK_ATOMS:
+            atoms += sizes[stop]
+            stop += 1
+        yield range(start, stop)
+        start = stop
 
 
 def _column_scale(gram: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase import Atoms
-from pyace import PyACECalculator
+from pyace import ACEBBasisSet, PyACECalculator
 
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.structures import write_extxyz
@@ -17,6 +17,7 @@ from services.trainer import linear_ace, pacemaker_export
 from services.trainer.ace_fit import (
     NORMAL_EQUATIONS_KIND,
     EquationsReuse,
+    basis_config,
     fit_linear_ace,
     linear_targets,
     run_ace_fit,
@@ -133,3 +134,21 @@ def test_the_refit_job_takes_the_basis_and_the_kept_equations_from_the_store(art
     without_basis = trainer_pb2.AceFitSpec(train_data=shards, e0s=e0s, normal_equations=equations)
     with pytest.raises(InvalidInputError, match=r"ace_fit\.normal_equations need ace_fit\.basis"):
         validate_ace_fit(without_basis, artifact_store)
+
+
+def test_chunks_bound_the_atoms_whose_rows_are_held_and_the_equations_do_not_depend_on_them(monkeypatch) -> None:
+    """A chunk of large cells is cut by atoms (its force rows are 3 · atoms × functions), one of molecules by
+    count; the normal equations are the same sums however the structures are chunked."""
+    assert [len(r) for r in linear_ace.chunks([6] * 130)] == [64, 64, 2]
+    assert [len(r) for r in linear_ace.chunks([216] * 40)] == [18, 18, 4]
+    assert [(r.start, r.stop) for r in linear_ace.chunks([5000, 10, 10, 4090])] == [(0, 1), (1, 3), (3, 4)]
+    frames = grouped_frames()[:FIRST]
+    design = linear_ace.AceDesign(ACEBBasisSet(basis_config(["H", "C", "Cl"], 4.5, 20)))
+    targets = linear_targets(frames, xtb_e0s(), design)
+    folds = np.arange(len(frames)) % 2
+    whole = linear_ace.accumulate(design, frames, targets, folds, 2)
+    monkeypatch.setattr(linear_ace, "CHUNK_ATOMS", 20)  # three 6-atom frames per chunk
+    assert len(list(linear_ace.chunks([6] * len(frames)))) == 14
+    small = linear_ace.accumulate(design, frames, targets, folds, 2)
+    for name in ("gram_energy", "gram_forces", "rhs_energy", "rhs_forces", "rows_forces"):
+        np.testing.assert_allclose(getattr(small, name), getattr(whole, name), rtol=1e-12, atol=1e-12, err_msg=name)
