@@ -338,9 +338,11 @@ class _SharedShards:
         with self._lock:
             return self._todo.popleft() if self._todo else None
 
-    def give_back(self, index: int, address: str, exc: Exception) -> None:
+    def give_back(self, index: int | None, address: str, exc: Exception) -> None:
+        """The instance at `address` failed with `exc`, on shard `index` (None: before taking one)."""
         with self._lock:
-            self._todo.appendleft(index)
+            if index is not None:
+                self._todo.appendleft(index)
             self.failures.append((address, exc))
 
     def done(self, record: ShardRecord) -> None:
@@ -359,19 +361,22 @@ def _label_shards_through(
     """A worker: label shards through the oracle at `address` until none is left, the step stops, or the oracle
     fails (then its shard goes back for the other instances and this worker ends)."""
     n_shards = math.ceil(job.total / job.shard_size)
-    with contextlib.suppress(_StepStoppedError), channel(address) as ch:
-        while (index := shared.take()) is not None:
-            try:
+    index: int | None = None
+    try:
+        with channel(address) as ch:
+            while (index := shared.take()) is not None:
                 record = _label_shard(ch, job, index, progress)
-            except _StepStoppedError:
-                raise
-            except Exception as exc:  # the oracle or the frames file: the other instances may still succeed
-                shared.give_back(index, address, exc)
-                if name_oracle:
-                    progress.say(f"oracle {address} failed on {shard_name(index)} and drops out: {exc}")
-                return
-            shared.done(record)
-            progress.shard_written(index, n_shards, address if name_oracle else "")
+                shared.done(record)
+                index = None
+                progress.shard_written(record.index, n_shards, address if name_oracle else "")
+    except _StepStoppedError:
+        return
+    except Exception as exc:  # the oracle or the frames file: the other instances may still succeed
+        shared.give_back(index, address, exc)
+        if name_oracle:
+            where = f" on {shard_name(index)}" if index is not None else ""
+            with contextlib.suppress(_StepStoppedError):
+                progress.say(f"oracle {address} failed{where} and drops out: {exc}")
 
 
 def _label_shard(ch: grpc.Channel, job: _ShardJob, index: int, progress: _Progress) -> ShardRecord:
