@@ -595,6 +595,14 @@ class TeacherBootstrapConfig(_Strict):
         2000, ge=0, le=10_000_000, description="Steps of MD at the cheap level from every seed (0: no MD)."
     )
     md_frames: int = Field(200, ge=0, le=1_000_000, description="Frames of that MD added to the training set.")
+    md_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Replicas of that MD (per window when md.windows is set, as md.replicas); default: one per "
+        "temperature of md.temperatures (per window), or one per seed and temperature without windows: enough "
+        "for md_frames, where md.replicas (sized for step 4's thousands of frames) would cost ~5× more.",
+    )
     max_epochs: int = Field(400, ge=1, le=100_000, description="Training epochs of the teacher.")
     max_force_ev_per_a: Positive = Field(
         10.0, description="Structures with a larger force component at the cheap level are left out, eV/Å."

@@ -65,6 +65,8 @@ def test_a_bootstrapped_teacher_knows_fluorine_and_step1_runs_on_it(all_services
         len(SEEDS) + record["n_pool"] + record["n_md_frames"]
     )
     assert record["n_md_frames"] == 10 and record["level_of_theory"].startswith("xtb")
+    # The default replicas: each of the 7 windows at each of the 2 temperatures once (md.replicas is for step 4).
+    assert record["n_md_replicas"] == 7 * 2
     assert {"energy_rmse_ev_per_atom", "forces_rmse_ev_per_a"} <= set(record)
 
     # The teacher's E0s are GFN2-xTB's isolated neutral atoms, computed here independently.

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from pyacemaker.config import TeacherBootstrapConfig
+from pyacemaker.config import MdConfig, TeacherBootstrapConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import TEACHER_BOOTSTRAP_DIR, StepName
 from pyacemaker.structures import LEVEL_KEY, attach_labels, read_structures, structure_to_atoms, write_extxyz
@@ -36,6 +36,14 @@ def bootstrap_config(ctx: StepContext) -> TeacherBootstrapConfig:
     if config is None:
         raise ValueError("teacher.bootstrap is not set: the run uses teacher.model")
     return config
+
+
+def bootstrap_md_replicas(config: TeacherBootstrapConfig, md: MdConfig, n_seeds: int) -> int:
+    """teacher.bootstrap.md_replicas, or its default: every window (or every seed) at every temperature once."""
+    if config.md_replicas is not None:
+        return config.md_replicas
+    temperatures = len(md.temperatures)
+    return temperatures if md.windows is not None else temperatures * max(n_seeds, 1)
 
 
 class TeacherBootstrapStep:
@@ -65,11 +73,18 @@ class TeacherBootstrapStep:
             ).result
         seeds = [structure_to_atoms(seed) for seed in ctx.seeds]
         frames = seeds + read_structures(ctx.store.path(pool_result.pool))
-        n_md = 0
+        n_md = n_replicas = 0
         if config.md_steps and config.md_frames:
-            md = md_config(ctx).model_copy(
-                update={"steps": config.md_steps, "n_frames": config.md_frames, "frame_selection": "stride"}
+            md = md_config(ctx)
+            md = md.model_copy(
+                update={
+                    "steps": config.md_steps,
+                    "n_frames": config.md_frames,
+                    "frame_selection": "stride",
+                    "replicas": bootstrap_md_replicas(config, md, len(seeds)),
+                }
             )
+            n_replicas = md.replicas * (md.windows.count if md.windows is not None else 1)
             result, _record = run_md_with(ctx, spec, md, f"the {config.oracle.backend} oracle")
             md_frames = read_structures(ctx.store.path(result.selected))
             frames += md_frames
@@ -105,6 +120,7 @@ class TeacherBootstrapStep:
             "level_of_theory": str(labelled[0].info.get(LEVEL_KEY, config.oracle.backend)),
             "n_pool": int(pool_result.n_structures),
             "n_md_frames": n_md,
+            "n_md_replicas": n_replicas,
             "n_labelled": len(labelled),
             "n_failed": failed,
             "n_above_max_force": too_hot,
