@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,20 @@ def labelled_copies(calculator: Any, frames: Iterable[Atoms]) -> list[Atoms]:
 # line can make the reader allocate.
 MAX_ATOMS_PER_FRAME = 1_000_000
 _XYZ_SUFFIXES = {".xyz", ".extxyz"}
+
+
+def bounded_batches(sizes: Sequence[int], max_structures: int, max_atoms: int) -> Iterator[range]:
+    """Consecutive structures (of `sizes` atoms each) to treat together: at most `max_structures`, and at most
+    `max_atoms` atoms unless one structure alone has more. What a batch costs in memory grows with its atoms,
+    so a count alone that suits molecules would put tens of thousands of atoms of large cells into one batch."""
+    start = 0
+    while start < len(sizes):
+        stop, atoms = start + 1, sizes[start]
+        while stop < len(sizes) and stop - start < max_structures and atoms + sizes[stop] <= max_atoms:
+            atoms += sizes[stop]
+            stop += 1
+        yield range(start, stop)
+        start = stop
 
 
 def read_structures(path: str | Path, max_atoms: int | None = None) -> list[Atoms]:

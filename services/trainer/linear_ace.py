@@ -56,6 +56,7 @@ from ase import Atoms
 from ase.data import atomic_numbers
 
 from pyacemaker.ace_reference_energies import E0_METADATA_KEY, e0_metadata_value
+from pyacemaker.structures import bounded_batches
 from services.trainer.datasets import has_stress_cell, stress_of
 
 # Ridge strengths tried by cross-validation, relative to unit-diagonal (standardised) normal equations: half
@@ -566,16 +567,8 @@ def _accumulate_into(
 
 
 def chunks(sizes: Sequence[int]) -> Iterator[range]:
-    """Consecutive structures (of `sizes` atoms each) whose rows are computed together: at most
-    CHUNK_STRUCTURES, and at most CHUNK_ATOMS atoms unless one structure alone has more."""
-    start = 0
-    while start < len(sizes):
-        stop, atoms = start + 1, sizes[start]
-        while stop < len(sizes) and stop - start < CHUNK_STRUCTURES and atoms + sizes[stop] <= CHUNK_ATOMS:
-            atoms += sizes[stop]
-            stop += 1
-        yield range(start, stop)
-        start = stop
+    """Consecutive structures (of `sizes` atoms each) whose rows are computed together."""
+    return bounded_batches(sizes, CHUNK_STRUCTURES, CHUNK_ATOMS)
 
 
 def _column_scale(gram: np.ndarray) -> np.ndarray:

@@ -119,6 +119,25 @@ def test_committee_mean_and_spread_equal_mace_calculator(
         assert labels.level_of_theory.startswith("mace:") and "+" in labels.level_of_theory
 
 
+def test_graph_batches_are_bounded_by_atoms_and_give_the_same_labels(
+    oracle: grpc.Channel, store: ArtifactStore, committee_paths: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large cells must not pile tens of thousands of atoms into one graph batch: with the bound at 13 atoms,
+    batches of 8 six-atom frames become batches of 2, and every label is what one big batch gives."""
+    from services.oracle.backends import mace
+
+    frames = sn2_frames(9, seed=7)
+    spec = backend_spec("mace", {"models": as_artifacts(store, committee_paths), "batch_size": 8})
+    whole = dict(stream_labels(oracle, spec, frames, batch_size=9, timeout=TIMEOUT_S))
+    monkeypatch.setattr(mace, "MAX_BATCH_ATOMS", 13)
+    assert [len(batch) for batch in mace._chunks(frames, 8)] == [2, 2, 2, 2, 1]
+    split = dict(stream_labels(oracle, spec, frames, batch_size=9, timeout=TIMEOUT_S))
+    for index in range(len(frames)):
+        assert split[index].energy == pytest.approx(whole[index].energy, abs=1e-9)
+        np.testing.assert_allclose(split[index].forces, whole[index].forces, atol=1e-9)
+        np.testing.assert_allclose(split[index].uncertainty.force_std, whole[index].uncertainty.force_std, atol=1e-9)
+
+
 def test_a_single_model_has_zero_spread_and_unknown_elements_fail_alone(oracle: grpc.Channel) -> None:
     water = molecule("H2O")
     water.info.update({CHARGE_KEY: 0, SPIN_KEY: 1})

@@ -120,3 +120,15 @@ def test_atom_ground_state_multiplicities_follow_hunds_rule():
 
     expected = {1: 2, 2: 1, 6: 3, 7: 4, 8: 3, 9: 2, 14: 3, 17: 2, 18: 1, 24: 7, 26: 5, 29: 2, 35: 2}
     assert {z: atom_ground_state_multiplicity(z) for z in expected} == expected
+
+
+def test_bounded_batches_cut_by_count_and_by_atoms_and_keep_a_too_large_structure_alone() -> None:
+    from pyacemaker.structures import bounded_batches
+
+    def spans(sizes: list[int], count: int, atoms: int) -> list[tuple[int, int]]:
+        return [(batch.start, batch.stop) for batch in bounded_batches(sizes, count, atoms)]
+
+    assert spans([6] * 10, 4, 4096) == [(0, 4), (4, 8), (8, 10)]  # molecules: by count
+    assert spans([216] * 5, 64, 500) == [(0, 2), (2, 4), (4, 5)]  # large cells: by atoms
+    assert spans([5000, 10, 10, 4090], 64, 4096) == [(0, 1), (1, 3), (3, 4)]  # one alone may exceed the bound
+    assert spans([], 4, 10) == []
