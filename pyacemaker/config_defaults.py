@@ -254,11 +254,10 @@ def derive_defaults(
 def bundled_teacher_missing(seeds: Sequence[Atoms]) -> list[int]:
     """The atomic numbers of `seeds` that the bundled teacher does not know (none when it cannot be read: then
     `config check` names the problem with the bundled file itself)."""
-    from pyacemaker.teacher.elements import ModelElementsError, model_elements
+    from pyacemaker.teacher.elements import ModelElementsError, missing_elements
     from pyacemaker.teacher.resolve import BUNDLED_MODEL
 
     try:
-        known = set(model_elements(BUNDLED_MODEL))
+        return missing_elements(BUNDLED_MODEL, seeds)
     except ModelElementsError:
         return []
-    return sorted({int(z) for atoms in seeds for z in atoms.numbers} - known)

@@ -35,7 +35,7 @@ from ase.data import chemical_symbols
 from pyacemaker.config import MaceOracleConfig, PyscfOracleConfig, RunConfig
 from pyacemaker.run_layout import StepName
 from pyacemaker.structure_checks import element_names
-from pyacemaker.teacher.elements import ModelElementsError, model_elements
+from pyacemaker.teacher.elements import ModelElementsError, model_elements, seed_elements
 from pyacemaker.teacher.resolve import BUNDLED_NAME, TeacherNotFoundError, is_model_name, resolve_teacher
 
 # Where the foundation-model names are listed for users.
@@ -88,11 +88,11 @@ def teacher_problems(config: RunConfig, seeds: Sequence[Atoms]) -> list[Problem]
     name = config.teacher.model
     try:
         path = resolve_teacher(name)
-        known = set(model_elements(path))
+        known = model_elements(path)
     except (TeacherNotFoundError, ModelElementsError) as exc:
         return [Problem("teacher.model", str(exc))]
-    wanted = {int(z) for atoms in seeds for z in atoms.numbers}
-    missing = sorted(wanted - known)
+    wanted = seed_elements(seeds)
+    missing = sorted(set(wanted) - set(known))
     if not missing:
         return []
     where = next(str(atoms.info.get("source", "a seed")) for atoms in seeds if missing[0] in atoms.numbers)

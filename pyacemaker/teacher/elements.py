@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+from ase import Atoms
 from ase.data import atomic_numbers
 
 
@@ -33,6 +35,17 @@ def model_elements(path: Path) -> list[int]:
         return sorted(int(z) for z in model.atomic_numbers)
     except Exception as exc:  # a truncated file, not a pickle, not a MACE model: all mean "not usable"
         raise ModelElementsError(f"{path}: not a readable MACE model ({type(exc).__name__}: {exc})") from None
+
+
+def seed_elements(seeds: Sequence[Atoms]) -> list[int]:
+    """The atomic numbers in `seeds`, sorted."""
+    return sorted({int(z) for atoms in seeds for z in atoms.numbers})
+
+
+def missing_elements(path: Path, seeds: Sequence[Atoms]) -> list[int]:
+    """The atomic numbers in `seeds` that the model `path` does not know, sorted; ModelElementsError when the
+    file cannot be read."""
+    return sorted(set(seed_elements(seeds)) - set(model_elements(path)))
 
 
 def _recorded_elements(path: Path) -> list[int] | None:
