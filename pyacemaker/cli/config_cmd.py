@@ -42,8 +42,13 @@ def run_schema(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
-        seeds = load_seeds(config)
     except (ConfigError, StructureFileError) as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    try:
+        seeds = load_seeds(config)
+    except ConfigError as exc:  # a key of this file that the seeds contradict
+        return fail(f"{args.file}: {exc}", EXIT_BAD_INPUT)
+    except StructureFileError as exc:  # names the seed file
         return fail(str(exc), EXIT_BAD_INPUT)
     config, derived = derive_defaults(config, seeds, saved_run_config(config.run_dir))
     for setting in derived:

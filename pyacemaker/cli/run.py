@@ -43,13 +43,18 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return fail("give either a config file or --resume RUN_DIR", EXIT_BAD_INPUT)
     try:
         config = load_config(args.config) if args.config else config_from_json(saved_config_json(Path(args.resume)))
-        seeds = load_seeds(config)
     except (ConfigError, StructureFileError, FileNotFoundError) as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    source = args.config or f"{args.resume} (its saved config)"
+    try:
+        seeds = load_seeds(config)
+    except ConfigError as exc:  # a key of the config that the seeds contradict
+        return fail(f"{source}: {exc}", EXIT_BAD_INPUT)
+    except StructureFileError as exc:  # names the seed file
         return fail(str(exc), EXIT_BAD_INPUT)
     # Settings the config leaves out, from its seeds and budget (a saved config has them all already); the
     # orchestrator saves the config as sent, so a resume uses these values.
     config, derived = derive_defaults(config, seeds, None if args.resume else saved_run_config(config.run_dir))
-    source = args.config or f"{args.resume} (its saved config)"
     refused = preflight_errors(config, seeds, source, installed_extras=False)
     if refused:
         return fail(refused, EXIT_BAD_INPUT)

@@ -170,7 +170,7 @@ def test_an_unknown_model_name_is_refused(tmp_path: Path) -> None:
 def test_an_atom_index_beyond_the_seeds_is_refused(tmp_path: Path, section: str) -> None:
     key = "windows" if section == "md" else "profile"
     config = _config(tmp_path, **{section: {key: {"atoms": [9, 0, 5], "start": -1.0, "stop": 1.0, "count": 3}}})
-    _refused(config, f"{section}.{key}.atoms: atom index 9 is out of range", "(6 atoms)")
+    _refused(config, f"error: {config}: {section}.{key}.atoms: atom index 9 is out of range", "(6 atoms)")
 
 
 def test_a_misspelt_functional_is_refused_with_the_closest_name(tmp_path: Path) -> None:
