@@ -70,7 +70,7 @@ apptainer-archives: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy pyacemaker services
+	$(VENV)/bin/mypy pyacemaker
 	$(VENV)/bin/lint-imports
 
 format: install

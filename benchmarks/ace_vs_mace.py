@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from linear_ace_sn2 import relabel_with_teacher  # noqa: E402  (benchmarks/ is on sys.path as the script's dir)
 
-from services.trainer.ace_fit import fit_linear_ace  # noqa: E402
-from services.trainer.evaluation import ace_calculator, mace_calculator  # noqa: E402
-from services.trainer.mace_finetune import load_model, model_atomic_energies  # noqa: E402
+from pyacemaker.services.trainer.ace_fit import fit_linear_ace  # noqa: E402
+from pyacemaker.services.trainer.evaluation import ace_calculator, mace_calculator  # noqa: E402
+from pyacemaker.services.trainer.mace_finetune import load_model, model_atomic_energies  # noqa: E402
 from tests.sn2_training_data import tiny_mace, xtb_frames  # noqa: E402
 
 

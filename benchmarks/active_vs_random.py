@@ -43,7 +43,8 @@ epochs; 78.7, 66.0, 78.5 at 30), and scored on every hold-out; the teacher's own
 reference.
 
 E0s: the fine-tuning fits the labels' per-element offset from the teacher itself (see
-services.trainer.mace_finetune.aligned_reference_energies); xtb is the teacher's own level, so it is small here.
+pyacemaker.services.trainer.mace_finetune.aligned_reference_energies); xtb is the teacher's own level, so it is
+small here.
 """
 
 from __future__ import annotations
@@ -70,10 +71,9 @@ from pyacemaker.clients.sampler import md_settings
 from pyacemaker.config import MaceOracleConfig, RunConfig, XtbOracleConfig, load_config
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.seeds import load_seeds
-from pyacemaker.teacher import resolve_teacher
-from services.oracle.backends.mace import MaceBackend
-from services.oracle.backends.xtb import XtbBackend
-from services.orchestrator.active_learning import (
+from pyacemaker.services.oracle.backends.mace import MaceBackend
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
+from pyacemaker.services.orchestrator.active_learning import (
     below_force_cap,
     calibration_factor,
     candidate_force_cap,
@@ -81,14 +81,15 @@ from services.orchestrator.active_learning import (
     select_uncertain,
     within_force_cap,
 )
-from services.sampler.direct import select_direct
-from services.sampler.features import get_featuriser
-from services.sampler.md import FrameEvent
-from services.sampler.md import run_md as run_md_engine
-from services.sampler.pool import generate_pool
-from services.sampler.server import md_parameters_from_settings
-from services.trainer.evaluation import evaluate_calculator, mace_calculator
-from services.trainer.mace_finetune import FinetuneSettings, finetune_committee
+from pyacemaker.services.sampler.direct import select_direct
+from pyacemaker.services.sampler.features import get_featuriser
+from pyacemaker.services.sampler.md import FrameEvent
+from pyacemaker.services.sampler.md import run_md as run_md_engine
+from pyacemaker.services.sampler.pool import generate_pool
+from pyacemaker.services.sampler.server import md_parameters_from_settings
+from pyacemaker.services.trainer.evaluation import evaluate_calculator, mace_calculator
+from pyacemaker.services.trainer.mace_finetune import FinetuneSettings, finetune_committee
+from pyacemaker.teacher import resolve_teacher
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "sn2" / "config.yaml"
 HELD_OUT_SEED = 12345
@@ -129,7 +130,7 @@ def md_hold_out(
     `replicas` runs each, `frames` snapshots `every` steps after MD_EQUILIBRATION_STEPS, each with the MD's own
     xtb energy and forces. These are the states the finished potential is meant to simulate, and neither
     selection can draw them. The centre of mass is fixed by a constraint, not by Langevin's fixcm, which heats
-    a 6-atom molecule to about twice the target temperature (services/sampler/md.py)."""
+    a 6-atom molecule to about twice the target temperature (pyacemaker/services/sampler/md.py)."""
     backend = XtbBackend(XtbOracleConfig(backend="xtb", method="GFN2-xTB"))
     rng = np.random.default_rng(HELD_OUT_SEED)
     snapshots = []

@@ -5,7 +5,7 @@ containers (`pyacemaker up --runtime podman`, step 1, `down`), on this machine w
 
 --cold removes the images (and the wheelhouse) first, so the first build starts from debootstrap: that is what
 a fresh CI machine pays once. Without it the first build is whatever the cache allows. A source change is
-simulated by a marker file under services/ (removed afterwards, and the images rebuilt without it).
+simulated by a marker file under pyacemaker/services/ (removed afterwards, and the images rebuilt without it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from pyacemaker.deploy import images, podman  # noqa: E402  (the repo root is on sys.path above)
 
-SOURCE_MARKER = REPO_ROOT / "services" / "_benchmark_source_change.py"
+SOURCE_MARKER = REPO_ROOT / "pyacemaker" / "services" / "_benchmark_source_change.py"
 
 
 def _timed_build(names: list[str]) -> float:

@@ -28,17 +28,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from pyacemaker.config import PyscfOracleConfig  # noqa: E402
+from pyacemaker.services.trainer.ace_fit import fit_linear_ace  # noqa: E402
+from pyacemaker.services.trainer.delta import fit_linear_delta  # noqa: E402
+from pyacemaker.services.trainer.evaluation import evaluate_potential  # noqa: E402
 from pyacemaker.structures import attach_labels  # noqa: E402
-from services.trainer.ace_fit import fit_linear_ace  # noqa: E402
-from services.trainer.delta import fit_linear_delta  # noqa: E402
-from services.trainer.evaluation import evaluate_potential  # noqa: E402
 from tests.sn2_training_data import level_b, xtb_e0s, xtb_frames  # noqa: E402
 
 PYSCF = PyscfOracleConfig(backend="pyscf", functional="PBE", basis="6-31G", density_fit=True)
 
 
 def _pyscf_label(atoms: Atoms) -> Atoms:
-    from services.oracle.backends.pyscf import PyscfBackend
+    from pyacemaker.services.oracle.backends.pyscf import PyscfBackend
 
     return attach_labels(atoms.copy(), PyscfBackend(PYSCF).label(atoms))
 

@@ -21,10 +21,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from pyacemaker.services.orchestrator.reaction_profile import central_barrier_kcal  # noqa: E402
+from pyacemaker.services.trainer.delta import MAX_DFT_GAMMA, fit_linear_delta  # noqa: E402
+from pyacemaker.services.trainer.evaluation import evaluate_potential  # noqa: E402
 from pyacemaker.structures import read_structures  # noqa: E402
-from services.orchestrator.reaction_profile import central_barrier_kcal  # noqa: E402
-from services.trainer.delta import MAX_DFT_GAMMA, fit_linear_delta  # noqa: E402
-from services.trainer.evaluation import evaluate_potential  # noqa: E402
 
 
 def _scores(potential: Path, frames: list, profile: list) -> dict[str, float]:

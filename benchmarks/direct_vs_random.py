@@ -4,7 +4,7 @@
 
 Uses the seeds and the sampling settings of the config; without the config file it falls back to built-in
 rough SN2 geometries and the default settings. Coverage is measured in DIRECT's weighted principal-component
-space (see services.sampler.direct.coverage_score), the same for both selections.
+space (see pyacemaker.services.sampler.direct.coverage_score), the same for both selections.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from ase import Atoms
 
 from pyacemaker.config import DirectConfig, PoolConfig, load_config
 from pyacemaker.seeds import load_seeds
-from services.sampler.direct import coverage_score, select_direct
-from services.sampler.features import get_featuriser
-from services.sampler.pool import generate_pool
+from pyacemaker.services.sampler.direct import coverage_score, select_direct
+from pyacemaker.services.sampler.features import get_featuriser
+from pyacemaker.services.sampler.pool import generate_pool
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "sn2" / "config.yaml"
 

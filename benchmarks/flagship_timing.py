@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import yaml  # noqa: E402
 
-from services.orchestrator.report import ReportInputError, read_run  # noqa: E402
+from pyacemaker.services.orchestrator.report import ReportInputError, read_run  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "pyacemaker")
 

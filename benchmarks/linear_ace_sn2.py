@@ -25,9 +25,9 @@ from ase import Atoms
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from pyacemaker.services.trainer.ace_fit import fit_linear_ace  # noqa: E402
+from pyacemaker.services.trainer.evaluation import Predictions, error_metrics, evaluate_potential  # noqa: E402
 from pyacemaker.structures import labelled_copies  # noqa: E402
-from services.trainer.ace_fit import fit_linear_ace  # noqa: E402
-from services.trainer.evaluation import Predictions, error_metrics, evaluate_potential  # noqa: E402
 from tests.sn2_training_data import xtb_e0s, xtb_frames  # noqa: E402
 
 # Extrapolation grade up to which a structure counts as inside the training data's span.
@@ -45,7 +45,7 @@ def _subset(predictions: Predictions, mask: np.ndarray) -> Predictions:
 
 
 def relabel_with_teacher(frames: list[Atoms], model: Path) -> list[Atoms]:
-    from services.trainer.evaluation import mace_calculator
+    from pyacemaker.services.trainer.evaluation import mace_calculator
 
     calculator = mace_calculator([model])
     return labelled_copies(calculator, frames)

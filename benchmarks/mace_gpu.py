@@ -69,7 +69,7 @@ def teacher_of(system: str) -> Path:
 
 def level_b(teacher: Path, frames: list[Atoms]) -> list[Atoms]:
     """The frames labelled by the teacher (on the CPU), energies moved by OFFSET_PER_ATOM and forces scaled."""
-    from services.trainer.evaluation import mace_calculator, predict
+    from pyacemaker.services.trainer.evaluation import mace_calculator, predict
 
     predicted = predict(mace_calculator([teacher]), frames)
     labelled = []
@@ -86,7 +86,7 @@ def finetune_seconds(
     teacher: Path, train: list[Atoms], valid: list[Atoms], device: str, epochs: int, extra: dict[str, str]
 ) -> float:
     """Seconds for fine-tuning one committee member from the teacher on `device`, as the trainer does."""
-    from services.trainer.mace_finetune import FinetuneSettings, finetune_committee
+    from pyacemaker.services.trainer.mace_finetune import FinetuneSettings, finetune_committee
 
     settings = FinetuneSettings(
         foundation_model=teacher,
@@ -113,7 +113,7 @@ def finetune_seconds(
 def label_seconds(model: Path, frames: list[Atoms], device: str, batch_size: int) -> tuple[float, np.ndarray]:
     """Seconds for labelling `frames` with the oracle's mace backend on `device` (after a warm-up batch), and
     the energies."""
-    from services.oracle.backends.mace import MaceBackend
+    from pyacemaker.services.oracle.backends.mace import MaceBackend
 
     backend = MaceBackend(
         MaceOracleConfig(backend="mace", models=[model], device=device, batch_size=batch_size)  # type: ignore[arg-type]

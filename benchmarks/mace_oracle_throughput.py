@@ -4,7 +4,8 @@
 
 The structures are rattled SN2 frames (Cl⁻ + CH3Cl, 6 atoms) from the example's seeds. In-process: mace's own
 data pipeline (AtomicData.from_config, torch_geometric DataLoader) and one forward/backward pass per batch,
-energy and forces, exactly what a script using mace directly would do. Service: `python -m services.oracle` as
+energy and forces, exactly what a script using mace directly would do. Service: `python -m
+pyacemaker.services.oracle` as
 its own process, the structures streamed in requests of `--batch-size` through the Label RPC (protobuf
 conversion, gRPC, committee statistics included). Both after a warm-up on the same model, torch on
 OMP_NUM_THREADS threads, each timed `--repeats` times with the best kept (timings on a shared machine are
@@ -91,7 +92,17 @@ def through_service(model_path: Path, frames: list[Atoms], batch_size: int, repe
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.oracle", "--port", "0", "--port-file", str(port_file), "--store", tmp],
+            [
+                sys.executable,
+                "-m",
+                "pyacemaker.services.oracle",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--store",
+                tmp,
+            ],
             cwd=REPO_ROOT,
             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
         )

@@ -5,7 +5,8 @@
 16 SN2 replicas (Cl⁻ + CH3Cl, 6 atoms; the example's three seeds at 300/600/1000 K), Langevin NVT at 0.5 fs, forces
 from the bundled MACE teacher. Four ways, each timed over the same number of steps:
 
-1. service, batched: `services.sampler` and `services.oracle` as their own processes (`pyacemaker up` on free
+1. service, batched: `pyacemaker.services.sampler` and `pyacemaker.services.oracle` as their own processes
+(`pyacemaker up` on free
    ports); RunMd sends every replica's structure in ONE Label call per step.
 2. service, one call per replica: the same, with settings.replicas_per_oracle_call = 1.
 3. in-process, batched: the sampler's MD engine in this process with the mace backend class called directly
@@ -77,9 +78,9 @@ def through_service(
 
 def in_process_engine(model: Path, config: MdConfig) -> float:
     """Wall s of the sampler's engine with the mace backend called in this process (batched, no gRPC)."""
-    from services.oracle.backends.mace import MaceBackend
-    from services.sampler.md import run_md as run_engine
-    from services.sampler.server import md_parameters_from_settings
+    from pyacemaker.services.oracle.backends.mace import MaceBackend
+    from pyacemaker.services.sampler.md import run_md as run_engine
+    from pyacemaker.services.sampler.server import md_parameters_from_settings
 
     backend = MaceBackend(MaceOracleConfig(backend="mace", models=[model]))
     starts = [read_structures(path)[0] for path in SEEDS]

@@ -19,7 +19,7 @@ and its fine-tuned committee (step 3 of that iteration; energies aligned to the 
 as the validation does for the teacher, since a MACE's energy zero is its own).
 
 md-stability: the run's final ACE (and with --ablation its direct_ace) from reactant, TS and product at
-300/600/1000 K for --steps of 0.5 fs, judged every 10 steps by services.orchestrator.md_stability's
+300/600/1000 K for --steps of 0.5 fs, judged every 10 steps by pyacemaker.services.orchestrator.md_stability's
 TrajectoryJudge as the pipeline's validation judges (collapse below 0.5 Å, a non-finite energy, an atom moving
 faster than thermal motion allows, a split beyond 8 Å into pieces that are no seed's fragments): the survivors,
 and which of them dissociated into the seeds' own fragments.
@@ -43,9 +43,9 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from pyacemaker.config import PyscfOracleConfig, XtbOracleConfig
 from pyacemaker.restraints import DistanceDifferenceRestraint
+from pyacemaker.services.orchestrator.md_stability import TrajectoryJudge, seed_fragments
+from pyacemaker.services.orchestrator.steps.validation import reference_alignment
 from pyacemaker.structures import LEVEL_KEY, attach_labels, read_structures, write_extxyz
-from services.orchestrator.md_stability import TrajectoryJudge, seed_fragments
-from services.orchestrator.steps.validation import reference_alignment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [REPO_ROOT / "examples" / "sn2" / "seeds" / f"{n}.xyz" for n in ("reactant_complex", "transition_state")]
@@ -163,10 +163,10 @@ def build(args: argparse.Namespace) -> Path:
 def _backend(level: str) -> Any:
     config = LEVELS[level]()
     if isinstance(config, XtbOracleConfig):
-        from services.oracle.backends.xtb import XtbBackend
+        from pyacemaker.services.oracle.backends.xtb import XtbBackend
 
         return XtbBackend(config)
-    from services.oracle.backends.pyscf import PyscfBackend
+    from pyacemaker.services.oracle.backends.pyscf import PyscfBackend
 
     return PyscfBackend(config)
 

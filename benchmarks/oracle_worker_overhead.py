@@ -1,5 +1,6 @@
 """What crash isolation costs: one Label stream of N rattled SN2 frames (6 atoms, GFN2-xTB) through a real oracle
-server on loopback, once with xtb in its worker subprocesses (the default, services/oracle/workers.py) and once
+server on loopback, once with xtb in its worker subprocesses (the default, pyacemaker/services/oracle/workers.py)
+and once
 labelled in the server's own process (isolation switched off for the measurement only).
 
     python benchmarks/oracle_worker_overhead.py [--frames 1000]
@@ -16,9 +17,9 @@ import numpy as np
 
 from pyacemaker.clients.oracle import backend_spec, stream_labels
 from pyacemaker.rpc import channel, create_server
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
+from pyacemaker.services.oracle.server import add_to_server
 from pyacemaker.structures import read_structures
-from services.oracle.backends.xtb import XtbBackend
-from services.oracle.server import add_to_server
 
 
 def stream_seconds(frames: list, isolated: bool) -> tuple[float, int]:

@@ -24,10 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from pyacemaker.artifacts import ArtifactStore  # noqa: E402
+from pyacemaker.services.trainer.ace_fit import NORMAL_EQUATIONS_KIND, run_ace_fit  # noqa: E402
+from pyacemaker.services.trainer.progress import ProgressWriter  # noqa: E402
+from pyacemaker.services.trainer.results import JobResult  # noqa: E402
 from pyacemaker.v1 import trainer_pb2  # noqa: E402
-from services.trainer.ace_fit import NORMAL_EQUATIONS_KIND, run_ace_fit  # noqa: E402
-from services.trainer.progress import ProgressWriter  # noqa: E402
-from services.trainer.results import JobResult  # noqa: E402
 
 
 def base_and_refit(jobs_dir: Path) -> tuple[trainer_pb2.AceFitSpec, trainer_pb2.AceFitSpec]:

@@ -14,7 +14,7 @@ While the run goes, the resident memory of each service's process tree (the serv
 trainer's job workers) is read from /proc every POLL_S seconds; per step the table gives its wall seconds (the
 run's state file), its frame counts (the step's metrics) and the peak RSS of each service during the step.
 The linear fit's design memory: the Gram matrices' size from the fit's own metrics against
-services.trainer.linear_ace.GRAM_MEMORY_BYTES, and the largest chunk of design rows held at once
+pyacemaker.services.trainer.linear_ace.GRAM_MEMORY_BYTES, and the largest chunk of design rows held at once
 (linear_ace.chunks, CHUNK_ATOMS).
 """
 
@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import yaml  # noqa: E402
 
+from pyacemaker.services.orchestrator.report import read_run  # noqa: E402
+from pyacemaker.services.trainer import linear_ace  # noqa: E402
 from pyacemaker.structures import read_structures, write_extxyz  # noqa: E402
-from services.orchestrator.report import read_run  # noqa: E402
-from services.trainer import linear_ace  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "pyacemaker")
 SI_DIR = REPO_ROOT / "examples" / "si"

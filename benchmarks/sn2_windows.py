@@ -5,7 +5,8 @@ any replica exploding?
 
 ξ = d(C–Cl1) − d(C–Cl2) (atoms 0, 4, 5 of the example's seeds). The example config's `md.windows` (13 windows
 from −1.5 to +1.5 Å, k = 5 eV/Å²) with `--replicas` replicas per window at 300, 600, 1000 K in turn; forces from
-the bundled MACE teacher served by `services.oracle`, MD by `services.sampler` (`pyacemaker up` on free ports),
+the bundled MACE teacher served by `pyacemaker.services.oracle`, MD by `pyacemaker.services.sampler` (`pyacemaker
+up` on free ports),
 all replicas in one oracle call per step. Prints a text histogram of the sampled ξ over all frames, every window's
 mean and spread, the smallest interatomic distance over all frames, and any replica the guard rails stopped.
 """

@@ -28,11 +28,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from pyacemaker.clients.sampler import md_settings  # noqa: E402
 from pyacemaker.config import AceOracleConfig, MdConfig  # noqa: E402
+from pyacemaker.services.oracle.backends.ace import AceBackend  # noqa: E402
+from pyacemaker.services.sampler.md import run_md as run_engine  # noqa: E402
+from pyacemaker.services.sampler.server import md_parameters_from_settings  # noqa: E402
 from pyacemaker.structures import read_structures  # noqa: E402
 from pyacemaker.v1 import common_pb2  # noqa: E402
-from services.oracle.backends.ace import AceBackend  # noqa: E402
-from services.sampler.md import run_md as run_engine  # noqa: E402
-from services.sampler.server import md_parameters_from_settings  # noqa: E402
 
 SEEDS = sorted((REPO_ROOT / "examples" / "sn2" / "seeds").glob("*.xyz"))
 

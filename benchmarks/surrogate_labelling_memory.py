@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/surrogate_labelling_memory.py \
         [--sizes 20000 100000] [--models 1] [--shard-size 5000]
 
-For each N: a fresh oracle process (`python -m services.oracle`, mace backend over the bundled teacher, or the
+For each N: a fresh oracle process (`python -m pyacemaker.services.oracle`, mace backend over the bundled teacher,
+or the
 teacher plus perturbed copies for a committee), N rattled SN2 frames (6 atoms, from examples/sn2/seeds)
 streamed into an extxyz file, and a fresh process that runs SurrogateLabellingStep.run on them as the
 orchestrator would (artifact store, shards, summary). Peak RSS is VmHWM from /proc/PID/status of each
@@ -83,7 +84,7 @@ def committee_files(count: int, scratch: Path) -> list[Path]:
 def start_oracle(scratch: Path, store: Path) -> tuple[subprocess.Popen, str]:
     port_file = scratch / "oracle.port"
     port_file.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "services.oracle", "--port", "0", "--port-file", str(port_file)]
+    command = [sys.executable, "-m", "pyacemaker.services.oracle", "--port", "0", "--port-file", str(port_file)]
     command += ["--store", str(store), "--work-dir", str(scratch / "oracle")]
     with open(scratch / "oracle.log", "ab") as log:  # the process keeps its own copy of the handle
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=_environment())
@@ -145,9 +146,9 @@ def run_worker(job_file: Path) -> None:
     """The labelling process: step 5 exactly as the orchestrator runs it, progress on stderr, then one JSON line
     with its own peak RSS."""
     from pyacemaker.config import SurrogateLabellingConfig, load_config
+    from pyacemaker.services.orchestrator.steps import StepContext, step_key
+    from pyacemaker.services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep
     from pyacemaker.v1 import common_pb2
-    from services.orchestrator.steps import StepContext, step_key
-    from services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep
 
     job = json.loads(job_file.read_text())
     config = load_config(REPO_ROOT / "examples" / "sn2" / "config.yaml").model_copy(

@@ -4,6 +4,6 @@
 # (e.g. the orchestrator's --sampler/--oracle/--trainer addresses). TLS and the token come from the
 # PYACEMAKER_TLS_* / PYACEMAKER_TOKEN_FILE environment (docs/deployment.md).
 set -e
-exec python -m "services.${PYACEMAKER_SERVICE:?PYACEMAKER_SERVICE is not set}" \
+exec python -m "pyacemaker.services.${PYACEMAKER_SERVICE:?PYACEMAKER_SERVICE is not set}" \
   --host "${PYACEMAKER_BIND:-0.0.0.0}" --port "${PYACEMAKER_PORT:-50051}" \
   --store "${PYACEMAKER_STORE:-/data/store}" "$@"

@@ -183,7 +183,8 @@ def _refuse_deployment_settings(data: Any, owner: str, keys: tuple[str, ...]) ->
                 where = _DEPLOYMENT_SETTINGS[key].format(backend=owner)
                 raise ValueError(
                     f"`{key}` is a deployment setting of the oracle service, not an option of a run or a request: "
-                    f"set `{where}` in the oracle's deployment file (python -m services.oracle --deployment FILE, "
+                    f"set `{where}` in the oracle's deployment file "
+                    "(python -m pyacemaker.services.oracle --deployment FILE, "
                     "pyacemaker up --oracle-deployment FILE; see docs/deployment.md)"
                 )
     return data
@@ -1068,7 +1069,7 @@ class TrainerConfig(_Strict):
             problem = (
                 "give the name of an executor profile of the trainer's deployment file, e.g. `executor: gpu`; the "
                 "scheduler and its settings (kind, partition, time limit, template, image) are set there, under "
-                "executors.<name> (python -m services.trainer --deployment FILE; see docs/deployment.md)"
+                "executors.<name> (python -m pyacemaker.services.trainer --deployment FILE; see docs/deployment.md)"
             )
             raise PydanticCustomError("strict_type", "{problem}", {"key": "executor", "problem": problem})
         return data

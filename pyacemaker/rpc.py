@@ -298,10 +298,13 @@ def run_service_cli(
     make_register: Callable[[argparse.Namespace, ArtifactStore], Callable[[grpc.Server], list[str]]],
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """The whole `python -m services.<name>`: common flags, logging, artifact store, serve until signalled."""
+    """The whole `python -m pyacemaker.services.<name>`: common flags, logging, artifact store, serve until
+    signalled."""
     from pyacemaker.logs import configure_logging
 
-    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"PyAceMaker {name} service")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pyacemaker.services.{name}", description=f"PyAceMaker {name} service"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")

@@ -19,9 +19,9 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pyacemaker.config import PoolConfig, XtbOracleConfig
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
+from pyacemaker.services.sampler.pool import generate_pool
 from pyacemaker.structures import attach_labels, write_extxyz
-from services.oracle.backends.xtb import XtbBackend
-from services.sampler.pool import generate_pool
 from tests.conftest import REPO_ROOT, sn2_seeds
 
 # Ground-state spin multiplicities of the neutral atoms whose energies are the E0s.

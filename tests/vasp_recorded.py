@@ -15,8 +15,8 @@ import numpy as np
 from ase import Atoms
 
 from pyacemaker.config import VaspOracleConfig
-from services.oracle.backends.vasp import VaspBackend
-from services.oracle.deployment import VaspProfile
+from pyacemaker.services.oracle.backends.vasp import VaspBackend
+from pyacemaker.services.oracle.deployment import VaspProfile
 
 RECORDED = Path(__file__).parent / "data" / "vasp" / "vasprun.xml"
 VALENCE = {"Si": 4.0, "C": 4.0}

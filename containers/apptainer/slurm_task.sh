@@ -20,7 +20,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 task_dir=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {{ task_list }})
 cd "$task_dir" || exit 1
 apptainer exec --cleanenv --bind "${PYACEMAKER_HOME:?}" --env "OMP_NUM_THREADS=$OMP_NUM_THREADS" \
-  "${PYACEMAKER_ORACLE_SIF:?}" python -m services.oracle.task "$task_dir"
+  "${PYACEMAKER_ORACLE_SIF:?}" python -m pyacemaker.services.oracle.task "$task_dir"
 status=$?
 echo "$status" > "$task_dir/exit_code"
 exit "$status"

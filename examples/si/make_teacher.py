@@ -13,7 +13,7 @@ Structures (165, fixed numpy seed): the 8-atom cubic cell over a ±6 % range of 
 0.18 Å; random shears with rattles; hot rattles (0.2-0.25 Å, beyond the runs' MD); the 7-atom vacancy cell,
 strained and rattled; strained and rattled 2-atom primitive cells. Labels: energy and forces from the oracle's
 own qe backend (so the settings mean what they mean in a run); E0 is the cheap level's Si atom in the same box
-a run uses for its own E0 (services.orchestrator.dft_labels.isolated_atoms).
+a run uses for its own E0 (pyacemaker.services.orchestrator.dft_labels.isolated_atoms).
 
 Outputs: examples/si/teacher/si_teacher.model (0.5 MB; mace's stage-two model, float64) and
 si_teacher_metrics.json (errors per split, E(V) of the model against its own level, timings). The geometries
@@ -43,13 +43,13 @@ from ase.eos import EquationOfState
 from ase.units import GPa
 
 from pyacemaker.config import QeOracleConfig
+from pyacemaker.services.oracle.backends.qe import QeBackend
+from pyacemaker.services.orchestrator.dft_labels import isolated_atoms
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, read_structures, write_extxyz
 from pyacemaker.teacher.build import MACE_SETTINGS, TEST_FRACTION, VALID_FRACTION, rmse_metrics, sha256_of, train_mace
 from pyacemaker.teacher.dataset import GROUP_KEY
 from pyacemaker.teacher.recipe import split_frames
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.qe import QeBackend
-from services.orchestrator.dft_labels import isolated_atoms
 
 log = logging.getLogger("make_teacher")
 

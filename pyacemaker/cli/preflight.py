@@ -261,7 +261,7 @@ def extras_problems(config: RunConfig) -> list[Problem]:
     """Packages the config needs that this environment does not have."""
     if config.ace.model_kind != "nonlinear":
         return []
-    from services.trainer.pacemaker_nonlinear import TENSORFLOW_EXTRA_INSTALL, tensorflow_missing
+    from pyacemaker.services.trainer.pacemaker_nonlinear import TENSORFLOW_EXTRA_INSTALL, tensorflow_missing
 
     missing = tensorflow_missing()
     if missing is None:

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def write_run_report(args: argparse.Namespace) -> int:
     # Imported here: matplotlib costs a second and only this command needs it.
-    from services.orchestrator.report import ReportInputError, write_report
+    from pyacemaker.services.orchestrator.report import ReportInputError, write_report
 
     try:
         path = write_report(Path(args.run_dir)).resolve()

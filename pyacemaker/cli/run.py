@@ -20,9 +20,9 @@ from pyacemaker.deploy.local import service_address
 from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.run_layout import REPORT_DIR, REPORT_FILE, SUMMARY_FILE
 from pyacemaker.seeds import load_seeds
+from pyacemaker.services.orchestrator.state import saved_config_json
 from pyacemaker.structures import StructureFileError, atoms_to_structure
 from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.state import saved_config_json
 
 _K = orchestrator_pb2
 

@@ -14,9 +14,9 @@ from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, fail
 from pyacemaker.deploy import local, podman
 from pyacemaker.executors.deployment import DeploymentError
 from pyacemaker.rpc import SecurityConfigError
-from services.oracle.deployment import DEPLOYMENT_ENV, load_deployment
-from services.trainer.deployment import DEPLOYMENT_ENV as TRAINER_DEPLOYMENT_ENV
-from services.trainer.deployment import load_trainer_deployment
+from pyacemaker.services.oracle.deployment import DEPLOYMENT_ENV, load_deployment
+from pyacemaker.services.trainer.deployment import DEPLOYMENT_ENV as TRAINER_DEPLOYMENT_ENV
+from pyacemaker.services.trainer.deployment import load_trainer_deployment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -189,7 +189,7 @@ def _stage_context(context: Path) -> None:
     podman's layer cache keys on content, so a fresh directory per build still reuses every unchanged layer."""
     (context / "requirements").mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in ("pyacemaker", "services"):
+    for package in ("pyacemaker",):
         shutil.copytree(REPO_ROOT / package, context / "src" / package, ignore=ignore)
     (context / "requirements" / "core.txt").write_text("\n".join(requirements(())) + "\n")
     for spec in IMAGES.values():

@@ -100,7 +100,7 @@ def _service_command(
     started: dict[str, ServiceProcess],
     oracle_deployment: Path | None = None,
 ):
-    command = [sys.executable, "-m", f"services.{name}", "--port", str(port), "--port-file", str(port_file)]
+    command = [sys.executable, "-m", f"pyacemaker.services.{name}", "--port", str(port), "--port-file", str(port_file)]
     command += ["--store", str(store)]
     if name == "oracle" and oracle_deployment is not None:
         command += ["--deployment", str(oracle_deployment)]

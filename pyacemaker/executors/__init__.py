@@ -1,5 +1,6 @@
 """Where work runs: a local process pool, or Slurm / PBS (array) jobs. Shared by the oracle (DFT calculations,
-through services/oracle/gateway.py) and the trainer (training workers, through services/trainer/scheduler.py);
+through pyacemaker/services/oracle/gateway.py) and the trainer (training workers, through
+pyacemaker/services/trainer/scheduler.py);
 see base.py for the interface and deployment.py for the settings a service's deployment file gives them."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and find a batch again by its name after a crash.
 
 Executors know nothing about backends or labels: a task is a directory that a command turns into its result
-(by default the oracle's task runner, `python -m services.oracle.task`, named here, never imported, writes
+(by default the oracle's task runner, `python -m pyacemaker.services.oracle.task`, named here, never imported, writes
 `labels.json`; the trainer's worker writes `result.json`). Whether a task ended *with* a result is the caller's
 question (it reads the file); the executor only reports how the scheduler saw it end, so the oracle's gateway
 can tell a calculation that failed (it wrote a FAILED label) from a task killed before it could write anything.
@@ -91,7 +91,7 @@ class SubmissionError(RuntimeError):
 
 def task_argv() -> list[str]:
     """The command that runs one task dir (its path follows), with this oracle's Python."""
-    return [sys.executable, "-m", "services.oracle.task"]
+    return [sys.executable, "-m", "pyacemaker.services.oracle.task"]
 
 
 def task_command() -> str:

@@ -1,6 +1,6 @@
 """The local executor: a pool of worker subprocesses on this machine, `max_workers` at a time.
 
-Each task runs as `python -m services.oracle.task DIR` in its own process group, with its output in
+Each task runs as `python -m pyacemaker.services.oracle.task DIR` in its own process group, with its output in
 `DIR/task.log`; a task still running after `timeout_s` has its whole group killed and ends TIMEOUT (final:
 the same calculation would time out again). The pool lives as long as the oracle process, independent of
 any Label stream, so a client that disconnects and comes back finds its calculations still running. Workers

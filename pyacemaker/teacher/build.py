@@ -63,7 +63,7 @@ def xtb_backend() -> Any:
     """The oracle's own GFN2-xTB backend, so the teacher's labels are exactly the xtb oracle's. The one import of a
     service from the core, allowed by name in the import contract (pyproject.toml): this build script runs alone,
     never inside a service."""
-    from services.oracle.backends.xtb import XtbBackend
+    from pyacemaker.services.oracle.backends.xtb import XtbBackend
 
     return XtbBackend(XtbOracleConfig(backend="xtb", method="GFN2-xTB"))
 

@@ -1,6 +1,7 @@
 """Property-based fuzzing of every RPC of the four services, against real servers in their own processes.
 
-`Services` starts oracle, sampler, trainer and orchestrator as `python -m services.<name>` on free loopback ports
+`Services` starts oracle, sampler, trainer and orchestrator as `python -m pyacemaker.services.<name>` on free
+loopback ports
 (with the code of a chosen checkout first on PYTHONPATH, so the same fuzzer can measure an older version).
 `REQUESTS` maps each RPC to a hypothesis strategy of malformed-to-valid requests: nasty numbers (NaN, ±inf,
 1e308, int32 extremes), NUL bytes and junk text, broken JSON, Z = 0/119, empty and absurdly small cells, random
@@ -91,7 +92,7 @@ def _start(name: str, root: Path, code_root: Path, extra: list[str], log: Path) 
     env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": "1"}
     for variable in [v for v in env if v.startswith("PYACEMAKER_TLS") or v == "PYACEMAKER_TOKEN_FILE"]:
         del env[variable]
-    command = [sys.executable, "-m", f"services.{name}", "--port", "0", "--port-file", str(port_file)]
+    command = [sys.executable, "-m", f"pyacemaker.services.{name}", "--port", "0", "--port-file", str(port_file)]
     command += ["--store", str(root / "store"), *extra]
     with open(log, "ab") as output:
         process = subprocess.Popen(command, env=env, cwd=code_root, stdout=output, stderr=output)

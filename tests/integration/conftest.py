@@ -8,13 +8,13 @@ from contextlib import ExitStack
 import pytest
 
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.runner import RunManager
+from pyacemaker.services.orchestrator.server import add_to_server as add_orchestrator
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
+from pyacemaker.services.trainer.server import add_to_server as add_trainer
+from pyacemaker.services.trainer.server import create_manager
 from pyacemaker.v1 import orchestrator_pb2_grpc
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.runner import RunManager
-from services.orchestrator.server import add_to_server as add_orchestrator
-from services.sampler.server import add_to_server as add_sampler
-from services.trainer.server import add_to_server as add_trainer
-from services.trainer.server import create_manager
 from tests.conftest import running_service
 
 

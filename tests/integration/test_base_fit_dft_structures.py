@@ -18,14 +18,14 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from pyacemaker.config import load_config
 from pyacemaker.seeds import load_seeds
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.steps import StepContext
+from pyacemaker.services.orchestrator.steps.ace_fit import DFT_STRUCTURES_OUTPUT, AceFitStep
+from pyacemaker.services.trainer.evaluation import extrapolation_grades
+from pyacemaker.services.trainer.server import add_to_server as add_trainer
+from pyacemaker.services.trainer.server import create_manager
 from pyacemaker.structures import atoms_to_structure, read_structures, write_extxyz
 from pyacemaker.teacher import resolve_teacher
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.steps import StepContext
-from services.orchestrator.steps.ace_fit import DFT_STRUCTURES_OUTPUT, AceFitStep
-from services.trainer.evaluation import extrapolation_grades
-from services.trainer.server import add_to_server as add_trainer
-from services.trainer.server import create_manager
 from tests.conftest import SN2_DIR, running_service
 from tests.sn2_training_data import xtb_e0s, xtb_frames
 

@@ -4,12 +4,12 @@ the orchestrator side restarts between requests."""
 from __future__ import annotations
 
 from pyacemaker.config import XtbOracleConfig
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
+from pyacemaker.services.oracle.server import add_to_server
+from pyacemaker.services.orchestrator.dft_labels import DftLabeller, oracle_spec
+from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.structures import atoms_to_structure, structure_to_atoms
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.xtb import XtbBackend
-from services.oracle.server import add_to_server
-from services.orchestrator.dft_labels import DftLabeller, oracle_spec
-from services.orchestrator.ledger import DftLedger
 from tests.conftest import running_service, sn2_seeds
 
 

@@ -19,9 +19,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.runner import RunManager
-from services.orchestrator.server import add_to_server as add_orchestrator
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.runner import RunManager
+from pyacemaker.services.orchestrator.server import add_to_server as add_orchestrator
 from tests.conftest import REPO_ROOT, running_service
 
 DOCUMENTED_PORTS = {"127.0.0.1:50051": "orchestrator", "127.0.0.1:50053": "oracle"}

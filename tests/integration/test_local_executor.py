@@ -19,12 +19,12 @@ from ase.build import molecule
 
 from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.gateway import JOB_TABLE_FILE
+from pyacemaker.services.oracle.jobs import JobTable
+from pyacemaker.services.oracle.server import add_to_server
+from pyacemaker.services.oracle.task import PID_FILE, STRUCTURE_FILE, TASK_FILE
 from pyacemaker.structures import atoms_to_structure, content_id
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.gateway import JOB_TABLE_FILE
-from services.oracle.jobs import JobTable
-from services.oracle.server import add_to_server
-from services.oracle.task import PID_FILE, STRUCTURE_FILE, TASK_FILE
 from tests.conftest import running_service, sn2_seeds
 
 pytest.importorskip("tblite.ase", reason="tblite is not installed (pyacemaker[oracle])")

@@ -14,13 +14,13 @@ import pytest
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import load_config
+from pyacemaker.services.oracle.server import OracleService
+from pyacemaker.services.orchestrator.model_labels import model_labels
+from pyacemaker.services.orchestrator.steps import StepContext
+from pyacemaker.services.orchestrator.steps.mace_finetune import committee_spec, finetune_committee, teacher_model
+from pyacemaker.services.trainer.server import add_to_server, create_manager
 from pyacemaker.structures import write_extxyz
 from pyacemaker.v1 import oracle_pb2_grpc
-from services.oracle.server import OracleService
-from services.orchestrator.model_labels import model_labels
-from services.orchestrator.steps import StepContext
-from services.orchestrator.steps.mace_finetune import committee_spec, finetune_committee, teacher_model
-from services.trainer.server import add_to_server, create_manager
 from tests.conftest import SN2_DIR, running_service, sn2_seeds
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pyacemaker[mace])")

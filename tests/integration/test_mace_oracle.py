@@ -16,10 +16,10 @@ from ase.build import molecule
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.clients.oracle import artifact_option, backend_spec, stream_labels
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.server import add_to_server
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, atoms_to_structure
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.server import add_to_server
 from tests.conftest import running_service, sn2_seeds
 
 TIMEOUT_S = 120
@@ -124,7 +124,7 @@ def test_graph_batches_are_bounded_by_atoms_and_give_the_same_labels(
 ) -> None:
     """Large cells must not pile tens of thousands of atoms into one graph batch: with the bound at 13 atoms,
     batches of 8 six-atom frames become batches of 2, and every label is what one big batch gives."""
-    from services.oracle.backends import mace
+    from pyacemaker.services.oracle.backends import mace
 
     frames = sn2_frames(9, seed=7)
     spec = backend_spec("mace", {"models": as_artifacts(store, committee_paths), "batch_size": 8})

@@ -12,13 +12,13 @@ import pytest
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.sampler.direct import select_direct
+from pyacemaker.services.sampler.oracle_features import OracleFeaturiser
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
 from pyacemaker.structures import atoms_to_structure, read_structures
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import sampler_pb2, sampler_pb2_grpc
-from services.oracle.server import add_to_server as add_oracle
-from services.sampler.direct import select_direct
-from services.sampler.oracle_features import OracleFeaturiser
-from services.sampler.server import add_to_server as add_sampler
 from tests.conftest import running_service, sn2_seeds
 
 TIMEOUT_S = 120

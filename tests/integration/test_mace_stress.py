@@ -20,9 +20,9 @@ from ase.build import bulk
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel
+from pyacemaker.services.trainer.server import add_to_server, create_manager
 from pyacemaker.structures import read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.trainer.server import add_to_server, create_manager
 from tests.conftest import REPO_ROOT, running_service
 
 pytest.importorskip("mace", reason="mace-torch is not installed (pyacemaker[trainer])")
@@ -39,7 +39,7 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.units import GPa
 from pyacemaker.structures import read_structures, write_extxyz
-from services.trainer.evaluation import evaluate_calculator, mace_calculator
+from pyacemaker.services.trainer.evaluation import evaluate_calculator, mace_calculator
 
 frames = read_structures(sys.argv[2])
 if sys.argv[3] != "-":

@@ -23,9 +23,9 @@ from ase.build import bulk
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.clients.oracle import artifact_option, backend_spec, stream_labels
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.deployment import OracleDeployment
+from pyacemaker.services.oracle.server import add_to_server
 from pyacemaker.v1 import common_pb2
-from services.oracle.deployment import OracleDeployment
-from services.oracle.server import add_to_server
 from tests.conftest import running_service
 
 PASSWD = Path("/etc/passwd")

@@ -12,8 +12,8 @@ from ase import Atoms
 
 from pyacemaker.clients.oracle import backend_spec, stream_labels
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.server import add_to_server
 from pyacemaker.v1 import common_pb2
-from services.oracle.server import add_to_server
 from tests.conftest import running_service
 from tests.integration.test_oracle_service import LJ_OPTIONS, argon, direct_lj_energy
 

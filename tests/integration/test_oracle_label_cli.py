@@ -13,7 +13,7 @@ from ase.io import read, write
 
 from pyacemaker.cli import label
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
-from services.oracle.server import add_to_server
+from pyacemaker.services.oracle.server import add_to_server
 from tests.conftest import running_service, sn2_seeds
 
 

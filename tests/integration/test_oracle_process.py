@@ -1,4 +1,5 @@
-"""`python -m services.oracle` as a real process: starts with its deployment file, reports its port, serves, stops
+"""`python -m pyacemaker.services.oracle` as a real process: starts with its deployment file, reports its port,
+serves, stops
 on SIGTERM; a bad deployment file stops it (and `pyacemaker up`) at start-up with one line."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.conftest import CLI, REPO_ROOT, cli
 
 def test_oracle_process_serves_and_stops_on_sigterm(tmp_path) -> None:
     port_file = tmp_path / "oracle.port"
-    command = [sys.executable, "-m", "services.oracle", "--port", "0", "--port-file", str(port_file)]
+    command = [sys.executable, "-m", "pyacemaker.services.oracle", "--port", "0", "--port-file", str(port_file)]
     command += ["--store", str(tmp_path / "store")]
     deployment = tmp_path / "oracle.yaml"
     deployment.write_text("qe:\n  profiles:\n    big: {command: mpirun -np 64 pw.x, pseudo_dir: /opt/pseudo}\n")
@@ -59,7 +60,7 @@ def test_oracle_process_serves_and_stops_on_sigterm(tmp_path) -> None:
 def test_a_service_stopped_the_moment_its_port_file_appears_stops_gracefully(tmp_path) -> None:
     # A launcher may stop a service as soon as it is up: the signal must be handled, not kill it mid-start.
     port_file = tmp_path / "oracle.port"
-    command = [sys.executable, "-m", "services.oracle", "--port", "0", "--port-file", str(port_file)]
+    command = [sys.executable, "-m", "pyacemaker.services.oracle", "--port", "0", "--port-file", str(port_file)]
     command += ["--store", str(tmp_path / "store")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -83,7 +84,7 @@ def test_a_service_stopped_the_moment_its_port_file_appears_stops_gracefully(tmp
 def test_a_bad_deployment_file_is_one_line_at_start_up(tmp_path) -> None:
     deployment = tmp_path / "oracle.yaml"
     deployment.write_text("qe:\n  profiles:\n    default: {command: pw.x, pseudo_dir: relative/dir}\n")
-    command = [sys.executable, "-m", "services.oracle", "--store", str(tmp_path / "store")]
+    command = [sys.executable, "-m", "pyacemaker.services.oracle", "--store", str(tmp_path / "store")]
     result = subprocess.run(
         [*command, "--deployment", str(deployment)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )

@@ -16,9 +16,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from pyacemaker.clients.oracle import backend_spec, label_requests, stream_labels
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.server import SERVICE_NAME, add_to_server
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.server import SERVICE_NAME, add_to_server
 from tests.conftest import running_service
 
 LJ_OPTIONS = {"epsilon": 0.0104, "sigma": 3.4, "cutoff": 7.0}

@@ -20,13 +20,13 @@ import yaml
 from pyacemaker.config import config_to_json, load_config
 from pyacemaker.rpc import channel
 from pyacemaker.seeds import load_seeds
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.runner import RunManager
+from pyacemaker.services.orchestrator.server import add_to_server as add_orchestrator
+from pyacemaker.services.orchestrator.steps.direct_sampling import TEACHER_FORCE_MARGIN
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
 from pyacemaker.structures import atoms_to_structure, read_structures
 from pyacemaker.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.runner import RunManager
-from services.orchestrator.server import add_to_server as add_orchestrator
-from services.orchestrator.steps.direct_sampling import TEACHER_FORCE_MARGIN
-from services.sampler.server import add_to_server as add_sampler
 from tests.conftest import SN2_DIR, running_service
 
 N_SELECT = 12

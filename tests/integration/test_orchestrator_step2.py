@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
+from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.structures import read_structures
 from pyacemaker.v1 import common_pb2, orchestrator_pb2
-from services.orchestrator.ledger import DftLedger
 from tests.conftest import SN2_DIR
 from tests.integration.test_orchestrator_step1 import _kinds, _run
 

@@ -14,13 +14,13 @@ import yaml
 
 from pyacemaker.config import load_config
 from pyacemaker.seeds import load_seeds
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.steps import StepContext, step_key
+from pyacemaker.services.orchestrator.steps.surrogate_md import SurrogateMdStep
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
 from pyacemaker.structures import atoms_to_structure, read_structures
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.steps import StepContext, step_key
-from services.orchestrator.steps.surrogate_md import SurrogateMdStep
-from services.sampler.server import add_to_server as add_sampler
 from tests.conftest import SN2_DIR, running_service
 
 pytestmark = pytest.mark.slow

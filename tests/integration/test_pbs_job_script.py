@@ -13,9 +13,9 @@ import pytest
 from pyacemaker.config import PbsExecutorConfig
 from pyacemaker.executors.base import Batch, write_task_list
 from pyacemaker.executors.pbs import PbsExecutor
+from pyacemaker.services.oracle.task import read_result, write_task
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2
-from services.oracle.task import read_result, write_task
 from tests.integration.test_local_executor import assert_labels_equal_tblite, sn2_frames
 
 pytest.importorskip("tblite.ase", reason="tblite is not installed (pyacemaker[oracle])")

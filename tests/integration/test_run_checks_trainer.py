@@ -13,13 +13,13 @@ import yaml
 from pyacemaker.config import config_to_json, load_config
 from pyacemaker.rpc import channel
 from pyacemaker.seeds import load_seeds
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.runner import RunManager
+from pyacemaker.services.trainer.deployment import TrainerDeployment
+from pyacemaker.services.trainer.server import add_to_server as add_trainer
+from pyacemaker.services.trainer.server import create_manager
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.runner import RunManager
-from services.trainer.deployment import TrainerDeployment
-from services.trainer.server import add_to_server as add_trainer
-from services.trainer.server import create_manager
 from tests.conftest import SN2_DIR, running_service
 
 

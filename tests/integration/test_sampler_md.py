@@ -17,11 +17,11 @@ from pyacemaker.artifacts import ArtifactStore, sha256_of_file
 from pyacemaker.clients.oracle import artifact_option, backend_spec
 from pyacemaker.clients.sampler import run_md
 from pyacemaker.rpc import channel
+from pyacemaker.services.oracle.server import OracleService
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, atoms_to_structure, read_structures, structure_to_atoms
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import oracle_pb2_grpc, sampler_pb2
-from services.oracle.server import OracleService
-from services.sampler.server import add_to_server as add_sampler
 from tests.conftest import running_service, sn2_seeds
 from tests.unit.test_md import ARGON, argon_octahedron
 

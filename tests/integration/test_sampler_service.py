@@ -10,9 +10,9 @@ import pytest
 
 from pyacemaker.artifacts import ArtifactStore, sha256_of_file
 from pyacemaker.rpc import channel
+from pyacemaker.services.sampler.server import add_to_server
 from pyacemaker.structures import atoms_to_structure, content_id, read_structures
 from pyacemaker.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
-from services.sampler.server import add_to_server
 from tests.conftest import running_service, sn2_seeds
 
 TIMEOUT_S = 60

@@ -21,6 +21,10 @@ from ase.io import write
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.cli.main import EXIT_BAD_INPUT
 from pyacemaker.rpc import channel, check_health
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.runner import RunManager
+from pyacemaker.services.orchestrator.server import add_to_server as add_orchestrator
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import (
     common_pb2,
@@ -33,10 +37,6 @@ from pyacemaker.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.runner import RunManager
-from services.orchestrator.server import add_to_server as add_orchestrator
-from services.sampler.server import add_to_server as add_sampler
 from tests.conftest import running_service, sn2_seeds
 from tests.integration.test_oracle_label_cli import run as run_cli
 
@@ -75,7 +75,7 @@ def worker_pids() -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == os.getpid() and b"services.oracle.workers" in cmdline:
+        if int(stat[1]) == os.getpid() and b"pyacemaker.services.oracle.workers" in cmdline:
             pids.append(int(entry.name))
     return pids
 
@@ -276,7 +276,7 @@ def test_pool_settings_that_would_fill_the_memory_are_invalid_argument(sampler) 
 
 @pytest.fixture
 def trainer(tmp_path: Path, artifact_store: ArtifactStore) -> Iterator[trainer_pb2_grpc.TrainerServiceStub]:
-    from services.trainer.server import add_to_server, create_manager
+    from pyacemaker.services.trainer.server import add_to_server, create_manager
 
     manager = create_manager(artifact_store, tmp_path / "trainer")
     try:

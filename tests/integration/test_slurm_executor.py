@@ -25,13 +25,13 @@ from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.config import SlurmExecutorConfig
 from pyacemaker.executors.base import JOB_SCRIPT_FILE, TEMPLATES_DIR, Batch
 from pyacemaker.executors.slurm import SlurmExecutor
+from pyacemaker.services.oracle.deployment import OracleDeployment
+from pyacemaker.services.oracle.gateway import JOB_TABLE_FILE, ORPHAN_AGE_S
+from pyacemaker.services.oracle.jobs import JobTable
+from pyacemaker.services.oracle.server import add_to_server
+from pyacemaker.services.oracle.task import write_task
 from pyacemaker.structures import atoms_to_structure, content_id
 from pyacemaker.v1 import common_pb2, oracle_pb2
-from services.oracle.deployment import OracleDeployment
-from services.oracle.gateway import JOB_TABLE_FILE, ORPHAN_AGE_S
-from services.oracle.jobs import JobTable
-from services.oracle.server import add_to_server
-from services.oracle.task import write_task
 from tests.conftest import running_service
 from tests.integration.test_local_executor import (
     XTB_LEVEL,
@@ -211,7 +211,7 @@ def run_cli(argv: list[str]) -> int:
 def test_cli_labels_with_pyscf_through_slurm(slurm: SlurmCluster, oracle, tmp_path: Path, capsys) -> None:
     pytest.importorskip("pyscf", reason="pyscf is not installed (pyacemaker[oracle])")
     from pyacemaker.config import PyscfOracleConfig
-    from services.oracle.backends.pyscf import PyscfBackend
+    from pyacemaker.services.oracle.backends.pyscf import PyscfBackend
 
     address, _ = oracle
     frames = sn2_frames([30, 31])
@@ -241,8 +241,8 @@ import sys
 from pathlib import Path
 from pyacemaker.structures import atoms_to_structure, read_structures
 from pyacemaker.clients.oracle import backend_spec
-from services.orchestrator.dft_labels import DftLabeller
-from services.orchestrator.ledger import DftLedger
+from pyacemaker.services.orchestrator.dft_labels import DftLabeller
+from pyacemaker.services.orchestrator.ledger import DftLedger
 
 state, address, frames = sys.argv[1:4]
 executor = {"kind": "slurm", "array_throttle": 2, "poll_interval_s": 0.5, "time_limit": "00:10:00"}
@@ -262,8 +262,8 @@ def test_orchestrator_killed_after_submission_is_reconciled_not_resubmitted(
     import subprocess
     import sys
 
-    from services.orchestrator.dft_labels import DftLabeller
-    from services.orchestrator.ledger import DftLedger
+    from pyacemaker.services.orchestrator.dft_labels import DftLabeller
+    from pyacemaker.services.orchestrator.ledger import DftLedger
 
     address, work_dir = oracle
     frames = sn2_frames(range(100, 108))
@@ -349,7 +349,7 @@ def test_mpi_pw_x_runs_on_the_jobs_ranks_with_the_bundled_template(slurm: SlurmC
 
     from ase.build import bulk
 
-    from services.oracle.deployment import DEBIAN_PSEUDO_DIR
+    from pyacemaker.services.oracle.deployment import DEBIAN_PSEUDO_DIR
 
     if shutil.which("pw.x") is None or shutil.which("mpirun") is None:
         pytest.skip("needs Quantum ESPRESSO's pw.x and Open MPI's mpirun (make install-system)")

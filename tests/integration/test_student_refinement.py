@@ -16,17 +16,17 @@ import yaml
 
 from pyacemaker.config import load_config
 from pyacemaker.seeds import load_seeds
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.steps import StepContext, step_key
+from pyacemaker.services.orchestrator.steps.student_refinement import GAMMA_BIN_EDGES, StudentRefinementStep
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
+from pyacemaker.services.trainer.ace_fit import NORMAL_EQUATIONS_KIND, EquationsReuse, fit_linear_ace
+from pyacemaker.services.trainer.evaluation import extrapolation_grades
+from pyacemaker.services.trainer.server import add_to_server as add_trainer
+from pyacemaker.services.trainer.server import create_manager
 from pyacemaker.structures import atoms_to_structure, read_structures, write_extxyz
 from pyacemaker.teacher import resolve_teacher
 from pyacemaker.v1 import common_pb2
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.steps import StepContext, step_key
-from services.orchestrator.steps.student_refinement import GAMMA_BIN_EDGES, StudentRefinementStep
-from services.sampler.server import add_to_server as add_sampler
-from services.trainer.ace_fit import NORMAL_EQUATIONS_KIND, EquationsReuse, fit_linear_ace
-from services.trainer.evaluation import extrapolation_grades
-from services.trainer.server import add_to_server as add_trainer
-from services.trainer.server import create_manager
 from tests.conftest import SN2_DIR, running_service
 from tests.sn2_training_data import xtb_e0s, xtb_frames
 

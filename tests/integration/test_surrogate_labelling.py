@@ -20,11 +20,11 @@ from ase.build import molecule
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import SurrogateLabellingConfig, load_config
+from pyacemaker.services.oracle.server import OracleService
+from pyacemaker.services.orchestrator.steps import RunCancelledError, StepContext, StepOutcome, step_key
+from pyacemaker.services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep, shard_name, verify_shard
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, content_id, read_structures, write_extxyz
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from services.oracle.server import OracleService
-from services.orchestrator.steps import RunCancelledError, StepContext, StepOutcome, step_key
-from services.orchestrator.steps.surrogate_labelling import SurrogateLabellingStep, shard_name, verify_shard
 from tests.conftest import SN2_DIR, running_service
 from tests.integration.test_mace_oracle import (  # noqa: F401  (committee_paths is a fixture)
     TOLERANCE,

@@ -12,11 +12,11 @@ import yaml
 from ase import Atoms
 
 from pyacemaker.config import XtbOracleConfig
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
+from pyacemaker.services.orchestrator.report import write_report
+from pyacemaker.services.trainer.mace_finetune import load_model, model_atomic_energies
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, read_structures
 from pyacemaker.v1 import common_pb2, orchestrator_pb2
-from services.oracle.backends.xtb import XtbBackend
-from services.orchestrator.report import write_report
-from services.trainer.mace_finetune import load_model, model_atomic_energies
 from tests.conftest import SN2_DIR
 from tests.integration.test_orchestrator_step1 import _kinds, _run
 

@@ -14,8 +14,8 @@ import pytest
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel
+from pyacemaker.services.trainer.server import add_to_server, create_manager
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.trainer.server import add_to_server, create_manager
 from tests.conftest import running_service
 from tests.sn2_training_data import level_b, level_b_e0s, tiny_mace, write_frames, xtb_frames
 

@@ -1,4 +1,4 @@
-"""A MACE fine-tuning job through real `python -m services.trainer` processes while the trainer dies twice:
+"""A MACE fine-tuning job through real `python -m pyacemaker.services.trainer` processes while the trainer dies twice:
 
 1. the trainer alone is killed: its worker trains on, and the next trainer re-adopts it;
 2. the trainer and the worker are killed (a machine going down): the next trainer reports the job
@@ -24,9 +24,9 @@ import pytest
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel, wait_for_health
+from pyacemaker.services.trainer.processes import worker_alive
+from pyacemaker.services.trainer.table import JobTable
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.trainer.processes import worker_alive
-from services.trainer.table import JobTable
 from tests.conftest import REPO_ROOT
 from tests.sn2_training_data import level_b, level_b_e0s, tiny_mace, write_frames, xtb_frames
 
@@ -38,11 +38,11 @@ OFFSET_PER_ATOM = 2.0  # eV: the labels' isolated atoms sit this far from the te
 
 
 class TrainerProcess:
-    """`python -m services.trainer` on a free port, with a given work dir."""
+    """`python -m pyacemaker.services.trainer` on a free port, with a given work dir."""
 
     def __init__(self, store: Path, work_dir: Path, run_dir: Path, name: str, *extra_args: str) -> None:
         port_file = run_dir / f"{name}.port"
-        command = [sys.executable, "-m", "services.trainer", "--port", "0", "--port-file", str(port_file)]
+        command = [sys.executable, "-m", "pyacemaker.services.trainer", "--port", "0", "--port-file", str(port_file)]
         command += ["--store", str(store), "--work-dir", str(work_dir), *extra_args]
         self.log = run_dir / f"{name}.log"
         with open(self.log, "wb") as log:

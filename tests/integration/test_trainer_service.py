@@ -17,11 +17,11 @@ from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import channel
+from pyacemaker.services.trainer import linear_ace
+from pyacemaker.services.trainer.jobs import JobManager
+from pyacemaker.services.trainer.processes import process_start_time
+from pyacemaker.services.trainer.server import add_to_server, create_manager
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.trainer import linear_ace
-from services.trainer.jobs import JobManager
-from services.trainer.processes import process_start_time
-from services.trainer.server import add_to_server, create_manager
 from tests.conftest import running_service
 from tests.sn2_training_data import level_b, write_frames, xtb_e0s, xtb_frames
 
@@ -141,7 +141,7 @@ def test_bad_requests_get_clear_status_codes(trainer, artifact_store: ArtifactSt
     nonlinear.CopyFrom(request)
     nonlinear.idempotency_key = ""
     nonlinear.ace_fit.model_kind = "nonlinear"
-    from services.trainer.pacemaker_nonlinear import tensorflow_missing
+    from pyacemaker.services.trainer.pacemaker_nonlinear import tensorflow_missing
 
     if tensorflow_missing() is not None:
         with pytest.raises(grpc.RpcError) as error:

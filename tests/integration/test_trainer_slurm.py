@@ -1,4 +1,5 @@
-"""A linear ACE fit submitted by real `python -m services.trainer` processes as a job of a REAL single-node Slurm
+"""A linear ACE fit submitted by real `python -m pyacemaker.services.trainer` processes as a job of a REAL
+single-node Slurm
 (tests/slurm_cluster.py): the trainer is killed (SIGKILL) while the job runs, a new trainer on the same job table
 re-attaches to the Slurm job, and the job finishes with the very model a local worker fits from the same request
 and seed."""
@@ -16,9 +17,9 @@ import yaml
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.executors.base import JOB_SCRIPT_FILE
 from pyacemaker.rpc import channel
+from pyacemaker.services.trainer.progress import PROGRESS_FILE
+from pyacemaker.services.trainer.table import JobTable
 from pyacemaker.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from services.trainer.progress import PROGRESS_FILE
-from services.trainer.table import JobTable
 from tests.integration.test_trainer_restart import TrainerProcess, get_job, trainer_home, wait_for
 from tests.integration.test_trainer_service import ace_fit_request
 from tests.slurm_cluster import SlurmCluster, slurm_cluster
@@ -71,7 +72,7 @@ def test_a_slurm_training_job_survives_a_killed_trainer_and_fits_the_local_model
         job_dir = work_dir / "jobs" / job.job_id
         script = (job_dir / JOB_SCRIPT_FILE).read_text()
         assert "#SBATCH --partition=debug" in script and f"#SBATCH {SITE_DIRECTIVE}" in script
-        assert "-m services.trainer.worker" in script
+        assert "-m pyacemaker.services.trainer.worker" in script
 
         # Freeze the worker once it has started (SIGSTOP through Slurm), so the kill surely lands mid-job.
         progress = job_dir / PROGRESS_FILE

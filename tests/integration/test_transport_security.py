@@ -29,8 +29,8 @@ from pyacemaker.rpc import (
     create_server,
     describe_rpc_error,
 )
+from pyacemaker.services.oracle.server import add_to_server
 from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
-from services.oracle.server import add_to_server
 from tests.conftest import REPO_ROOT
 from tests.pki import make_pki, openssl_available
 
@@ -154,7 +154,7 @@ def test_a_service_process_started_with_the_environment_serves_tls_and_checks_th
         ENV_TLS_KEY: str(pki / "server.key"),
         ENV_TOKEN_FILE: str(pki / "token"),
     }
-    command = [sys.executable, "-m", "services.oracle", "--port", "0", "--port-file", str(port_file)]
+    command = [sys.executable, "-m", "pyacemaker.services.oracle", "--port", "0", "--port-file", str(port_file)]
     command += ["--store", str(tmp_path / "store")]
     process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -13,9 +13,9 @@ import pytest
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import parse_config
-from services.orchestrator.steps import StepContext
-from services.orchestrator.steps.validation import ABLATION_STEM, distillation_gain, fit_direct_ace
-from services.trainer.server import add_to_server, create_manager
+from pyacemaker.services.orchestrator.steps import StepContext
+from pyacemaker.services.orchestrator.steps.validation import ABLATION_STEM, distillation_gain, fit_direct_ace
+from pyacemaker.services.trainer.server import add_to_server, create_manager
 from tests.conftest import SN2_DIR, running_service
 from tests.sn2_training_data import write_frames, xtb_e0s, xtb_frames
 

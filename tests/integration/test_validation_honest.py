@@ -14,12 +14,12 @@ import yaml
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import load_config
 from pyacemaker.seeds import load_seeds
+from pyacemaker.services.oracle.server import add_to_server as add_oracle
+from pyacemaker.services.orchestrator.steps import StepContext
+from pyacemaker.services.orchestrator.steps.validation import final_md_stability, independent_md_frames
+from pyacemaker.services.sampler.server import add_to_server as add_sampler
+from pyacemaker.services.trainer import ace_fit
 from pyacemaker.structures import atoms_to_structure, read_structures
-from services.oracle.server import add_to_server as add_oracle
-from services.orchestrator.steps import StepContext
-from services.orchestrator.steps.validation import final_md_stability, independent_md_frames
-from services.sampler.server import add_to_server as add_sampler
-from services.trainer import ace_fit
 from tests.conftest import SN2_DIR, running_service
 from tests.sn2_training_data import xtb_e0s, xtb_frames
 

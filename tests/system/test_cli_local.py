@@ -15,8 +15,8 @@ import yaml
 
 from pyacemaker.deploy.local import SERVICES, pid_alive
 from pyacemaker.rpc import channel, check_health
+from pyacemaker.services.orchestrator.state import saved_config_json
 from pyacemaker.structures import read_structures
-from services.orchestrator.state import saved_config_json
 from tests.conftest import SN2_DIR
 
 CLI = str(Path(sys.executable).parent / "pyacemaker")

@@ -16,10 +16,10 @@ import yaml
 
 from examples.si.make_teacher import calculator_energy_function, equation_of_state, qe_energy_function
 from pyacemaker.config import load_config
+from pyacemaker.services.oracle.backends.qe import QeBackend
+from pyacemaker.services.orchestrator.ledger import DftLedger
+from pyacemaker.services.orchestrator.report import read_run
 from pyacemaker.structures import read_structures
-from services.oracle.backends.qe import QeBackend
-from services.orchestrator.ledger import DftLedger
-from services.orchestrator.report import read_run
 from tests.conftest import REPO_ROOT, cli
 
 pytestmark = [

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.v1 import orchestrator_pb2
-from services.orchestrator.ledger import DftLedger
 from tests.conftest import CLI, SN2_DIR, cli
 
 pytestmark = pytest.mark.slow

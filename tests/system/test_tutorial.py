@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.structures import atoms_to_structure, read_structures
-from services.orchestrator.ledger import DftLedger
 from tests.conftest import SN2_DIR
 
 pytestmark = pytest.mark.slow

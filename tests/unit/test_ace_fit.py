@@ -14,10 +14,8 @@ from ase import Atoms
 from ase.data import atomic_numbers, covalent_radii
 
 from pyacemaker.rpc import WrongStateError
-from pyacemaker.structures import labelled_copies, write_extxyz
-from pyacemaker.v1 import trainer_pb2
-from services.trainer import linear_ace
-from services.trainer.ace_fit import (
+from pyacemaker.services.trainer import linear_ace
+from pyacemaker.services.trainer.ace_fit import (
     basis_config,
     fit_linear_ace,
     infer_cutoff,
@@ -25,9 +23,11 @@ from services.trainer.ace_fit import (
     shortest_pair_distances,
     validate_ace_fit,
 )
-from services.trainer.datasets import fitted_reference_energies
-from services.trainer.evaluation import ace_calculator, evaluate_potential, extrapolation_grades
-from services.trainer.pacemaker_nonlinear import pacemaker_command, pacemaker_input, tensorflow_missing
+from pyacemaker.services.trainer.datasets import fitted_reference_energies
+from pyacemaker.services.trainer.evaluation import ace_calculator, evaluate_potential, extrapolation_grades
+from pyacemaker.services.trainer.pacemaker_nonlinear import pacemaker_command, pacemaker_input, tensorflow_missing
+from pyacemaker.structures import labelled_copies, write_extxyz
+from pyacemaker.v1 import trainer_pb2
 from tests.conftest import sn2_seeds
 from tests.finite_differences import numerical_forces
 from tests.sn2_training_data import xtb_e0s, xtb_frames

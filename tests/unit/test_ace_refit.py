@@ -1,5 +1,5 @@
 """Refits that add data to a linear fit: on the fit's basis, from the normal equations it kept
-(`services.trainer.ace_fit.EquationsReuse`), against the same refit computed from every frame's rows."""
+(`pyacemaker.services.trainer.ace_fit.EquationsReuse`), against the same refit computed from every frame's rows."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from ase import Atoms
 from pyace import ACEBBasisSet, PyACECalculator
 
 from pyacemaker.rpc import InvalidInputError
-from pyacemaker.structures import write_extxyz
-from pyacemaker.v1 import trainer_pb2
-from services.trainer import linear_ace, pacemaker_export
-from services.trainer.ace_fit import (
+from pyacemaker.services.trainer import linear_ace, pacemaker_export
+from pyacemaker.services.trainer.ace_fit import (
     NORMAL_EQUATIONS_KIND,
     EquationsReuse,
     basis_config,
@@ -23,7 +21,9 @@ from services.trainer.ace_fit import (
     run_ace_fit,
     validate_ace_fit,
 )
-from services.trainer.progress import ProgressWriter
+from pyacemaker.services.trainer.progress import ProgressWriter
+from pyacemaker.structures import write_extxyz
+from pyacemaker.v1 import trainer_pb2
 from tests.sn2_training_data import xtb_e0s, xtb_frames
 
 FIRST, ADDED = 40, 24

@@ -7,7 +7,7 @@ import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from services.orchestrator.active_learning import (
+from pyacemaker.services.orchestrator.active_learning import (
     below_force_cap,
     calibration_factor,
     candidate_force_cap,
@@ -98,7 +98,7 @@ def test_candidate_cap_falls_to_the_largest_force_the_md_visited():
 
 
 def test_within_energy_range_keeps_candidates_near_the_labelled_energies():
-    from services.orchestrator.active_learning import within_energy_range
+    from pyacemaker.services.orchestrator.active_learning import within_energy_range
 
     labelled = np.array([-10.0, -9.8, -9.9])  # range 0.2 eV/atom: candidates within [-10.2, -9.6] pass
     candidates = np.array([-10.1, -9.7, -9.55, -10.25, -3.0])

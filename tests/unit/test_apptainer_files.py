@@ -17,7 +17,7 @@ from pyacemaker.deploy.local import DEFAULT_PORTS
 from pyacemaker.executors.base import Batch
 from pyacemaker.executors.deployment import BatchExecutorDeployment
 from pyacemaker.executors.slurm import SlurmExecutor
-from services.oracle.deployment import load_deployment
+from pyacemaker.services.oracle.deployment import load_deployment
 from tests.conftest import REPO_ROOT
 
 APPTAINER_DIR = REPO_ROOT / "containers" / "apptainer"
@@ -115,7 +115,7 @@ def test_slurm_template_renders_through_the_slurm_executor(tmp_path: Path) -> No
     script = executor.job_script(batch, tmp_path / "job" / "tasks.txt")
     assert "{{" not in script  # every placeholder was filled
     assert "#SBATCH --array=0-1\n" in script and "#SBATCH --partition=short" in script
-    assert '"${PYACEMAKER_ORACLE_SIF:?}" python -m services.oracle.task "$task_dir"' in script
+    assert '"${PYACEMAKER_ORACLE_SIF:?}" python -m pyacemaker.services.oracle.task "$task_dir"' in script
     rendered = tmp_path / "job.sh"
     rendered.write_text(script)
     assert subprocess.run(["bash", "-n", str(rendered)], capture_output=True).returncode == 0

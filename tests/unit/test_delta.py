@@ -11,13 +11,13 @@ import pytest
 from ase import Atoms
 
 from pyacemaker.rpc import InvalidInputError, WrongStateError
+from pyacemaker.services.trainer import linear_ace
+from pyacemaker.services.trainer.ace_fit import basis_config, fit_linear_ace
+from pyacemaker.services.trainer.delta import fit_linear_delta, validate_delta_fit
+from pyacemaker.services.trainer.evaluation import ace_calculator, evaluate_potential
+from pyacemaker.services.trainer.pacemaker_nonlinear import tensorflow_missing
 from pyacemaker.structures import labelled_copies, write_extxyz
 from pyacemaker.v1 import trainer_pb2
-from services.trainer import linear_ace
-from services.trainer.ace_fit import basis_config, fit_linear_ace
-from services.trainer.delta import fit_linear_delta, validate_delta_fit
-from services.trainer.evaluation import ace_calculator, evaluate_potential
-from services.trainer.pacemaker_nonlinear import tensorflow_missing
 from tests.sn2_training_data import level_b, xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")

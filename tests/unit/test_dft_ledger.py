@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
+from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.v1 import common_pb2
-from services.orchestrator.ledger import DftLedger
 
 LEVEL = "pyscf:PBE/def2-SVP"
 

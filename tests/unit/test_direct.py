@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.sampler.direct import coverage_score, select_direct
+from pyacemaker.services.sampler.direct import coverage_score, select_direct
 
 
 def clustered_features(seed: int = 0, n_features: int = 12) -> np.ndarray:
@@ -143,8 +143,8 @@ def test_direct_covers_the_sn2_pool_better_than_random_selection():
     """The issue's acceptance figure on real data: the SN2 example's pool, same N, DIRECT vs random draws."""
     from pyacemaker.config import load_config
     from pyacemaker.seeds import load_seeds
-    from services.sampler.features import get_featuriser
-    from services.sampler.pool import generate_pool
+    from pyacemaker.services.sampler.features import get_featuriser
+    from pyacemaker.services.sampler.pool import generate_pool
     from tests.conftest import SN2_DIR
 
     config = load_config(SN2_DIR / "config.yaml")

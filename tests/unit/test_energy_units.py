@@ -11,15 +11,15 @@ KCAL_PER_MOL_PER_EV_SI = ELEMENTARY_CHARGE_C * AVOGADRO_PER_MOL / 4184.0  # 23.0
 
 
 def test_the_barrier_in_kcal_per_mol_uses_the_codata_conversion() -> None:
-    from services.orchestrator.reaction_profile import central_barrier_kcal
+    from pyacemaker.services.orchestrator.reaction_profile import central_barrier_kcal
 
     # ASE's default constants are CODATA 2014; they differ from the 2019 SI values by ~1e-8 relative.
     assert central_barrier_kcal([0.3, 0.8, 0.5]) == pytest.approx(0.5 * KCAL_PER_MOL_PER_EV_SI, rel=1e-7)
 
 
 def test_the_report_and_the_teacher_build_share_ases_constant() -> None:
-    from services.orchestrator import reaction_profile
-    from services.orchestrator.report import sections
+    from pyacemaker.services.orchestrator import reaction_profile
+    from pyacemaker.services.orchestrator.report import sections
 
     assert sections.KCAL_PER_MOL_PER_EV is reaction_profile.KCAL_PER_MOL_PER_EV
     from pyacemaker.teacher import build

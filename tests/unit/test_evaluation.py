@@ -10,7 +10,7 @@ from ase import Atoms
 from ase.calculators.lj import LennardJones
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from services.trainer.evaluation import (
+from pyacemaker.services.trainer.evaluation import (
     error_metrics,
     evaluate_calculator,
     load_calculator,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from pyacemaker.services.oracle.jobs import JobTable, TaskState
 from pyacemaker.structures import failed_labels
 from pyacemaker.v1 import common_pb2
-from services.oracle.jobs import JobTable, TaskState
 
 LEVEL = "xtb:GFN2-xTB"
 

@@ -53,7 +53,7 @@ def test_the_script_asks_for_a_throttled_array_with_the_resources(tmp_path: Path
         "#PBS -l place=scatter",
     ]
     assert "export OMP_NUM_THREADS=4" in script
-    assert f'{shlex.quote(sys.executable)} -m services.oracle.task "$task_dir"' in script
+    assert f'{shlex.quote(sys.executable)} -m pyacemaker.services.oracle.task "$task_dir"' in script
     assert '"$((${PBS_ARRAY_INDEX:-0} + 1))p"' in script, "subjob i runs line i + 1 of the task list"
 
 

@@ -51,7 +51,7 @@ def test_the_script_asks_for_one_throttled_array_task_per_calculation(tmp_path: 
         "#SBATCH --account=chem42",
         "#SBATCH --qos=low",
     ]
-    assert f'{shlex.quote(sys.executable)} -m services.oracle.task "$task_dir"' in script
+    assert f'{shlex.quote(sys.executable)} -m pyacemaker.services.oracle.task "$task_dir"' in script
     assert '"$((SLURM_ARRAY_TASK_ID + 1))p"' in script, "array task i runs line i + 1 of the task list"
     assert "{{" not in script
     # sbatch reads directives only up to the first command: none may follow one.

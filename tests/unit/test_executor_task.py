@@ -1,4 +1,4 @@
-"""The task dir and its worker (`services.oracle.task`), called in this process: what every executor runs."""
+"""The task dir and its worker (`pyacemaker.services.oracle.task`), called in this process: what every executor runs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from ase import Atoms
 
+from pyacemaker.services.oracle.task import RESULT_FILE, read_result, run_task, write_result, write_task
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2
-from services.oracle.task import RESULT_FILE, read_result, run_task, write_result, write_task
 from tests.conftest import sn2_seeds
 
 pytest.importorskip("tblite.ase", reason="tblite is not installed (pyacemaker[oracle])")

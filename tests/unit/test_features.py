@@ -11,7 +11,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 
-from services.sampler.features import DistributionFeaturiser, UnknownFeaturiserError, get_featuriser
+from pyacemaker.services.sampler.features import DistributionFeaturiser, UnknownFeaturiserError, get_featuriser
 from tests.conftest import sn2_seeds
 
 CUTOFF, N_RADIAL, ANGULAR_CUTOFF, N_ANGULAR = 6.0, 24, 3.5, 16

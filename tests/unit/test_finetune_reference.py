@@ -7,7 +7,7 @@ import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from services.trainer.mace_finetune import aligned_reference_energies
+from pyacemaker.services.trainer.mace_finetune import aligned_reference_energies
 
 TEACHER_E0 = {1: -10.7, 6: -48.8, 17: -122.0}
 

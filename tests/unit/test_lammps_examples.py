@@ -31,7 +31,7 @@ def commands(path: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize(("name", "elements"), [("si_gamma_md.in", ["Si"]), ("sn2_gamma_md.in", ["H", "C", "Cl"])])
 def test_the_inputs_use_the_runs_final_potential_with_its_active_set(name: str, elements: list[str]) -> None:
-    from services.orchestrator.steps.delta_fit import EXPORT_DIR
+    from pyacemaker.services.orchestrator.steps.delta_fit import EXPORT_DIR
 
     found = commands(EXAMPLES / name)
     assert found["pair_style"] == ["pace/extrapolation"]

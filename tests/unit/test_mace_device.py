@@ -17,7 +17,7 @@ from pyacemaker.v1 import trainer_pb2
 torch = pytest.importorskip("torch", reason="torch is not installed (pyacemaker[mace])")
 pytest.importorskip("mace", reason="mace-torch is not installed (pyacemaker[trainer])")
 
-from services.trainer.mace_finetune import finetune_settings, mace_arguments  # noqa: E402
+from pyacemaker.services.trainer.mace_finetune import finetune_settings, mace_arguments  # noqa: E402
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: these check the CPU-only case")
 
@@ -53,7 +53,7 @@ def test_cuda_without_a_gpu_is_refused_naming_the_key(tmp_path: Path) -> None:
 
 @no_gpu
 def test_the_mace_oracle_resolves_its_device_and_refuses_a_missing_gpu_naming_the_option() -> None:
-    from services.oracle.backends import create_backend
+    from pyacemaker.services.oracle.backends import create_backend
 
     assert create_backend("mace", {"models": ["bundled"]}).device == "cpu"  # the default: auto
     with pytest.raises(WrongStateError) as caught:
@@ -95,8 +95,8 @@ def test_extra_args_mace_refuses_fail_the_job_at_its_start_naming_each_key(tmp_p
 
 
 def test_start_job_refuses_options_the_trainer_sets_and_unknown_devices() -> None:
+    from pyacemaker.services.trainer.mace_finetune import validate_mace_finetune
     from pyacemaker.v1 import common_pb2
-    from services.trainer.mace_finetune import validate_mace_finetune
 
     ref = common_pb2.ArtifactRef(uri="sha256:0", sha256="0")
     spec = trainer_pb2.MaceFinetuneSpec(foundation_model=ref, train_data=[ref], extra_args={"seed": "3", "lr": "1"})

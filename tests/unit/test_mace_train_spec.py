@@ -8,11 +8,11 @@ from ase import Atoms
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.rpc import InvalidInputError
+from pyacemaker.services.trainer.mace_train import VALIDATION_FRACTION
+from pyacemaker.services.trainer.worker import JOB_KINDS, validate_request
 from pyacemaker.structures import write_extxyz
 from pyacemaker.teacher.recipe import split_frames
 from pyacemaker.v1 import trainer_pb2
-from services.trainer.mace_train import VALIDATION_FRACTION
-from services.trainer.worker import JOB_KINDS, validate_request
 
 
 def _spec(store: ArtifactStore, tmp_path, **fields) -> trainer_pb2.StartJobRequest:

@@ -11,10 +11,10 @@ from ase.calculators.lj import LennardJones
 
 from pyacemaker.config import LjOracleConfig
 from pyacemaker.restraints import DistanceDifferenceRestraint
-from services.oracle.backends.lj import LennardJonesBackend
-from services.sampler.features import get_featuriser
-from services.sampler.frames import select_frames, stride_selection
-from services.sampler.md import FrameEvent, MdParameters, ReplicaStoppedEvent, degrees_of_freedom, run_md
+from pyacemaker.services.oracle.backends.lj import LennardJonesBackend
+from pyacemaker.services.sampler.features import get_featuriser
+from pyacemaker.services.sampler.frames import select_frames, stride_selection
+from pyacemaker.services.sampler.md import FrameEvent, MdParameters, ReplicaStoppedEvent, degrees_of_freedom, run_md
 from tests.conftest import sn2_seeds
 from tests.finite_differences import numerical_forces
 

@@ -6,7 +6,7 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk, molecule
 
-from services.orchestrator.md_stability import (
+from pyacemaker.services.orchestrator.md_stability import (
     StabilityRun,
     TrajectoryJudge,
     fragments,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from pyacemaker.config import AceOracleConfig
+from pyacemaker.services.oracle.backends.ace import AceBackend
+from pyacemaker.services.trainer import linear_ace
+from pyacemaker.services.trainer.ace_fit import basis_config
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.ace import AceBackend
-from services.trainer import linear_ace
-from services.trainer.ace_fit import basis_config
 from tests.sn2_training_data import xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
@@ -54,7 +54,7 @@ def test_level_of_theory_names_the_file_and_an_active_set_needs_the_yaml(potenti
 
 
 def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> None:
-    from services.trainer.ace_fit import fit_linear_ace
+    from pyacemaker.services.trainer.ace_fit import fit_linear_ace
 
     frames = xtb_frames()
     fit = fit_linear_ace(frames[:40], tmp_path, e0s=xtb_e0s(), cutoff=4.5)

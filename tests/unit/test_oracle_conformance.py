@@ -40,12 +40,12 @@ from pyacemaker.config import (
     QeOracleConfig,
     XtbOracleConfig,
 )
+from pyacemaker.services.oracle.backends import BACKENDS
+from pyacemaker.services.oracle.backends.base import OracleBackend
+from pyacemaker.services.oracle.deployment import QeProfile
+from pyacemaker.services.oracle.server import _label_batch
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends import BACKENDS
-from services.oracle.backends.base import OracleBackend
-from services.oracle.deployment import QeProfile
-from services.oracle.server import _label_batch
 from tests.conftest import REPO_ROOT
 from tests.finite_differences import numerical_forces, numerical_stress
 from tests.vasp_recorded import RECORDED, recorded_structure, stand_in, vasp_backend, write_fake_potcars
@@ -106,8 +106,8 @@ class Case:
 def _ace_case(directory: Path) -> Case:
     import pyace
 
-    from services.trainer import linear_ace
-    from services.trainer.ace_fit import basis_config
+    from pyacemaker.services.trainer import linear_ace
+    from pyacemaker.services.trainer.ace_fit import basis_config
 
     basis = pyace.ACEBBasisSet(basis_config(["H", "C", "Si"], 5.0, 6))
     coeffs = np.random.default_rng(0).normal(0.0, 0.05, len(basis.basis_coeffs))
@@ -339,7 +339,7 @@ IMPOSSIBLE = {
 def test_impossible_input_gives_a_failed_label_with_a_reason(built: Built, kind: str) -> None:
     backend, atoms = built.systems()[0]
     bad = impossible(atoms, kind)
-    # The oracle's path (services/oracle/server.py, and the executors' gateway likewise): the structure check
+    # The oracle's path (pyacemaker/services/oracle/server.py, and the executors' gateway likewise): the structure check
     # against the backend's limits, then the backend.
     [result] = list(_label_batch(backend, backend, [atoms_to_structure(bad)], 0))
     labels = result.labels

@@ -1,4 +1,5 @@
-"""The oracle's deployment file (services/oracle/deployment.py): defaults, profiles, errors that name the file and
+"""The oracle's deployment file (pyacemaker/services/oracle/deployment.py): defaults, profiles, errors that name
+the file and
 the key, and the artifact references that are the only way model files reach a backend."""
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.clients.oracle import artifact_option
 from pyacemaker.executors.deployment import DeploymentError
 from pyacemaker.rpc import InvalidInputError
+from pyacemaker.services.oracle.deployment import (
+    DEBIAN_PSEUDO_DIR,
+    OracleDeployment,
+    load_deployment,
+    resolve_artifact_options,
+)
 from pyacemaker.teacher.resolve import BUNDLED_MODEL
-from services.oracle.deployment import DEBIAN_PSEUDO_DIR, OracleDeployment, load_deployment, resolve_artifact_options
 
 
 def test_without_a_file_the_defaults_are_pw_x_debians_pseudos_and_no_vasp(

@@ -11,8 +11,8 @@ from ase import Atoms
 from ase.build import bulk
 
 from pyacemaker.config import LjOracleConfig
+from pyacemaker.services.oracle.backends.lj import LennardJonesBackend
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.lj import LennardJonesBackend
 
 CONFIG = LjOracleConfig(backend="lj", epsilon=0.0104, sigma=3.40, cutoff=7.0)
 

@@ -11,8 +11,8 @@ from ase.build import bulk, molecule
 from ase.units import Bohr, Hartree
 
 from pyacemaker.config import PyscfOracleConfig
+from pyacemaker.services.oracle.backends.pyscf import PyscfBackend
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.pyscf import PyscfBackend
 from tests.conftest import sn2_seeds
 
 pyscf = pytest.importorskip("pyscf", reason="pyscf is not installed (pyacemaker[oracle])")

@@ -21,10 +21,10 @@ from ase.build import bulk
 from ase.units import GPa, Rydberg
 
 from pyacemaker.config import QeOracleConfig
+from pyacemaker.services.oracle.backends.base import monkhorst_pack_grid
+from pyacemaker.services.oracle.backends.qe import CONV_THR_RY_PER_ATOM, QeBackend
+from pyacemaker.services.oracle.deployment import QeProfile
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.base import monkhorst_pack_grid
-from services.oracle.backends.qe import CONV_THR_RY_PER_ATOM, QeBackend
-from services.oracle.deployment import QeProfile
 
 PSEUDO_DIR = Path("/usr/share/espresso/pseudo")
 SI_PSEUDO = "Si.pz-vbc.UPF"

@@ -7,10 +7,10 @@ import pytest
 
 from pyacemaker.clients.oracle import backend_spec
 from pyacemaker.rpc import InvalidInputError
-from services.oracle.backends import backend_infos, create_backend
-from services.oracle.backends.lj import LennardJonesBackend
-from services.oracle.backends.xtb import XtbBackend
-from services.oracle.server import OracleService
+from pyacemaker.services.oracle.backends import backend_infos, create_backend
+from pyacemaker.services.oracle.backends.lj import LennardJonesBackend
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
+from pyacemaker.services.oracle.server import OracleService
 
 
 def test_unknown_backend_is_named_with_the_known_ones() -> None:

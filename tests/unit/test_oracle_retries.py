@@ -8,10 +8,10 @@ import pytest
 from ase import Atoms
 
 from pyacemaker.config import LjOracleConfig, XtbOracleConfig
+from pyacemaker.services.oracle.backends import BACKENDS
+from pyacemaker.services.oracle.backends.lj import LennardJonesBackend
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends import BACKENDS
-from services.oracle.backends.lj import LennardJonesBackend
-from services.oracle.backends.xtb import XtbBackend
 from tests.conftest import sn2_seeds
 
 pytest.importorskip("tblite.ase", reason="tblite is not installed (pyacemaker[oracle])")

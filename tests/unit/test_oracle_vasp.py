@@ -18,9 +18,9 @@ from ase import Atoms
 from ase.io import read
 
 from pyacemaker.config import VaspOracleConfig
+from pyacemaker.services.oracle.backends.vasp import VaspBackend, read_vasprun
+from pyacemaker.services.oracle.deployment import VaspProfile
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.vasp import VaspBackend, read_vasprun
-from services.oracle.deployment import VaspProfile
 from tests.vasp_recorded import (
     KPOINT_SPACING,
     RECORDED,

@@ -9,8 +9,8 @@ from ase import Atoms
 from ase.units import Bohr, Hartree, kB
 
 from pyacemaker.config import XtbOracleConfig
+from pyacemaker.services.oracle.backends.xtb import XtbBackend
 from pyacemaker.v1 import common_pb2
-from services.oracle.backends.xtb import XtbBackend
 from tests.conftest import sn2_seeds
 
 tblite_interface = pytest.importorskip("tblite.interface", reason="tblite is not installed (pyacemaker[oracle])")

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from pyacemaker.ace_reference_energies import potential_e0s
+from pyacemaker.services.trainer import pacemaker_export
+from pyacemaker.services.trainer.ace_fit import fit_linear_ace
+from pyacemaker.services.trainer.delta import fit_linear_delta
+from pyacemaker.services.trainer.evaluation import ace_calculator
 from pyacemaker.v1 import common_pb2
-from services.trainer import pacemaker_export
-from services.trainer.ace_fit import fit_linear_ace
-from services.trainer.delta import fit_linear_delta
-from services.trainer.evaluation import ace_calculator
 from tests.sn2_training_data import level_b, xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
@@ -153,7 +153,7 @@ def test_the_delta_export_holds_dft_and_anchor_frames_labelled_as_the_fit_saw_th
 
 
 def test_the_run_exports_the_pacemaker_files_beside_the_potential() -> None:
-    from services.orchestrator.steps.ace_fit import potential_outcome
+    from pyacemaker.services.orchestrator.steps.ace_fit import potential_outcome
 
     def ref(name: str, kind: str) -> common_pb2.ArtifactRef:
         return common_pb2.ArtifactRef(uri=f"objects/ab/{name}", sha256=name.ljust(64, "0"), kind=kind)

@@ -11,7 +11,7 @@ import yaml
 from ase.build import bulk
 
 from pyacemaker.config import config_from_json, config_to_json, load_config
-from services.orchestrator.dft_labels import ISOLATED_ATOM_BOX_A, isolated_atoms
+from pyacemaker.services.orchestrator.dft_labels import ISOLATED_ATOM_BOX_A, isolated_atoms
 
 SEED = '2\nLattice="2.7 2.7 0 0 2.7 2.7 2.7 0 2.7" pbc="T T T"\nSi 0 0 0\nSi 1.35 1.35 1.35\n'
 
@@ -58,9 +58,9 @@ def test_linear_ace_design_rows_on_a_periodic_cell_match_pyace(tmp_path: Path) -
     """pyace lists a periodic cell's images after its atoms; the design rows must cover the real atoms only,
     and reproduce pyace's own calculator (energy, and forces with the images' contributions folded back)."""
     pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
-    from services.trainer import linear_ace
-    from services.trainer.ace_fit import basis_config
-    from services.trainer.evaluation import ace_calculator
+    from pyacemaker.services.trainer import linear_ace
+    from pyacemaker.services.trainer.ace_fit import basis_config
+    from pyacemaker.services.trainer.evaluation import ace_calculator
 
     basis = pyace.ACEBBasisSet(basis_config(["Si"], 5.5, 20))
     coefficients = np.random.default_rng(0).normal(0.0, 0.05, size=len(basis.basis_coeffs))

@@ -11,8 +11,8 @@ from ase import Atoms
 from ase.build import bulk
 
 from pyacemaker.config import MdConfig, PoolConfig, thermal_rattle_amplitudes
+from pyacemaker.services.sampler.pool import generate_pool, molecular_fragments
 from pyacemaker.structures import content_id
-from services.sampler.pool import generate_pool, molecular_fragments
 from tests.conftest import sn2_seeds
 
 NOTHING = {

@@ -252,7 +252,7 @@ def test_a_budget_with_no_room_for_one_active_learning_batch_warns(tmp_path: Pat
 
 
 def test_a_nonlinear_ace_without_tensorflow_is_refused(tmp_path: Path) -> None:
-    from services.trainer.pacemaker_nonlinear import tensorflow_missing
+    from pyacemaker.services.trainer.pacemaker_nonlinear import tensorflow_missing
 
     if tensorflow_missing() is None:
         pytest.skip("TensorFlow and pacemaker are installed here, so a nonlinear ACE is possible")
@@ -272,7 +272,7 @@ def test_element_names_are_symbols_in_order_of_atomic_number() -> None:
 
 def test_the_mace_backend_names_itself_once() -> None:
     from pyacemaker.rpc import InvalidInputError
-    from services.oracle.backends import create_backend
+    from pyacemaker.services.oracle.backends import create_backend
 
     with pytest.raises(InvalidInputError) as caught:
         create_backend("mace", {"models": []})

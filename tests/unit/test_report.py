@@ -18,11 +18,11 @@ from PIL import Image
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 from pyacemaker.run_layout import STATE_FILE
+from pyacemaker.services.orchestrator.ledger import DftLedger
+from pyacemaker.services.orchestrator.report import PLOTS, write_report
+from pyacemaker.services.orchestrator.state import RunState, StepRow
 from pyacemaker.structures import write_extxyz
 from pyacemaker.v1 import common_pb2, orchestrator_pb2
-from services.orchestrator.ledger import DftLedger
-from services.orchestrator.report import PLOTS, write_report
-from services.orchestrator.state import RunState, StepRow
 from tests.conftest import sn2_seeds
 
 LEVEL = "PBE/def2-SVP (pyscf)"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.trainer import linear_ace
-from services.trainer.ace_fit import basis_config
+from pyacemaker.services.trainer import linear_ace
+from pyacemaker.services.trainer.ace_fit import basis_config
 from tests.sn2_training_data import xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
@@ -65,7 +65,7 @@ def _fit(loss: float, error: float) -> linear_ace.RidgeFit:
 
 
 def test_delta_takes_the_strongest_anchor_the_dft_set_cannot_tell_from_the_best() -> None:
-    from services.trainer.delta import smallest_correction
+    from pyacemaker.services.trainer.delta import smallest_correction
 
     # ω = 1 is best (6.4e-4 ± 0.6e-4); ω = 3 lies within one error of it, ω = 10 beyond.
     fits = [(1.0, _fit(6.4e-4, 0.6e-4)), (3.0, _fit(6.9e-4, 0.3e-4)), (10.0, _fit(7.8e-4, 0.2e-4))]

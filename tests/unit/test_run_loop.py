@@ -11,11 +11,11 @@ import pytest
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.config import parse_config
+from pyacemaker.services.orchestrator import runner
+from pyacemaker.services.orchestrator.runner import RunHandle, RunManager
+from pyacemaker.services.orchestrator.state import RunState, StepRow
+from pyacemaker.services.orchestrator.steps import StepContext, StepOutcome
 from pyacemaker.v1 import orchestrator_pb2
-from services.orchestrator import runner
-from services.orchestrator.runner import RunHandle, RunManager
-from services.orchestrator.state import RunState, StepRow
-from services.orchestrator.steps import StepContext, StepOutcome
 from tests.conftest import SN2_DIR
 
 
@@ -80,7 +80,7 @@ def test_a_resumed_run_follows_its_earlier_attempt_into_the_next_iteration(tmp_p
 
 
 def test_the_best_iteration_is_stable_first_then_most_accurate():
-    from services.orchestrator.steps.validation import best_iteration
+    from pyacemaker.services.orchestrator.steps.validation import best_iteration
 
     figures = {
         1: {"final_ace_forces_rmse_mev_per_a": 90.0, "final_ace_md_survivors": 8.0, "final_ace_md_runs": 9.0},
@@ -157,8 +157,8 @@ def test_starting_a_run_dir_with_another_config_announces_the_changed_keys(tmp_p
 def test_more_iterations_or_a_new_stop_after_change_no_step_key(tmp_path):
     """Continuing a finished run with a larger validation.max_iterations (or another stop_after) must skip
     every completed step: none of the looped steps' keys may depend on them."""
+    from pyacemaker.services.orchestrator.steps import step_key
     from pyacemaker.v1 import common_pb2
-    from services.orchestrator.steps import step_key
 
     _, handle = manager_and_handle(tmp_path, max_iterations=2, budget=60)
     more = handle.config.model_copy(
@@ -203,8 +203,8 @@ def test_the_orchestrator_derives_what_a_config_leaves_out_and_saves_it(tmp_path
     import json
 
     from pyacemaker.config import config_from_json
+    from pyacemaker.services.orchestrator.state import saved_config_json
     from pyacemaker.structures import atoms_to_structure
-    from services.orchestrator.state import saved_config_json
     from tests.conftest import sn2_seeds
 
     seeds = [atoms_to_structure(atoms) for atoms in sn2_seeds()]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from pyacemaker.services.orchestrator.state import RunState, StepRow
 from pyacemaker.v1 import common_pb2, orchestrator_pb2
-from services.orchestrator.state import RunState, StepRow
 
 
 def test_steps_and_events_persist_across_reopen(tmp_path):

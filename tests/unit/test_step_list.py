@@ -9,8 +9,8 @@ import pytest
 
 from pyacemaker.config import ConfigError, parse_config
 from pyacemaker.run_layout import ONCE_PER_RUN_STEPS, STEP_DIRS
-from services.orchestrator.runner import FIRST_STEP, ITERATION_STEPS
-from services.orchestrator.steps.teacher_bootstrap import TeacherBootstrapStep
+from pyacemaker.services.orchestrator.runner import FIRST_STEP, ITERATION_STEPS
+from pyacemaker.services.orchestrator.steps.teacher_bootstrap import TeacherBootstrapStep
 
 _MODULES = {
     "teacher_bootstrap": "teacher_bootstrap",
@@ -34,7 +34,7 @@ def test_the_runner_takes_the_steps_of_the_list_in_its_order() -> None:
 
 @pytest.mark.parametrize("name", list(STEP_DIRS))
 def test_each_step_exports_into_its_directory(name: str) -> None:
-    module = importlib.import_module(f"services.orchestrator.steps.{_MODULES[name]}")
+    module = importlib.import_module(f"pyacemaker.services.orchestrator.steps.{_MODULES[name]}")
     assert STEP_DIRS[name] == module.EXPORT_DIR
 
 

@@ -18,12 +18,12 @@ from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.units import GPa
 
+from pyacemaker.services.trainer import linear_ace
+from pyacemaker.services.trainer.ace_fit import add_core_repulsion, basis_config, fit_linear_ace
+from pyacemaker.services.trainer.delta import fit_linear_delta
+from pyacemaker.services.trainer.evaluation import ace_calculator, evaluate_potential
+from pyacemaker.services.trainer.mace_finetune import FinetuneSettings, frames_on_teacher_reference, mace_arguments
 from pyacemaker.structures import read_structures, write_extxyz
-from services.trainer import linear_ace
-from services.trainer.ace_fit import add_core_repulsion, basis_config, fit_linear_ace
-from services.trainer.delta import fit_linear_delta
-from services.trainer.evaluation import ace_calculator, evaluate_potential
-from services.trainer.mace_finetune import FinetuneSettings, frames_on_teacher_reference, mace_arguments
 from tests.conftest import REPO_ROOT
 from tests.finite_differences import numerical_stress
 from tests.sn2_training_data import xtb_e0s, xtb_frames
@@ -101,7 +101,7 @@ import sys
 from pathlib import Path
 from ase.calculators.singlepoint import SinglePointCalculator
 from pyacemaker.structures import read_structures, write_extxyz
-from services.trainer.evaluation import mace_calculator
+from pyacemaker.services.trainer.evaluation import mace_calculator
 
 teacher = mace_calculator([Path(sys.argv[1])])
 labelled = []
@@ -202,10 +202,10 @@ def test_mace_fits_stress_only_when_the_frames_carry_one(tmp_path: Path) -> None
 @pytest.mark.parametrize("weight", [-1.0, float("nan")])
 def test_a_bad_stress_weight_is_refused_naming_the_field(weight: float) -> None:
     from pyacemaker.rpc import InvalidInputError
+    from pyacemaker.services.trainer.ace_fit import validate_ace_fit
+    from pyacemaker.services.trainer.delta import validate_delta_fit
+    from pyacemaker.services.trainer.mace_finetune import validate_mace_finetune
     from pyacemaker.v1 import common_pb2, trainer_pb2
-    from services.trainer.ace_fit import validate_ace_fit
-    from services.trainer.delta import validate_delta_fit
-    from services.trainer.mace_finetune import validate_mace_finetune
 
     ref = common_pb2.ArtifactRef(uri="sha256:0", sha256="0")
     checks = [

@@ -8,7 +8,7 @@ from ase import Atoms
 from pydantic import ValidationError
 
 from pyacemaker.config import MdConfig, StudentRefinementConfig
-from services.orchestrator.steps.student_refinement import refinement_temperatures, spread_over_trajectories
+from pyacemaker.services.orchestrator.steps.student_refinement import refinement_temperatures, spread_over_trajectories
 
 
 def test_one_temperature_above_the_hottest_is_added() -> None:

@@ -21,15 +21,15 @@ from pyacemaker.executors.base import TEMPLATES_DIR, Batch
 from pyacemaker.executors.deployment import DeploymentError
 from pyacemaker.executors.slurm import SlurmExecutor
 from pyacemaker.rpc import InvalidInputError
+from pyacemaker.services.orchestrator.steps import StepContext
+from pyacemaker.services.orchestrator.trainer_jobs import run_trainer_job
+from pyacemaker.services.trainer.deployment import TrainerDeployment, load_trainer_deployment
+from pyacemaker.services.trainer.jobs import JobManager
+from pyacemaker.services.trainer.launcher import worker_argv
+from pyacemaker.services.trainer.scheduler import SchedulerLauncher
+from pyacemaker.services.trainer.server import add_to_server, create_manager
+from pyacemaker.services.trainer.table import JobRecord, JobTable
 from pyacemaker.v1 import common_pb2, trainer_pb2
-from services.orchestrator.steps import StepContext
-from services.orchestrator.trainer_jobs import run_trainer_job
-from services.trainer.deployment import TrainerDeployment, load_trainer_deployment
-from services.trainer.jobs import JobManager
-from services.trainer.launcher import worker_argv
-from services.trainer.scheduler import SchedulerLauncher
-from services.trainer.server import add_to_server, create_manager
-from services.trainer.table import JobRecord, JobTable
 from tests.conftest import running_service
 from tests.unit.test_config import _minimal, _write
 
@@ -67,7 +67,7 @@ def test_bad_deployment_settings_name_the_file_and_key(tmp_path: Path, data: dic
 
 def test_a_template_must_run_the_worker(tmp_path: Path) -> None:
     oracle_only = tmp_path / "slurm_task.sh"  # runs the oracle's task runner, as containers/apptainer's does
-    oracle_only.write_text('#!/bin/bash\n{{ directives }}\npython -m services.oracle.task "$task_dir"\n')
+    oracle_only.write_text('#!/bin/bash\n{{ directives }}\npython -m pyacemaker.services.oracle.task "$task_dir"\n')
     path = _file(tmp_path, {"executors": {"gpu": {**GPU, "template": str(oracle_only)}}})
     with pytest.raises(DeploymentError) as info:
         load_trainer_deployment(str(path))
@@ -130,7 +130,7 @@ def test_a_slurm_profile_with_an_image_runs_the_worker_inside_it(tmp_path: Path)
         "#SBATCH --gres=gpu:1",
     ):
         assert line in script.splitlines()
-    inside = ["python3", "-m", "services.trainer.worker", "--store", str(store), "--resume", "--job-dir"]
+    inside = ["python3", "-m", "pyacemaker.services.trainer.worker", "--store", str(store), "--resume", "--job-dir"]
     command = ["apptainer", "exec", "--nv", "--bind", str(store), "--bind", str(work), str(image), *inside]
     assert f'{shlex.join(command)} "$task_dir"' in script.splitlines()
 
@@ -138,7 +138,7 @@ def test_a_slurm_profile_with_an_image_runs_the_worker_inside_it(tmp_path: Path)
     plain = SchedulerLauncher(TrainerDeployment.model_validate({"executors": {"cpu": GPU}}).executors["cpu"])
     batch = Batch("b", job_dir, (job_dir,), plain.command(worker_argv(store, resume=False)))
     script = plain.executor.job_script(batch, job_dir / "tasks.txt")
-    assert "-m services.trainer.worker --store" in script and "services.oracle.task" not in script
+    assert "-m pyacemaker.services.trainer.worker --store" in script and "pyacemaker.services.oracle.task" not in script
 
 
 def test_the_orchestrator_sends_the_run_configs_profile_and_the_trainer_refuses_an_unknown_one(

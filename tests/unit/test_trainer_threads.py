@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from pyacemaker.config import TrainerConfig
+from pyacemaker.services.orchestrator.trainer_jobs import LINEAR_FIT_JOBS
 from pyacemaker.v1 import trainer_pb2
-from services.orchestrator.trainer_jobs import LINEAR_FIT_JOBS
 from tests.conftest import REPO_ROOT
 
 # numpy's BLAS loaded before the limit is set (changed at run time) or after (started with it).
@@ -21,7 +21,7 @@ import json, sys
 if sys.argv[2] == "before":
     import numpy
 from threadpoolctl import threadpool_info
-from services.trainer.worker import limit_threads
+from pyacemaker.services.trainer.worker import limit_threads
 got = limit_threads(int(sys.argv[1]))
 import numpy
 print(json.dumps([got, [pool["num_threads"] for pool in threadpool_info()]]))

@@ -1,0 +1,174 @@
+"""The one interface every oracle backend implements, shaped like an ASE calculator.
+
+A backend names itself, says which properties it returns and which level of theory its labels belong to, and
+hands out a fresh ASE calculator for each structure. `label` runs that calculator and turns whatever goes
+wrong inside the calculation into a FAILED label, so one bad structure never ends a stream of thousands.
+
+Self-healing: `calculator(atoms, attempt)` with attempt > 0 is a retry after a failed attempt, and a backend may
+then escalate settings that change how the answer is reached (more SCF cycles, damping, a level shift, another
+solver) but never the answer itself, so `level_of_theory` is the same for every attempt. `label_with_retries`
+runs attempts 0..max_retries and stops at the first success, or early when the failure is an
+`UnlabellableStructureError` that no setting can heal.
+
+Backends whose calculations are expensive (`uses_executor`) run in the current working directory: the executor
+gives every calculation its own scratch directory and changes into it, so file-based codes (pw.x, VASP) write
+their input and output files there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import BaseCalculator, CalculatorError
+
+from pyacemaker.structure_checks import StructureLimits
+from pyacemaker.structures import failed_labels, labels_from_atoms
+from pyacemaker.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+# Each attempt's reason is cut to this length in the summary of a structure that failed every attempt, so the
+# summary stays readable when a code dumps a long error message.
+ATTEMPT_REASON_CHARS = 300
+
+
+class UnlabellableStructureError(ValueError):
+    """A structure this backend cannot treat with any settings (a periodic cell for a molecular code, an element
+    without a pseudopotential); retrying with escalated settings cannot help, so `label_with_retries` stops."""
+
+
+class OracleBackend(ABC):
+    """A source of energies, forces and (for periodic cells) stresses in eV, eV/Å and eV/Å³.
+
+    `label` may be called from several server threads at once; a backend keeps no per-structure state
+    (each structure gets its own calculator), so results never depend on what was labelled before.
+    """
+
+    name: ClassVar[str]
+    implemented_properties: ClassVar[tuple[str, ...]]
+    # True when the backend also computes per-structure descriptors (the Describe RPC).
+    descriptors: ClassVar[bool] = False
+    # True for expensive backends (DFT) whose calculations go through an executor (`config.executor`, with
+    # `config.retries`); False for cheap ones labelled in the server's own process.
+    uses_executor: ClassVar[bool] = False
+    # True for cheap backends whose native code can crash the process (tblite): the oracle labels with them in
+    # worker subprocesses (pyacemaker/services/oracle/workers.py), so a crash fails one structure, not the service.
+    isolated: ClassVar[bool] = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run in this process (e.g. a missing library), or None when it can."""
+        return None
+
+    def structure_limits(self) -> StructureLimits:
+        """What this backend can take (elements, cutoff of its interactions, most atoms): the oracle checks
+        every structure against it before the backend sees it (pyacemaker.structure_checks)."""
+        return StructureLimits(owner=f"oracle backend {self.name!r}")
+
+    @property
+    @abstractmethod
+    def level_of_theory(self) -> str:
+        """Backend plus the settings that define the physics; equal strings mean interchangeable labels."""
+
+    @abstractmethod
+    def calculator(self, atoms: Atoms, attempt: int = 0) -> BaseCalculator:
+        """A fresh ASE calculator for this structure (its charge and spin are in `atoms.info`); `attempt` > 0
+        asks for settings that converge more robustly after `attempt` failed tries (see the module docstring).
+
+        May raise for a structure the backend cannot treat; `label` reports that as a FAILED label."""
+
+    def label(self, atoms: Atoms, attempt: int = 0) -> common_pb2.Labels:
+        """Energy, forces and, for periodic structures, stress of one structure from one attempt; never raises
+        for a failed calculation but returns a FAILED label whose reason says what went wrong."""
+        return self._attempt(atoms, attempt)[0]
+
+    def label_with_retries(self, atoms: Atoms, max_retries: int) -> common_pb2.Labels:
+        """`label` at attempts 0, 1, ..., max_retries until one succeeds. `attempts` says how many ran and
+        `wall_time_s` covers them all; when none succeeds the reason lists every attempt's failure."""
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be at least 0, got {max_retries}")
+        start = time.perf_counter()
+        failures: list[str] = []
+        for attempt in range(max_retries + 1):
+            labels, retryable = self._attempt(atoms, attempt)
+            if labels.status == common_pb2.LABEL_STATUS_OK:
+                break
+            failures.append(labels.reason)
+            if not retryable:
+                break
+        succeeded = labels.status == common_pb2.LABEL_STATUS_OK
+        if not succeeded and len(failures) > 1:
+            listed = "; ".join(f"attempt {n}: {_shortened(reason)}" for n, reason in enumerate(failures, start=1))
+            labels = failed_labels(f"failed in all {len(failures)} attempts: {listed}", self.level_of_theory)
+        labels.attempts = len(failures) + int(succeeded)
+        labels.wall_time_s = time.perf_counter() - start
+        return labels
+
+    def _attempt(self, atoms: Atoms, attempt: int) -> tuple[common_pb2.Labels, bool]:
+        """One attempt's labels, and whether a failure might heal with escalated settings."""
+        start = time.perf_counter()
+        try:
+            work = atoms.copy()
+            work.calc = self.calculator(work, attempt)
+            for name in self._properties_for(work):
+                work.calc.get_property(name, work)
+            _check_finite(work.calc.results)
+            labels = labels_from_atoms(work, self.level_of_theory, wall_time_s=time.perf_counter() - start)
+            self.annotate(work, labels)
+            labels.attempts = 1
+            return labels, False
+        except Exception as exc:  # every failure of one structure becomes its label, see the module docstring
+            if not isinstance(exc, CalculatorError | ValueError | RuntimeError | ArithmeticError | OSError):
+                log.warning("%s backend raised an unexpected %s", self.name, type(exc).__name__, exc_info=True)
+            labels = failed_labels(f"{type(exc).__name__}: {exc}", self.level_of_theory)
+            labels.attempts = 1
+            labels.wall_time_s = time.perf_counter() - start
+            return labels, not isinstance(exc, UnlabellableStructureError)
+
+    def annotate(self, atoms: Atoms, labels: common_pb2.Labels) -> None:
+        """Complete the labels of `atoms` (its calculator holds the results) with what this backend computes
+        beyond energy, forces and stress; nothing by default."""
+        return None
+
+    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
+        """Labels for several structures, in order, each yielded as soon as it is ready. Backends that gain
+        from batching (a neural network on a batch) override this."""
+        for atoms in frames:
+            yield self.label(atoms)
+
+    def _properties_for(self, atoms: Atoms) -> list[str]:
+        properties = ["energy", "forces"]
+        if "stress" in self.implemented_properties and atoms.pbc.any():
+            properties.append("stress")
+        return properties
+
+
+def _shortened(reason: str) -> str:
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= ATTEMPT_REASON_CHARS else reason[: ATTEMPT_REASON_CHARS - 3] + "..."
+
+
+def monkhorst_pack_grid(atoms: Atoms, spacing: float) -> tuple[int, int, int]:
+    """The k-point grid of the plane-wave backends: along each periodic direction the fewest points whose
+    spacing 2π|b_i|/n_i is at most `spacing` (Å⁻¹, the 2π included, as VASP's KSPACING); one point along a
+    non-periodic direction."""
+    if atoms.cell.rank < 3:
+        raise UnlabellableStructureError(f"a k-point grid needs three cell vectors; the cell has {atoms.cell.rank}")
+    reciprocal_lengths = 2 * np.pi * np.linalg.norm(np.linalg.inv(np.asarray(atoms.cell)).T, axis=1)
+    # The small tolerance keeps a spacing that divides a reciprocal length exactly from adding a point.
+    counts = [max(1, int(np.ceil(length / spacing - 1e-9))) for length in reciprocal_lengths]
+    n_a, n_b, n_c = (count if periodic else 1 for count, periodic in zip(counts, atoms.pbc, strict=True))
+    return n_a, n_b, n_c
+
+
+def _check_finite(results: dict[str, object]) -> None:
+    """A NaN or infinite label would poison every fit downstream; treat it as a failed calculation."""
+    for name in ("energy", "forces", "stress"):
+        if name in results and not np.all(np.isfinite(np.asarray(results[name], dtype=np.float64))):
+            raise ArithmeticError(f"{name} is not finite (coinciding atoms?)")
