@@ -83,6 +83,18 @@ class Labels:
     def ok(self) -> bool:
         return self.status is LabelStatus.OK
 
+    def required_energy(self) -> float:
+        """The energy, for callers that asked only for successful labels; ValueError when there is none."""
+        if self.energy is None:
+            raise ValueError(f"the labels carry no energy ({self.reason or self.status.value})")
+        return self.energy
+
+    def required_forces(self) -> np.ndarray:
+        """The (N, 3) forces, for callers that asked only for successful labels; ValueError when there are none."""
+        if self.forces is None:
+            raise ValueError(f"the labels carry no forces ({self.reason or self.status.value})")
+        return self.forces
+
     @classmethod
     def failed(cls, reason: str, level_of_theory: str = "", wall_time_s: float = 0.0, attempts: int = 0) -> Labels:
         if len(reason) > MAX_REASON_CHARS:

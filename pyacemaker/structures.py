@@ -17,6 +17,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from pyacemaker.labels import Labels
 from pyacemaker.v1 import common_pb2
 
 CHARGE_KEY = "charge"
@@ -230,30 +231,33 @@ def failed_labels(reason: str, level_of_theory: str) -> common_pb2.Labels:
     return common_pb2.Labels(status=common_pb2.LABEL_STATUS_FAILED, reason=reason, level_of_theory=level_of_theory)
 
 
-def attach_labels(atoms: Atoms, labels: common_pb2.Labels) -> Atoms:
+def attach_labels(atoms: Atoms, labels: Labels) -> Atoms:
     """Put Labels onto atoms as a SinglePointCalculator plus info entries, ready for extxyz."""
-    n_atoms = len(atoms)
+    if labels.forces is not None and len(labels.forces) != len(atoms):
+        raise ValueError(f"labels with forces on {len(labels.forces)} atoms do not belong to {len(atoms)} atoms")
     results: dict[str, Any] = {}
-    if labels.HasField("energy"):
+    if labels.energy is not None:
         results["energy"] = labels.energy
-    if labels.forces:
-        results["forces"] = np.array(labels.forces, dtype=np.float64).reshape(n_atoms, 3)
-    if labels.stress:
-        results["stress"] = np.array(labels.stress, dtype=np.float64)
+    # Copies: the labels' arrays are read-only, and whoever reads the atoms back may work on them in place.
+    if labels.forces is not None:
+        results["forces"] = labels.forces.copy()
+    if labels.stress is not None:
+        results["stress"] = labels.stress.copy()
     atoms.calc = SinglePointCalculator(atoms, **results) if results else None
     atoms.info[LEVEL_KEY] = labels.level_of_theory
-    atoms.info["label_status"] = "ok" if labels.status == common_pb2.LABEL_STATUS_OK else "failed"
+    atoms.info["label_status"] = labels.status.value
     if labels.reason:
         atoms.info["label_reason"] = labels.reason
     if labels.wall_time_s:
         atoms.info["wall_time_s"] = labels.wall_time_s
-    if labels.uncertainty.force_std:
-        atoms.info["energy_std"] = labels.uncertainty.energy_std
-        atoms.info["max_force_std"] = labels.uncertainty.max_force_std
-        atoms.set_array("force_std", np.array(labels.uncertainty.force_std, dtype=np.float64))
-    if labels.uncertainty.extrapolation_grade:
-        atoms.info[MAX_GAMMA_KEY] = labels.uncertainty.max_extrapolation_grade
-        atoms.set_array("gamma", np.array(labels.uncertainty.extrapolation_grade, dtype=np.float64))
+    uncertainty = labels.uncertainty
+    if uncertainty.force_std is not None and uncertainty.force_std.size:
+        atoms.info["energy_std"] = uncertainty.energy_std
+        atoms.info["max_force_std"] = uncertainty.max_force_std
+        atoms.set_array("force_std", uncertainty.force_std.copy())
+    if uncertainty.extrapolation_grade is not None and uncertainty.extrapolation_grade.size:
+        atoms.info[MAX_GAMMA_KEY] = uncertainty.max_extrapolation_grade
+        atoms.set_array("gamma", uncertainty.extrapolation_grade.copy())
     return atoms
 
 

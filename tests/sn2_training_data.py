@@ -19,6 +19,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pyacemaker.config import PoolConfig, XtbOracleConfig
+from pyacemaker.labels import labels_from_proto
 from pyacemaker.services.oracle.backends.xtb import XtbBackend
 from pyacemaker.services.sampler.pool import generate_pool
 from pyacemaker.structures import attach_labels, write_extxyz
@@ -52,7 +53,7 @@ def _xtb_frames(rattles_per_amplitude: int, interpolation_images: int, seed: int
     backend = XtbBackend(XtbOracleConfig(backend="xtb"))
     frames = []
     for atoms in generate_pool(sn2_seeds(), config).structures:
-        labelled = attach_labels(atoms.copy(), backend.label(atoms))
+        labelled = attach_labels(atoms.copy(), labels_from_proto(backend.label(atoms), len(atoms)))
         if labelled.info["label_status"] == "ok":
             frames.append(labelled)
     return tuple(frames)

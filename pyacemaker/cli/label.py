@@ -18,10 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pyacemaker.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, fail
+from pyacemaker.labels import Labels
 from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.structure_checks import StructureCheckError, check_structure
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, StructureFileError, attach_labels, read_structures, write_extxyz
-from pyacemaker.v1 import common_pb2, oracle_pb2
+from pyacemaker.v1 import oracle_pb2
 from pyacemaker.yaml_input import YamlInputError, load_yaml_text
 
 _EXIT_FOR_STATUS = {grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT: EXIT_BAD_INPUT}
@@ -95,11 +96,11 @@ class _OrderedWriter:
     def __init__(self, path: Path, frames: list[Atoms]) -> None:
         self.path = path
         self.frames = frames
-        self.pending: dict[int, common_pb2.Labels] = {}
+        self.pending: dict[int, Labels] = {}
         self.next_index = 0
         self.seen: set[int] = set()
 
-    def add(self, index: int, labels: common_pb2.Labels) -> None:
+    def add(self, index: int, labels: Labels) -> None:
         if not 0 <= index < len(self.frames) or index in self.seen:
             raise _UnexpectedResultError(f"oracle returned an unexpected result index {index}")
         self.seen.add(index)
@@ -178,13 +179,13 @@ def run_label(args: argparse.Namespace) -> int:
 
             stream = stream_labels(oracle, spec, frames, args.batch_size, args.timeout, on_submission=show_submission)
             for index, labels in stream:
-                if labels.status != common_pb2.LABEL_STATUS_OK:
+                if not labels.ok:
                     failures.append((index, labels.reason))
                 writer.add(index, labels)
                 progress.advance(task)
     except grpc.RpcError as exc:
         return fail(describe_rpc_error(exc, address), _EXIT_FOR_STATUS.get(exc.code(), EXIT_FAILED))
-    except _UnexpectedResultError as exc:
+    except (_UnexpectedResultError, ValueError) as exc:  # ValueError: a malformed answer (stream_labels)
         return fail(str(exc), EXIT_FAILED)
 
     if writer.next_index < len(frames):

@@ -16,6 +16,7 @@ from ase import Atoms
 from google.protobuf import struct_pb2
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.labels import Labels, labels_from_proto
 from pyacemaker.structures import atoms_to_structure
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 
@@ -96,8 +97,9 @@ def stream_labels(
     timeout: float | None = None,
     on_submission: Callable[[oracle_pb2.Submission], None] | None = None,
     max_in_flight: int | None = None,
-) -> Generator[tuple[int, common_pb2.Labels], None, None]:
-    """(index in `frames`, Labels) as the oracle computes them; raises grpc.RpcError when the call fails.
+) -> Generator[tuple[int, Labels], None, None]:
+    """(index in `frames`, Labels) as the oracle computes them; raises grpc.RpcError when the call fails and
+    ValueError when an answer is malformed (an index never sent, forces that are not three per atom).
     `on_submission` sees each scheduler job the oracle reports (DFT backends). Stopping the iteration early
     cancels the call.
 
@@ -106,9 +108,17 @@ def stream_labels(
     buffers. Only for backends that answer each request before reading the next (mace, xtb, lj): the
     executor-backed DFT backends may read the whole stream before they answer."""
     window = _InFlightWindow(max_in_flight, batch_size) if max_in_flight is not None else None
-    call = oracle_pb2_grpc.OracleServiceStub(channel).Label(
-        label_requests(backend, window.admit(frames) if window else frames, batch_size), timeout=timeout
-    )
+    # The atom count of each structure sent and not yet answered: the wire's flat forces become (N, 3) with it.
+    # Filled in gRPC's request thread before the structure goes out, so it is there when its answer comes.
+    atom_counts: dict[int, int] = {}
+
+    def counted(frames: Iterable[Atoms]) -> Iterator[Atoms]:
+        for index, atoms in enumerate(frames):
+            atom_counts[index] = len(atoms)
+            yield atoms
+
+    sent = counted(window.admit(frames) if window else frames)
+    call = oracle_pb2_grpc.OracleServiceStub(channel).Label(label_requests(backend, sent, batch_size), timeout=timeout)
     try:
         for response in call:
             if on_submission is not None:
@@ -117,7 +127,10 @@ def stream_labels(
             for result in response.results:
                 if window is not None:
                     window.release()
-                yield int(result.index), result.labels
+                index = int(result.index)
+                if index not in atom_counts:
+                    raise ValueError(f"the oracle sent a label for index {index}, which is not awaiting one")
+                yield index, labels_from_proto(result.labels, atom_counts.pop(index))
     finally:
         if window is not None:
             window.close()

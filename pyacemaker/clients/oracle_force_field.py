@@ -19,7 +19,8 @@ import grpc
 from ase import Atoms
 
 from pyacemaker.clients.oracle import stream_labels
-from pyacemaker.v1 import common_pb2, oracle_pb2
+from pyacemaker.labels import Labels
+from pyacemaker.v1 import oracle_pb2
 
 
 class OracleCallError(RuntimeError):
@@ -55,24 +56,24 @@ class OracleForceField:
         self.calls = 0
         self.time_s = 0.0
 
-    def __call__(self, frames: Sequence[Atoms]) -> list[common_pb2.Labels]:
+    def __call__(self, frames: Sequence[Atoms]) -> list[Labels]:
         size = self.structures_per_call or max(len(frames), 1)
-        labels: list[common_pb2.Labels] = []
+        labels: list[Labels] = []
         for start in range(0, len(frames), size):
             labels.extend(self._one_call(frames[start : start + size]))
         return labels
 
-    def _one_call(self, frames: Sequence[Atoms]) -> list[common_pb2.Labels]:
+    def _one_call(self, frames: Sequence[Atoms]) -> list[Labels]:
         began = time.perf_counter()
-        results: list[common_pb2.Labels | None] = [None] * len(frames)
+        results: list[Labels | None] = [None] * len(frames)
         timeout = DEADLINE_BASE_S + DEADLINE_PER_STRUCTURE_S * len(frames)
         try:
             for index, labels in stream_labels(self.channel, self.backend, frames, len(frames), timeout):
-                if not 0 <= index < len(frames):
-                    raise OracleCallError(grpc.StatusCode.INTERNAL, f"the oracle sent a label for index {index}")
                 results[index] = labels
         except grpc.RpcError as exc:
             raise OracleCallError(exc.code(), f"oracle force call failed: {exc.details()}") from None
+        except ValueError as exc:  # a malformed answer (stream_labels)
+            raise OracleCallError(grpc.StatusCode.INTERNAL, f"oracle force call failed: {exc}") from None
         finally:
             self.calls += 1
             self.time_s += time.perf_counter() - began

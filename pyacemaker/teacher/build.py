@@ -35,6 +35,7 @@ from ase import Atoms, units
 from ase.optimize import BFGS
 
 from pyacemaker.config import XtbOracleConfig
+from pyacemaker.labels import labels_from_proto
 from pyacemaker.rpc import WrongStateError
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, write_extxyz
 from pyacemaker.teacher.dataset import GROUP_KEY, INDEX_C, INDEX_CL2, sn2_seeds, training_structures
@@ -94,12 +95,14 @@ def label_with_xtb(frames: Sequence[Atoms]) -> list[Atoms]:
     """Frames with REF_energy / REF_forces (mace's default keys). Failed calculations and structures with a
     force component above MAX_FORCE_EV_PER_A are dropped with a log line."""
     labelled = []
-    for atoms, labels in zip(frames, xtb_backend().label_batch(frames), strict=True):
+    for atoms, message in zip(frames, xtb_backend().label_batch(frames), strict=True):
+        # The backend hands out the wire message, as the oracle's backends do.
+        labels = labels_from_proto(message, len(atoms))
         group = atoms.info.get(GROUP_KEY)
-        if not labels.HasField("energy"):
+        if labels.energy is None or labels.forces is None:
             log.info("dropping a %s structure: %s", group, labels.reason)
             continue
-        forces = np.array(labels.forces).reshape(len(atoms), 3)
+        forces = labels.forces.copy()
         if np.abs(forces).max(initial=0.0) > MAX_FORCE_EV_PER_A:
             log.info("dropping a %s structure: force component %.0f eV/Å", group, np.abs(forces).max())
             continue

@@ -19,7 +19,7 @@ from pyacemaker.rpc import channel
 from pyacemaker.services.oracle.server import add_to_server
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, atoms_to_structure
 from pyacemaker.teacher import resolve_teacher
-from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
+from pyacemaker.v1 import oracle_pb2, oracle_pb2_grpc
 from tests.conftest import running_service, sn2_seeds
 
 TIMEOUT_S = 120
@@ -98,14 +98,13 @@ def test_committee_mean_and_spread_equal_mace_calculator(
     calc = mace_calculator(committee_paths)
     for index, atoms in enumerate(frames):
         labels = results[index]
-        assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+        assert labels.ok, labels.reason
         reference = atoms.copy()
         reference.calc = calc
         reference.get_potential_energy()
         expected = calc.results
-        n = len(atoms)
         assert labels.energy == pytest.approx(expected["energy"], abs=TOLERANCE)
-        np.testing.assert_allclose(np.reshape(labels.forces, (n, 3)), expected["forces"], atol=TOLERANCE)
+        np.testing.assert_allclose(labels.forces, expected["forces"], atol=TOLERANCE)
         uncertainty = labels.uncertainty
         assert uncertainty.energy_std == pytest.approx(np.sqrt(expected["energy_var"]), abs=TOLERANCE)
         assert uncertainty.energy_std > 1e-4  # the members really differ
@@ -144,10 +143,10 @@ def test_a_single_model_has_zero_spread_and_unknown_elements_fail_alone(oracle: 
     frames = [*sn2_frames(2), water, *sn2_frames(1, seed=5)]
     spec = backend_spec("mace", {"models": ["bundled"], "batch_size": 2})
     results = dict(stream_labels(oracle, spec, frames, batch_size=4, timeout=TIMEOUT_S))
-    assert results[2].status == common_pb2.LABEL_STATUS_FAILED
+    assert not results[2].ok
     assert "O is not supported by oracle backend 'mace' (it knows H, C, Cl)" in results[2].reason
     for index in (0, 1, 3):
-        assert results[index].status == common_pb2.LABEL_STATUS_OK, results[index].reason
+        assert results[index].ok, results[index].reason
         assert results[index].uncertainty.energy_std == 0.0 and results[index].uncertainty.max_force_std == 0.0
         assert len(results[index].uncertainty.force_std) == 6
 

@@ -22,10 +22,10 @@ from ase.build import bulk
 
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.clients.oracle import artifact_option, backend_spec, stream_labels
+from pyacemaker.labels import Labels
 from pyacemaker.rpc import channel
 from pyacemaker.services.oracle.deployment import OracleDeployment
 from pyacemaker.services.oracle.server import add_to_server
-from pyacemaker.v1 import common_pb2
 from tests.conftest import running_service
 
 PASSWD = Path("/etc/passwd")
@@ -65,7 +65,7 @@ def water() -> Atoms:
     return Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
 
 
-def label(ch: grpc.Channel, backend: str, options: dict[str, Any], atoms: Atoms) -> common_pb2.Labels:
+def label(ch: grpc.Channel, backend: str, options: dict[str, Any], atoms: Atoms) -> Labels:
     results = list(stream_labels(ch, backend_spec(backend, options), [atoms], timeout=120))
     assert len(results) == 1
     return results[0][1]
@@ -97,7 +97,7 @@ def test_the_deployments_command_runs_for_the_profile_a_request_names(deployed) 
     ch, _, tmp_path = deployed
     labels = label(ch, "qe", {"profile": "marker", "pseudopotentials": {"Si": "Si.UPF"}}, silicon())
     # The deployed 'pw.x' wrote no output, so the label failed; but it ran, through the local task worker.
-    assert labels.status == common_pb2.LABEL_STATUS_FAILED
+    assert not labels.ok
     assert (tmp_path / "deployed_command_ran").read_text() == "ran"
     assert labels.level_of_theory.endswith(";profile=marker")
     assert list((tmp_path / "scratch" / "tasks").iterdir()), "task dirs go to the deployment's scratch dir"
@@ -220,7 +220,7 @@ def test_bundled_and_store_references_are_what_the_mace_oracle_loads(deployed) -
     ref = artifact_option(store.put_file(BUNDLED_MODEL, kind="model"))
     by_name = label(ch, "mace", {"models": ["bundled"]}, chloromethane)
     by_ref = label(ch, "mace", {"models": [ref]}, chloromethane)
-    assert by_name.status == common_pb2.LABEL_STATUS_OK, by_name.reason
+    assert by_name.ok, by_name.reason
     assert by_ref.energy == by_name.energy and by_ref.level_of_theory == by_name.level_of_theory
 
 
@@ -231,5 +231,5 @@ def test_without_a_deployment_file_qe_runs_pw_x_from_path_with_debians_pseudopot
     register = functools.partial(add_to_server, work_dir=tmp_path / "work")
     with running_service(register) as address, channel(address) as ch:
         labels = label(ch, "qe", options, silicon())
-    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+    assert labels.ok, labels.reason
     assert labels.level_of_theory == "qe:Si=Si.pz-vbc.UPF;ecutwfc=12.0Ry,ecutrho=48.0Ry,dk=1.5/A"

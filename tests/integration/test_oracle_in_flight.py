@@ -13,7 +13,6 @@ from ase import Atoms
 from pyacemaker.clients.oracle import backend_spec, stream_labels
 from pyacemaker.rpc import channel
 from pyacemaker.services.oracle.server import add_to_server
-from pyacemaker.v1 import common_pb2
 from tests.conftest import running_service
 from tests.integration.test_oracle_service import LJ_OPTIONS, argon, direct_lj_energy
 
@@ -42,7 +41,7 @@ def test_frames_sent_ahead_of_their_labels_stay_within_the_window(oracle: grpc.C
         stream_labels(oracle, spec, lazily(), batch_size=BATCH, timeout=60, max_in_flight=WINDOW), 1
     ):
         ahead.append(sent - received + 1)  # this label's frame counts as in flight until it is handed over
-        assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+        assert labels.ok, labels.reason
         energies[index] = labels.energy
     assert sorted(energies) == list(range(N_FRAMES))
     assert max(ahead) <= WINDOW + 1  # + the one frame read and waiting for a free place

@@ -51,10 +51,10 @@ def test_three_batches_come_back_complete_and_correct(oracle: grpc.Channel) -> N
     results = list(stream_labels(oracle, spec, frames, batch_size=4, timeout=30))
     assert sorted(index for index, _ in results) == list(range(12))
     for index, labels in results:
-        assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+        assert labels.ok, labels.reason
         assert labels.energy == pytest.approx(direct_lj_energy(frames[index]), rel=1e-12, abs=1e-12)
-        assert len(labels.forces) == 3 * len(frames[index])
-        assert len(labels.stress) == (6 if frames[index].pbc.any() else 0)
+        assert labels.forces is not None and labels.forces.shape == (len(frames[index]), 3)
+        assert (labels.stress is not None) == frames[index].pbc.any()
         assert labels.level_of_theory == "lj:eps=0.0104,sigma=3.4,rc=7.0"
 
 
@@ -137,7 +137,7 @@ def test_xtb_through_the_server_uses_the_structure_charge(oracle: grpc.Channel) 
     ((_, labels),) = stream_labels(oracle, backend_spec("xtb", {}), [anion], timeout=30)
     reference = anion.copy()
     reference.calc = TBLite(method="GFN2-xTB", charge=-1, multiplicity=2, verbosity=0)
-    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+    assert labels.ok, labels.reason
     assert labels.energy == pytest.approx(reference.get_potential_energy(), abs=1e-6)
 
 

@@ -8,6 +8,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from pyacemaker.labels import labels_from_proto
 from pyacemaker.structures import (
     StructureFileError,
     atoms_to_structure,
@@ -89,7 +90,7 @@ def test_labels_round_trip_in_ev_units():
     labels = labels_from_atoms(atoms, "test:level")
     assert labels.status == common_pb2.LABEL_STATUS_OK and labels.energy == -3.5
     bare = atoms.copy()
-    attach_labels(bare, common_pb2.Labels.FromString(labels.SerializeToString()))
+    attach_labels(bare, labels_from_proto(common_pb2.Labels.FromString(labels.SerializeToString()), len(bare)))
     assert bare.get_potential_energy() == -3.5
     np.testing.assert_array_equal(bare.get_forces(), forces)
     np.testing.assert_array_equal(bare.get_stress(), stress)

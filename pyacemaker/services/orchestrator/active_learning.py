@@ -18,8 +18,8 @@ def max_force_error(predicted: np.ndarray, reference: np.ndarray) -> float:
 
 
 def largest_atomic_force(forces: Sequence[np.ndarray]) -> np.ndarray:
-    """Per structure, the largest atomic force norm (eV/Å); forces as (N, 3) or flat (3N,)."""
-    return np.array([np.linalg.norm(np.reshape(f, (-1, 3)), axis=1).max() for f in forces])
+    """Per structure, the largest atomic force norm (eV/Å); forces (N, 3) each."""
+    return np.array([np.linalg.norm(f, axis=1).max() for f in forces])
 
 
 def below_force_cap(forces: Sequence[np.ndarray], max_force: float) -> np.ndarray:

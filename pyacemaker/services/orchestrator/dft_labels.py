@@ -15,6 +15,7 @@ from ase import Atoms
 from pyacemaker.artifacts import ArtifactStore
 from pyacemaker.clients.oracle import backend_spec, model_files_as_artifacts
 from pyacemaker.config import OracleConfig
+from pyacemaker.labels import Labels, labels_from_proto
 from pyacemaker.rpc import channel
 from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.structures import (
@@ -43,7 +44,7 @@ def oracle_spec(config: OracleConfig, store: ArtifactStore | None = None) -> ora
 class BudgetedLabels:
     level_of_theory: str
     # content id → labels (ok or failed), computed now or reused from the ledger.
-    labels: dict[str, common_pb2.Labels] = field(default_factory=dict)
+    labels: dict[str, Labels] = field(default_factory=dict)
     # Not labelled because max_dft_calls is spent.
     refused: list[str] = field(default_factory=list)
     # Sent to the oracle by this call (new, or pending from before a restart).
@@ -70,18 +71,21 @@ class DftLabeller:
     def label(
         self,
         structures: Sequence[common_pb2.Structure],
-        on_result: Callable[[str, common_pb2.Labels], None] | None = None,
+        on_result: Callable[[str, Labels], None] | None = None,
     ) -> BudgetedLabels:
         with channel(self.oracle_address) as ch:
             stub = oracle_pb2_grpc.OracleServiceStub(ch)
             level = stub.GetInfo(oracle_pb2.GetInfoRequest(backend=self.backend), timeout=60).level_of_theory
             outcome = BudgetedLabels(level_of_theory=level)
             ids = [s.content_id for s in structures]
+            # The ledger stores the wire message (its bytes are what the digest covers); the atom counts turn it
+            # and the oracle's answers into Labels.
+            atom_counts = {s.content_id: len(s.atomic_numbers) for s in structures}
             reservation = self.ledger.reserve(ids, level, self.backend.name, self.max_calls)
             outcome.refused = reservation.refused
             for cid, row in reservation.done.items():
                 if row.labels is not None:
-                    outcome.labels[cid] = row.labels
+                    outcome.labels[cid] = labels_from_proto(row.labels, atom_counts[cid])
             pending = set(reservation.to_compute)
             to_send = list({s.content_id: s for s in structures if s.content_id in pending}.values())
             outcome.sent = len(to_send)
@@ -96,9 +100,10 @@ class DftLabeller:
                 for result in response.results:
                     cid = to_send[result.index].content_id
                     self.ledger.record_result(cid, level, result.labels)
-                    outcome.labels[cid] = result.labels
+                    labels = labels_from_proto(result.labels, atom_counts[cid])
+                    outcome.labels[cid] = labels
                     if on_result is not None:
-                        on_result(cid, result.labels)
+                        on_result(cid, labels)
         return outcome
 
 
@@ -111,7 +116,7 @@ def label_frames(
     structures = [atoms_to_structure(a) for a in frames]
     done = [0]
 
-    def progress(_cid: str, _labels: common_pb2.Labels) -> None:
+    def progress(_cid: str, _labels: Labels) -> None:
         done[0] += 1
         report(common_pb2.Progress(stage="dft", done=done[0], total=len(frames), message=stage))
 
@@ -119,7 +124,7 @@ def label_frames(
     labelled = []
     for atoms, message in zip(frames, structures, strict=True):
         labels = outcome.labels.get(message.content_id)
-        if labels is not None and labels.status == common_pb2.LABEL_STATUS_OK:
+        if labels is not None and labels.ok:
             labelled.append(attach_labels(atoms.copy(), labels))
     return labelled
 

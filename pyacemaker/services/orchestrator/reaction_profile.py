@@ -16,8 +16,8 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator, CalculatorError, all_changes
 from ase.optimize import BFGS
 
+from pyacemaker.labels import Labels
 from pyacemaker.restraints import DistanceDifferenceRestraint
-from pyacemaker.v1 import common_pb2
 
 # eV → kcal/mol (ASE's CODATA constants: 1 eV ≈ 23.06 kcal/mol).
 KCAL_PER_MOL_PER_EV = units.mol / units.kcal
@@ -25,7 +25,7 @@ SCAN_FORCE_CONSTANT = 50.0  # eV/Å²
 SCAN_FMAX = 0.01  # eV/Å
 SCAN_MAX_STEPS = 300
 
-ForceField = Callable[[Sequence[Atoms]], list[common_pb2.Labels]]
+ForceField = Callable[[Sequence[Atoms]], list[Labels]]
 
 
 class RestrainedCalculator(Calculator):
@@ -41,13 +41,12 @@ class RestrainedCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):  # type: ignore[no-untyped-def]
         super().calculate(atoms, properties, system_changes)
         (labels,) = self.force_field([self.atoms])
-        if labels.status != common_pb2.LABEL_STATUS_OK:
+        if not labels.ok:
             raise CalculatorError(f"the force field failed during the scan: {labels.reason}")
+        if labels.energy is None or labels.forces is None:
+            raise CalculatorError("the force field returned no energy or forces during the scan")
         bias, bias_forces = self.restraint.energy_and_forces(self.atoms.positions)
-        self.results = {
-            "energy": labels.energy + bias,
-            "forces": np.reshape(labels.forces, (-1, 3)) + bias_forces,
-        }
+        self.results = {"energy": labels.energy + bias, "forces": labels.forces + bias_forces}
 
 
 def xi_of(atoms: Atoms, indices: tuple[int, int, int]) -> float:

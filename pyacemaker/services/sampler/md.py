@@ -35,11 +35,11 @@ import numpy as np
 from ase import Atoms, units
 from ase.neighborlist import neighbor_list
 
+from pyacemaker.labels import Labels
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.structures import attach_labels
-from pyacemaker.v1 import common_pb2
 
-ForceField = Callable[[Sequence[Atoms]], list[common_pb2.Labels]]
+ForceField = Callable[[Sequence[Atoms]], list[Labels]]
 
 # Upper bounds of MdParameters: a longer time step is no MD any more (hydrogen needs ≤ 1 fs, heavy atoms a few),
 # a hotter bath melts everything into plasma, more replicas than this do not fit one batched oracle call.
@@ -116,7 +116,7 @@ class FrameEvent:
     step: int
     atoms: Atoms
     # The oracle's labels of this frame (unbiased), as attached to `atoms`.
-    labels: common_pb2.Labels
+    labels: Labels
     temperature_k: float
     target_temperature_k: float
     collective_variable: float | None
@@ -165,7 +165,7 @@ class _Replica:
     velocities: np.ndarray  # (n, 3), Å per ASE time unit
     rng: np.random.Generator
     forces: np.ndarray | None = None  # oracle + bias, net force removed
-    labels: common_pb2.Labels | None = None  # oracle's, unbiased
+    labels: Labels | None = None  # oracle's, unbiased
     running: bool = True
 
     @property
@@ -208,14 +208,10 @@ def min_interatomic_distance(atoms: Atoms) -> float:
     return float(np.sqrt(np.sum(diff**2, axis=-1))[np.triu_indices(len(atoms), k=1)].min())
 
 
-def _labels_forces(labels: common_pb2.Labels, n_atoms: int) -> np.ndarray:
-    return np.array(labels.forces, dtype=np.float64).reshape(n_atoms, 3)
-
-
-def _stop_reason(labels: common_pb2.Labels, params: MdParameters) -> str | None:
-    if labels.status != common_pb2.LABEL_STATUS_OK:
+def _stop_reason(labels: Labels, params: MdParameters) -> str | None:
+    if not labels.ok:
         return f"the oracle could not label it: {labels.reason}"
-    if len(labels.forces) == 0:
+    if labels.forces is None:
         return "the oracle returned no forces"
     spread = labels.uncertainty.max_force_std
     if spread > params.max_force_std:
@@ -327,7 +323,8 @@ def _run_replicas(
             if reason is not None:
                 yield stop(replica, reason)
                 continue
-            forces = _labels_forces(label, len(replica.atoms))
+            assert label.forces is not None  # _stop_reason stops a replica without forces
+            forces = label.forces
             if replica.restraint is not None:
                 forces = forces + replica.restraint.energy_and_forces(replica.atoms.positions)[1]
             replica.forces = remove_com(forces, replica.masses, weight_by_mass=False)
@@ -364,7 +361,7 @@ def _run_replicas(
 def _rescale_cell(replica: _Replica, params: MdParameters, dt: float) -> None:
     """One stochastic cell-rescaling update (module docstring), with the stress of the last oracle call."""
     assert replica.labels is not None
-    if len(replica.labels.stress) != 6:
+    if replica.labels.stress is None:
         raise RuntimeError("NPT needs the oracle's stress, but its labels have none")
     atoms = replica.atoms
     volume = atoms.get_volume()

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from pyacemaker.artifacts import ArtifactError, ArtifactStore
 from pyacemaker.clients.oracle_force_field import OracleCallError, OracleForceField
 from pyacemaker.config import BudgetConfig, DirectConfig, MdConfig, PoolConfig, format_validation_error
+from pyacemaker.labels import labels_to_proto
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.rpc import InvalidInputError, abort, channel, check_address, status_on_error
 from pyacemaker.services.sampler.direct import direct_sample
@@ -126,7 +127,7 @@ def _md_frame(event: FrameEvent) -> sampler_pb2.MdFrame:
         replica=event.replica,
         step=event.step,
         structure=atoms_to_structure(event.atoms),
-        labels=event.labels,
+        labels=labels_to_proto(event.labels),
         temperature_k=event.temperature_k,
         window=event.window,
         target_temperature_k=event.target_temperature_k,

@@ -128,7 +128,7 @@ class ActiveLearningStep:
             pool_labels = model_labels(ctx, spec, candidates, "committee uncertainty on the candidates")
             labelled_labels = model_labels(ctx, spec, labelled, "committee on the DFT set")
             errors = [
-                max_force_error(np.reshape(p.forces, (-1, 3)), a.get_forces())
+                max_force_error(p.required_forces(), a.get_forces())
                 for p, a in zip(labelled_labels, labelled, strict=True)
             ]
             stds = np.array([p.uncertainty.max_force_std for p in labelled_labels])
@@ -138,10 +138,12 @@ class ActiveLearningStep:
                 pool_features, labelled_features = describe(ch, spec, candidates), describe(ch, spec, labelled)
             pool_std = np.array([p.uncertainty.max_force_std for p in pool_labels])
             remaining = max(0, allowance - ledger.count())
-            force_cap = candidate_force_cap(settings.max_candidate_force, [p.forces for p in pool_labels[pool_size:]])
-            below_cap = below_force_cap([p.forces for p in pool_labels], force_cap)
+            force_cap = candidate_force_cap(
+                settings.max_candidate_force, [p.required_forces() for p in pool_labels[pool_size:]]
+            )
+            below_cap = below_force_cap([p.required_forces() for p in pool_labels], force_cap)
             in_range = within_energy_range(
-                np.array([p.energy / len(a) for p, a in zip(pool_labels, candidates, strict=True)]),
+                np.array([p.required_energy() / len(a) for p, a in zip(pool_labels, candidates, strict=True)]),
                 np.array([a.get_potential_energy() / len(a) for a in labelled]),
             )
             eligible = below_cap & in_range

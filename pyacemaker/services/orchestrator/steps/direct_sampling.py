@@ -131,7 +131,7 @@ def teacher_force_filter(ctx: StepContext, pool: common_pb2.ArtifactRef) -> tupl
     if not any(b.name == "mace" and b.available for b in info.backends):
         return pool, len(frames), 0
     labels = model_labels(ctx, committee_spec(ctx, [teacher_model(ctx)]), frames, "teacher forces on the pool")
-    largest = largest_atomic_force([lab.forces for lab in labels])
+    largest = largest_atomic_force([lab.required_forces() for lab in labels])
     limit = TEACHER_FORCE_MARGIN * ctx.config.active_learning.max_candidate_force
     kept = [a for a, f in zip(frames, largest, strict=True) if f <= limit]
     if len(kept) == len(frames):

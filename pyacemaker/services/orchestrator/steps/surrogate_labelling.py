@@ -48,6 +48,7 @@ from ase import Atoms
 
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.clients.oracle import stream_labels
+from pyacemaker.labels import Labels
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import SURROGATE_LABELS_DIR, StepName
 from pyacemaker.services.orchestrator.steps import StepContext, StepOutcome
@@ -72,7 +73,6 @@ IN_FLIGHT_BATCHES = 4
 REPORT_EVERY = 1024
 # Failed frames listed with their reasons in the summary at most (the shard records list every one).
 SUMMARY_FAILED_LIMIT = 1000
-_OK = common_pb2.LABEL_STATUS_OK
 
 
 @dataclass
@@ -401,7 +401,7 @@ def _label_shard(ch: grpc.Channel, job: _ShardJob, index: int, progress: _Progre
             read_errors.append(exc)
 
     record = ShardRecord(index, first_frame, 0, 0, "", "", 0.0, 0.0)
-    answered: dict[int, common_pb2.Labels] = {}  # labels that came back ahead of an earlier frame's
+    answered: dict[int, Labels] = {}  # labels that came back ahead of an earlier frame's
     buffer: list[Atoms] = []
     # closing(): a stopped step (a cancelled run) cancels the oracle call at once, not when garbage-collected.
     with contextlib.closing(
@@ -435,10 +435,10 @@ def _label_shard(ch: grpc.Channel, job: _ShardJob, index: int, progress: _Progre
     return record
 
 
-def _add_frame(record: ShardRecord, atoms: Atoms, labels: common_pb2.Labels, buffer: list[Atoms]) -> None:
+def _add_frame(record: ShardRecord, atoms: Atoms, labels: Labels, buffer: list[Atoms]) -> None:
     frame = record.first_frame + record.n_input
     record.n_input += 1
-    if labels.status != _OK:
+    if not labels.ok:
         record.failed.append({"frame": frame, "content_id": content_id(atoms), "reason": labels.reason})
         return
     labelled = attach_labels(atoms, labels)

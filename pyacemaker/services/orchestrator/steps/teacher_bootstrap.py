@@ -26,7 +26,7 @@ from pyacemaker.services.orchestrator.steps.direct_sampling import last_result
 from pyacemaker.services.orchestrator.steps.surrogate_md import md_config, run_md_with
 from pyacemaker.services.orchestrator.trainer_jobs import run_trainer_job
 from pyacemaker.structures import LEVEL_KEY, attach_labels, read_structures, structure_to_atoms, write_extxyz
-from pyacemaker.v1 import common_pb2, oracle_pb2, sampler_pb2, sampler_pb2_grpc, trainer_pb2
+from pyacemaker.v1 import oracle_pb2, sampler_pb2, sampler_pb2_grpc, trainer_pb2
 
 EXPORT_DIR = TEACHER_BOOTSTRAP_DIR
 
@@ -150,9 +150,9 @@ def cheap_labels(
     labelled: list[Atoms] = []
     failed = too_hot = 0
     for atoms, labels in zip(frames, all_labels(ctx, spec, frames, "cheap-level labels", "label"), strict=True):
-        if labels.status != common_pb2.LABEL_STATUS_OK:
+        if not labels.ok:
             failed += 1
-        elif np.abs(np.asarray(labels.forces)).max(initial=0.0) > max_force:
+        elif labels.forces is not None and np.abs(labels.forces).max(initial=0.0) > max_force:
             too_hot += 1
         else:
             labelled.append(attach_labels(atoms.copy(), labels))

@@ -172,11 +172,11 @@ class ValidationStep:
             profile["energies_ev"]["dft"] = _relative([a.get_potential_energy() for a in path])
         for model, spec in _model_specs(ctx, ablation.potential).items():
             labels = model_labels(ctx, spec, holdout, f"{model} on the hold-out set")
-            energies = np.array([lab.energy for lab in labels])
+            energies = np.array([lab.required_energy() for lab in labels])
             if model in ALIGNED_MODELS:
                 # A MACE's energy zero is its own; only its energy differences compare.
                 energies = energies + reference_alignment(holdout, energies, ref_energies * n_atoms)
-            forces = np.concatenate([np.reshape(lab.forces, (-1, 3)) for lab in labels])
+            forces = np.concatenate([lab.required_forces() for lab in labels])
             scores[model] = model_scores(energies / n_atoms, forces, ref_energies, ref_forces)
             scores[model]["by_source"] = {
                 src: {
@@ -190,7 +190,7 @@ class ValidationStep:
             }
             if profile is not None:
                 on_path = model_labels(ctx, spec, path, f"{model} along the reaction path")
-                profile["energies_ev"][model] = _relative([lab.energy for lab in on_path])
+                profile["energies_ev"][model] = _relative([lab.required_energy() for lab in on_path])
         for model, outputs in (("final_ace", final_potential(ctx).files()), (ABLATION_STEM, ablation.files)):
             if model in scores and "yaml" in outputs and "asi" in outputs:
                 grades = extrapolation_grades(ctx, outputs["yaml"], outputs["asi"], holdout, model)
