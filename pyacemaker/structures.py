@@ -1,4 +1,5 @@
-"""Conversion between ase.Atoms and the wire messages `Structure` and `Labels`, and extxyz file I/O.
+"""Conversion between ase.Atoms and the wire message `Structure`, between Atoms and `Labels` values, and extxyz
+file I/O.
 
 Charge and spin travel in `atoms.info["charge"]` and `atoms.info["spin_multiplicity"]`; every other info
 entry and every extra per-atom array is kept, so Atoms → Structure → Atoms is lossless.
@@ -17,7 +18,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from pyacemaker.labels import Labels
+from pyacemaker.labels import Labels, LabelStatus
 from pyacemaker.v1 import common_pb2
 
 CHARGE_KEY = "charge"
@@ -129,7 +130,7 @@ def _from_jsonable(value: Any) -> Any:
 
 
 def atoms_to_structure(atoms: Atoms, provenance: common_pb2.Provenance | None = None) -> common_pb2.Structure:
-    """ase.Atoms → Structure. Calculator results are not part of a Structure (see `labels_from_atoms`)."""
+    """ase.Atoms → Structure. Calculator results are not part of a Structure (see `labels_of_atoms`)."""
     info = {k: v for k, v in atoms.info.items() if k not in _STRUCTURE_INFO_KEYS | _LABEL_INFO_KEYS}
     arrays = {k: v for k, v in atoms.arrays.items() if k not in _STRUCTURE_ARRAYS | _LABEL_ARRAYS and k != "forces"}
     message = common_pb2.Structure(
@@ -201,34 +202,24 @@ def _json_object(text: str, field: str) -> dict[str, Any]:
     return value
 
 
-def labels_from_atoms(atoms: Atoms, level_of_theory: str, wall_time_s: float = 0.0) -> common_pb2.Labels:
-    """The results of `atoms.calc` (energy eV, forces eV/Å, stress eV/Å³ Voigt) as an OK Labels message."""
+def labels_of_atoms(atoms: Atoms, level_of_theory: str) -> Labels:
+    """The results of `atoms.calc` (energy eV, forces eV/Å, stress eV/Å³ Voigt) as OK Labels; a stress is kept
+    for periodic structures only."""
     if atoms.calc is None:
         raise ValueError("atoms carry no calculator results")
     results = atoms.calc.results
-    labels = common_pb2.Labels(
-        status=common_pb2.LABEL_STATUS_OK, level_of_theory=level_of_theory, wall_time_s=wall_time_s
-    )
-    if "energy" in results:
-        labels.energy = float(results["energy"])
-    if "forces" in results:
-        labels.forces.extend(np.asarray(results["forces"], dtype=np.float64).ravel().tolist())
+    stress = None
     if "stress" in results and any(atoms.pbc):
         stress = np.asarray(results["stress"], dtype=np.float64)
         if stress.shape == (3, 3):
             stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-        labels.stress.extend(stress.ravel().tolist())
-    return labels
-
-
-# A FAILED label's reason is cut to this length, so a code that dumps a long error cannot bloat every message.
-MAX_REASON_CHARS = 2000
-
-
-def failed_labels(reason: str, level_of_theory: str) -> common_pb2.Labels:
-    if len(reason) > MAX_REASON_CHARS:
-        reason = reason[: MAX_REASON_CHARS - 3] + "..."
-    return common_pb2.Labels(status=common_pb2.LABEL_STATUS_FAILED, reason=reason, level_of_theory=level_of_theory)
+    return Labels(
+        LabelStatus.OK,
+        energy=float(results["energy"]) if "energy" in results else None,
+        forces=np.asarray(results["forces"], dtype=np.float64) if "forces" in results else None,
+        stress=stress,
+        level_of_theory=level_of_theory,
+    )
 
 
 def attach_labels(atoms: Atoms, labels: Labels) -> Atoms:

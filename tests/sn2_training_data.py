@@ -19,7 +19,6 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pyacemaker.config import PoolConfig, XtbOracleConfig
-from pyacemaker.labels import labels_from_proto
 from pyacemaker.services.oracle.backends.xtb import XtbBackend
 from pyacemaker.services.sampler.pool import generate_pool
 from pyacemaker.structures import attach_labels, write_extxyz
@@ -36,7 +35,7 @@ def xtb_e0s() -> dict[int, float]:
     energies = {}
     for symbol, multiplicity in _ATOM_MULTIPLICITY.items():
         atom = Atoms(symbol, info={"charge": 0, "spin_multiplicity": multiplicity})
-        energies[int(atom.numbers[0])] = float(backend.label(atom).energy)
+        energies[int(atom.numbers[0])] = backend.label(atom).required_energy()
     return energies
 
 
@@ -53,7 +52,7 @@ def _xtb_frames(rattles_per_amplitude: int, interpolation_images: int, seed: int
     backend = XtbBackend(XtbOracleConfig(backend="xtb"))
     frames = []
     for atoms in generate_pool(sn2_seeds(), config).structures:
-        labelled = attach_labels(atoms.copy(), labels_from_proto(backend.label(atoms), len(atoms)))
+        labelled = attach_labels(atoms.copy(), backend.label(atoms))
         if labelled.info["label_status"] == "ok":
             frames.append(labelled)
     return tuple(frames)

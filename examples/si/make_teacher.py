@@ -43,13 +43,13 @@ from ase.eos import EquationOfState
 from ase.units import GPa
 
 from pyacemaker.config import QeOracleConfig
+from pyacemaker.labels import Labels
 from pyacemaker.services.oracle.backends.qe import QeBackend
 from pyacemaker.services.orchestrator.dft_labels import isolated_atoms
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, read_structures, write_extxyz
 from pyacemaker.teacher.build import MACE_SETTINGS, TEST_FRACTION, VALID_FRACTION, rmse_metrics, sha256_of, train_mace
 from pyacemaker.teacher.dataset import GROUP_KEY
 from pyacemaker.teacher.recipe import split_frames
-from pyacemaker.v1 import common_pb2
 
 log = logging.getLogger("make_teacher")
 
@@ -140,7 +140,7 @@ def training_structures(random_seed: int = RANDOM_SEED) -> list[Atoms]:
     return out
 
 
-def pw_labels(backend: QeBackend, atoms: Atoms, scratch: Path, prefix: str) -> common_pb2.Labels:
+def pw_labels(backend: QeBackend, atoms: Atoms, scratch: Path, prefix: str) -> Labels:
     """pw.x labels of one structure, run in a fresh scratch directory under `scratch`: the backend runs pw.x in
     the current directory, as the oracle's executor arranges."""
     with contextlib.chdir(tempfile.mkdtemp(prefix=prefix, dir=scratch)):
@@ -154,12 +154,12 @@ def qe_energies_and_forces(backend: QeBackend, frames: Sequence[Atoms], scratch:
     started = time.perf_counter()
     for index, atoms in enumerate(frames):
         labels = pw_labels(backend, atoms, scratch, f"pw{index:04d}_")
-        if not labels.HasField("energy"):
+        if labels.energy is None or labels.forces is None:
             log.warning("dropping a %s structure: %s", atoms.info.get(GROUP_KEY), labels.reason)
             continue
         copy = atoms.copy()
         copy.info["REF_energy"] = labels.energy
-        copy.arrays["REF_forces"] = np.array(labels.forces).reshape(len(atoms), 3)
+        copy.arrays["REF_forces"] = labels.forces.copy()
         labelled.append(copy)
         if (index + 1) % 10 == 0 or index + 1 == len(frames):
             elapsed = time.perf_counter() - started
@@ -172,9 +172,9 @@ def isolated_atom_energy(backend: QeBackend, scratch: Path) -> dict[int, float]:
     """E0 of Si at this level, from the same boxed atom a run uses for its own E0."""
     (atom,) = isolated_atoms([14], periodic=True)
     labels = pw_labels(backend, atom, scratch, "pw_atom_")
-    if not labels.HasField("energy"):
+    if labels.energy is None:
         raise RuntimeError(f"the isolated Si atom could not be computed: {labels.reason}")
-    return {14: float(labels.energy)}
+    return {14: labels.energy}
 
 
 def equation_of_state(energy_of: Callable[[Atoms], float]) -> dict[str, float]:
@@ -202,9 +202,9 @@ def qe_energy_function(backend: QeBackend, scratch: Path) -> Callable[[Atoms], f
 
     def energy(atoms: Atoms) -> float:
         labels = pw_labels(backend, _tagged(atoms, "eos"), scratch, "pw_eos_")
-        if not labels.HasField("energy"):
+        if labels.energy is None:
             raise RuntimeError(f"E(V) point failed: {labels.reason}")
-        return float(labels.energy)
+        return labels.energy
 
     return energy
 

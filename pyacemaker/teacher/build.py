@@ -35,7 +35,6 @@ from ase import Atoms, units
 from ase.optimize import BFGS
 
 from pyacemaker.config import XtbOracleConfig
-from pyacemaker.labels import labels_from_proto
 from pyacemaker.rpc import WrongStateError
 from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, write_extxyz
 from pyacemaker.teacher.dataset import GROUP_KEY, INDEX_C, INDEX_CL2, sn2_seeds, training_structures
@@ -86,8 +85,7 @@ def isolated_atom_energies() -> dict[int, float]:
     for symbol, multiplicity in ATOM_MULTIPLICITY.items():
         atom = Atoms(symbol)
         atom.info.update({CHARGE_KEY: 0, SPIN_KEY: multiplicity})
-        labels = backend.label(atom)
-        energies[int(atom.numbers[0])] = float(labels.energy)
+        energies[int(atom.numbers[0])] = backend.label(atom).required_energy()
     return energies
 
 
@@ -95,9 +93,7 @@ def label_with_xtb(frames: Sequence[Atoms]) -> list[Atoms]:
     """Frames with REF_energy / REF_forces (mace's default keys). Failed calculations and structures with a
     force component above MAX_FORCE_EV_PER_A are dropped with a log line."""
     labelled = []
-    for atoms, message in zip(frames, xtb_backend().label_batch(frames), strict=True):
-        # The backend hands out the wire message, as the oracle's backends do.
-        labels = labels_from_proto(message, len(atoms))
+    for atoms, labels in zip(frames, xtb_backend().label_batch(frames), strict=True):
         group = atoms.info.get(GROUP_KEY)
         if labels.energy is None or labels.forces is None:
             log.info("dropping a %s structure: %s", group, labels.reason)
@@ -187,7 +183,7 @@ def sn2_energetics(model_path: Path, device: str = "cpu") -> dict[str, float]:
     energies: dict[str, dict[str, float]] = {"xtb": {}, "teacher": {}}
     for key, atoms in geometries.items():
         atoms.info.update({CHARGE_KEY: -1, SPIN_KEY: 1})
-        energies["xtb"][key] = float(backend.label(atoms).energy)
+        energies["xtb"][key] = backend.label(atoms).required_energy()
         work = atoms.copy()
         work.calc = calc
         energies["teacher"][key] = float(work.get_potential_energy())
@@ -232,7 +228,7 @@ def build(
 
     chloride = Atoms("Cl")
     chloride.info.update({CHARGE_KEY: -1, SPIN_KEY: 1})
-    chloride_energy = float(xtb_backend().label(chloride).energy)
+    chloride_energy = xtb_backend().label(chloride).required_energy()
     groups: dict[str, int] = {}
     for atoms in labelled:
         groups[atoms.info[GROUP_KEY]] = groups.get(atoms.info[GROUP_KEY], 0) + 1

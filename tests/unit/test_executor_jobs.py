@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from pyacemaker.labels import Labels, labels_to_proto
 from pyacemaker.services.oracle.jobs import JobTable, TaskState
-from pyacemaker.structures import failed_labels
 from pyacemaker.v1 import common_pb2
 
 LEVEL = "xtb:GFN2-xTB"
@@ -54,7 +54,7 @@ def test_a_failed_structure_asked_for_again_starts_a_new_run_in_a_new_dir(tmp_pa
     table.claim(key, "batch-1", 0, task_dir_for(tmp_path, "cid-b"))
     table.create_batch("batch-1", "local", tmp_path, 1)
     table.record_submission("batch-1", "local-1-1")
-    table.record_result(key, failed_labels("SCF not converged", LEVEL))
+    table.record_result(key, labels_to_proto(Labels.failed("SCF not converged", LEVEL)))
     retry = table.claim(key, "batch-2", 0, task_dir_for(tmp_path, "cid-b"))
     assert retry.mine
     assert (retry.record.run, retry.record.task_dir, retry.record.submissions) == (1, tmp_path / "cid-b.1", 0)

@@ -12,7 +12,7 @@ from ase.build import bulk
 from ase.calculators.lj import LennardJones
 
 from pyacemaker.config import LjOracleConfig
-from pyacemaker.labels import Uncertainty, labels_from_proto
+from pyacemaker.labels import Uncertainty
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.services.oracle.backends.lj import LennardJonesBackend
 from pyacemaker.services.sampler.features import get_featuriser
@@ -26,10 +26,7 @@ ARGON = {"epsilon": 0.0103, "sigma": 3.40}  # eV, Å
 
 def lj_force_field(cutoff: float = 10.2):
     backend = LennardJonesBackend(LjOracleConfig(backend="lj", cutoff=cutoff, **ARGON))
-    # The backend hands out the wire message, as the oracle's backends do; the MD works on the value type.
-    return lambda frames: [
-        labels_from_proto(m, len(a)) for a, m in zip(frames, backend.label_batch(frames), strict=True)
-    ]
+    return lambda frames: list(backend.label_batch(frames))
 
 
 def argon_octahedron() -> Atoms:

@@ -13,7 +13,6 @@ from pyacemaker.config import AceOracleConfig
 from pyacemaker.services.oracle.backends.ace import AceBackend
 from pyacemaker.services.trainer import linear_ace
 from pyacemaker.services.trainer.ace_fit import basis_config
-from pyacemaker.v1 import common_pb2
 from tests.sn2_training_data import xtb_e0s, xtb_frames
 
 pyace = pytest.importorskip("pyace", reason="python-ace is not installed (pyacemaker[trainer])")
@@ -36,7 +35,7 @@ def test_isolated_atoms_give_the_reference_energies(potential: Path) -> None:
     backend = AceBackend(AceOracleConfig(backend="ace", potential=potential))
     for z, e0 in E0S.items():
         labels = backend.label(Atoms(numbers=[z], positions=[[0, 0, 0]]))
-        assert labels.status == common_pb2.LABEL_STATUS_OK
+        assert labels.ok
         assert labels.energy == pytest.approx(e0, abs=1e-8)
 
 
@@ -66,7 +65,7 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
         probe = atoms.copy()
         probe.calc = None
         labels = backend.label(probe)
-        assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+        assert labels.ok, labels.reason
         reference = probe.copy()
         reference.calc = pyace.PyACECalculator(str(fit.yaml_path))
         reference.calc.set_active_set(str(fit.asi_path))
@@ -77,7 +76,7 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
         plain = probe.copy()
         plain.calc = pyace.PyACECalculator(str(fit.yace_path))
         assert labels.energy == pytest.approx(plain.get_potential_energy(), abs=1e-6)
-        np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), plain.get_forces(), atol=1e-8)
+        np.testing.assert_allclose(labels.forces, plain.get_forces(), atol=1e-8)
     # A training structure interpolates (γ ≤ 1 up to round-off); the stretched one extrapolates.
     assert backend.label(frames[1]).uncertainty.max_extrapolation_grade <= 1.0 + 1e-6
     assert backend.label(far).uncertainty.max_extrapolation_grade > 1.0
@@ -100,9 +99,9 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
         np.savez(handle, **{symbol: np.eye(3) for symbol in ("C", "H", "Cl")})
     mismatched = AceBackend(AceOracleConfig(backend="ace", potential=fit.yaml_path, active_set=wrong))
     failed = list(mismatched.label_batch(probes[:2]))
-    assert [labels.status for labels in failed] == [common_pb2.LABEL_STATUS_FAILED] * 2
+    assert [labels.ok for labels in failed] == [False] * 2
     assert "wrong.asi: the active set does not belong to this potential" in failed[0].reason
-    assert mismatched.label(probes[0]).status == common_pb2.LABEL_STATUS_FAILED
+    assert not mismatched.label(probes[0]).ok
 
 
 def test_the_loaded_potential_is_reused_and_gives_the_same_labels(potential: Path) -> None:
@@ -118,5 +117,6 @@ def test_the_loaded_potential_is_reused_and_gives_the_same_labels(potential: Pat
     per_label = (time.perf_counter() - started) / len(frames)
     fresh = [AceBackend(AceOracleConfig(backend="ace", potential=potential)).label(a) for a in frames]
     for a, b, c in zip(first, again, fresh, strict=True):
-        assert a.energy == b.energy == c.energy and list(a.forces) == list(b.forces) == list(c.forces)
+        assert a.energy == b.energy == c.energy
+        assert np.array_equal(a.forces, b.forces) and np.array_equal(b.forces, c.forces)
     assert per_label < 0.1  # loading the potential again for each label took ~0.7 s (measured)

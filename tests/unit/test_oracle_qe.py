@@ -21,10 +21,10 @@ from ase.build import bulk
 from ase.units import GPa, Rydberg
 
 from pyacemaker.config import QeOracleConfig
+from pyacemaker.labels import LabelStatus
 from pyacemaker.services.oracle.backends.base import monkhorst_pack_grid
 from pyacemaker.services.oracle.backends.qe import CONV_THR_RY_PER_ATOM, QeBackend
 from pyacemaker.services.oracle.deployment import QeProfile
-from pyacemaker.v1 import common_pb2
 
 PSEUDO_DIR = Path("/usr/share/espresso/pseudo")
 SI_PSEUDO = "Si.pz-vbc.UPF"
@@ -43,8 +43,7 @@ GPA_PER_KBAR = 0.1
 ECUTWFC_RY = 12.0
 KPOINT_SPACING = 1.5  # Å⁻¹, gives 2×2×2 here
 
-OK = common_pb2.LABEL_STATUS_OK
-FAILED = common_pb2.LABEL_STATUS_FAILED
+OK, FAILED = LabelStatus.OK, LabelStatus.FAILED
 
 
 def config(**options: object) -> QeOracleConfig:
@@ -161,12 +160,12 @@ def test_energy_forces_and_stress_equal_a_direct_pw_run_in_ev_units(tmp_path: Pa
     backend_stress = np.array(labels.stress)
     print(
         f"qe Si: energy backend - direct = {labels.energy - energy:.2e} eV; "
-        f"max force diff = {np.abs(np.reshape(labels.forces, (-1, 3)) - forces).max():.2e} eV/Å; "
+        f"max force diff = {np.abs(labels.forces - forces).max():.2e} eV/Å; "
         f"max stress diff = {np.abs(backend_stress - stress).max():.2e} eV/Å³ (Ry/bohr³ column), "
         f"{np.abs(backend_stress - stress_from_kbar).max():.2e} eV/Å³ (kbar column)"
     )
     assert labels.energy == pytest.approx(energy, abs=1e-5)
-    np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), forces, atol=1e-4)
+    np.testing.assert_allclose(labels.forces, forces, atol=1e-4)
     assert np.abs(forces).max() > 0.5
     np.testing.assert_allclose(backend_stress, stress, atol=1e-6)
     # The kbar column has two decimals: 0.005 kbar is 3.1e-6 eV/Å³.

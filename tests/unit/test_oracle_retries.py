@@ -8,16 +8,15 @@ import pytest
 from ase import Atoms
 
 from pyacemaker.config import LjOracleConfig, XtbOracleConfig
+from pyacemaker.labels import LabelStatus
 from pyacemaker.services.oracle.backends import BACKENDS
 from pyacemaker.services.oracle.backends.lj import LennardJonesBackend
 from pyacemaker.services.oracle.backends.xtb import XtbBackend
-from pyacemaker.v1 import common_pb2
 from tests.conftest import sn2_seeds
 
 pytest.importorskip("tblite.ase", reason="tblite is not installed (pyacemaker[oracle])")
 
-OK = common_pb2.LABEL_STATUS_OK
-FAILED = common_pb2.LABEL_STATUS_FAILED
+OK, FAILED = LabelStatus.OK, LabelStatus.FAILED
 
 
 def sn2_complex() -> Atoms:
@@ -58,7 +57,7 @@ def test_running_out_of_retries_lists_every_attempt() -> None:
     assert "attempt 1: " in labels.reason and "not converged in 1 cycles" in labels.reason
     assert "attempt 2: " in labels.reason and "not converged in 2 cycles" in labels.reason
     assert labels.level_of_theory == "xtb:GFN2-xTB"
-    assert not labels.HasField("energy") and not labels.forces
+    assert labels.energy is None and labels.forces is None
 
 
 def test_without_retries_the_single_failure_is_the_reason() -> None:

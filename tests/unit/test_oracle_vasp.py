@@ -18,9 +18,9 @@ from ase import Atoms
 from ase.io import read
 
 from pyacemaker.config import VaspOracleConfig
+from pyacemaker.labels import LabelStatus
 from pyacemaker.services.oracle.backends.vasp import VaspBackend, read_vasprun
 from pyacemaker.services.oracle.deployment import VaspProfile
-from pyacemaker.v1 import common_pb2
 from tests.vasp_recorded import (
     KPOINT_SPACING,
     RECORDED,
@@ -34,8 +34,7 @@ from tests.vasp_recorded import (
 GPA_PER_EV_A3 = 160.21766208
 GPA_PER_KBAR = 0.1
 
-OK = common_pb2.LABEL_STATUS_OK
-FAILED = common_pb2.LABEL_STATUS_FAILED
+OK, FAILED = LabelStatus.OK, LabelStatus.FAILED
 
 
 @pytest.fixture
@@ -117,7 +116,7 @@ def test_the_whole_path_with_a_stand_in_that_copies_the_recorded_output(
     assert (labels.status, labels.attempts) == (OK, 1), labels.reason
     values = recorded_values(RECORDED.read_text())
     assert labels.energy == pytest.approx(values["free_energy"], abs=1e-9)
-    np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), values["forces"], atol=1e-9)
+    np.testing.assert_allclose(labels.forces, values["forces"], atol=1e-9)
     np.testing.assert_allclose(labels.stress, ase_stress_from_kbar(values["stress_kbar"]), rtol=1e-8, atol=1e-12)
     assert labels.level_of_theory == "vasp:PBE;encut=300.0eV,dk=1.1/A;ISMEAR=0,PREC=Accurate,SIGMA=0.05"
     assert [int(n) for n in Path("KPOINTS").read_text().splitlines()[3].split()] == [2, 2, 2]
@@ -164,7 +163,7 @@ def test_results_come_back_in_the_input_atom_order(tmp_path: Path, potcar_dir: P
     atoms.rattle(0.02, seed=5)
     labels = vasp_backend(potcar_dir, f"{sys.executable} {script} {RECORDED}").label(atoms)
     assert labels.status == OK, labels.reason
-    np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), 0.1 * atoms.positions, atol=1e-8)
+    np.testing.assert_allclose(labels.forces, 0.1 * atoms.positions, atol=1e-8)
 
 
 def test_an_unconverged_run_fails_and_a_retry_with_escalated_tags_heals_it(

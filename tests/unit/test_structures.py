@@ -8,14 +8,13 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from pyacemaker.labels import labels_from_proto
 from pyacemaker.structures import (
     StructureFileError,
     atoms_to_structure,
     attach_labels,
     content_id,
     default_spin_multiplicity,
-    labels_from_atoms,
+    labels_of_atoms,
     read_structures,
     structure_to_atoms,
     write_extxyz,
@@ -87,10 +86,10 @@ def test_labels_round_trip_in_ev_units():
     forces = np.array([[0.1, -0.2, 0.3]])
     stress = np.array([0.01, 0.02, 0.03, 0.004, 0.005, 0.006])
     atoms.calc = SinglePointCalculator(atoms, energy=-3.5, forces=forces, stress=stress)
-    labels = labels_from_atoms(atoms, "test:level")
-    assert labels.status == common_pb2.LABEL_STATUS_OK and labels.energy == -3.5
+    labels = labels_of_atoms(atoms, "test:level")
+    assert labels.ok and labels.energy == -3.5
     bare = atoms.copy()
-    attach_labels(bare, labels_from_proto(common_pb2.Labels.FromString(labels.SerializeToString()), len(bare)))
+    attach_labels(bare, labels)
     assert bare.get_potential_energy() == -3.5
     np.testing.assert_array_equal(bare.get_forces(), forces)
     np.testing.assert_array_equal(bare.get_stress(), stress)

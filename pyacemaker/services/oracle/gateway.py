@@ -10,6 +10,9 @@ label saying why. Jobs keep running when a client disconnects: the next stream t
 
 Requests are read on a thread of their own, so a long stream's later batches are submitted while earlier
 ones compute.
+
+Labels stay wire messages here: the gateway only relays them, from the task's result file into the job table and
+the response, all of which hold the message; the FAILED labels it makes itself are converted where made.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ from typing import Any
 from pyacemaker.config import ExecutorConfig, LocalExecutorConfig
 from pyacemaker.executors import create_executor, default_executor_config
 from pyacemaker.executors.base import Batch, Executor, SubmissionError, TaskEnd
+from pyacemaker.labels import Labels, labels_to_proto
 from pyacemaker.rpc import WrongStateError
 from pyacemaker.services.oracle.backends import OracleBackend
 from pyacemaker.services.oracle.deployment import OracleDeployment
 from pyacemaker.services.oracle.jobs import JobTable, TaskKey, TaskRecord, TaskState
 from pyacemaker.services.oracle.task import read_result, write_task
 from pyacemaker.structure_checks import check_structure
-from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
+from pyacemaker.structures import content_id, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2
 
 log = logging.getLogger(__name__)
@@ -204,7 +208,7 @@ class _Stream:
         for key in self.watches.keys() - records.keys():
             # Its row is gone: the stream that was submitting it had the submission refused (and said why).
             watch = self.watches.pop(key)
-            labels = failed_labels("its submission was refused by the scheduler (see the oracle log)", self.level)
+            labels = self._failed("its submission was refused by the scheduler (see the oracle log)")
             for index, reported_id in watch.entries:
                 yield oracle_pb2.LabelResponse(
                     results=[oracle_pb2.LabelResult(index=index, content_id=reported_id, labels=labels)]
@@ -256,6 +260,9 @@ class _Stream:
         stored = self.jobs.get(record.key)
         return stored if stored is not None else record
 
+    def _failed(self, reason: str, attempts: int = 0) -> common_pb2.Labels:
+        return labels_to_proto(Labels.failed(reason, self.level, attempts=attempts))  # relayed as the message
+
     # -- lost and orphaned tasks ------------------------------------------------------------------------------
 
     def _check_scheduler(self, pending: Mapping[TaskKey, TaskRecord]) -> None:
@@ -301,9 +308,8 @@ class _Stream:
         else:
             log.warning("%s without a result: resubmitting (%s)", end.reason, record.task_dir)
             return False
-        labels = failed_labels(reason, self.level)
-        labels.attempts = 1  # this submission's; `_finish` adds the earlier submissions
-        self._finish(record, labels)
+        # attempts: this submission's; `_finish` adds the earlier submissions.
+        self._finish(record, self._failed(reason, attempts=1))
         return True
 
     def _adopt_orphan(self, record: TaskRecord) -> list[TaskRecord]:
@@ -351,7 +357,7 @@ class _Stream:
                     atoms = structure_to_atoms(message)
                     check_structure(atoms, self.backend.structure_limits())
                 except ValueError as exc:
-                    labels = failed_labels(f"invalid structure: {exc}", self.level)
+                    labels = self._failed(f"invalid structure: {exc}")
                     self.events.put(
                         ("result", oracle_pb2.LabelResult(index=index, content_id=message.content_id, labels=labels))
                     )
@@ -393,7 +399,7 @@ class _Stream:
             for key in keys:  # tasks that ran before and were moved here for resubmission
                 record = self.jobs.get(key)
                 if record is not None and record.batch == name:
-                    self._finish(record, failed_labels(f"resubmission refused: {exc}", self.level))
+                    self._finish(record, self._failed(f"resubmission refused: {exc}"))
             raise WrongStateError(f"{self.executor.scheduler} refused the calculations: {exc}") from None
         self.own_jobs.add(job_id)
         self.jobs.record_submission(name, job_id)

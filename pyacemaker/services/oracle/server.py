@@ -15,13 +15,14 @@ import grpc
 from google.protobuf import json_format
 
 from pyacemaker.artifacts import ArtifactStore
+from pyacemaker.labels import Labels, labels_to_proto
 from pyacemaker.rpc import InvalidInputError, abort, status_on_error
 from pyacemaker.services.oracle.backends import OracleBackend, backend_infos, create_backend
 from pyacemaker.services.oracle.deployment import OracleDeployment
 from pyacemaker.services.oracle.gateway import LabelGateway, executor_config_of
 from pyacemaker.services.oracle.workers import WorkerPool
 from pyacemaker.structure_checks import check_structure
-from pyacemaker.structures import content_id, failed_labels, structure_to_atoms
+from pyacemaker.structures import content_id, structure_to_atoms
 from pyacemaker.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -259,8 +260,8 @@ def _label_batch(
         valid.append(atoms)
     labels = labeller.label_batch(valid)
     for index, cid, reason in entries:
-        result = failed_labels(reason, backend.level_of_theory) if reason is not None else next(labels)
-        yield oracle_pb2.LabelResult(index=index, content_id=cid, labels=result)
+        result = Labels.failed(reason, backend.level_of_theory) if reason is not None else next(labels)
+        yield oracle_pb2.LabelResult(index=index, content_id=cid, labels=labels_to_proto(result))  # the response
 
 
 def add_to_server(

@@ -28,8 +28,9 @@ from typing import Any
 from google.protobuf import json_format
 
 from pyacemaker.executors.base import PID_FILE
+from pyacemaker.labels import Labels, labels_to_proto
 from pyacemaker.services.oracle.deployment import OracleDeployment
-from pyacemaker.structures import failed_labels, structure_to_atoms
+from pyacemaker.structures import structure_to_atoms
 from pyacemaker.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def write_task(
 
 def read_result(task_dir: Path) -> common_pb2.Labels | None:
     """The task's labels, or None while it has none (running, or killed before it could write them). A
-    result file that is not valid Labels (written by something else) is a FAILED label saying so."""
+    result file that is not valid Labels (written by something else) is a FAILED label saying so. The stored
+    message, not a Labels value: the gateway only relays it, into the job table and the response."""
     try:
         text = (task_dir / RESULT_FILE).read_text()
     except FileNotFoundError:
@@ -71,7 +73,7 @@ def read_result(task_dir: Path) -> common_pb2.Labels | None:
     try:
         return json_format.Parse(text, common_pb2.Labels())
     except json_format.ParseError as exc:
-        return failed_labels(f"unreadable {task_dir / RESULT_FILE}: {exc}", "")
+        return labels_to_proto(Labels.failed(f"unreadable {task_dir / RESULT_FILE}: {exc}"))
 
 
 def write_result(task_dir: Path, labels: common_pb2.Labels) -> None:
@@ -85,7 +87,7 @@ def _write_atomically(path: Path, text: str) -> None:
     staging.replace(path)
 
 
-def run_task(task_dir: Path) -> common_pb2.Labels:
+def run_task(task_dir: Path) -> Labels:
     """Run the task's calculation (in the current directory) and return its labels; never raises for a
     failed calculation or a task the backend cannot run, which become FAILED labels saying why."""
     from pyacemaker.services.oracle.backends import create_backend
@@ -102,10 +104,8 @@ def run_task(task_dir: Path) -> common_pb2.Labels:
         return backend.label_with_retries(atoms, int(spec["max_retries"]))
     except Exception as exc:  # a worker that cannot even start the calculation still reports why
         log.exception("task %s failed outside the calculation", task_dir)
-        labels = failed_labels(f"task worker: {type(exc).__name__}: {exc}", level)
-        labels.wall_time_s = time.perf_counter() - start
-        labels.attempts = 1
-        return labels
+        reason = f"task worker: {type(exc).__name__}: {exc}"
+        return Labels.failed(reason, level, wall_time_s=time.perf_counter() - start, attempts=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(task_dir)
     (task_dir / PID_FILE).write_text(str(os.getpid()))
     labels = run_task(task_dir)
-    write_result(task_dir, labels)
-    status = "ok" if labels.status == common_pb2.LABEL_STATUS_OK else f"FAILED: {labels.reason}"
+    write_result(task_dir, labels_to_proto(labels))  # the result file holds the message
+    status = "ok" if labels.ok else f"FAILED: {labels.reason}"
     log.info("task %s: %s after %d attempt(s), %.1f s", task_dir.name, status, labels.attempts, labels.wall_time_s)
     (task_dir / PID_FILE).unlink(missing_ok=True)
     return 0

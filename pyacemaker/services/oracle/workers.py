@@ -28,13 +28,14 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from ase import Atoms
 
+from pyacemaker.labels import Labels, labels_from_proto, labels_to_proto
 from pyacemaker.services.oracle.backends.base import OracleBackend
-from pyacemaker.structures import atoms_to_structure, failed_labels, structure_to_atoms
+from pyacemaker.structures import atoms_to_structure, structure_to_atoms
 from pyacemaker.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,10 @@ def _close_all(workers: list[_Worker]) -> None:
         worker.close()
 
 
+def _queued_bytes(requests: Iterable[tuple[bytes, int]]) -> int:
+    return sum(len(payload) for payload, _ in requests)
+
+
 class WorkerPool:
     """Labels structures for one backend configuration in up to `max_workers` worker subprocesses; the
     `label_batch` of the backend it stands for, with crashes turned into FAILED labels."""
@@ -188,13 +193,14 @@ class WorkerPool:
         with self._available:
             return [worker.process.pid for worker in self._all]
 
-    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
+    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[Labels]:
         """Labels in order. Requests are pipelined (a few queued in the worker's stdin, never more than
         PIPELINE_BYTES, so neither pipe can fill up and block both sides), which hides the round trip. When the
         worker dies, the oldest unanswered structure is the one it was labelling: it gets the FAILED label and
         the structures queued behind it go to a fresh worker."""
-        waiting = deque(atoms_to_structure(atoms).SerializeToString() for atoms in frames)
-        in_flight: deque[bytes] = deque()
+        # (serialized Structure, its number of atoms): the count turns the flat answer back into (N, 3) forces.
+        waiting = deque((atoms_to_structure(atoms).SerializeToString(), len(atoms)) for atoms in frames)
+        in_flight: deque[tuple[bytes, int]] = deque()
         idle_deaths = 0
         worker = self._acquire()
         try:
@@ -202,9 +208,9 @@ class WorkerPool:
                 while (
                     waiting
                     and len(in_flight) < PIPELINE_DEPTH
-                    and (not in_flight or sum(map(len, in_flight)) + len(waiting[0]) <= PIPELINE_BYTES)
+                    and (not in_flight or _queued_bytes(in_flight) + len(waiting[0][0]) <= PIPELINE_BYTES)
                 ):
-                    if not worker.send(waiting[0]) and not in_flight and idle_deaths < MAX_IDLE_DEATHS:
+                    if not worker.send(waiting[0][0]) and not in_flight and idle_deaths < MAX_IDLE_DEATHS:
                         idle_deaths += 1  # died while idle: nothing of ours was in it
                         worker = self._replace(worker)
                         continue
@@ -219,26 +225,23 @@ class WorkerPool:
                     worker = self._replace(worker)
                     yield self._crash_labels(str(exc), time.perf_counter() - start)
                     continue
-                in_flight.popleft()
+                _, n_atoms = in_flight.popleft()
                 idle_deaths = 0
-                yield common_pb2.Labels.FromString(answer)
+                yield labels_from_proto(common_pb2.Labels.FromString(answer), n_atoms)  # the pipe carries the message
         finally:
             if in_flight:  # the consumer stopped early: answers are still due, so this worker cannot be reused
                 self._discard(worker)
             else:
                 self._release(worker)
 
-    def label(self, atoms: Atoms) -> common_pb2.Labels:
+    def label(self, atoms: Atoms) -> Labels:
         (labels,) = self.label_batch([atoms])
         return labels
 
-    def _crash_labels(self, how: str, seconds: float) -> common_pb2.Labels:
+    def _crash_labels(self, how: str, seconds: float) -> Labels:
         reason = f"the {self.backend.name} worker process {how} while labelling this structure"
         log.warning("%s; a new worker takes the next structure", reason)
-        labels = failed_labels(reason, self.backend.level_of_theory)
-        labels.attempts = 1
-        labels.wall_time_s = seconds
-        return labels
+        return Labels.failed(reason, self.backend.level_of_theory, wall_time_s=seconds, attempts=1)
 
     def _replace(self, worker: _Worker) -> _Worker:
         self._discard(worker)
@@ -300,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             labels = backend.label(structure_to_atoms(common_pb2.Structure.FromString(payload)))
         except Exception as exc:  # label() reports calculation failures itself; this is anything else
-            labels = failed_labels(f"{type(exc).__name__}: {exc}", backend.level_of_theory)
-        _send(answers, labels.SerializeToString())
+            labels = Labels.failed(f"{type(exc).__name__}: {exc}", backend.level_of_theory)
+        _send(answers, labels_to_proto(labels).SerializeToString())  # the pipe carries the message
     return 0
 
 

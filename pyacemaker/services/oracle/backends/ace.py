@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,12 +33,14 @@ from ase.calculators.calculator import Calculator
 from pyacemaker.ace_reference_energies import potential_e0s
 from pyacemaker.artifacts import sha256_of_file
 from pyacemaker.config import AceOracleConfig
+from pyacemaker.labels import Labels
 from pyacemaker.services.oracle.backends.base import OracleBackend
-from pyacemaker.structures import failed_labels
-from pyacemaker.v1 import common_pb2
 
 # Structures whose projections are graded together: bounds the projections held at once (atoms × functions).
 GRADE_BATCH_ATOMS = 20_000
+
+# The element symbols of a structure's atoms and their projections (pyace's, one row per atom), awaiting γ.
+_Projections = tuple[list[str], list[np.ndarray]]
 
 
 class AceBackend(OracleBackend):
@@ -91,21 +94,21 @@ class AceBackend(OracleBackend):
         # The recursive evaluator is pyace's fast one.
         return PyACECalculator(str(self.config.potential), recursive_evaluator=True, recursive=True)
 
-    def annotate(self, atoms: Atoms, labels: common_pb2.Labels) -> None:
-        if self._yaml_e0s and labels.HasField("energy"):
-            labels.energy += sum(self._yaml_e0s.get(int(z), 0.0) for z in atoms.numbers)
+    def annotate(self, atoms: Atoms, labels: Labels) -> Labels:
+        if self._yaml_e0s and labels.energy is not None:
+            labels = replace(labels, energy=labels.energy + sum(self._yaml_e0s.get(int(z), 0.0) for z in atoms.numbers))
         if not self._inverse_active_set:
-            return
+            return labels
         assert atoms.calc is not None
         projections = [np.asarray(row, dtype=np.float64) for row in atoms.calc.projections]  # type: ignore[attr-defined]
-        entry = (labels, atoms.get_chemical_symbols(), projections)
-        pending = getattr(self._local, "pending", None)
+        entry = (atoms.get_chemical_symbols(), projections)
+        pending: list[_Projections] | None = getattr(self._local, "pending", None)
         if pending is None:
-            self._grade([entry])
-        else:
-            pending.append(entry)
+            return self._graded(labels, self._grades([entry])[0])
+        pending.append(entry)  # graded with the rest of its batch, in `label_batch`
+        return labels
 
-    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
+    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[Labels]:
         """With an active set, the labels of up to GRADE_BATCH_ATOMS atoms at a time, graded together."""
         if not self._inverse_active_set:
             yield from super().label_batch(frames)
@@ -119,16 +122,19 @@ class AceBackend(OracleBackend):
             self._local.pending = []
             try:
                 batch = [self.label(atoms) for atoms in frames[start:stop]]
-                self._grade(self._local.pending)
+                grades = iter(self._grades(self._local.pending))
             finally:
                 self._local.pending = None
-            yield from batch
+            # The OK labels are exactly those that reached `annotate`, in order: a failed calculation never does.
+            for labels in batch:
+                yield self._graded(labels, next(grades)) if labels.ok else labels
             start = stop
 
-    def _grade(self, pending: list[tuple[common_pb2.Labels, list[str], list[np.ndarray]]]) -> None:
-        """γ of every atom of the pending structures: one matrix product per element over all of them."""
+    def _grades(self, pending: Sequence[_Projections]) -> list[np.ndarray | None]:
+        """γ of every atom of each pending structure, one matrix product per element over all of them; None for
+        every structure when the active set does not belong to the potential."""
         rows: dict[str, list[np.ndarray]] = {}
-        for _, symbols, projections in pending:
+        for symbols, projections in pending:
             for symbol, row in zip(symbols, projections, strict=True):
                 rows.setdefault(symbol, []).append(row)
         grades: dict[str, Iterator[float]] = {}
@@ -136,15 +142,19 @@ class AceBackend(OracleBackend):
             inverse = self._inverse_active_set.get(symbol)
             stacked = np.vstack(element_rows)
             if inverse is None or inverse.shape[0] != stacked.shape[1]:
-                reason = f"{self.config.active_set}: the active set does not belong to this potential"
-                for labels, _, _ in pending:
-                    labels.CopyFrom(failed_labels(reason, self.level_of_theory))
-                return
+                return [None] * len(pending)
             grades[symbol] = iter(np.abs(stacked @ inverse).max(axis=1).tolist())
-        for labels, symbols, _ in pending:
-            per_atom = [next(grades[symbol]) for symbol in symbols]
-            labels.uncertainty.extrapolation_grade.extend(per_atom)
-            labels.uncertainty.max_extrapolation_grade = max(per_atom, default=0.0)
+        return [np.array([next(grades[symbol]) for symbol in symbols]) for symbols, _ in pending]
+
+    def _graded(self, labels: Labels, grades: np.ndarray | None) -> Labels:
+        """The labels with their atoms' γ, or FAILED when there is none (`grades` None: see `_grades`)."""
+        if grades is None:
+            reason = f"{self.config.active_set}: the active set does not belong to this potential"
+            return Labels.failed(reason, self.level_of_theory, labels.wall_time_s, labels.attempts)
+        uncertainty = replace(
+            labels.uncertainty, extrapolation_grade=grades, max_extrapolation_grade=float(grades.max(initial=0.0))
+        )
+        return replace(labels, uncertainty=uncertainty)
 
 
 def _inverse_active_set(path: Path) -> dict[str, np.ndarray]:

@@ -21,15 +21,16 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import ClassVar
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import BaseCalculator, CalculatorError
 
+from pyacemaker.labels import Labels
 from pyacemaker.structure_checks import StructureLimits
-from pyacemaker.structures import failed_labels, labels_from_atoms
-from pyacemaker.v1 import common_pb2
+from pyacemaker.structures import labels_of_atoms
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,12 @@ class OracleBackend(ABC):
 
         May raise for a structure the backend cannot treat; `label` reports that as a FAILED label."""
 
-    def label(self, atoms: Atoms, attempt: int = 0) -> common_pb2.Labels:
+    def label(self, atoms: Atoms, attempt: int = 0) -> Labels:
         """Energy, forces and, for periodic structures, stress of one structure from one attempt; never raises
         for a failed calculation but returns a FAILED label whose reason says what went wrong."""
         return self._attempt(atoms, attempt)[0]
 
-    def label_with_retries(self, atoms: Atoms, max_retries: int) -> common_pb2.Labels:
+    def label_with_retries(self, atoms: Atoms, max_retries: int) -> Labels:
         """`label` at attempts 0, 1, ..., max_retries until one succeeds. `attempts` says how many ran and
         `wall_time_s` covers them all; when none succeeds the reason lists every attempt's failure."""
         if max_retries < 0:
@@ -97,20 +98,17 @@ class OracleBackend(ABC):
         failures: list[str] = []
         for attempt in range(max_retries + 1):
             labels, retryable = self._attempt(atoms, attempt)
-            if labels.status == common_pb2.LABEL_STATUS_OK:
+            if labels.ok:
                 break
             failures.append(labels.reason)
             if not retryable:
                 break
-        succeeded = labels.status == common_pb2.LABEL_STATUS_OK
-        if not succeeded and len(failures) > 1:
+        if not labels.ok and len(failures) > 1:
             listed = "; ".join(f"attempt {n}: {_shortened(reason)}" for n, reason in enumerate(failures, start=1))
-            labels = failed_labels(f"failed in all {len(failures)} attempts: {listed}", self.level_of_theory)
-        labels.attempts = len(failures) + int(succeeded)
-        labels.wall_time_s = time.perf_counter() - start
-        return labels
+            labels = Labels.failed(f"failed in all {len(failures)} attempts: {listed}", self.level_of_theory)
+        return replace(labels, attempts=len(failures) + int(labels.ok), wall_time_s=time.perf_counter() - start)
 
-    def _attempt(self, atoms: Atoms, attempt: int) -> tuple[common_pb2.Labels, bool]:
+    def _attempt(self, atoms: Atoms, attempt: int) -> tuple[Labels, bool]:
         """One attempt's labels, and whether a failure might heal with escalated settings."""
         start = time.perf_counter()
         try:
@@ -119,24 +117,21 @@ class OracleBackend(ABC):
             for name in self._properties_for(work):
                 work.calc.get_property(name, work)
             _check_finite(work.calc.results)
-            labels = labels_from_atoms(work, self.level_of_theory, wall_time_s=time.perf_counter() - start)
-            self.annotate(work, labels)
-            labels.attempts = 1
-            return labels, False
+            labels = self.annotate(work, labels_of_atoms(work, self.level_of_theory))
+            return replace(labels, wall_time_s=time.perf_counter() - start, attempts=1), False
         except Exception as exc:  # every failure of one structure becomes its label, see the module docstring
             if not isinstance(exc, CalculatorError | ValueError | RuntimeError | ArithmeticError | OSError):
                 log.warning("%s backend raised an unexpected %s", self.name, type(exc).__name__, exc_info=True)
-            labels = failed_labels(f"{type(exc).__name__}: {exc}", self.level_of_theory)
-            labels.attempts = 1
-            labels.wall_time_s = time.perf_counter() - start
-            return labels, not isinstance(exc, UnlabellableStructureError)
+            reason = f"{type(exc).__name__}: {exc}"
+            failed = Labels.failed(reason, self.level_of_theory, wall_time_s=time.perf_counter() - start, attempts=1)
+            return failed, not isinstance(exc, UnlabellableStructureError)
 
-    def annotate(self, atoms: Atoms, labels: common_pb2.Labels) -> None:
-        """Complete the labels of `atoms` (its calculator holds the results) with what this backend computes
-        beyond energy, forces and stress; nothing by default."""
-        return None
+    def annotate(self, atoms: Atoms, labels: Labels) -> Labels:
+        """The labels of `atoms` (its calculator holds the results) completed with what this backend computes
+        beyond energy, forces and stress; unchanged by default."""
+        return labels
 
-    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
+    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[Labels]:
         """Labels for several structures, in order, each yielded as soon as it is ready. Backends that gain
         from batching (a neural network on a batch) override this."""
         for atoms in frames:

@@ -13,9 +13,9 @@ from ase import Atoms
 from ase.calculators.lj import LennardJones
 
 from pyacemaker.config import LjOracleConfig
+from pyacemaker.labels import Labels
 from pyacemaker.services.oracle.backends.base import OracleBackend
 from pyacemaker.structure_checks import StructureLimits
-from pyacemaker.v1 import common_pb2
 
 
 class LennardJonesBackend(OracleBackend):
@@ -34,7 +34,7 @@ class LennardJonesBackend(OracleBackend):
         c = self.config
         return f"lj:eps={c.epsilon!r},sigma={c.sigma!r},rc={c.cutoff!r}"
 
-    def _attempt(self, atoms: Atoms, attempt: int) -> tuple[common_pb2.Labels, bool]:
+    def _attempt(self, atoms: Atoms, attempt: int) -> tuple[Labels, bool]:
         # Coinciding atoms make ASE's LJ divide by zero; the finiteness check of `OracleBackend.label` turns
         # the resulting NaN into a FAILED label, so numpy's warnings would only be noise.
         with np.errstate(divide="ignore", invalid="ignore"):

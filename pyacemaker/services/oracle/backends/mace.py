@@ -45,13 +45,13 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from pyacemaker.config import MaceOracleConfig
+from pyacemaker.labels import Labels, LabelStatus, Uncertainty
 from pyacemaker.rpc import InvalidInputError
 from pyacemaker.services.oracle.backends.base import OracleBackend
 from pyacemaker.structure_checks import StructureLimits, element_names
-from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, bounded_batches, failed_labels
+from pyacemaker.structures import CHARGE_KEY, SPIN_KEY, bounded_batches
 from pyacemaker.teacher.resolve import TeacherNotFoundError, resolve_teacher
 from pyacemaker.torch_device import resolve_device
-from pyacemaker.v1 import common_pb2
 
 if TYPE_CHECKING:
     import torch
@@ -269,29 +269,32 @@ def _default_head(heads: Sequence[str]) -> str:
     raise InvalidInputError(f"the model has heads {list(heads)} and none is 'default'; choose a single-head model")
 
 
-def committee_labels(output: CommitteeOutput, level_of_theory: str, wall_time_s: float) -> common_pb2.Labels:
+def committee_labels(output: CommitteeOutput, level_of_theory: str, wall_time_s: float) -> Labels:
     """Committee mean and spread as Labels (population variance over the models, as MACECalculator)."""
+    energy = float(output.energies.mean())
     forces = output.forces.mean(axis=0)
+    stress = None
+    if output.stress is not None:
+        s = output.stress.mean(axis=0)
+        stress = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+    if not (np.isfinite(energy) and np.all(np.isfinite(forces)) and (stress is None or np.all(np.isfinite(stress)))):
+        reason = "ArithmeticError: the model returned a non-finite energy, force or stress"
+        return Labels.failed(reason, level_of_theory)
     force_std = np.sqrt(output.forces.var(axis=0).sum(axis=1))
-    labels = common_pb2.Labels(
-        status=common_pb2.LABEL_STATUS_OK,
+    return Labels(
+        LabelStatus.OK,
+        energy=energy,
+        forces=forces,
+        stress=stress,
+        uncertainty=Uncertainty(
+            energy_std=float(np.sqrt(output.energies.var())),
+            force_std=force_std,
+            max_force_std=float(force_std.max(initial=0.0)),
+        ),
         level_of_theory=level_of_theory,
-        energy=float(output.energies.mean()),
-        forces=forces.ravel().tolist(),
         wall_time_s=wall_time_s,
         attempts=1,
     )
-    if output.stress is not None:
-        s = output.stress.mean(axis=0)
-        labels.stress.extend([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
-    labels.uncertainty.energy_std = float(np.sqrt(output.energies.var()))
-    labels.uncertainty.force_std.extend(force_std.tolist())
-    labels.uncertainty.max_force_std = float(force_std.max(initial=0.0))
-    if not (np.isfinite(labels.energy) and np.all(np.isfinite(forces)) and np.all(np.isfinite(labels.stress))):
-        return failed_labels(
-            "ArithmeticError: the model returned a non-finite energy, force or stress", level_of_theory
-        )
-    return labels
 
 
 def _chunks(frames: Sequence[Atoms], size: int) -> Iterator[list[Atoms]]:
@@ -361,10 +364,10 @@ class MaceBackend(OracleBackend):
 
         return MACECalculator(models=self.committee.models, device=self.device, default_dtype=self.config.default_dtype)
 
-    def label(self, atoms: Atoms, attempt: int = 0) -> common_pb2.Labels:
+    def label(self, atoms: Atoms, attempt: int = 0) -> Labels:
         return next(self.label_batch([atoms]))
 
-    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[common_pb2.Labels]:
+    def label_batch(self, frames: Sequence[Atoms]) -> Iterator[Labels]:
         """Labels in order, one graph batch of `batch_size` structures at a time; a structure the model cannot
         treat (an unknown element, no atoms) gets a FAILED label and the rest of its batch goes on."""
         for chunk in _chunks(frames, self.config.batch_size):
@@ -372,7 +375,7 @@ class MaceBackend(OracleBackend):
             valid = [atoms for atoms, reason in zip(chunk, reasons, strict=True) if reason is None]
             results = iter(self._evaluate(valid))
             for reason in reasons:
-                yield failed_labels(reason, self.level_of_theory) if reason is not None else next(results)
+                yield Labels.failed(reason, self.level_of_theory) if reason is not None else next(results)
 
     def _unlabellable_reason(self, atoms: Atoms) -> str | None:
         if len(atoms) == 0:
@@ -385,7 +388,7 @@ class MaceBackend(OracleBackend):
             )
         return None
 
-    def _evaluate(self, frames: list[Atoms]) -> list[common_pb2.Labels]:
+    def _evaluate(self, frames: list[Atoms]) -> list[Labels]:
         if not frames:
             return []
         start = time.perf_counter()
@@ -393,7 +396,7 @@ class MaceBackend(OracleBackend):
             outputs = self.committee.evaluate(frames)
         except (RuntimeError, ValueError, IndexError) as exc:
             if len(frames) == 1:
-                return [failed_labels(f"{type(exc).__name__}: {exc}", self.level_of_theory)]
+                return [Labels.failed(f"{type(exc).__name__}: {exc}", self.level_of_theory)]
             # Find the structure that breaks the batch; the others still get labels.
             return [label for atoms in frames for label in self._evaluate([atoms])]
         wall_time_s = (time.perf_counter() - start) / len(frames)
