@@ -99,3 +99,23 @@ def test_shapes_are_checked_when_built() -> None:
         Labels(LabelStatus.OK, forces=np.zeros(6))
     with pytest.raises(ValueError, match="stress must have shape"):
         Labels(LabelStatus.OK, stress=np.zeros((3, 3)))
+
+
+def test_a_one_model_committee_serializes_as_the_mace_backend_built_it_before() -> None:
+    """Zero spreads (one model): the uncertainty sub-message is still sent, holding the per-atom zeros, exactly
+    as when the mace backend filled the message itself (the stored bytes must not change)."""
+    labels = Labels(
+        LabelStatus.OK,
+        energy=-1.0,
+        forces=np.ones((2, 3)),
+        uncertainty=Uncertainty(energy_std=0.0, force_std=np.zeros(2), max_force_std=0.0),
+        level_of_theory="mace:one",
+        attempts=1,
+    )
+    before = common_pb2.Labels(
+        status=common_pb2.LABEL_STATUS_OK, level_of_theory="mace:one", energy=-1.0, forces=[1.0] * 6, attempts=1
+    )
+    before.uncertainty.energy_std = 0.0
+    before.uncertainty.force_std.extend([0.0, 0.0])
+    before.uncertainty.max_force_std = 0.0
+    assert labels_to_proto(labels).SerializeToString() == before.SerializeToString()

@@ -3,6 +3,7 @@ retries and batches: tests/unit/test_oracle_conformance.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -11,7 +12,9 @@ from ase import Atoms
 from ase.build import bulk
 
 from pyacemaker.config import LjOracleConfig
+from pyacemaker.labels import labels_to_proto
 from pyacemaker.services.oracle.backends.lj import LennardJonesBackend
+from pyacemaker.v1 import common_pb2
 
 CONFIG = LjOracleConfig(backend="lj", epsilon=0.0104, sigma=3.40, cutoff=7.0)
 
@@ -90,3 +93,34 @@ def test_periodic_cell_matches_numpy_reference_including_stress() -> None:
     assert labels.stress is not None
     np.testing.assert_allclose(labels.stress, stress, rtol=1e-9, atol=1e-12)
     assert np.abs(stress).max() > 1e-5, "a strained, rattled cell must have a stress worth testing"
+
+
+def test_labels_leave_the_process_as_the_bytes_the_backend_sent_before_the_value_type() -> None:
+    """The job table, the task files and the clients' ledger hold these bytes: the message each label would have
+    been when backends built it directly (energy, forces, stress only when periodic; a FAILED label with its
+    reason alone) must come out of labels_to_proto byte for byte. Wall time is zeroed: it differs run to run."""
+    from ase.calculators.lj import LennardJones
+
+    backend = LennardJonesBackend(CONFIG)
+    for atoms in (argon_cluster(), argon_crystal()):
+        sent = labels_to_proto(dataclasses.replace(backend.label(atoms), wall_time_s=0.0))
+        reference = atoms.copy()
+        reference.calc = LennardJones(epsilon=CONFIG.epsilon, sigma=CONFIG.sigma, rc=CONFIG.cutoff, smooth=False)
+        before = common_pb2.Labels(
+            status=common_pb2.LABEL_STATUS_OK,
+            level_of_theory=backend.level_of_theory,
+            energy=reference.get_potential_energy(),
+            forces=reference.get_forces().ravel().tolist(),
+            attempts=1,
+        )
+        if atoms.pbc.any():
+            before.stress.extend(reference.get_stress().tolist())
+        assert sent.SerializeToString() == before.SerializeToString()
+    coinciding = argon_cluster()
+    coinciding.positions[1] = coinciding.positions[0]
+    failed = backend.label(coinciding)
+    before = common_pb2.Labels(
+        status=common_pb2.LABEL_STATUS_FAILED, reason=failed.reason, level_of_theory=backend.level_of_theory, attempts=1
+    )
+    sent = labels_to_proto(dataclasses.replace(failed, wall_time_s=0.0))
+    assert not failed.ok and sent.SerializeToString() == before.SerializeToString()
