@@ -18,6 +18,7 @@ from ase import Atoms
 from ase.build import molecule
 
 from pyacemaker.clients.oracle import backend_spec
+from pyacemaker.labels import Labels, labels_from_proto
 from pyacemaker.rpc import channel
 from pyacemaker.services.oracle.gateway import JOB_TABLE_FILE
 from pyacemaker.services.oracle.jobs import JobTable
@@ -64,11 +65,14 @@ def tblite_reference(atoms: Atoms) -> tuple[float, np.ndarray]:
     return reference.get_potential_energy(), reference.get_forces()
 
 
-def assert_labels_equal_tblite(labels: common_pb2.Labels, atoms: Atoms) -> None:
-    assert labels.status == common_pb2.LABEL_STATUS_OK, labels.reason
+def assert_labels_equal_tblite(labels: common_pb2.Labels | Labels, atoms: Atoms) -> None:
+    """`labels` as a raw Label stream sends them (the message) or as the clients hand them out (the value)."""
+    if isinstance(labels, common_pb2.Labels):
+        labels = labels_from_proto(labels, len(atoms))
+    assert labels.ok, labels.reason
     energy, forces = tblite_reference(atoms)
     assert labels.energy == pytest.approx(energy, abs=1e-6)
-    np.testing.assert_allclose(np.reshape(labels.forces, (-1, 3)), forces, atol=1e-6)
+    np.testing.assert_allclose(labels.required_forces(), forces, atol=1e-6)
 
 
 def requests(spec: oracle_pb2.BackendSpec, batches: Sequence[Sequence[Atoms]]) -> Iterator[oracle_pb2.LabelRequest]:
