@@ -2,16 +2,19 @@
 
 The wire message `pyacemaker.v1.common_pb2.Labels` carries the same content flat (forces as 3N numbers); it is
 converted here and only here, by `labels_from_proto` / `labels_to_proto`, at the boundaries: the gRPC clients,
-the servicers, and the oracle's stored results. Arrays are copies that cannot be written to, so a Labels value
-can be shared (a cache, a replica's last step) without one holder changing it under another.
+the servicers, the oracle's worker pipe and its stored results (job table, task files; the DFT ledger). Arrays
+are copies that cannot be written to, so a Labels value can be shared (a cache, a replica's last step) without
+one holder changing it under another.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from ase import Atoms
 
 from pyacemaker.v1 import common_pb2
 
@@ -107,6 +110,10 @@ class Labels:
             attempts=attempts,
         )
 
+
+# What MD and the relaxed scan call for forces: structures in, their labels out, in order (the oracle client
+# `OracleForceField`, or a backend in-process in tests).
+ForceField = Callable[[Sequence[Atoms]], list[Labels]]
 
 _STATUS_FROM_PROTO = {common_pb2.LABEL_STATUS_OK: LabelStatus.OK, common_pb2.LABEL_STATUS_FAILED: LabelStatus.FAILED}
 _STATUS_TO_PROTO = {status: value for value, status in _STATUS_FROM_PROTO.items()}

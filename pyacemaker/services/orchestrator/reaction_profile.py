@@ -16,7 +16,7 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator, CalculatorError, all_changes
 from ase.optimize import BFGS
 
-from pyacemaker.labels import Labels
+from pyacemaker.labels import ForceField
 from pyacemaker.restraints import DistanceDifferenceRestraint
 
 # eV → kcal/mol (ASE's CODATA constants: 1 eV ≈ 23.06 kcal/mol).
@@ -24,8 +24,6 @@ KCAL_PER_MOL_PER_EV = units.mol / units.kcal
 SCAN_FORCE_CONSTANT = 50.0  # eV/Å²
 SCAN_FMAX = 0.01  # eV/Å
 SCAN_MAX_STEPS = 300
-
-ForceField = Callable[[Sequence[Atoms]], list[Labels]]
 
 
 class RestrainedCalculator(Calculator):

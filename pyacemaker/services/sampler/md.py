@@ -35,11 +35,9 @@ import numpy as np
 from ase import Atoms, units
 from ase.neighborlist import neighbor_list
 
-from pyacemaker.labels import Labels
+from pyacemaker.labels import ForceField, Labels
 from pyacemaker.restraints import DistanceDifferenceRestraint
 from pyacemaker.structures import attach_labels
-
-ForceField = Callable[[Sequence[Atoms]], list[Labels]]
 
 # Upper bounds of MdParameters: a longer time step is no MD any more (hydrogen needs ≤ 1 fs, heavy atoms a few),
 # a hotter bath melts everything into plasma, more replicas than this do not fit one batched oracle call.
