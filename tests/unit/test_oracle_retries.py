@@ -88,3 +88,28 @@ def test_negative_retries_are_refused() -> None:
 def test_only_the_dft_backends_go_through_an_executor() -> None:
     through_executor = {name for name, cls in BACKENDS.items() if cls.uses_executor}
     assert through_executor == {"pyscf", "qe", "vasp"}
+
+
+def test_the_executor_and_retries_come_from_the_backend_config() -> None:
+    from pyacemaker.config import PyscfOracleConfig, RetryConfig, SlurmExecutorConfig
+    from pyacemaker.services.oracle.backends.pyscf import PyscfBackend
+    from pyacemaker.services.oracle.gateway import executor_config_of
+
+    # A cheap backend labels in the oracle's own process, with one attempt.
+    lj = LennardJonesBackend(LjOracleConfig(backend="lj"))
+    assert executor_config_of(lj) is None
+    assert (lj.retry_config().max_retries, lj.retry_config().resubmit_lost_tasks) == (0, 1)
+    # xtb runs as tasks only when its options name an executor.
+    assert executor_config_of(XtbBackend(XtbOracleConfig(backend="xtb"))) is None
+    slurm = SlurmExecutorConfig(kind="slurm", partition="debug")
+    xtb = XtbBackend(XtbOracleConfig(backend="xtb", executor=slurm, retries=RetryConfig(max_retries=5)))
+    assert executor_config_of(xtb) == slurm and xtb.retry_config().max_retries == 5
+    # A DFT backend always has one: the config's, local by default.
+    pyscf = PyscfBackend(PyscfOracleConfig(backend="pyscf", functional="PBE", basis="sto-3g"))
+    assert executor_config_of(pyscf) is not None and executor_config_of(pyscf).kind == "local"  # type: ignore[union-attr]
+    assert pyscf.retry_config().max_retries == 2
+
+
+def test_a_backend_without_descriptors_says_so_by_name() -> None:
+    with pytest.raises(NotImplementedError, match="oracle backend 'lj' computes no descriptors"):
+        next(LennardJonesBackend(LjOracleConfig(backend="lj")).describe_batch([sn2_complex()]))

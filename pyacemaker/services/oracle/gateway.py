@@ -55,9 +55,8 @@ ORPHAN_AGE_S = 30.0
 def executor_config_of(backend: OracleBackend) -> ExecutorConfig | None:
     """The executor a backend's labels run through, or None for an in-process backend (lj, mace, and xtb
     unless its options name an executor)."""
-    config = getattr(backend, "config", None)
-    executor: ExecutorConfig | None = getattr(config, "executor", None)
-    if executor is None and getattr(backend, "uses_executor", False):
+    executor = backend.executor_config()
+    if executor is None and backend.uses_executor:
         return LocalExecutorConfig()
     return executor
 
@@ -149,9 +148,9 @@ class _Stream:
         self.options = options
         self.executor = executor
         self.level = backend.level_of_theory
-        retries = getattr(getattr(backend, "config", None), "retries", None)
-        self.max_retries = int(getattr(retries, "max_retries", 0))
-        self.resubmit_lost = int(getattr(retries, "resubmit_lost_tasks", 1))
+        retries = backend.retry_config()
+        self.max_retries = retries.max_retries
+        self.resubmit_lost = retries.resubmit_lost_tasks
         self.keep_finished = bool(getattr(config, "keep_finished", False))
         root = gateway.scratch_root(config)
         self.task_root = root / "tasks" / hashlib.sha256(self.level.encode()).hexdigest()[:12]

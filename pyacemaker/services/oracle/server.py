@@ -160,8 +160,7 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
             if backend is None:
                 first_spec = _required_backend_spec(request, "DescribeRequest")
                 backend = self.backend(first_spec)
-                describe_batch = getattr(backend, "describe_batch", None)
-                if not backend.descriptors or describe_batch is None:
+                if not backend.descriptors:
                     abort(
                         context,
                         grpc.StatusCode.UNIMPLEMENTED,
@@ -170,7 +169,6 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                 log.info("describe stream started: backend %s (%s)", backend.name, backend.level_of_theory)
             elif request.HasField("backend") and request.backend != first_spec:
                 raise InvalidInputError("only the first DescribeRequest of a stream may name a backend")
-            assert describe_batch is not None
             frames = []
             limits = backend.structure_limits()
             for offset, message in enumerate(request.structures):
@@ -187,7 +185,7 @@ class OracleService(oracle_pb2_grpc.OracleServiceServicer):
                     values=values.tolist(),
                 )
                 for offset, (message, atoms, values) in enumerate(
-                    zip(request.structures, frames, describe_batch(frames, index), strict=True)
+                    zip(request.structures, frames, backend.describe_batch(frames, index), strict=True)
                 )
             ]
             yield oracle_pb2.DescribeResponse(descriptors=descriptors)

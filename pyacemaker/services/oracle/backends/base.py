@@ -22,12 +22,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import BaseCalculator, CalculatorError
 
+from pyacemaker.config import ExecutorConfig, RetryConfig
 from pyacemaker.labels import Labels
 from pyacemaker.structure_checks import StructureLimits
 from pyacemaker.structures import labels_of_atoms
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 # Each attempt's reason is cut to this length in the summary of a structure that failed every attempt, so the
 # summary stays readable when a code dumps a long error message.
 ATTEMPT_REASON_CHARS = 300
+# What a backend whose config says nothing of retries gets: one attempt, a lost task resubmitted once.
+NO_RETRIES = RetryConfig(max_retries=0, resubmit_lost_tasks=1)
 
 
 class UnlabellableStructureError(ValueError):
@@ -66,6 +69,19 @@ class OracleBackend(ABC):
     def unavailable_reason(cls) -> str | None:
         """Why this backend cannot run in this process (e.g. a missing library), or None when it can."""
         return None
+
+    def executor_config(self) -> ExecutorConfig | None:
+        """The executor this backend's calculations run through as tasks; None: labelled in the server's own
+        process (a backend with `uses_executor` then gets a local executor)."""
+        return None
+
+    def retry_config(self) -> RetryConfig:
+        """Retries of a failed calculation and resubmissions of a lost task, for calculations run as tasks."""
+        return NO_RETRIES
+
+    def describe_batch(self, frames: Sequence[Atoms], first_index: int = 0) -> Iterator[np.ndarray]:
+        """Per-atom descriptors (n_atoms, n_features) of each frame, in order; only backends with `descriptors`."""
+        raise NotImplementedError(f"oracle backend {self.name!r} computes no descriptors")
 
     def structure_limits(self) -> StructureLimits:
         """What this backend can take (elements, cutoff of its interactions, most atoms): the oracle checks
@@ -142,6 +158,29 @@ class OracleBackend(ABC):
         if "stress" in self.implemented_properties and atoms.pbc.any():
             properties.append("stress")
         return properties
+
+
+class _TaskSettings(Protocol):
+    """The part of a backend's config that says how its calculations run as tasks (config.py's DFT oracles and
+    the xtb oracle)."""
+
+    @property
+    def executor(self) -> ExecutorConfig | None: ...
+
+    @property
+    def retries(self) -> RetryConfig: ...
+
+
+class ExecutorBackend(OracleBackend):
+    """A backend whose config names the executor its calculations run through and how they are retried."""
+
+    config: _TaskSettings
+
+    def executor_config(self) -> ExecutorConfig | None:
+        return self.config.executor
+
+    def retry_config(self) -> RetryConfig:
+        return self.config.retries
 
 
 def _shortened(reason: str) -> str:

@@ -21,7 +21,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.units import Bohr, Hartree
 
 from pyacemaker.config import PyscfOracleConfig
-from pyacemaker.services.oracle.backends.base import OracleBackend, UnlabellableStructureError
+from pyacemaker.services.oracle.backends.base import ExecutorBackend, UnlabellableStructureError
 from pyacemaker.structures import charge_of, spin_multiplicity_of
 
 # A retry never gets fewer SCF cycles than twice this, whatever max_cycle the first attempt had.
@@ -61,10 +61,11 @@ class ScfSettings:
         return f"{solver}, {self.max_cycle} cycles{extras}"
 
 
-class PyscfBackend(OracleBackend):
+class PyscfBackend(ExecutorBackend):
     name: ClassVar[str] = "pyscf"
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces")
     uses_executor: ClassVar[bool] = True
+    config: PyscfOracleConfig
 
     def __init__(self, config: PyscfOracleConfig) -> None:
         self.config = config

@@ -36,7 +36,7 @@ from ase.io.espresso import units as ase_espresso_units
 from ase.units import Bohr, Rydberg
 
 from pyacemaker.config import QeOracleConfig
-from pyacemaker.services.oracle.backends.base import OracleBackend, UnlabellableStructureError, monkhorst_pack_grid
+from pyacemaker.services.oracle.backends.base import ExecutorBackend, UnlabellableStructureError, monkhorst_pack_grid
 from pyacemaker.services.oracle.deployment import QeProfile
 from pyacemaker.structures import charge_of
 
@@ -73,10 +73,11 @@ class PwScfSettings:
         return cls(steps, mixing_beta=0.1, mixing_mode="local-TF", diagonalization="cg")
 
 
-class QeBackend(OracleBackend):
+class QeBackend(ExecutorBackend):
     name: ClassVar[str] = "qe"
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces", "stress")
     uses_executor: ClassVar[bool] = True
+    config: QeOracleConfig
 
     def __init__(self, config: QeOracleConfig, profile: QeProfile | None = None) -> None:
         self.config = config

@@ -35,7 +35,7 @@ from ase.calculators.calculator import Calculator, CalculatorError, all_changes
 from ase.calculators.vasp import Vasp
 
 from pyacemaker.config import VaspOracleConfig
-from pyacemaker.services.oracle.backends.base import OracleBackend, UnlabellableStructureError, monkhorst_pack_grid
+from pyacemaker.services.oracle.backends.base import ExecutorBackend, UnlabellableStructureError, monkhorst_pack_grid
 from pyacemaker.services.oracle.deployment import VaspProfile
 from pyacemaker.structures import charge_of
 
@@ -79,10 +79,11 @@ class VaspScfSettings:
         return {key: value for key, value in chosen.items() if value is not None}
 
 
-class VaspBackend(OracleBackend):
+class VaspBackend(ExecutorBackend):
     name: ClassVar[str] = "vasp"
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces", "stress")
     uses_executor: ClassVar[bool] = True
+    config: VaspOracleConfig
 
     def __init__(self, config: VaspOracleConfig, profile: VaspProfile) -> None:
         self.config = config

@@ -13,7 +13,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from pyacemaker.config import XtbOracleConfig
-from pyacemaker.services.oracle.backends.base import OracleBackend, UnlabellableStructureError
+from pyacemaker.services.oracle.backends.base import ExecutorBackend, UnlabellableStructureError
 from pyacemaker.structure_checks import StructureLimits
 from pyacemaker.structures import charge_of, spin_multiplicity_of
 
@@ -28,10 +28,11 @@ XTB_NEIGHBOUR_CUTOFF_A = 10.0
 XTB_MAX_ATOMS = 1000
 
 
-class XtbBackend(OracleBackend):
+class XtbBackend(ExecutorBackend):
     name: ClassVar[str] = "xtb"
     implemented_properties: ClassVar[tuple[str, ...]] = ("energy", "forces", "stress")
     isolated: ClassVar[bool] = True
+    config: XtbOracleConfig
 
     def __init__(self, config: XtbOracleConfig) -> None:
         self.config = config
