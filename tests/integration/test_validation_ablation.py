@@ -104,8 +104,8 @@ def test_distillation_gain_from_a_validation_s_figures() -> None:
     }
     gain = distillation_gain(metrics)
     assert gain is not None
-    assert gain["forces_rmse_ratio_final_over_direct"] == pytest.approx(0.5)
-    assert gain["energy_rmse_ratio_final_over_direct"] == pytest.approx(1.5)
-    assert gain["barrier_error_kcal_per_mol"] == pytest.approx({"final_ace": 0.5, "direct_ace": 0.75})
+    assert gain.forces_rmse_ratio_final_over_direct == pytest.approx(0.5)
+    assert gain.energy_rmse_ratio_final_over_direct == pytest.approx(1.5)
+    assert gain.barrier_error_kcal_per_mol == pytest.approx({"final_ace": 0.5, "direct_ace": 0.75})
     # Without the ablation's figures (its fit was refused) there is no gain to state.
     assert distillation_gain({"final_ace_forces_rmse_mev_per_a": 60.0}) is None

@@ -104,6 +104,6 @@ def test_stability_summary_counts_survivors_per_temperature():
         StabilityRun(0, 600.0, 100),
     ]
     summary = stability_summary(runs, 100, 0.5)
-    assert summary["n_runs"] == 3 and summary["n_survivors"] == 2
-    assert summary["survivors_by_temperature"] == {"300": [1, 2], "600": [1, 1]}
-    assert summary["runs"][1]["survived"] is False
+    assert summary.n_runs == 3 and summary.n_survivors == 2
+    assert summary.survivors_by_temperature == {"300": [1, 2], "600": [1, 1]}
+    assert summary.runs[1].survived is False

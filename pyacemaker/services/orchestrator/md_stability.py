@@ -28,6 +28,8 @@ from ase.neighborlist import natural_cutoffs, neighbor_list
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from pyacemaker.run_records import MdStability, MdStabilityRun
+
 # Atoms closer than this multiple of the sum of their covalent radii are bonded (one fragment).
 BOND_FACTOR = 1.25
 # A judged frame's displacement of an atom may reach this many times its root-mean-square thermal speed
@@ -142,29 +144,29 @@ class StabilityRun:
     def survived(self) -> bool:
         return self.problem is None
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "seed": self.seed,
-            "temperature_k": self.temperature_k,
-            "steps_done": self.steps_done,
-            "survived": self.survived,
-            "problem": self.problem,
-            "dissociation": self.dissociation,
-        }
+    def as_record(self) -> MdStabilityRun:
+        return MdStabilityRun(
+            seed=self.seed,
+            temperature_k=self.temperature_k,
+            steps_done=self.steps_done,
+            survived=self.survived,
+            problem=self.problem,
+            dissociation=self.dissociation,
+        )
 
 
-def stability_summary(runs: Sequence[StabilityRun], steps: int, timestep_fs: float) -> dict[str, object]:
+def stability_summary(runs: Sequence[StabilityRun], steps: int, timestep_fs: float) -> MdStability:
     """The record of a stability test: survivors of runs, per temperature, and every run."""
     temperatures = sorted({run.temperature_k for run in runs})
-    return {
-        "steps": steps,
-        "timestep_fs": timestep_fs,
-        "n_runs": len(runs),
-        "n_survivors": sum(run.survived for run in runs),
-        "n_dissociated": sum(run.survived and run.dissociation is not None for run in runs),
-        "survivors_by_temperature": {
+    return MdStability(
+        steps=steps,
+        timestep_fs=timestep_fs,
+        n_runs=len(runs),
+        n_survivors=sum(run.survived for run in runs),
+        n_dissociated=sum(run.survived and run.dissociation is not None for run in runs),
+        survivors_by_temperature={
             f"{t:g}": [sum(r.survived for r in runs if r.temperature_k == t), sum(r.temperature_k == t for r in runs)]
             for t in temperatures
         },
-        "runs": [run.as_dict() for run in runs],
-    }
+        runs=[run.as_record() for run in runs],
+    )

@@ -25,6 +25,7 @@ from pyacemaker.config import ConfigError, RunConfig, config_from_json, config_t
 from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.rpc import InvalidInputError, WrongStateError, channel
 from pyacemaker.run_layout import FINAL_POTENTIAL, STATE_FILE, SUMMARY_FILE, StepName, in_iteration, iteration_dir
+from pyacemaker.run_records import RunSummary, record_text
 from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.services.orchestrator.state import RunState, StepRow
 from pyacemaker.services.orchestrator.steps import RunCancelledError, Step, StepContext, StepOutcome, step_key
@@ -249,7 +250,7 @@ class RunManager:
             self._event(
                 handle,
                 _E.RUN_EVENT_KIND_RUN_COMPLETED,
-                message=f"{stop_reason}; {summary['dft_calls']} DFT calls; in {time.monotonic() - started:.1f} s",
+                message=f"{stop_reason}; {summary.dft_calls} DFT calls; in {time.monotonic() - started:.1f} s",
                 final_state=common_pb2.JOB_STATE_SUCCEEDED,
             )
         except RunCancelledError:
@@ -337,7 +338,7 @@ class RunManager:
         iterations: int,
         stop_reason: str,
         wall_time_s: float,
-    ) -> dict[str, object]:
+    ) -> RunSummary:
         """run_summary.json (why the run stopped, where the potential is), then the HTML report.
 
         The final potential is the best validated one, not necessarily the last: every iteration is scored on the
@@ -347,31 +348,30 @@ class RunManager:
             final = in_iteration(best, FINAL_POTENTIAL)
         elif iterations and StepName.DELTA_FIT in previous:
             final = in_iteration(iterations, FINAL_POTENTIAL)
-        summary: dict[str, object] = {
-            "stop_reason": stop_reason,
-            "iterations": iterations,
-            "best_iteration": best or iterations,
-            "final_potential": final,
-            "dft_calls": self._dft_calls(handle),
-            "dft_budget": handle.config.budget.max_dft_calls,
-            "wall_time_s": wall_time_s,
-        }
         # DFT labels charged but not trained on (DFT forces above active_learning.max_candidate_force), all
         # iterations: the pool's teacher-force filter and step 2's committee caps exist to keep this at 0.
-        summary["dft_calls_not_trained_on"] = int(
-            sum(
-                row.metrics.get("n_dft_not_trained_on", 0.0)
-                for iteration in range(1, iterations + 1)
-                if (row := handle.state.step(f"{ActiveLearningStep.name}.{iteration}")) is not None
-            )
+        not_trained_on = sum(
+            row.metrics.get("n_dft_not_trained_on", 0.0)
+            for iteration in range(1, iterations + 1)
+            if (row := handle.state.step(f"{ActiveLearningStep.name}.{iteration}")) is not None
+        )
+        summary = RunSummary(
+            stop_reason=stop_reason,
+            iterations=iterations,
+            best_iteration=best or iterations,
+            final_potential=final,
+            dft_calls=self._dft_calls(handle),
+            dft_budget=handle.config.budget.max_dft_calls,
+            wall_time_s=wall_time_s,
+            dft_calls_not_trained_on=int(not_trained_on),
         )
         row = handle.state.step(f"{ValidationStep.name}.{best}") if best else None
         if row is not None:
             # The figures of the potential handed out (the best iteration's), and what its distillation gains
             # over the ablation (the same ACE fitted on the DFT labels alone).
-            summary["final_potential_figures"] = handed_out_figures(row.metrics)
-            summary["distillation_gain"] = distillation_gain(row.metrics)
-        (handle.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+            summary.final_potential_figures = handed_out_figures(row.metrics)
+            summary.distillation_gain = distillation_gain(row.metrics)
+        (handle.run_dir / SUMMARY_FILE).write_text(record_text(summary))
         try:
             from pyacemaker.services.orchestrator.report import write_report
 

@@ -13,7 +13,6 @@ structures are never candidates, and in iteration 1 the hold-out's share of the 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from pyacemaker.clients.oracle import describe
 from pyacemaker.config import MdConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import ACTIVE_LEARNING_DIR, StepName
+from pyacemaker.run_records import ActiveLearningRecord, record_text
 from pyacemaker.services.orchestrator.active_learning import (
     below_force_cap,
     calibration_factor,
@@ -169,35 +169,32 @@ class ActiveLearningStep:
         dft_file = ctx.store.new_tempfile(".extxyz")
         write_extxyz(dft_file, [*labelled, *added])
         dft_ref = ctx.store.put_file(dft_file, kind="structures", move=True)
-        record = {
-            "iteration": ctx.iteration,
-            "calibration_factor": calibration,
-            "force_error_threshold_ev_per_a": settings.force_error_threshold,
-            "labelled_max_force_error_ev_per_a": errors,
-            "labelled_committee_max_force_std_ev_per_a": stds.tolist(),
+        record = ActiveLearningRecord(
+            iteration=ctx.iteration,
+            calibration_factor=calibration,
+            force_error_threshold_ev_per_a=settings.force_error_threshold,
+            labelled_max_force_error_ev_per_a=errors,
+            labelled_committee_max_force_std_ev_per_a=stds.tolist(),
             # Candidates: the step-1 pool (indices below n_pool), then MD frames (iteration 1: this step's short
             # MD with the teacher; later: the previous iteration's step 4).
-            "n_pool": pool_size,
-            "n_md_candidates": len(candidates) - pool_size,
-            "n_candidates": len(candidates),
-            "pool_committee_max_force_std_ev_per_a": pool_std.tolist(),
-            "chosen_pool_indices": chosen.tolist(),
-            "max_candidate_force_ev_per_a": settings.max_candidate_force,
-            # The cap applied: max_candidate_force, or the largest committee force among the MD-frame candidates.
-            "candidate_force_cap_ev_per_a": force_cap,
-            "excluded_by_force_pool_indices": np.flatnonzero(~below_cap).tolist(),
-            # Committee energy per atom far outside the DFT-labelled range (within_energy_range): unphysical.
-            "excluded_by_energy_pool_indices": np.flatnonzero(below_cap & ~in_range).tolist(),
-            "chosen_content_ids": [atoms_to_structure(candidates[i]).content_id for i in chosen],
-            "isolated_atom_energies_ev": {str(z): e for z, e in e0s.items()},
-            "n_dft_labelled_before": len(labelled),
-            "n_dft_added": len(added),
-            # Labelled (and charged) but not trained on: DFT forces above max_candidate_force (near-collisions).
-            "excluded_by_dft_force_content_ids": [atoms_to_structure(a).content_id for a in too_hot],
-            "dft_calls_charged": dft_calls,
-            "dft_allowance": allowance,
-        }
-        record_ref = ctx.store.put_bytes(json.dumps(record, indent=1).encode(), kind="al_iteration", suffix=".json")
+            n_pool=pool_size,
+            n_md_candidates=len(candidates) - pool_size,
+            n_candidates=len(candidates),
+            pool_committee_max_force_std_ev_per_a=pool_std.tolist(),
+            chosen_pool_indices=chosen.tolist(),
+            max_candidate_force_ev_per_a=settings.max_candidate_force,
+            candidate_force_cap_ev_per_a=force_cap,
+            excluded_by_force_pool_indices=np.flatnonzero(~below_cap).tolist(),
+            excluded_by_energy_pool_indices=np.flatnonzero(below_cap & ~in_range).tolist(),
+            chosen_content_ids=[atoms_to_structure(candidates[i]).content_id for i in chosen],
+            isolated_atom_energies_ev={str(z): e for z, e in e0s.items()},
+            n_dft_labelled_before=len(labelled),
+            n_dft_added=len(added),
+            excluded_by_dft_force_content_ids=[atoms_to_structure(a).content_id for a in too_hot],
+            dft_calls_charged=dft_calls,
+            dft_allowance=allowance,
+        )
+        record_ref = ctx.store.put_bytes(record_text(record).encode(), kind="al_iteration", suffix=".json")
         outputs = {"dft": dft_ref, "iteration": record_ref}
         outputs.update({f"committee_{i}": ref for i, ref in enumerate(committee)})
         if md_frames_ref is not None:

@@ -9,7 +9,6 @@ forces on compressed bonds fall short of DFT's."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ import grpc
 from pyacemaker.config import PoolConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import DIRECT_DIR, StepName
+from pyacemaker.run_records import SelectionRecord, record_text, record_to_json
 from pyacemaker.services.orchestrator.active_learning import largest_atomic_force
 from pyacemaker.services.orchestrator.model_labels import model_labels
 from pyacemaker.services.orchestrator.steps import StepContext, StepOutcome
@@ -84,24 +84,23 @@ class DirectSamplingStep:
                 ),
                 ctx,
             ).result
-        summary = {
-            "n_pool": n_pool,
-            "n_rejected": pool_result.n_rejected,
-            "n_rejected_teacher_force": too_hot,
-            "rattle_amplitudes_a": settings.rattle_amplitudes,
-            "n_selected": len(selection.indices),
-            "coverage": selection.coverage,
-            "n_components": selection.n_components,
-            "explained_variance_ratio": list(selection.explained_variance_ratio),
-            "n_clusters": selection.n_clusters,
-            "featuriser": featuriser,
-            "selected_pool_indices": list(selection.indices),
-        }
-        summary_ref = ctx.store.put_bytes(
-            json.dumps(summary, indent=2).encode(), kind="selection_summary", suffix=".json"
+        summary = SelectionRecord(
+            n_pool=n_pool,
+            n_rejected=pool_result.n_rejected,
+            n_rejected_teacher_force=too_hot,
+            rattle_amplitudes_a=settings.rattle_amplitudes,
+            n_selected=len(selection.indices),
+            coverage=selection.coverage,
+            n_components=selection.n_components,
+            explained_variance_ratio=list(selection.explained_variance_ratio),
+            n_clusters=selection.n_clusters,
+            featuriser=featuriser,
+            selected_pool_indices=list(selection.indices),
         )
+        data = record_to_json(summary)
+        summary_ref = ctx.store.put_bytes(record_text(summary).encode(), kind="selection_summary", suffix=".json")
         outputs = {"pool": pool, "direct": selection.selected, "summary": summary_ref}
-        metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
+        metrics = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
         exports = {
             f"{EXPORT_DIR}/pool.extxyz": pool,
             f"{EXPORT_DIR}/direct.extxyz": selection.selected,

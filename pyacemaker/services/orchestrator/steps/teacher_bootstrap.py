@@ -9,7 +9,6 @@ step that uses "the teacher" uses this model (`mace_finetune.teacher_model`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from ase import Atoms
 from pyacemaker.config import MdConfig, TeacherBootstrapConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import TEACHER_BOOTSTRAP_DIR, StepName
+from pyacemaker.run_records import TeacherRecord, record_text, record_to_json
 from pyacemaker.services.orchestrator.dft_labels import isolated_atoms, oracle_spec
 from pyacemaker.services.orchestrator.model_labels import all_labels
 from pyacemaker.services.orchestrator.steps import StepContext, StepOutcome
@@ -116,19 +116,20 @@ class TeacherBootstrapStep:
         models = [ref for ref in job.outputs if ref.kind == "model"]
         if len(models) != 1:
             raise RuntimeError(f"teacher_bootstrap: the trainer returned {len(models)} models, expected 1")
-        record = {
-            "level_of_theory": str(labelled[0].info.get(LEVEL_KEY, config.oracle.backend)),
-            "n_pool": int(pool_result.n_structures),
-            "n_md_frames": n_md,
-            "n_md_replicas": n_replicas,
-            "n_labelled": len(labelled),
-            "n_failed": failed,
-            "n_above_max_force": too_hot,
-            "isolated_atom_energies_ev": {str(z): e for z, e in sorted(e0s.items())},
-            **{key: float(value) for key, value in job.metrics.items()},
-        }
-        record_ref = ctx.store.put_bytes(json.dumps(record, indent=1).encode(), kind="teacher_record", suffix=".json")
-        metrics = {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+        record = TeacherRecord(
+            level_of_theory=str(labelled[0].info.get(LEVEL_KEY, config.oracle.backend)),
+            n_pool=int(pool_result.n_structures),
+            n_md_frames=n_md,
+            n_md_replicas=n_replicas,
+            n_labelled=len(labelled),
+            n_failed=failed,
+            n_above_max_force=too_hot,
+            isolated_atom_energies_ev={str(z): e for z, e in sorted(e0s.items())},
+            training_metrics={key: float(value) for key, value in job.metrics.items()},
+        )
+        data = record_to_json(record)
+        record_ref = ctx.store.put_bytes(record_text(record).encode(), kind="teacher_record", suffix=".json")
+        metrics = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
         exports = {
             f"{EXPORT_DIR}/teacher.model": models[0],
             f"{EXPORT_DIR}/train.extxyz": train_ref,

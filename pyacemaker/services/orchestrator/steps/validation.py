@@ -36,6 +36,18 @@ from pyacemaker.clients.oracle_force_field import OracleForceField
 from pyacemaker.clients.sampler import md_request, run_md
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import VALIDATION_DIR, StepName
+from pyacemaker.run_records import (
+    Ablation,
+    DistillationGain,
+    EnergyProfile,
+    HoldoutReference,
+    MdStability,
+    ModelScores,
+    SourceScores,
+    ValidationRecord,
+    ValidationTarget,
+    record_text,
+)
 from pyacemaker.services.orchestrator.dft_labels import DftLabeller, label_frames, oracle_spec
 from pyacemaker.services.orchestrator.ledger import DftLedger
 from pyacemaker.services.orchestrator.md_stability import (
@@ -94,18 +106,18 @@ def rmse(predicted: np.ndarray, reference: np.ndarray) -> float:
 
 def model_scores(
     energies: np.ndarray, forces: np.ndarray, ref_energies: np.ndarray, ref_forces: np.ndarray
-) -> dict[str, Any]:
+) -> ModelScores:
     """RMSEs (energy per atom in meV/atom, force components in meV/Å) plus the values for parity plots."""
-    return {
-        "energy_rmse_mev_per_atom": 1000.0 * rmse(energies, ref_energies),
-        "forces_rmse_mev_per_a": 1000.0 * rmse(forces, ref_forces),
-        "energy_per_atom_ev": energies.tolist(),
-        "forces_ev_per_a": forces.tolist(),
-    }
+    return ModelScores(
+        energy_rmse_mev_per_atom=1000.0 * rmse(energies, ref_energies),
+        forces_rmse_mev_per_a=1000.0 * rmse(forces, ref_forces),
+        energy_per_atom_ev=energies.tolist(),
+        forces_ev_per_a=forces.tolist(),
+    )
 
 
-def target_met(scores: dict[str, Any], energy_target: float, forces_target: float) -> bool:
-    return scores["energy_rmse_mev_per_atom"] <= energy_target and scores["forces_rmse_mev_per_a"] <= forces_target
+def target_met(scores: ModelScores, energy_target: float, forces_target: float) -> bool:
+    return scores.energy_rmse_mev_per_atom <= energy_target and scores.forces_rmse_mev_per_a <= forces_target
 
 
 class ValidationStep:
@@ -165,11 +177,13 @@ class ValidationStep:
         ref_forces = np.concatenate([a.get_forces() for a in holdout])
         sources = np.array([str(a.info.get(SOURCE_KEY, SURROGATE_SOURCE)) for a in holdout])
         atom_sources = np.repeat(sources, n_atoms.astype(int))
-        scores = {}
-        profile: dict[str, Any] | None = None
+        scores: dict[str, ModelScores] = {}
+        profile: EnergyProfile | None = None
         if path:
-            profile = {"xi_a": [xi_of(a, _profile_atoms(ctx)) for a in path], "energies_ev": {}}
-            profile["energies_ev"]["dft"] = _relative([a.get_potential_energy() for a in path])
+            profile = EnergyProfile(
+                xi_a=[xi_of(a, _profile_atoms(ctx)) for a in path],
+                energies_ev={"dft": _relative([a.get_potential_energy() for a in path])},
+            )
         for model, spec in _model_specs(ctx, ablation.potential).items():
             labels = model_labels(ctx, spec, holdout, f"{model} on the hold-out set")
             energies = np.array([lab.required_energy() for lab in labels])
@@ -178,71 +192,70 @@ class ValidationStep:
                 energies = energies + reference_alignment(holdout, energies, ref_energies * n_atoms)
             forces = np.concatenate([lab.required_forces() for lab in labels])
             scores[model] = model_scores(energies / n_atoms, forces, ref_energies, ref_forces)
-            scores[model]["by_source"] = {
-                src: {
-                    "n": int(np.count_nonzero(sources == src)),
-                    "energy_rmse_mev_per_atom": 1000.0
+            scores[model].by_source = {
+                src: SourceScores(
+                    n=int(np.count_nonzero(sources == src)),
+                    energy_rmse_mev_per_atom=1000.0
                     * rmse((energies / n_atoms)[sources == src], ref_energies[sources == src]),
-                    "forces_rmse_mev_per_a": 1000.0
-                    * rmse(forces[atom_sources == src], ref_forces[atom_sources == src]),
-                }
+                    forces_rmse_mev_per_a=1000.0 * rmse(forces[atom_sources == src], ref_forces[atom_sources == src]),
+                )
                 for src in sorted(set(sources))
             }
             if profile is not None:
                 on_path = model_labels(ctx, spec, path, f"{model} along the reaction path")
-                profile["energies_ev"][model] = _relative([lab.required_energy() for lab in on_path])
+                profile.energies_ev[model] = _relative([lab.required_energy() for lab in on_path])
         for model, outputs in (("final_ace", final_potential(ctx).files()), (ABLATION_STEM, ablation.files)):
             if model in scores and "yaml" in outputs and "asi" in outputs:
                 grades = extrapolation_grades(ctx, outputs["yaml"], outputs["asi"], holdout, model)
-                scores[model]["max_gamma_per_structure"] = grades.tolist()
-                scores[model]["max_gamma"] = float(grades.max())
-                scores[model]["max_gamma_by_source"] = {
+                scores[model].max_gamma_per_structure = grades.tolist()
+                scores[model].max_gamma = float(grades.max())
+                scores[model].max_gamma_by_source = {
                     src: float(grades[sources == src].max()) for src in sorted(set(sources))
                 }
         if profile is not None:
-            profile["central_barrier_kcal_per_mol"] = {
-                model: central_barrier_kcal(values) for model, values in profile["energies_ev"].items()
+            profile.central_barrier_kcal_per_mol = {
+                model: central_barrier_kcal(values) for model, values in profile.energies_ev.items()
             }
         stability = final_md_stability(ctx)
-        stable = stability is None or stability["n_survivors"] == stability["n_runs"]
+        stable = stability is None or stability.n_survivors == stability.n_runs
         met = stable and target_met(
             scores["final_ace"], settings.target_energy_mev_per_atom, settings.target_forces_mev_per_a
         )
-        record = {
-            "iteration": ctx.iteration,
-            "level_of_theory": holdout[0].info.get(LEVEL_KEY, ctx.config.oracle.backend),
-            "n_holdout": len(holdout),
-            "n_holdout_by_source": {src: int(np.count_nonzero(sources == src)) for src in sorted(set(sources))},
-            "holdout_sources": sources.tolist(),
-            "dft_calls_total": dft_calls,
-            "dft_budget": ctx.config.budget.max_dft_calls,
-            "target": {
-                "energy_mev_per_atom": settings.target_energy_mev_per_atom,
-                "forces_mev_per_a": settings.target_forces_mev_per_a,
-            },
-            "target_met": met,
-            "reference": {"energy_per_atom_ev": ref_energies.tolist(), "forces_ev_per_a": ref_forces.tolist()},
-            "models": scores,
-            "profile": profile,
-            "md_stability": stability,
-            "ablation": {
-                "model": ABLATION_STEM,
-                "trained_on": "the iteration's DFT training labels only (no teacher, no surrogate data)",
-                "n_training_structures": ablation.n_training,
-                "fit": ablation.metrics,
-                "error": ablation.error,
-                "gain": distillation_gain(_flat_metrics(scores, profile)),
-            },
-        }
+        record = ValidationRecord(
+            iteration=ctx.iteration,
+            level_of_theory=holdout[0].info.get(LEVEL_KEY, ctx.config.oracle.backend),
+            n_holdout=len(holdout),
+            n_holdout_by_source={src: int(np.count_nonzero(sources == src)) for src in sorted(set(sources))},
+            holdout_sources=sources.tolist(),
+            dft_calls_total=dft_calls,
+            dft_budget=ctx.config.budget.max_dft_calls,
+            target=ValidationTarget(
+                energy_mev_per_atom=settings.target_energy_mev_per_atom,
+                forces_mev_per_a=settings.target_forces_mev_per_a,
+            ),
+            target_met=met,
+            reference=HoldoutReference(energy_per_atom_ev=ref_energies.tolist(), forces_ev_per_a=ref_forces.tolist()),
+            models=scores,
+            profile=profile,
+            md_stability=stability,
+            ablation=Ablation(
+                model=ABLATION_STEM,
+                trained_on="the iteration's DFT training labels only (no teacher, no surrogate data)",
+                n_training_structures=ablation.n_training,
+                fit=ablation.metrics,
+                error=ablation.error,
+                gain=distillation_gain(_flat_metrics(scores, profile)),
+            ),
+        )
         holdout_file = ctx.store.new_tempfile(".extxyz")
         write_extxyz(holdout_file, holdout)
         holdout_ref = ctx.store.put_file(holdout_file, kind="structures", move=True)
-        record_ref = ctx.store.put_bytes(json.dumps(record).encode(), kind="validation", suffix=".json")
+        record_ref = ctx.store.put_bytes(record_text(record).encode(), kind="validation", suffix=".json")
         metrics = {"target_met": float(met), "dft_calls_total": float(dft_calls), "n_holdout": float(len(holdout))}
         metrics.update(_flat_metrics(scores, profile))
         if stability is not None:
-            metrics["final_ace_md_survivors"] = float(stability["n_survivors"])
-            metrics["final_ace_md_runs"] = float(stability["n_runs"])
+            metrics["final_ace_md_survivors"] = float(stability.n_survivors)
+            metrics["final_ace_md_runs"] = float(stability.n_runs)
         exports = {
             f"{ctx.export_prefix}{EXPORT_DIR}/validation.json": record_ref,
             f"{ctx.export_prefix}{EXPORT_DIR}/holdout.extxyz": holdout_ref,
@@ -320,7 +333,7 @@ def independent_md_frames(ctx: StepContext, n_wanted: int) -> common_pb2.Artifac
     return result.selected
 
 
-def final_md_stability(ctx: StepContext) -> dict[str, Any] | None:
+def final_md_stability(ctx: StepContext) -> MdStability | None:
     """validation.md_stability: the final ACE's MD from every seed at each temperature through the sampler (plain
     MD, no restraint), each run judged by a `TrajectoryJudge` on its saved frames and by the sampler's own stops.
     None when md_stability.steps is 0."""
@@ -497,17 +510,17 @@ def extrapolation_grades(
     return np.array([lab.uncertainty.max_extrapolation_grade for lab in labels])
 
 
-def _flat_metrics(scores: dict[str, dict[str, Any]], profile: dict[str, Any] | None) -> dict[str, float]:
+def _flat_metrics(scores: dict[str, ModelScores], profile: EnergyProfile | None) -> dict[str, float]:
     """The step's metrics: <model>_energy_rmse_mev_per_atom, <model>_forces_rmse_mev_per_a and, with a profile,
     <model>_barrier_kcal_per_mol (dft_barrier_kcal_per_mol the reference)."""
     metrics: dict[str, float] = {}
     for model, figures in scores.items():
-        metrics[f"{model}_energy_rmse_mev_per_atom"] = figures["energy_rmse_mev_per_atom"]
-        metrics[f"{model}_forces_rmse_mev_per_a"] = figures["forces_rmse_mev_per_a"]
-        if "max_gamma" in figures:
-            metrics[f"{model}_max_gamma"] = figures["max_gamma"]
+        metrics[f"{model}_energy_rmse_mev_per_atom"] = figures.energy_rmse_mev_per_atom
+        metrics[f"{model}_forces_rmse_mev_per_a"] = figures.forces_rmse_mev_per_a
+        if figures.max_gamma is not None:
+            metrics[f"{model}_max_gamma"] = figures.max_gamma
     if profile is not None:
-        for model, barrier in profile["central_barrier_kcal_per_mol"].items():
+        for model, barrier in profile.central_barrier_kcal_per_mol.items():
             metrics[f"{model}_barrier_kcal_per_mol"] = barrier
     return metrics
 
@@ -541,7 +554,7 @@ def handed_out_figures(metrics: dict[str, float]) -> dict[str, float]:
     return {key.removeprefix("final_ace_"): metrics[key] for key in keys if key in metrics}
 
 
-def distillation_gain(metrics: dict[str, float]) -> dict[str, Any] | None:
+def distillation_gain(metrics: dict[str, float]) -> DistillationGain | None:
     """What the distillation (teacher, surrogate data, delta learning) gains over the ablation, from one
     validation's metrics: final / direct RMSE ratios (below 1: the distillation earns its place) and both
     potentials' central-barrier errors against DFT. None when the ablation was not scored."""
@@ -553,17 +566,17 @@ def distillation_gain(metrics: dict[str, float]) -> dict[str, Any] | None:
         direct = metrics[f"direct_ace_{quantity}"]
         return metrics[f"final_ace_{quantity}"] / direct if direct > 0 else float("inf")
 
-    gain: dict[str, Any] = {
-        "forces_rmse_ratio_final_over_direct": ratio("forces_rmse_mev_per_a"),
-        "energy_rmse_ratio_final_over_direct": ratio("energy_rmse_mev_per_atom"),
-        "final_ace_forces_rmse_mev_per_a": metrics["final_ace_forces_rmse_mev_per_a"],
-        "direct_ace_forces_rmse_mev_per_a": metrics["direct_ace_forces_rmse_mev_per_a"],
-        "final_ace_energy_rmse_mev_per_atom": metrics["final_ace_energy_rmse_mev_per_atom"],
-        "direct_ace_energy_rmse_mev_per_atom": metrics["direct_ace_energy_rmse_mev_per_atom"],
-    }
+    gain = DistillationGain(
+        forces_rmse_ratio_final_over_direct=ratio("forces_rmse_mev_per_a"),
+        energy_rmse_ratio_final_over_direct=ratio("energy_rmse_mev_per_atom"),
+        final_ace_forces_rmse_mev_per_a=metrics["final_ace_forces_rmse_mev_per_a"],
+        direct_ace_forces_rmse_mev_per_a=metrics["direct_ace_forces_rmse_mev_per_a"],
+        final_ace_energy_rmse_mev_per_atom=metrics["final_ace_energy_rmse_mev_per_atom"],
+        direct_ace_energy_rmse_mev_per_atom=metrics["direct_ace_energy_rmse_mev_per_atom"],
+    )
     if "dft_barrier_kcal_per_mol" in metrics:
         dft = metrics["dft_barrier_kcal_per_mol"]
-        gain["barrier_error_kcal_per_mol"] = {
+        gain.barrier_error_kcal_per_mol = {
             model: abs(metrics[f"{model}_barrier_kcal_per_mol"] - dft)
             for model in needed
             if f"{model}_barrier_kcal_per_mol" in metrics
