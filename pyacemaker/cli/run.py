@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pyacemaker.config_defaults import derive_defaults
 from pyacemaker.deploy.local import service_address
 from pyacemaker.rpc import channel, describe_rpc_error
 from pyacemaker.run_layout import REPORT_DIR, REPORT_FILE, SUMMARY_FILE
+from pyacemaker.run_records import RunSummary, read_record
 from pyacemaker.seeds import load_seeds
 from pyacemaker.services.orchestrator.state import saved_config_json
 from pyacemaker.structures import StructureFileError, atoms_to_structure
@@ -104,13 +104,13 @@ def _print_outcome(console: Console, run_dir: Path) -> None:
     summary_file = run_dir / SUMMARY_FILE
     if not summary_file.is_file():
         return
-    summary = json.loads(summary_file.read_text())
+    summary = read_record(summary_file, RunSummary)
     console.print(
-        f"stopped: {summary['stop_reason']} after {summary['iterations']} iteration(s); "
-        f"{summary['dft_calls']} of {summary['dft_budget']} DFT calls"
+        f"stopped: {summary.stop_reason} after {summary.iterations} iteration(s); "
+        f"{summary.dft_calls} of {summary.dft_budget} DFT calls"
     )
-    if summary.get("final_potential"):
-        console.print(f"final potential: {run_dir / summary['final_potential']}")
+    if summary.final_potential:
+        console.print(f"final potential: {run_dir / summary.final_potential}")
     report = run_dir / REPORT_DIR / REPORT_FILE
     if report.is_file():
         console.print(f"report: {report}")

@@ -1,6 +1,7 @@
 """Reading a run directory for the report: the state file (opened read-only: writing a report never changes a
-run) and the JSON records the steps export. A record that is missing or malformed is kept as a problem to show,
-not an error, so the report can be written for a run that is still going, stopped early or failed."""
+run) and the JSON records the steps export (typed: pyacemaker.run_records). A record that is missing or malformed
+is kept as a problem to show, not an error, so the report can be written for a run that is still going, stopped
+early or failed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pyacemaker.run_layout import (
     ACTIVE_LEARNING_RECORD,
@@ -20,6 +21,15 @@ from pyacemaker.run_layout import (
     in_iteration,
     iteration_number,
 )
+from pyacemaker.run_records import (
+    ActiveLearningRecord,
+    RecordError,
+    RunSummary,
+    SelectionRecord,
+    TeacherRecord,
+    ValidationRecord,
+    read_record,
+)
 from pyacemaker.services.orchestrator.state import RunState, StepRow
 from pyacemaker.v1 import common_pb2, orchestrator_pb2
 
@@ -30,12 +40,15 @@ class ReportInputError(ValueError):
     """The directory is not a run directory (no state file) or its state file cannot be read."""
 
 
+RecordT = TypeVar("RecordT")
+
+
 @dataclass
-class JsonRecord:
-    """One JSON file of the run: its data, or why there is none."""
+class RecordFile(Generic[RecordT]):
+    """One JSON record of the run: the record, or why there is none."""
 
     relative: str
-    data: dict[str, Any] | None
+    data: RecordT | None
     problem: str = ""
 
 
@@ -78,8 +91,8 @@ class StepRecord:
 @dataclass
 class Iteration:
     number: int
-    active_learning: JsonRecord
-    validation: JsonRecord
+    active_learning: RecordFile[ActiveLearningRecord]
+    validation: RecordFile[ValidationRecord]
 
 
 @dataclass
@@ -96,10 +109,10 @@ class RunRecord:
     # (level of theory, status) -> rows; None when the run has no ledger yet.
     ledger: dict[tuple[str, str], int] | None
     # step0_teacher/teacher.json: the run's own teacher (teacher.bootstrap); missing when it uses teacher.model.
-    teacher: JsonRecord
-    selection: JsonRecord
+    teacher: RecordFile[TeacherRecord]
+    selection: RecordFile[SelectionRecord]
     iterations: list[Iteration]
-    summary: JsonRecord
+    summary: RecordFile[RunSummary]
     problems: list[str] = field(default_factory=list)
 
     def last_validation(self) -> Iteration | None:
@@ -109,15 +122,17 @@ class RunRecord:
     def handed_out_validation(self) -> Iteration | None:
         """The validation of the potential the run hands out: run_summary.json's best iteration when it was
         validated, else (a run still going, or one from before the choice existed) the last validation."""
-        best = self.summary.data.get("best_iteration") if self.summary.data is not None else None
+        best = self.summary.data.best_iteration if self.summary.data is not None else None
         chosen = [it for it in self.iterations if it.number == best and it.validation.data is not None]
         return chosen[0] if chosen else self.last_validation()
 
     def budget(self) -> int | None:
         """The DFT budget: the run summary's, else the last validation's, else the config's."""
-        for record in [self.summary, *(it.validation for it in reversed(self.iterations))]:
-            if record.data is not None and isinstance(record.data.get("dft_budget"), int | float):
-                return int(record.data["dft_budget"])
+        if self.summary.data is not None:
+            return self.summary.data.dft_budget
+        for iteration in reversed(self.iterations):
+            if iteration.validation.data is not None and iteration.validation.data.dft_budget is not None:
+                return iteration.validation.data.dft_budget
         value = self.config.get("budget", {}).get("max_dft_calls")
         return int(value) if isinstance(value, int | float) else None
 
@@ -154,25 +169,24 @@ def read_run(run_dir: Path) -> RunRecord:
         steps=[StepRecord(row, STEP_STATES.get(row.state, str(row.state))) for row in steps],
         events=[(e.time.ToNanoseconds() / 1e9, int(e.kind), e.step, e.message) for e in events],
         ledger=ledger,
-        teacher=read_json(run_dir, TEACHER_BOOTSTRAP_RECORD),
-        selection=read_json(run_dir, SELECTION_RECORD),
+        teacher=read_record_file(run_dir, TEACHER_BOOTSTRAP_RECORD, TeacherRecord),
+        selection=read_record_file(run_dir, SELECTION_RECORD, SelectionRecord),
         iterations=read_iterations(run_dir),
-        summary=read_json(run_dir, SUMMARY_FILE),
+        summary=read_record_file(run_dir, SUMMARY_FILE, RunSummary),
         problems=problems,
     )
 
 
-def read_json(run_dir: Path, relative: str) -> JsonRecord:
+def read_record_file(run_dir: Path, relative: str, kind: type[RecordT]) -> RecordFile[RecordT]:
     path = run_dir / relative
     if not path.is_file():
-        return JsonRecord(relative, None, f"{relative} is missing")
+        return RecordFile(relative, None, f"{relative} is missing")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return JsonRecord(relative, None, f"{relative} cannot be read ({exc})")
-    if not isinstance(data, dict):
-        return JsonRecord(relative, None, f"{relative} does not hold a JSON object")
-    return JsonRecord(relative, data)
+        return RecordFile(relative, read_record(path, kind, relative))
+    except OSError as exc:
+        return RecordFile(relative, None, f"{relative} cannot be read ({exc})")
+    except RecordError as exc:
+        return RecordFile(relative, None, str(exc))
 
 
 def read_iterations(run_dir: Path) -> list[Iteration]:
@@ -186,15 +200,17 @@ def read_iterations(run_dir: Path) -> list[Iteration]:
     iterations = [
         Iteration(
             number,
-            read_json(run_dir, in_iteration(number, ACTIVE_LEARNING_RECORD)),
-            read_json(run_dir, in_iteration(number, VALIDATION_RECORD)),
+            read_record_file(run_dir, in_iteration(number, ACTIVE_LEARNING_RECORD), ActiveLearningRecord),
+            read_record_file(run_dir, in_iteration(number, VALIDATION_RECORD), ValidationRecord),
         )
         for number in numbers
     ]
     if not iterations and (run_dir / ACTIVE_LEARNING_RECORD).is_file():
         iterations = [
             Iteration(
-                1, read_json(run_dir, ACTIVE_LEARNING_RECORD), read_json(run_dir, in_iteration(1, VALIDATION_RECORD))
+                1,
+                read_record_file(run_dir, ACTIVE_LEARNING_RECORD, ActiveLearningRecord),
+                read_record_file(run_dir, in_iteration(1, VALIDATION_RECORD), ValidationRecord),
             )
         ]
     return iterations

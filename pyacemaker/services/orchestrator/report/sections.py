@@ -12,6 +12,7 @@ from ase.data import chemical_symbols
 from matplotlib.ticker import MaxNLocator
 
 from pyacemaker.run_layout import ACTIVE_LEARNING_RECORD, STATE_FILE, SUMMARY_FILE, VALIDATION_RECORD, in_iteration
+from pyacemaker.run_records import ValidationRecord
 from pyacemaker.services.orchestrator.reaction_profile import KCAL_PER_MOL_PER_EV
 from pyacemaker.services.orchestrator.report.html import (
     escape,
@@ -56,18 +57,18 @@ def headline(run: RunRecord, out_dir: Path) -> str:
     summary = run.summary.data
     rows: list[tuple[str, str]] = []
     if summary is not None:
-        rows.append(("Stop reason", f"<b>{escape(str(summary['stop_reason']))}</b>"))
-        rows.append(("Iterations", escape(str(summary.get("iterations", len(run.iterations))))))
-        rows.append(("Final potential", _final_potential(run, str(summary.get("final_potential", "")))))
+        rows.append(("Stop reason", f"<b>{escape(summary.stop_reason)}</b>"))
+        rows.append(("Iterations", escape(str(summary.iterations))))
+        rows.append(("Final potential", _final_potential(run, summary.final_potential)))
     else:
         rows.append(("Stop reason", f'<span class="missing">{escape(_unfinished_state(run))}</span>'))
         rows.append(("Iterations", f"{len(run.iterations)} started"))
-    used = summary.get("dft_calls") if summary is not None else _ledger_total(run)
+    used = summary.dft_calls if summary is not None else _ledger_total(run)
     rows.append(("DFT calls", f"{fmt(used, 0)} of a budget of {fmt(run.budget(), 0)}"))
     if run.ledger:
         rows.append(("DFT ledger", escape(_ledger_text(run.ledger))))
-    if summary is not None and "dft_calls_not_trained_on" in summary:
-        wasted = int(summary["dft_calls_not_trained_on"])
+    if summary is not None and summary.dft_calls_not_trained_on is not None:
+        wasted = summary.dft_calls_not_trained_on
         css = "good" if wasted == 0 else "bad"
         rows.append(
             (
@@ -75,8 +76,8 @@ def headline(run: RunRecord, out_dir: Path) -> str:
                 f'<b class="{css}">{wasted}</b> (DFT forces above active_learning.max_candidate_force)',
             )
         )
-    if summary is not None and "wall_time_s" in summary:
-        rows.append(("Wall time", format_duration(float(summary["wall_time_s"]))))
+    if summary is not None and summary.wall_time_s is not None:
+        rows.append(("Wall time", format_duration(summary.wall_time_s)))
     elif run.created is not None and run.events:
         elapsed = format_duration(run.events[-1][0] - run.created)
         rows.append(("Elapsed", f"{elapsed} (from the run's start to its last event)"))
@@ -85,14 +86,14 @@ def headline(run: RunRecord, out_dir: Path) -> str:
             rows.append((f"Step {step.name} failed", f'<span class="bad">{escape(step.error)}</span>'))
     last = run.handed_out_validation()
     if last is None:
-        rows.append(("Final ACE vs DFT hold-out", missing_note("no validation yet")))
+        rows.append(("Final ACE vs DFT hold-out", missing_note("no validation yet: " + _validation_problems(run))))
     else:
         validation = last.validation.data
         assert validation is not None
-        try:
+        if "final_ace" in validation.models:
             accuracy = _accuracy_sentence(last.number, validation)
-        except (KeyError, TypeError, ValueError) as exc:
-            accuracy = missing_note(f"{in_iteration(last.number, VALIDATION_RECORD)} is incomplete: {problem_of(exc)}")
+        else:
+            accuracy = missing_note(f"{in_iteration(last.number, VALIDATION_RECORD)} has no final_ace scores")
         rows.append(("Final ACE vs DFT hold-out", accuracy))
     return key_value_table(rows)
 
@@ -115,29 +116,32 @@ def _unfinished_state(run: RunRecord) -> str:
     return f"the run has not finished ({run.summary.problem}): still running, or killed"
 
 
-def _accuracy_sentence(number: int, validation: dict[str, Any]) -> str:
-    target = validation["target"]
-    final = validation["models"]["final_ace"]
-    met = validation.get("target_met")
-    verdict = _VERDICT.get(met, "")
+def _accuracy_sentence(number: int, validation: ValidationRecord) -> str:
+    target = validation.target
+    final = validation.models["final_ace"]
+    verdict = _VERDICT.get(validation.target_met, "")
     others = "; ".join(
-        f"{label} {_rmse_pair(model['energy_rmse_mev_per_atom'], model['forces_rmse_mev_per_a'])}"
+        f"{label} {_rmse_pair(model.energy_rmse_mev_per_atom, model.forces_rmse_mev_per_a)}"
         for key, label, _colour in MODELS
-        if key != "final_ace" and (model := validation["models"].get(key)) is not None
+        if key != "final_ace" and (model := validation.models.get(key)) is not None
     )
-    stability = validation.get("md_stability")
+    stability = validation.md_stability
     stable = (
-        f" MD stability: {stability['n_survivors']}/{stability['n_runs']} runs survive {stability['steps']} steps."
+        f" MD stability: {stability.n_survivors}/{stability.n_runs} runs survive {stability.steps} steps."
         if stability
         else ""
     )
     return (
-        f"<b>{_rmse_pair(final['energy_rmse_mev_per_atom'], final['forces_rmse_mev_per_a'])}</b> "
-        f"(target {_rmse_pair(target['energy_mev_per_atom'], target['forces_mev_per_a'])}): "
+        f"<b>{_rmse_pair(final.energy_rmse_mev_per_atom, final.forces_rmse_mev_per_a)}</b> "
+        f"(target {_rmse_pair(target.energy_mev_per_atom, target.forces_mev_per_a)}): "
         f"{verdict}. For comparison: {escape(others)}. "
-        f"Iteration {number}, {escape(str(validation.get('n_holdout', '?')))} "
-        f"hold-out structures at {escape(str(validation.get('level_of_theory', '?')))}.{escape(stable)}"
+        f"Iteration {number}, {escape(_or_unknown(validation.n_holdout))} "
+        f"hold-out structures at {escape(_or_unknown(validation.level_of_theory))}.{escape(stable)}"
     )
+
+
+def _or_unknown(value: Any) -> str:
+    return "?" if value is None else str(value)
 
 
 def teacher_section(run: RunRecord, out_dir: Path) -> str:
@@ -145,21 +149,16 @@ def teacher_section(run: RunRecord, out_dir: Path) -> str:
     if data is None:
         model = run.config.get("teacher", {}).get("model", "bundled")
         return f"<p>The teacher is <code>{escape(str(model))}</code> (teacher.model; not trained by the run).</p>"
-    e0s = data.get("isolated_atom_energies_ev") or {}
+    e0s = data.isolated_atom_energies_ev
+    energy_rmse, forces_rmse = data.validation_rmse()
     rows = [
-        ("Level of theory of its labels", escape(str(data.get("level_of_theory", "?")))),
-        ("Pool structures", fmt(data.get("n_pool"), 0)),
-        ("MD frames at that level", fmt(data.get("n_md_frames"), 0)),
-        ("Labelled (trained on and validated)", fmt(data.get("n_labelled"), 0)),
-        (
-            "Left out: failed / force above the cap",
-            f"{fmt(data.get('n_failed'), 0)} / {fmt(data.get('n_above_max_force'), 0)}",
-        ),
-        ("Epochs", fmt(data.get("epochs_count"), 0)),
-        (
-            "Validation RMSE (its own level)",
-            _rmse_pair(1000 * float(data["energy_rmse_ev_per_atom"]), 1000 * float(data["forces_rmse_ev_per_a"])),
-        ),
+        ("Level of theory of its labels", escape(data.level_of_theory)),
+        ("Pool structures", fmt(data.n_pool, 0)),
+        ("MD frames at that level", fmt(data.n_md_frames, 0)),
+        ("Labelled (trained on and validated)", fmt(data.n_labelled, 0)),
+        ("Left out: failed / force above the cap", f"{fmt(data.n_failed, 0)} / {fmt(data.n_above_max_force, 0)}"),
+        ("Epochs", fmt(data.training_metrics.get("epochs_count"), 0)),
+        ("Validation RMSE (its own level)", _rmse_pair(1000 * energy_rmse, 1000 * forces_rmse)),
         (
             "Isolated-atom energies E0 (eV)",
             escape(", ".join(f"{chemical_symbols[int(z)]} {e:.4f}" for z, e in sorted(e0s.items(), key=_by_number))),
@@ -180,20 +179,19 @@ def selection_section(run: RunRecord, out_dir: Path) -> str:
     data = run.selection.data
     if data is None:
         return missing_note(f"no DIRECT selection record: {run.selection.problem}")
-    variance = data.get("explained_variance_ratio") or []
     rows = [
-        ("Pool structures", fmt(data.get("n_pool"), 0)),
-        ("Rejected while building the pool", fmt(data.get("n_rejected"), 0)),
-        ("Dropped for teacher forces above the cap", fmt(data.get("n_rejected_teacher_force"), 0)),
-        ("Rattle amplitudes (Å)", escape(", ".join(f"{a:g}" for a in data.get("rattle_amplitudes_a") or []))),
-        ("Selected by DIRECT", fmt(data["n_selected"], 0)),
-        ("Coverage of the pool's feature space", fmt(data["coverage"], 3)),
-        ("Featuriser", escape(str(data.get("featuriser", "?")))),
+        ("Pool structures", fmt(data.n_pool, 0)),
+        ("Rejected while building the pool", fmt(data.n_rejected, 0)),
+        ("Dropped for teacher forces above the cap", fmt(data.n_rejected_teacher_force, 0)),
+        ("Rattle amplitudes (Å)", escape(", ".join(f"{a:g}" for a in data.rattle_amplitudes_a or []))),
+        ("Selected by DIRECT", fmt(data.n_selected, 0)),
+        ("Coverage of the pool's feature space", fmt(data.coverage, 3)),
+        ("Featuriser", escape(_or_unknown(data.featuriser))),
         (
             "Principal components (explained variance)",
-            f"{fmt(data.get('n_components'), 0)} ({fmt(sum(variance), 3)})",
+            f"{fmt(data.n_components, 0)} ({fmt(sum(data.explained_variance_ratio), 3)})",
         ),
-        ("Clusters", fmt(data.get("n_clusters"), 0)),
+        ("Clusters", fmt(data.n_clusters, 0)),
     ]
     return key_value_table(rows)
 
@@ -221,26 +219,26 @@ def active_learning_section(run: RunRecord, out_dir: Path) -> str:
     for iteration in run.iterations:
         record = iteration.active_learning.data
         validation = iteration.validation.data
-        after_validation = validation.get("dft_calls_total") if validation is not None else None
+        after_validation = validation.dft_calls_total if validation is not None else None
         if record is None:
             rows.append([str(iteration.number), *[missing_note(iteration.active_learning.problem)], *[""] * 8])
             continue
-        factor = float(record["calibration_factor"])
-        calibrated = factor * np.asarray(record["pool_committee_max_force_std_ev_per_a"], dtype=np.float64)
-        threshold = float(record["force_error_threshold_ev_per_a"])
-        chosen = np.asarray(record.get("chosen_pool_indices", []), dtype=np.int64)
-        end = float(after_validation if after_validation is not None else record["dft_calls_charged"])
+        factor = record.calibration_factor
+        calibrated = factor * np.asarray(record.pool_committee_max_force_std_ev_per_a, dtype=np.float64)
+        threshold = record.force_error_threshold_ev_per_a
+        chosen = np.asarray(record.chosen_pool_indices, dtype=np.int64)
+        end = float(after_validation if after_validation is not None else record.dft_calls_charged)
         cumulative.append((iteration.number, end))
         rows.append(
             [
                 str(iteration.number),
                 fmt(end - previous, 0),
-                fmt(record["dft_calls_charged"], 0),
+                fmt(record.dft_calls_charged, 0),
                 fmt(after_validation, 0),
                 fmt(factor, 2),
                 fmt(len(calibrated), 0),
                 fmt(int((calibrated > threshold).sum()), 0),
-                fmt(len(record.get("excluded_by_force_pool_indices", [])), 0),
+                fmt(len(record.excluded_by_force_pool_indices), 0),
                 fmt(len(chosen), 0),
                 fmt(calibrated.max() if len(calibrated) else None, 3),
             ]
@@ -266,16 +264,15 @@ def validation_section(run: RunRecord, out_dir: Path) -> str:
         return missing_note("validation is missing: " + _validation_problems(run))
     validation = last.validation.data
     assert validation is not None
-    reference = validation["reference"]
-    ref_energy = np.asarray(reference["energy_per_atom_ev"], dtype=np.float64)
-    ref_forces = np.asarray(reference["forces_ev_per_a"], dtype=np.float64).reshape(-1)
+    ref_energy = np.asarray(validation.reference.energy_per_atom_ev, dtype=np.float64)
+    ref_forces = np.asarray(validation.reference.forces_ev_per_a, dtype=np.float64).reshape(-1)
     fig, (energy_ax, force_ax) = figure(ncols=2, size=(11, 5))
     for key, label, colour in MODELS:
-        model = validation["models"].get(key)
+        model = validation.models.get(key)
         if model is None:
             continue
-        energy = np.asarray(model["energy_per_atom_ev"], dtype=np.float64)
-        forces = np.asarray(model["forces_ev_per_a"], dtype=np.float64).reshape(-1)
+        energy = np.asarray(model.energy_per_atom_ev, dtype=np.float64)
+        forces = np.asarray(model.forces_ev_per_a, dtype=np.float64).reshape(-1)
         if energy.shape != ref_energy.shape or forces.shape != ref_forces.shape:
             raise ValueError(
                 f"{key}: {len(energy)} energies / {len(forces)} force components, the reference has "
@@ -287,7 +284,7 @@ def validation_section(run: RunRecord, out_dir: Path) -> str:
             s=18,
             color=colour,
             alpha=0.75,
-            label=f"{label}: RMSE {fmt(model['energy_rmse_mev_per_atom'], 1)} meV/atom",
+            label=f"{label}: RMSE {fmt(model.energy_rmse_mev_per_atom, 1)} meV/atom",
         )
         force_ax.scatter(
             ref_forces,
@@ -295,15 +292,15 @@ def validation_section(run: RunRecord, out_dir: Path) -> str:
             s=8,
             color=colour,
             alpha=0.5,
-            label=f"{label}: RMSE {fmt(model['forces_rmse_mev_per_a'], 1)} meV/Å",
+            label=f"{label}: RMSE {fmt(model.forces_rmse_mev_per_a, 1)} meV/Å",
         )
     parity_axes(energy_ax, "energy per atom (eV/atom)")
     parity_axes(force_ax, "force component (eV/Å)")
-    fig.suptitle(f"Iteration {last.number}: models vs the DFT hold-out ({validation.get('level_of_theory', '')})")
+    fig.suptitle(f"Iteration {last.number}: models vs the DFT hold-out ({validation.level_of_theory or ''})")
     intro = (
-        f"<p>Iteration {last.number}: {escape(str(validation.get('n_holdout', '?')))} hold-out structures labelled at "
-        f"{escape(str(validation.get('level_of_theory', '?')))}, never used for training. "
-        f"{_VERDICT.get(validation.get('target_met'), '')}</p>"
+        f"<p>Iteration {last.number}: {escape(_or_unknown(validation.n_holdout))} hold-out structures labelled at "
+        f"{escape(_or_unknown(validation.level_of_theory))}, never used for training. "
+        f"{_VERDICT.get(validation.target_met, '')}</p>"
     )
     return (
         intro
@@ -320,24 +317,24 @@ def ablation_section(run: RunRecord, out_dir: Path) -> str:
         return missing_note("no validation yet, so no ablation: " + _validation_problems(run))
     validation = chosen.validation.data
     assert validation is not None
-    ablation = validation.get("ablation")
-    if not ablation:
+    ablation = validation.ablation
+    if ablation is None:
         return missing_note(
             f"{in_iteration(chosen.number, VALIDATION_RECORD)} has no ablation (a run from before the ablation)"
         )
     intro = (
         f"<p>The ablation: the same ACE (settings, cutoff, fit) fitted directly on the "
-        f"{fmt(ablation.get('n_training_structures'), 0)} DFT training structures of iteration {chosen.number} "
+        f"{fmt(ablation.n_training_structures, 0)} DFT training structures of iteration {chosen.number} "
         "— no teacher, no surrogate data — and scored on the same hold-out and profile as the run's models.</p>"
     )
-    if ablation.get("error"):
-        return intro + f'<p class="bad">The direct fit could not be made: {escape(str(ablation["error"]))}</p>'
-    profile = validation.get("profile") or {}
-    barriers = profile.get("central_barrier_kcal_per_mol", {})
+    if ablation.error:
+        return intro + f'<p class="bad">The direct fit could not be made: {escape(ablation.error)}</p>'
+    # Per method ("dft" and the models): the central barrier, when the run computed a profile.
+    barriers = validation.profile.central_barrier_kcal_per_mol if validation.profile is not None else {}
     dft = barriers.get("dft")
     rows = []
     for key, label, _colour in MODELS:
-        model = validation["models"].get(key)
+        model = validation.models.get(key)
         if model is None:
             continue
         barrier = barriers.get(key)
@@ -346,11 +343,11 @@ def ablation_section(run: RunRecord, out_dir: Path) -> str:
         rows.append(
             [
                 name,
-                fmt(model["energy_rmse_mev_per_atom"], 1),
-                fmt(model["forces_rmse_mev_per_a"], 1),
+                fmt(model.energy_rmse_mev_per_atom, 1),
+                fmt(model.forces_rmse_mev_per_a, 1),
                 fmt(barrier, 2),
                 fmt(error, 2),
-                _gamma(model.get("max_gamma")),
+                _gamma(model.max_gamma),
             ]
         )
     header = [
@@ -362,11 +359,11 @@ def ablation_section(run: RunRecord, out_dir: Path) -> str:
         "max γ on the hold-out",
     ]
     table = html_table(header, rows)
-    gain = ablation.get("gain")
-    if not gain:
+    gain = ablation.gain
+    if gain is None:
         return intro + table
-    ratio = float(gain["forces_rmse_ratio_final_over_direct"])
-    energy_ratio = float(gain["energy_rmse_ratio_final_over_direct"])
+    ratio = gain.forces_rmse_ratio_final_over_direct
+    energy_ratio = gain.energy_rmse_ratio_final_over_direct
     verdict = (
         '<b class="good">the distillation earns its place on forces</b>'
         if ratio < 1
@@ -384,23 +381,23 @@ def learning_curve_section(run: RunRecord, out_dir: Path) -> str:
     if not validated:
         return missing_note("no validation yet, so no learning curve: " + _validation_problems(run))
     numbers = [it.number for it in validated]
-    records = [it.validation.data for it in validated]
-    assert all(r is not None for r in records)
+    records = [it.validation.data for it in validated if it.validation.data is not None]
     fig, (force_ax, energy_ax) = figure(ncols=2, size=(11, 4))
     header = ["iteration"]
     for _key, label, _colour in MODELS:
         header += [f"{label}: E (meV/atom)", f"{label}: F (meV/Å)"]
     rows = [[str(n)] for n in numbers]
     for key, label, colour in MODELS:
-        energies = [_rmse(r, key, "energy_rmse_mev_per_atom") for r in records]  # type: ignore[arg-type]
-        forces = [_rmse(r, key, "forces_rmse_mev_per_a") for r in records]  # type: ignore[arg-type]
+        scores = [r.models.get(key) for r in records]
+        energies = [None if s is None else s.energy_rmse_mev_per_atom for s in scores]
+        forces = [None if s is None else s.forces_rmse_mev_per_a for s in scores]
         for row, e, f in zip(rows, energies, forces, strict=True):
             row += [fmt(e, 1), fmt(f, 1)]
         force_ax.plot(numbers, [math.nan if f is None else f for f in forces], "o-", color=colour, label=label)
         energy_ax.plot(numbers, [math.nan if e is None else e for e in energies], "o-", color=colour, label=label)
-    target = records[-1]["target"]  # type: ignore[index]
-    force_ax.axhline(float(target["forces_mev_per_a"]), color="black", ls="--", label="target")
-    energy_ax.axhline(float(target["energy_mev_per_atom"]), color="black", ls="--", label="target")
+    target = records[-1].target
+    force_ax.axhline(target.forces_mev_per_a, color="black", ls="--", label="target")
+    energy_ax.axhline(target.energy_mev_per_atom, color="black", ls="--", label="target")
     force_ax.set(xlabel="iteration", ylabel="force RMSE (meV/Å)", title="forces")
     energy_ax.set(xlabel="iteration", ylabel="energy RMSE (meV/atom)", title="energies")
     for ax in (force_ax, energy_ax):
@@ -418,21 +415,20 @@ def profile_section(run: RunRecord, out_dir: Path) -> str:
         return missing_note("no validation yet, so no energy profile: " + _validation_problems(run))
     validation = last.validation.data
     assert validation is not None
-    profile = validation.get("profile")
-    if not profile:
+    profile = validation.profile
+    if profile is None:
         return missing_note(
             "no energy profile was computed for this system "
             f"(profile is null in {in_iteration(last.number, VALIDATION_RECORD)})"
         )
-    xi = np.asarray(profile["xi_a"], dtype=np.float64)
-    barriers = profile.get("central_barrier_kcal_per_mol", {})
+    xi = np.asarray(profile.xi_a, dtype=np.float64)
+    barriers = profile.central_barrier_kcal_per_mol
     fig, (ax,) = figure(ncols=1, size=(7, 4.5))
     curves = [("dft", "DFT", DFT_COLOUR), *MODELS]
     for key, label, colour in curves:
-        energies = profile["energies_ev"].get(key)
-        if energies is None:
+        if key not in profile.energies_ev:
             continue
-        energies = np.asarray(energies, dtype=np.float64)
+        energies = np.asarray(profile.energies_ev[key], dtype=np.float64)
         if energies.shape != xi.shape:
             raise ValueError(f"profile {key}: {len(energies)} energies for {len(xi)} points of ξ")
         relative = (energies - energies.min()) * KCAL_PER_MOL_PER_EV
@@ -507,16 +503,16 @@ def artifacts_section(run: RunRecord, out_dir: Path) -> str:
 # -- pieces of several sections ------------------------------------------------------------------------------------
 
 
-def _rmse_table(validation: dict[str, Any]) -> str:
-    target = validation["target"]
+def _rmse_table(validation: ValidationRecord) -> str:
+    target = validation.target
     rows = []
     for key, label, _colour in MODELS:
-        model = validation["models"].get(key)
+        model = validation.models.get(key)
         if model is None:
             rows.append([label, missing_note("not validated"), ""])
             continue
-        rows.append([label, fmt(model["energy_rmse_mev_per_atom"], 1), fmt(model["forces_rmse_mev_per_a"], 1)])
-    rows.append(["<i>target</i>", fmt(target["energy_mev_per_atom"], 1), fmt(target["forces_mev_per_a"], 1)])
+        rows.append([label, fmt(model.energy_rmse_mev_per_atom, 1), fmt(model.forces_rmse_mev_per_a, 1)])
+    rows.append(["<i>target</i>", fmt(target.energy_mev_per_atom, 1), fmt(target.forces_mev_per_a, 1)])
     return html_table(["model", "energy RMSE (meV/atom)", "force RMSE (meV/Å)"], rows)
 
 
@@ -526,24 +522,23 @@ _SOURCE_LABELS = {
 }
 
 
-def _source_table(validation: dict[str, Any]) -> str:
+def _source_table(validation: ValidationRecord) -> str:
     """Force and energy RMSE per hold-out source: the run's own MD against the independent one."""
-    sources = sorted(validation.get("n_holdout_by_source") or {})
-    if len(sources) < 2:
+    counts = validation.n_holdout_by_source
+    if len(counts) < 2:
         return ""
-    header = ["model"] + [
-        f"{_SOURCE_LABELS.get(src, src)} ({validation['n_holdout_by_source'][src]}): E, F" for src in sources
-    ]
+    sources = sorted(counts)
+    header = ["model"] + [f"{_SOURCE_LABELS.get(src, src)} ({counts[src]}): E, F" for src in sources]
     rows = []
     for key, label, _colour in MODELS:
-        by_source = validation["models"].get(key, {}).get("by_source")
-        if not by_source:
+        model = validation.models.get(key)
+        if model is None or not model.by_source:
             continue
         rows.append(
             [escape(label)]
             + [
-                _rmse_pair(by_source[src]["energy_rmse_mev_per_atom"], by_source[src]["forces_rmse_mev_per_a"])
-                if src in by_source
+                _rmse_pair(scores.energy_rmse_mev_per_atom, scores.forces_rmse_mev_per_a)
+                if (scores := model.by_source.get(src)) is not None
                 else "–"
                 for src in sources
             ]
@@ -551,27 +546,25 @@ def _source_table(validation: dict[str, Any]) -> str:
     return "<p>By source of the hold-out structures:</p>" + html_table(header, rows)
 
 
-def _stability_text(validation: dict[str, Any]) -> str:
-    stability = validation.get("md_stability")
-    if not stability:
+def _stability_text(validation: ValidationRecord) -> str:
+    stability = validation.md_stability
+    if stability is None:
         return ""
-    n_runs, survivors = int(stability["n_runs"]), int(stability["n_survivors"])
+    n_runs, survivors = stability.n_runs, stability.n_survivors
     css = "good" if survivors == n_runs else "bad"
-    per_t = ", ".join(f"{t} K: {s}/{n}" for t, (s, n) in stability["survivors_by_temperature"].items())
+    per_t = ", ".join(f"{t} K: {s}/{n}" for t, (s, n) in stability.survivors_by_temperature.items())
     lost = [
-        f"seed {run['seed']} at {fmt(run['temperature_k'], 0)} K: {run['problem']}"
-        for run in stability["runs"]
-        if not run["survived"]
+        f"seed {run.seed} at {fmt(run.temperature_k, 0)} K: {run.problem}" for run in stability.runs if not run.survived
     ]
     text = (
         f'<p>MD stability of the final ACE: <b class="{css}">{survivors}/{n_runs} runs survive</b> '
-        f"{escape(str(stability['steps']))} steps of {fmt(stability['timestep_fs'], 2)} fs ({escape(per_t)}).</p>"
+        f"{stability.steps} steps of {fmt(stability.timestep_fs, 2)} fs ({escape(per_t)}).</p>"
     )
     # A survivor that split into the seeds' own fragments (Cl⁻ leaving CH3Cl at 1000 K) is physics, named so.
     dissociated = [
-        f"seed {run['seed']} at {fmt(run['temperature_k'], 0)} K survived and dissociated {run['dissociation']}"
-        for run in stability["runs"]
-        if run["survived"] and run.get("dissociation")
+        f"seed {run.seed} at {fmt(run.temperature_k, 0)} K survived and dissociated {run.dissociation}"
+        for run in stability.runs
+        if run.survived and run.dissociation
     ]
     if lost or dissociated:
         text += "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in [*lost, *dissociated]) + "</ul>"
@@ -584,11 +577,6 @@ def _gamma(value: Any) -> str:
         return "–"
     number = float(value)
     return f"{number:.2f}" if number < 1000 else f"{number:.2e}"
-
-
-def _rmse(validation: dict[str, Any], model: str, key: str) -> float | None:
-    value = validation["models"].get(model, {}).get(key)
-    return None if value is None else float(value)
 
 
 def _validation_problems(run: RunRecord) -> str:
