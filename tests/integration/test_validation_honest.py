@@ -76,25 +76,25 @@ def test_stability_md_of_the_final_ace_and_the_independent_hold_out_md(tmp_path:
 
     assert stable is not None and collapsed is not None and split is not None and none is None
     # 3 seeds × the md temperatures (300, 600 K), one run each.
-    assert stable["n_runs"] == 6 and stable["survivors_by_temperature"].keys() == {"300", "600"}
-    assert sorted((run["seed"], run["temperature_k"]) for run in stable["runs"]) == [
+    assert stable.n_runs == 6 and stable.survivors_by_temperature.keys() == {"300", "600"}
+    assert sorted((run.seed, run.temperature_k) for run in stable.runs) == [
         (s, t) for s in range(3) for t in (300.0, 600.0)
     ]
     # This ACE is fitted on 60 rattled frames only: it holds at 300 K for 40 steps, and a run it loses says why.
-    assert all(run["survived"] and run["steps_done"] == 40 for run in stable["runs"] if run["temperature_k"] == 300)
-    for run in stable["runs"]:
-        assert run["survived"] == (run["problem"] is None)
-        assert run["survived"] or any(
-            reason in run["problem"] for reason in ("min_distance", "threw it", "no fragment of any seed")
+    assert all(run.survived and run.steps_done == 40 for run in stable.runs if run.temperature_k == 300)
+    for run in stable.runs:
+        assert run.survived == (run.problem is None)
+        assert run.survived or any(
+            reason in (run.problem or "") for reason in ("min_distance", "threw it", "no fragment of any seed")
         )
-    assert stable["n_survivors"] == sum(run["survived"] for run in stable["runs"]) >= 3
-    assert collapsed["n_survivors"] == 0
-    assert all("min_distance" in run["problem"] for run in collapsed["runs"])
-    assert split["n_survivors"] > 0 and split["n_dissociated"] == split["n_survivors"]
-    for run in split["runs"]:
+    assert stable.n_survivors == sum(run.survived for run in stable.runs) >= 3
+    assert collapsed.n_survivors == 0
+    assert all("min_distance" in (run.problem or "") for run in collapsed.runs)
+    assert split.n_survivors > 0 and split.n_dissociated == split.n_survivors
+    for run in split.runs:
         # The seeds are CH3Cl + Cl (reactant, product) and CH3Cl2 (TS): the record names the pieces.
-        assert not run["survived"] or "into CH3Cl" in run["dissociation"]
-        assert run["survived"] or "no fragment of any seed" in run["problem"] or "threw it" in run["problem"]
+        assert not run.survived or "into CH3Cl" in (run.dissociation or "")
+        assert run.survived or "no fragment of any seed" in (run.problem or "") or "threw it" in (run.problem or "")
 
     frames = read_structures(store.path(frames_ref))
     assert len(frames) >= 20
