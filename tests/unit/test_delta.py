@@ -78,6 +78,32 @@ def test_surrogate_rows_anchor_the_correction_to_the_base() -> None:
     assert change_on_surrogate(anchored.coeffs) < 0.5 * change_on_surrogate(free.coeffs)
 
 
+def test_cross_validation_from_the_kept_dft_rows_equals_the_one_decomposition_per_fold_way() -> None:
+    """The delta's CV solves every fold from one decomposition of the anchor and the DFT rows
+    (`_AnchoredRidge`); it must give the table, λ and coefficients of the plain way, reference shifts included."""
+    frames = xtb_frames()[:40]
+    design = linear_ace.AceDesign(pyace.ACEBBasisSet(basis_config(ELEMENTS, 5.0, 10)), reference_elements=ELEMENTS)
+    dft, surrogate = frames[:8], frames[8:]
+    rng = np.random.default_rng(1)
+    residuals = linear_ace.Targets(rng.normal(0, 0.01, len(dft)), [rng.normal(0, 0.1, (len(a), 3)) for a in dft])
+    rows = linear_ace.FoldRows()
+    equations = linear_ace.accumulate(design, dft, residuals, np.arange(len(dft)) % 4, 4, keep_rows=rows)
+    assert rows.count == linear_ace.row_count(dft, residuals) == sum(1 + 3 * len(a) for a in dft)
+    zero = linear_ace.Targets(np.zeros(len(surrogate)), [np.zeros((len(a), 3)) for a in surrogate])
+    anchor = linear_ace.accumulate(
+        design, surrogate, zero, np.zeros(len(surrogate), dtype=int), 1, with_references=False
+    )
+    anchor_gram = 3.0 * anchor.total(linear_ace.DEFAULT_FORCES_SHARE)[0]
+    options = {"anchor_gram": anchor_gram, "n_unpenalised": len(ELEMENTS), "one_standard_error": True}
+    plain = linear_ace.fit_ridge_cv(equations, **options)
+    from_rows = linear_ace.fit_ridge_cv(equations, rows=rows, **options)
+    assert from_rows.lam == plain.lam
+    losses = np.array([[row["cv_loss"] for row in fit.table] for fit in (plain, from_rows)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+    np.testing.assert_allclose(from_rows.coeffs, plain.coeffs, rtol=1e-7, atol=1e-9 * np.abs(plain.coeffs).max())
+    assert np.abs(plain.coeffs[-len(ELEMENTS) :]).max() > 0  # the reference shifts took part
+
+
 def test_delta_corrects_xtb_base_towards_level_b_on_held_out_frames(tmp_path: Path) -> None:
     frames = xtb_frames()
     surrogate, rest = frames[:70], frames[70:]

@@ -229,7 +229,13 @@ def fit_linear_delta(
     except linear_ace.LinearAceError as exc:
         raise InvalidInputError(str(exc)) from None
     folds = linear_ace.fold_assignment(len(dft_frames), n_folds, seed)
-    dft_equations = linear_ace.accumulate(design, dft_frames, residuals, folds, n_folds, report, "DFT rows")
+    # A few DFT rows (the usual case) are kept: the cross-validation over ω and λ then needs one decomposition
+    # per ω instead of one per fold and ω (`linear_ace.fit_ridge_cv`).
+    few_rows = linear_ace.uses_few_rows(linear_ace.row_count(dft_frames, residuals), design.n_columns)
+    dft_rows = linear_ace.FoldRows() if few_rows else None
+    dft_equations = linear_ace.accumulate(
+        design, dft_frames, residuals, folds, n_folds, report, "DFT rows", keep_rows=dft_rows
+    )
     anchor_gram = None
     if anchor:
         # The anchor holds the basis part of the correction at zero; it leaves the reference shifts free.
@@ -252,6 +258,7 @@ def fit_linear_delta(
             n_unpenalised=n_free,
             stress_weight=stress_weight,
             one_standard_error=True,
+            rows=dft_rows,
         )
         report_cross_validation(fit, progress, member=index)
         log.info("delta: surrogate weight %.3g → λ %.1e, CV loss %.4g", weight, fit.lam, fit.best_cv_loss)

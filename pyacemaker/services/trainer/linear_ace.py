@@ -501,16 +501,42 @@ def accumulate(
     stage: str = "design",
     with_references: bool = True,
     into: FoldedNormalEquations | None = None,
+    keep_rows: FoldRows | None = None,
 ) -> FoldedNormalEquations:
     """Fold every structure's rows into its fold's normal equations, a chunk at a time (`chunks`); stress rows
     for the frames whose `targets.stress` entry is given. Without `with_references` the reference-energy
     columns are left out of these rows (zero). The targets are taken as given: a caller whose labels include
     the basis's fixed part subtracts it first (`fixed_part`, `fixed_stress`). `into`: equations of other
-    structures (same design and folds) to add these to."""
+    structures (same design and folds) to add these to. `keep_rows`: the rows are also kept there (for a small
+    set whose cross-validation can then use them, `fit_ridge_cv`)."""
     equations = into or FoldedNormalEquations(design.n_columns, n_folds, with_stress=targets.has_stress)
     with _garbage_collection_paused():
-        _accumulate_into(equations, design, frames, targets, folds, progress, stage, with_references)
+        _accumulate_into(equations, design, frames, targets, folds, progress, stage, with_references, keep_rows)
     return equations
+
+
+@dataclass
+class FoldRows:
+    """The rows behind normal equations, kept when there are few (a delta fit's DFT set): per block of rows its
+    fold, its kind (0 energy, 1 forces, 2 stress: the three weights of `FoldedNormalEquations.weights`), the
+    rows and their targets."""
+
+    blocks: list[tuple[int, int, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return sum(len(targets) for _, _, _, targets in self.blocks)
+
+    def weighted(
+        self, equations: FoldedNormalEquations, forces_share: float, stress_weight: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows × √weight, targets × √weight, fold of each row): XᵀX and Xᵀy of the rows outside a fold are
+        that fold's `equations.total(..., leave_out=fold)`."""
+        weights = np.sqrt(equations.weights(forces_share, stress_weight))
+        rows = np.vstack([weights[kind] * block for _, kind, block, _ in self.blocks])
+        targets = np.concatenate([weights[kind] * values for _, kind, _, values in self.blocks])
+        folds = np.concatenate([np.full(len(values), fold) for fold, _, _, values in self.blocks])
+        return rows, targets, folds
 
 
 @contextlib.contextmanager
@@ -535,6 +561,7 @@ def _accumulate_into(
     progress: ProgressCallback | None,
     stage: str,
     with_references: bool,
+    keep_rows: FoldRows | None = None,
 ) -> None:
     for structures in chunks([len(atoms) for atoms in frames]):
         stop = structures.stop
@@ -553,15 +580,12 @@ def _accumulate_into(
                 lists[4].append(design.stress_rows(frames[i]))
                 lists[5].append(np.asarray(stress, dtype=np.float64).ravel())
         for fold, (e_rows, e_targets, f_rows, f_targets, s_rows, s_targets) in chunk.items():
-            equations.add(
-                fold,
-                np.array(e_rows),
-                np.array(e_targets),
-                np.vstack(f_rows),
-                np.concatenate(f_targets),
-                np.vstack(s_rows) if s_rows else None,
-                np.concatenate(s_targets) if s_targets else None,
-            )
+            blocks = [(np.array(e_rows), np.array(e_targets)), (np.vstack(f_rows), np.concatenate(f_targets))]
+            if s_rows:
+                blocks.append((np.vstack(s_rows), np.concatenate(s_targets)))
+            equations.add(fold, *blocks[0], *blocks[1], *(blocks[2] if s_rows else (None, None)))
+            if keep_rows is not None:
+                keep_rows.blocks += [(fold, kind, rows, values) for kind, (rows, values) in enumerate(blocks)]
         if progress is not None:
             progress(stop, len(frames), f"{stage}: rows of {stop}/{len(frames)} structures")
 
@@ -606,6 +630,75 @@ class _ScaledRidge:
         return np.concatenate([penalised, free])
 
 
+# Relative singular-value cutoff of the unpenalised columns' rows: the pseudo-inverse _ScaledRidge takes of their
+# Gram matrix with rcond 1e-10 keeps the same directions (eigenvalues of XᵀX are squared singular values of X).
+_FREE_RCOND = 1e-5
+
+
+class _AnchoredRidge:
+    """The solutions _ScaledRidge gives for (A + XᵀX + λ S²) c = Xᵀy, when A (the delta fit's anchor: no right-hand
+    side, zero in the unpenalised columns) is the same for every cross-validation fold and X has few rows: from
+    one eigendecomposition of the scaled A (`anchor_eigen`, shared by all folds) instead of one per fold.
+
+    The unpenalised columns are eliminated as there, which leaves W = P X_a with P the projector off their rows'
+    span, so the system in the penalised unknowns is (A_s + λ + U Uᵀ) z = U y in the eigenbasis of A_s, with
+    U = Vᵀ S⁻¹ Wᵀ (functions × rows). The push-through identity turns it into a system of the rows' size:
+    z = D⁻¹ U (1 + Uᵀ D⁻¹ U)⁻¹ y with D = eigenvalues + λ. Per λ that costs rows² × functions, against
+    functions³ for a decomposition; exact, not an approximation (a test compares both)."""
+
+    def __init__(
+        self,
+        anchor_eigen: tuple[np.ndarray, np.ndarray],
+        rows: np.ndarray,
+        targets: np.ndarray,
+        scale: np.ndarray,
+        n_free: int = 0,
+    ) -> None:
+        p = rows.shape[1] - n_free
+        self.n_free = n_free
+        self.scale = scale[:p]
+        self.eigenvalues, self.vectors = anchor_eigen
+        self.rows_a, self.targets = rows[:, :p], targets
+        projected = self.rows_a
+        if n_free:
+            left, singular, right = np.linalg.svd(rows[:, p:], full_matrices=False)
+            keep = singular > _FREE_RCOND * max(float(singular.max(initial=0.0)), np.finfo(float).tiny)
+            span = left[:, keep]
+            self.free_solve = (right[keep].T / singular[keep]) @ span.T  # the pseudo-inverse of the free rows
+            projected = self.rows_a - span @ (span.T @ self.rows_a)
+        self.u = self.vectors.T @ (projected / self.scale).T
+
+    def solve(self, lam: float) -> np.ndarray:
+        weighted = self.u / (self.eigenvalues + lam)[:, None]
+        system = self.u.T @ weighted
+        system[np.diag_indices_from(system)] += 1.0
+        penalised = (self.vectors @ (weighted @ np.linalg.solve(system, self.targets))) / self.scale
+        if not self.n_free:
+            return penalised
+        free = self.free_solve @ (self.targets - self.rows_a @ penalised)
+        return np.concatenate([penalised, free])
+
+
+def _anchor_eigen(anchor_gram: np.ndarray, scale: np.ndarray, n_free: int) -> tuple[np.ndarray, np.ndarray]:
+    p = len(scale) - n_free
+    if n_free and (np.any(anchor_gram[p:]) or np.any(anchor_gram[:, p:])):
+        raise LinearAceError("an anchor with rows in the unpenalised columns cannot share one decomposition")
+    eigenvalues, vectors = np.linalg.eigh(anchor_gram[:p, :p] / np.outer(scale[:p], scale[:p]))
+    return np.clip(eigenvalues, 0.0, None), vectors
+
+
+def row_count(frames: Sequence[Atoms], targets: Targets) -> int:
+    """Rows of the design matrix of these frames: energy, forces, and stress where `targets` has it."""
+    return sum(1 + 3 * len(atoms) + (6 if targets.stress_of(i) is not None else 0) for i, atoms in enumerate(frames))
+
+
+def uses_few_rows(n_rows: int, n_columns: int) -> bool:
+    """Whether cross-validation with an anchor is cheaper from the rows (`_AnchoredRidge`) than from one
+    decomposition per fold: per λ and fold it costs rows² × columns, a decomposition about 10 columns³, and
+    there are 19 λ; a quarter of the columns keeps the rows' way ahead and their memory small."""
+    return 0 < n_rows <= n_columns // 4
+
+
 @dataclass
 class RidgeFit:
     """The coefficients at the chosen λ, and the cross-validation table that chose it."""
@@ -633,13 +726,16 @@ def fit_ridge_cv(
     progress: ProgressCallback | None = None,
     stress_weight: float = 0.0,
     one_standard_error: bool = False,
+    rows: FoldRows | None = None,
 ) -> RidgeFit:
     """Ridge regression with λ chosen by K-fold cross-validation on the folds of `equations`.
 
     `anchor_gram` is an extra, always-included quadratic term with zero right-hand side (the delta fit's
     surrogate rows, whose targets are the base's own predictions, i.e. zero correction). The last
     `n_unpenalised` columns (reference energies) carry no penalty. `stress_weight` weighs the stress rows in
-    the fit and in the cross-validation loss (`FoldedNormalEquations.weights`).
+    the fit and in the cross-validation loss (`FoldedNormalEquations.weights`). `rows`: the rows `equations` were
+    made of, when they are few (`uses_few_rows`): with an anchor, every fold is then solved from one
+    decomposition of the anchor (`_AnchoredRidge`), with the same result.
 
     With `one_standard_error`, λ is the largest whose loss is within one standard error (over the folds) of the
     smallest loss (the "one-standard-error rule"): the most regularised fit the data cannot tell apart from the
@@ -652,10 +748,28 @@ def fit_ridge_cv(
     extra = anchor_gram if anchor_gram is not None else 0.0
     full_gram, full_rhs = equations.total(forces_share, stress_weight=stress_weight)
     scale = _column_scale(full_gram + extra)
+    solver: Callable[[int | None], _ScaledRidge | _AnchoredRidge]
+    if anchor_gram is not None and rows is not None and rows.count:
+        eigen = _anchor_eigen(anchor_gram, scale, n_unpenalised)
+        x, y, row_folds = rows.weighted(equations, forces_share, stress_weight)
+
+        def solver(leave_out: int | None) -> _ScaledRidge | _AnchoredRidge:
+            keep = row_folds != leave_out
+            return _AnchoredRidge(eigen, x[keep], y[keep], scale, n_unpenalised)
+
+    else:
+
+        def solver(leave_out: int | None) -> _ScaledRidge | _AnchoredRidge:
+            gram, rhs = (
+                (full_gram, full_rhs)
+                if leave_out is None
+                else equations.total(forces_share, leave_out=leave_out, stress_weight=stress_weight)
+            )
+            return _ScaledRidge(gram + extra, rhs, scale, n_unpenalised)
+
     sse = np.zeros((equations.n_folds, 3, len(lambdas)))
     for fold in range(equations.n_folds):
-        gram, rhs = equations.total(forces_share, leave_out=fold, stress_weight=stress_weight)
-        ridge = _ScaledRidge(gram + extra, rhs, scale, n_unpenalised)
+        ridge = solver(fold)
         for i, lam in enumerate(lambdas):
             sse[fold, :, i] = equations.squared_errors(fold, ridge.solve(lam))
         if progress is not None:
@@ -700,7 +814,7 @@ def fit_ridge_cv(
         if stress_rows:
             row["cv_virial_rmse_ev_per_atom"] = float(np.sqrt(mse_stress[i]))
         table.append(row)
-    coeffs = _ScaledRidge(full_gram + extra, full_rhs, scale, n_unpenalised).solve(lambdas[best])
+    coeffs = solver(None).solve(lambdas[best])
     if progress is not None:
         progress(equations.n_folds + 1, equations.n_folds + 1, f"final solve at lambda {lambdas[best]:.1e}")
     return RidgeFit(
