@@ -459,6 +459,10 @@ class VaspOracleConfig(_DftOracle):
         return setups
 
 
+# Structures per graph batch of the mace oracle backend unless a run or a user says otherwise.
+DEFAULT_MACE_BATCH_SIZE = 32
+
+
 class MaceOracleConfig(_Strict):
     """A MACE model or committee (mean and spread), e.g. the teacher or the fine-tuned committee."""
 
@@ -466,7 +470,7 @@ class MaceOracleConfig(_Strict):
     models: list[Path] = Field(
         default_factory=list, description="Model files; empty means the run's teacher (teacher.model)."
     )
-    batch_size: int = Field(32, ge=1, le=100_000, description="Structures per evaluation batch.")
+    batch_size: int = Field(DEFAULT_MACE_BATCH_SIZE, ge=1, le=100_000, description="Structures per evaluation batch.")
     default_dtype: Literal["float64", "float32"] = "float64"
     device: DeviceSetting = Field(
         "auto",
@@ -485,6 +489,14 @@ class AceOracleConfig(_Strict):
         None,
         description="The potential's active set (.asi); with it the labels carry the per-atom extrapolation "
         "grade γ. Needs the .yaml potential.",
+    )
+    processes: int = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="Processes that share a large batch (pyace runs on one core per process): 1 evaluates in "
+        "the oracle's own process, 0 uses one per core the oracle may run on. For MD of many replicas while "
+        "nothing else computes; a run asks for 0 in the student's MD and the stability MD.",
     )
 
 

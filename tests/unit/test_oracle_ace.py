@@ -120,3 +120,40 @@ def test_the_loaded_potential_is_reused_and_gives_the_same_labels(potential: Pat
         assert a.energy == b.energy == c.energy
         assert np.array_equal(a.forces, b.forces) and np.array_equal(b.forces, c.forces)
     assert per_label < 0.1  # loading the potential again for each label took ~0.7 s (measured)
+
+
+def test_a_large_batch_is_shared_by_worker_processes_with_the_labels_of_one_process(tmp_path: Path) -> None:
+    """`processes`: the replicas of an MD step split among worker processes (pyace holds the GIL, so threads
+    cannot share them); the labels, γ included, are those of the oracle's own process, and a worker killed while
+    idle costs nothing but a fresh pool."""
+    import os
+    import signal
+
+    from pyacemaker.services.oracle.backends.ace import MIN_STRUCTURES_PER_PROCESS
+    from pyacemaker.services.trainer.ace_fit import fit_linear_ace
+
+    frames = xtb_frames()
+    fit = fit_linear_ace(frames[:40], tmp_path, e0s=xtb_e0s(), cutoff=4.5, functions_per_element=6)
+    batch = [atoms.copy() for atoms in frames[40 : 40 + 2 * MIN_STRUCTURES_PER_PROCESS]]
+    options = {"backend": "ace", "potential": fit.yaml_path, "active_set": fit.asi_path}
+    here = AceBackend(AceOracleConfig(**options))
+    shared = AceBackend(AceOracleConfig(**options, processes=2))
+    expected = list(here.label_batch(batch))
+    for _ in range(2):
+        labelled = list(shared.label_batch(batch))
+        assert [labels.ok for labels in labelled] == [True] * len(batch)
+        for a, b in zip(expected, labelled, strict=True):
+            assert a.energy == b.energy
+            np.testing.assert_array_equal(a.forces, b.forces)
+            np.testing.assert_array_equal(a.uncertainty.extrapolation_grade, b.uncertainty.extrapolation_grade)
+    killed = set(shared.worker_pids)
+    assert 1 <= len(killed) <= 2 and os.getpid() not in killed  # spawned; a quick worker may take both parts
+    assert here.worker_pids == set()  # one process: nothing spawned
+    # A small batch stays in the oracle's process.
+    small = list(shared.label_batch(batch[:MIN_STRUCTURES_PER_PROCESS]))
+    assert small[0].energy == expected[0].energy
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    again = list(shared.label_batch(batch))
+    assert [labels.energy for labels in again] == [labels.energy for labels in expected]
+    assert shared.worker_pids - killed  # fresh workers labelled

@@ -15,13 +15,23 @@ that took 8.7 of the 9.9 ms a structure cost, which made the student's MD in ref
 run. Here pyace gives the projections only (1.3 ms) and the products of a whole batch run as one matrix product
 per element (0.5 ms a structure for a batch of 200). The grades agree with pyace's to round-off (2e-4 on
 grades of order 1, measured on the same structures).
+
+Processes (`processes`): pyace holds Python's global interpreter lock while it computes, so threads cannot share
+a batch; with processes > 1 a large batch (the replicas of one MD step) is split among worker processes, which
+every ace backend of the oracle shares and which keep the potentials they were given loaded, so the student's MD
+uses every core the oracle has. A part whose worker died goes once more to fresh workers, then gets FAILED labels.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import multiprocessing
+import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
@@ -38,6 +48,10 @@ from pyacemaker.services.oracle.backends.base import OracleBackend
 
 # Structures whose projections are graded together: bounds the projections held at once (atoms × functions).
 GRADE_BATCH_ATOMS = 20_000
+
+# Structures a worker process gets at least: a part costs well under 1 ms of pickling and process round trip, a
+# structure ~2-3 ms of pyace (6 atoms, 3000 functions).
+MIN_STRUCTURES_PER_PROCESS = 4
 
 # The element symbols of a structure's atoms and their projections (pyace's, one row per atom), awaiting γ.
 _Projections = tuple[list[str], list[np.ndarray]]
@@ -66,6 +80,9 @@ class AceBackend(OracleBackend):
         self._yaml_e0s = potential_e0s(config.potential) if config.potential.suffix == ".yaml" else {}
         # Per element symbol, the inverse of its active-set matrix (functions × functions).
         self._inverse_active_set = _inverse_active_set(config.active_set) if config.active_set is not None else {}
+        self.processes = config.processes or len(os.sched_getaffinity(0))
+        self._config_json = config.model_dump_json()  # what a worker process makes its backend from
+        self.worker_pids: set[int] = set()  # the worker processes that have labelled a part of a batch
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -109,6 +126,54 @@ class AceBackend(OracleBackend):
         return labels
 
     def label_batch(self, frames: Sequence[Atoms]) -> Iterator[Labels]:
+        """Labels in order; a batch large enough is shared among `processes` worker processes."""
+        parts = min(self.processes, len(frames) // MIN_STRUCTURES_PER_PROCESS)
+        if parts > 1:
+            yield from self._label_in_processes(frames, parts)
+        else:
+            yield from self._label_here(frames)
+
+    def _label_in_processes(self, frames: Sequence[Atoms], parts: int) -> Iterator[Labels]:
+        """The parts of the batch in the worker processes. A part whose worker died (killed while idle, or by
+        the part itself) goes once more to fresh workers: so a dead idle worker costs nothing, and a part that
+        kills its worker again gets FAILED labels; the oracle lives on either way."""
+        spans = list(itertools.pairwise(np.linspace(0, len(frames), parts + 1).round().astype(int).tolist()))
+        results: dict[tuple[int, int], list[Labels] | BaseException] = {}
+        for _ in range(2):
+            todo = [span for span in spans if isinstance(results.get(span, BrokenProcessPool()), BrokenProcessPool)]
+            if not todo:
+                break
+            pool = _WORKERS.pool(self.processes)
+            for span, outcome in zip(todo, self._run_parts(pool, frames, todo), strict=True):
+                results[span] = outcome
+            if any(isinstance(results[span], BrokenProcessPool) for span in todo):
+                _WORKERS.discard(self.processes, pool)
+        for (a, b), outcome in zip(spans, (results[span] for span in spans), strict=True):
+            if isinstance(outcome, BaseException):
+                reason = f"the ace worker process failed on this part of the batch: {type(outcome).__name__}: {outcome}"
+                yield from (Labels.failed(reason, self.level_of_theory) for _ in range(b - a))
+            else:
+                yield from outcome
+
+    def _run_parts(
+        self, pool: ProcessPoolExecutor, frames: Sequence[Atoms], spans: list[tuple[int, int]]
+    ) -> list[list[Labels] | BaseException]:
+        outcomes: list[list[Labels] | BaseException] = []
+        try:
+            futures = [pool.submit(_label_in_worker, self._config_json, list(frames[a:b])) for a, b in spans]
+        except BrokenProcessPool as exc:
+            return [exc] * len(spans)
+        for future in futures:
+            try:
+                pid, labels = future.result()
+            except Exception as exc:  # BrokenProcessPool (a worker died) or an error inside the worker
+                outcomes.append(exc)
+                continue
+            self.worker_pids.add(pid)
+            outcomes.append(labels)
+        return outcomes
+
+    def _label_here(self, frames: Sequence[Atoms]) -> Iterator[Labels]:
         """With an active set, the labels of up to GRADE_BATCH_ATOMS atoms at a time, graded together."""
         if not self._inverse_active_set:
             yield from super().label_batch(frames)
@@ -155,6 +220,44 @@ class AceBackend(OracleBackend):
             labels.uncertainty, extrapolation_grade=grades, max_extrapolation_grade=float(grades.max(initial=0.0))
         )
         return replace(labels, uncertainty=uncertainty)
+
+
+class _SharedWorkers:
+    """The worker processes of every ace backend in this oracle, one pool per size: started once, so a new potential
+    (each refinement round has one) costs a load in the workers, not new processes (~3 s to start and import)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[int, ProcessPoolExecutor] = {}
+        self._lock = threading.Lock()
+
+    def pool(self, size: int) -> ProcessPoolExecutor:
+        with self._lock:
+            if size not in self._pools:
+                # spawn, not fork: the oracle runs gRPC threads, which a forked child must not inherit.
+                self._pools[size] = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"))
+            return self._pools[size]
+
+    def discard(self, size: int, pool: ProcessPoolExecutor) -> None:
+        """Drop a pool whose worker died; the next batch gets a fresh one."""
+        with self._lock:
+            if self._pools.get(size) is pool:
+                del self._pools[size]
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+_WORKERS = _SharedWorkers()
+# Potentials a worker keeps loaded: the current student and the one before it.
+WORKER_BACKENDS = 2
+
+
+@functools.lru_cache(maxsize=WORKER_BACKENDS)
+def _worker_backend(config_json: str) -> AceBackend:
+    config = AceOracleConfig.model_validate_json(config_json)
+    return AceBackend(config.model_copy(update={"processes": 1}))
+
+
+def _label_in_worker(config_json: str, frames: list[Atoms]) -> tuple[int, list[Labels]]:
+    return os.getpid(), list(_worker_backend(config_json).label_batch(frames))
 
 
 def _inverse_active_set(path: Path) -> dict[str, np.ndarray]:

@@ -200,10 +200,15 @@ def student_md_configs(ctx: StepContext, number: int) -> list[MdConfig]:
 
 
 def student_spec(ctx: StepContext, potential: dict[str, common_pb2.ArtifactRef]) -> Any:
-    """The oracle's ace backend for the potential's B-basis .yaml with its active set (labels carry γ)."""
+    """The oracle's ace backend for the potential's B-basis .yaml with its active set (labels carry γ), its
+    batches shared by one process per core of the oracle: nothing else computes during the student's MD."""
     return backend_spec(
         "ace",
-        {"potential": artifact_option(potential["yaml"]), "active_set": artifact_option(potential["asi"])},
+        {
+            "potential": artifact_option(potential["yaml"]),
+            "active_set": artifact_option(potential["asi"]),
+            "processes": 0,
+        },
     )
 
 

@@ -356,7 +356,8 @@ def final_md_stability(ctx: StepContext) -> MdStability | None:
             "random_seed": md.random_seed + 3,
         }
     )
-    spec = backend_spec("ace", {"potential": artifact_option(final_potential(ctx).yace)})
+    # One process per core of the oracle shares the replicas' batches: nothing else computes meanwhile.
+    spec = backend_spec("ace", {"potential": artifact_option(final_potential(ctx).yace), "processes": 0})
     request = md_request(ctx.seeds, config, ctx.oracle_address, spec)
     runs = [
         StabilityRun(seed=r % n_seeds, temperature_k=temperatures[(r // n_seeds) % len(temperatures)], steps_done=0)
