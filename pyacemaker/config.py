@@ -496,7 +496,7 @@ class AceOracleConfig(_Strict):
         le=1024,
         description="Processes that share a large batch (pyace runs on one core per process): 1 evaluates in "
         "the oracle's own process, 0 uses one per core the oracle may run on. For MD of many replicas while "
-        "nothing else computes; a run asks for 0 in the student's MD and the stability MD.",
+        "nothing else computes; a run asks for 0 in the student's MD (with γ, 2-3 ms per SN2 structure).",
     )
 
 
