@@ -119,3 +119,41 @@ def test_the_device_is_no_input_of_the_finetuning_step_and_extra_args_are() -> N
     assert MaceFinetuneConfig(device="cuda").key_material() == default.key_material()
     tuned = MaceFinetuneConfig(device="cpu", extra_args={"lr": 0.005})
     assert tuned.key_material() == {**default.key_material(), "extra_args": {"lr": 0.005}}
+
+
+@no_gpu
+def test_the_mace_oracle_evaluates_with_its_own_torch_threads_and_the_same_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`threads`: the surrogate MD asks for every core; torch's count is one per process, so each CPU evaluation
+    sets its backend's own, and a backend without the option keeps OMP_NUM_THREADS's."""
+    from pyacemaker.services.oracle.backends import create_backend
+    from pyacemaker.services.oracle.backends.mace import default_torch_threads
+    from tests.sn2_training_data import xtb_frames
+
+    frames = [atoms.copy() for atoms in xtb_frames()[:6]]
+    default = create_backend("mace", {"models": ["bundled"]})
+    two = create_backend("mace", {"models": ["bundled"], "threads": 2})
+    every_core = create_backend("mace", {"models": ["bundled"], "threads": 0})
+    assert default.threads == default_torch_threads() and two.threads == 2
+    import os
+
+    assert every_core.threads == len(os.sched_getaffinity(0))
+    seen: list[int] = []
+    for backend in (default, two):
+        evaluate = backend.committee.evaluate
+
+        def recording(batch: list, evaluate=evaluate) -> list:  # type: ignore[no-untyped-def]
+            seen.append(torch.get_num_threads())
+            return evaluate(batch)
+
+        monkeypatch.setattr(backend.committee, "evaluate", recording)
+    before = torch.get_num_threads()
+    try:
+        one_thread, two_threads = list(default.label_batch(frames)), list(two.label_batch(frames))
+    finally:
+        torch.set_num_threads(before)  # the other tests of this worker keep theirs
+    assert seen == [default.threads, 2]
+    for a, b in zip(one_thread, two_threads, strict=True):
+        assert a.energy == pytest.approx(b.energy, abs=1e-9)
+        assert abs(a.forces - b.forces).max() < 1e-9
