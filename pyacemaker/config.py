@@ -472,14 +472,6 @@ class MaceOracleConfig(_Strict):
     )
     batch_size: int = Field(DEFAULT_MACE_BATCH_SIZE, ge=1, le=100_000, description="Structures per evaluation batch.")
     default_dtype: Literal["float64", "float32"] = "float64"
-    threads: int | None = Field(
-        None,
-        ge=0,
-        le=1024,
-        description="torch threads of this backend's evaluations on the CPU: unset, the oracle's OMP_NUM_THREADS; "
-        "0, one per core the oracle may run on. CPU evaluations take turns, each with its own count. A run asks "
-        "for 0 in the surrogate MD, when nothing else computes.",
-    )
     device: DeviceSetting = Field(
         "auto",
         description="Where the models run: 'auto' (a CUDA GPU when the oracle process sees one, else the CPU), 'cpu' "

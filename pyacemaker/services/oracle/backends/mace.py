@@ -22,15 +22,12 @@ backend
 sees it, and refuses paths, names and anything outside the store. Whoever can write into the store can still make
 the oracle unpickle a file: the store must be writable only by the services.
 
-Threads: torch uses OMP_NUM_THREADS threads when it is set, unless the backend's `threads` says otherwise. torch's
-count is one per process, so CPU evaluations take turns (a lock), each under its own backend's count: a stream
-that asked for every core (the surrogate MD, alone on the machine) never lends them to one that runs beside DFT
-workers. Measured on 39 SN2 replicas with a committee of 3, 2 cores: 110 ms per step with one thread, 87 with two.
+Threads: torch uses OMP_NUM_THREADS threads when it is set (mace work gains little from more than one core
+here, and loses much when cores are shared).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -73,8 +70,6 @@ MAX_BATCH_ATOMS = 4096
 _INFO_KEYS = {"total_charge": CHARGE_KEY, "total_spin": SPIN_KEY}
 # torch's default dtype is process-global; graphs are built in float64 under this lock, then cast per model.
 _DEFAULT_DTYPE_LOCK = threading.Lock()
-# torch's thread count is process-global too: CPU evaluations hold this lock and set their backend's count.
-_TORCH_THREADS_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -94,25 +89,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@functools.cache
-def default_torch_threads() -> int:
-    """torch's intra-op threads from OMP_NUM_THREADS (torch reads it only at start-up, and not always), else its
-    own default; read once per process."""
+def set_torch_threads() -> None:
+    """torch's intra-op threads from OMP_NUM_THREADS (torch reads it only at start-up, and not always)."""
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    return int(threads) if threads.isdigit() and int(threads) > 0 else torch.get_num_threads()
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads set to `count` while the block runs, the other CPU evaluations waiting."""
-    import torch
-
-    with _TORCH_THREADS_LOCK:
-        if torch.get_num_threads() != count:
-            torch.set_num_threads(count)
-        yield
+    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
 
 
 @functools.lru_cache(maxsize=MODEL_CACHE_SIZE)
@@ -340,10 +323,7 @@ class MaceBackend(OracleBackend):
                 raise InvalidInputError(f"oracle backend 'mace': {exc}") from None
         # Resolved here, in the oracle process that evaluates (a run's orchestrator passes mace_finetune.device).
         self.device = resolve_device(config.device, "oracle backend 'mace': option 'device'")
-        if config.threads is None:
-            self.threads = default_torch_threads()
-        else:
-            self.threads = config.threads or len(os.sched_getaffinity(0))
+        set_torch_threads()
         self.digests = [file_sha256(path) for path in self.model_paths]
         models = [
             load_model(str(path), digest, config.default_dtype, self.device)
@@ -413,8 +393,7 @@ class MaceBackend(OracleBackend):
             return []
         start = time.perf_counter()
         try:
-            with self._threads():
-                outputs = self.committee.evaluate(frames)
+            outputs = self.committee.evaluate(frames)
         except (RuntimeError, ValueError, IndexError) as exc:
             if len(frames) == 1:
                 return [Labels.failed(f"{type(exc).__name__}: {exc}", self.level_of_theory)]
@@ -432,10 +411,4 @@ class MaceBackend(OracleBackend):
             if reason is not None:
                 raise InvalidInputError(f"structure {first_index + offset} cannot be described: {reason}")
         for chunk in _chunks(frames, self.config.batch_size):
-            with self._threads():
-                descriptors = self.committee.describe(chunk)
-            yield from descriptors
-
-    def _threads(self) -> contextlib.AbstractContextManager[None]:
-        """This backend's torch threads for the block (CPU only: on a GPU the count does not matter)."""
-        return torch_threads(self.threads) if self.device == "cpu" else contextlib.nullcontext()
+            yield from self.committee.describe(chunk)
