@@ -138,17 +138,17 @@ class AceBackend(OracleBackend):
         the part itself) goes once more to fresh workers: so a dead idle worker costs nothing, and a part that
         kills its worker again gets FAILED labels; the oracle lives on either way."""
         spans = list(itertools.pairwise(np.linspace(0, len(frames), parts + 1).round().astype(int).tolist()))
-        results: dict[tuple[int, int], list[Labels] | BaseException] = {}
-        for _ in range(2):
-            todo = [span for span in spans if isinstance(results.get(span, BrokenProcessPool()), BrokenProcessPool)]
-            if not todo:
-                break
+        pool = _WORKERS.pool(self.processes)
+        outcomes = self._run_parts(pool, frames, spans)
+        broken = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, BrokenProcessPool)]
+        if broken:
+            _WORKERS.discard(self.processes, pool)
             pool = _WORKERS.pool(self.processes)
-            for span, outcome in zip(todo, self._run_parts(pool, frames, todo), strict=True):
-                results[span] = outcome
-            if any(isinstance(results[span], BrokenProcessPool) for span in todo):
+            for i, outcome in zip(broken, self._run_parts(pool, frames, [spans[i] for i in broken]), strict=True):
+                outcomes[i] = outcome
+            if any(isinstance(outcomes[i], BrokenProcessPool) for i in broken):
                 _WORKERS.discard(self.processes, pool)
-        for (a, b), outcome in zip(spans, (results[span] for span in spans), strict=True):
+        for (a, b), outcome in zip(spans, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 reason = f"the ace worker process failed on this part of the batch: {type(outcome).__name__}: {outcome}"
                 yield from (Labels.failed(reason, self.level_of_theory) for _ in range(b - a))

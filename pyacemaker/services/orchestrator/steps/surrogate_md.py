@@ -62,8 +62,9 @@ def run_committee_md(
     """The `md` section's MD (windows, temperatures, replicas, frame selection as `config` says) from the seeds,
     with forces from `committee` through the oracle, run by the sampler: its result and what the frames showed.
     RuntimeError when no frame was saved."""
-    # Every replica of a step in one graph batch (the backend's default is 32): 39 SN2 replicas took 96 instead
-    # of 110 ms per step with a committee of 3 (one forward and backward pass per model instead of two).
+    # Every replica of a step in one graph batch (the backend's default is 32): 39 SN2 replicas with a committee
+    # of 3 took 110 instead of 130 ms per step in-process (one forward and backward pass per model instead of
+    # two); in the flagship's service the difference was within run-to-run noise.
     replicas = config.replicas * (config.windows.count if config.windows is not None else 1)
     spec = committee_spec(ctx, committee, batch_size=max(replicas, DEFAULT_MACE_BATCH_SIZE))
     return run_md_with(ctx, spec, config, f"a committee of {len(committee)}")
