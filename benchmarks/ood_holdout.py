@@ -147,7 +147,7 @@ def build(args: argparse.Namespace) -> Path:
     labelled = []
     for frame in frames:
         labels = backend.label_with_retries(frame, max_retries=2)
-        if labels.status != 1:
+        if not labels.ok:
             print(f"  labelling failed, frame left out: {labels.reason}")
             continue
         atoms = attach_labels(frame.copy(), labels)

@@ -32,7 +32,7 @@ def stream_seconds(frames: list, isolated: bool) -> tuple[float, int]:
             list(stream_labels(oracle, spec, frames[:4], 64, 600))  # warm up: worker start, tblite import
             start = time.perf_counter()
             results = list(stream_labels(oracle, spec, frames, 64, 600))
-            return time.perf_counter() - start, sum(1 for _, labels in results if labels.status == 1)
+            return time.perf_counter() - start, sum(1 for _, labels in results if labels.ok)
     finally:
         service.stop(grace=0)
         XtbBackend.isolated = True  # type: ignore[misc]
