@@ -32,6 +32,7 @@ from pyacemaker.clients.sampler import md_settings  # noqa: E402
 from pyacemaker.config import AceOracleConfig, MdConfig  # noqa: E402
 from pyacemaker.labels import Labels  # noqa: E402
 from pyacemaker.services.oracle.backends.ace import AceBackend  # noqa: E402
+from pyacemaker.services.oracle.backends.base import OracleBackend  # noqa: E402
 from pyacemaker.services.sampler.md import run_md as run_engine  # noqa: E402
 from pyacemaker.services.sampler.server import md_parameters_from_settings  # noqa: E402
 from pyacemaker.structures import read_structures  # noqa: E402
@@ -57,6 +58,9 @@ class PyaceGrading(AceBackend):
             labels.uncertainty, extrapolation_grade=grades, max_extrapolation_grade=float(grades.max(initial=0.0))
         )
         return replace(labels, uncertainty=uncertainty)
+
+    def label(self, atoms: Atoms, attempt: int = 0) -> Labels:
+        return OracleBackend.label(self, atoms, attempt)  # through the ASE calculator, as before
 
     def label_batch(self, frames: Sequence[Atoms]) -> Iterator[Labels]:
         for atoms in frames:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ase import Atoms
 
 from pyacemaker.config import AceOracleConfig
 from pyacemaker.services.oracle.backends.ace import AceBackend
+from pyacemaker.services.oracle.backends.base import OracleBackend
 from pyacemaker.services.trainer import linear_ace
 from pyacemaker.services.trainer.ace_fit import basis_config
 from tests.sn2_training_data import xtb_e0s, xtb_frames
@@ -30,8 +32,6 @@ def potential(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_isolated_atoms_give_the_reference_energies(potential: Path) -> None:
-    from ase import Atoms
-
     backend = AceBackend(AceOracleConfig(backend="ace", potential=potential))
     for z, e0 in E0S.items():
         labels = backend.label(Atoms(numbers=[z], positions=[[0, 0, 0]]))
@@ -77,6 +77,27 @@ def test_extrapolation_grade_with_the_active_set_is_pyace_s(tmp_path: Path) -> N
         plain.calc = pyace.PyACECalculator(str(fit.yace_path))
         assert labels.energy == pytest.approx(plain.get_potential_energy(), abs=1e-6)
         np.testing.assert_allclose(labels.forces, plain.get_forces(), atol=1e-8)
+    # Straight from pyace's evaluator, the labels are exactly those of the ASE path through its calculator
+    # (`calculator`, the base class's labelling), with and without an active set, for a molecule and for a
+    # periodic cell (stress).
+    cell = frames[2].copy()
+    cell.calc = None
+    cell.center(vacuum=2.5)
+    cell.pbc = True
+    plain_backend = AceBackend(AceOracleConfig(backend="ace", potential=fit.yace_path))
+    for labeller in (backend, plain_backend):
+        for atoms in (frames[1], far, cell):
+            direct, through_ase = labeller.label(atoms), OracleBackend.label(labeller, atoms)
+            assert direct.ok and through_ase.ok and direct.energy == through_ase.energy
+            assert np.array_equal(direct.forces, through_ase.forces)
+            assert (direct.stress is None) == (through_ase.stress is None) == (atoms is not cell)
+            if atoms is cell:
+                assert np.array_equal(direct.stress, through_ase.stress)
+            grades = (direct.uncertainty.extrapolation_grade, through_ase.uncertainty.extrapolation_grade)
+            assert (grades[0] is None and grades[1] is None) or np.array_equal(*grades)
+    alien = Atoms("CH3F", positions=frames[1].positions[:5])
+    refused = plain_backend.label(alien)
+    assert not refused.ok and "unsupported species" in refused.reason and "the potential has" in refused.reason
     # A training structure interpolates (γ ≤ 1 up to round-off); the stretched one extrapolates.
     assert backend.label(frames[1]).uncertainty.max_extrapolation_grade <= 1.0 + 1e-6
     assert backend.label(far).uncertainty.max_extrapolation_grade > 1.0

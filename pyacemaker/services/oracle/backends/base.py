@@ -132,7 +132,7 @@ class OracleBackend(ABC):
             work.calc = self.calculator(work, attempt)
             for name in self._properties_for(work):
                 work.calc.get_property(name, work)
-            _check_finite(work.calc.results)
+            check_finite(work.calc.results)
             labels = self.annotate(work, labels_of_atoms(work, self.level_of_theory))
             return replace(labels, wall_time_s=time.perf_counter() - start, attempts=1), False
         except Exception as exc:  # every failure of one structure becomes its label, see the module docstring
@@ -201,7 +201,7 @@ def monkhorst_pack_grid(atoms: Atoms, spacing: float) -> tuple[int, int, int]:
     return n_a, n_b, n_c
 
 
-def _check_finite(results: dict[str, object]) -> None:
+def check_finite(results: dict[str, object]) -> None:
     """A NaN or infinite label would poison every fit downstream; treat it as a failed calculation."""
     for name in ("energy", "forces", "stress"):
         if name in results and not np.all(np.isfinite(np.asarray(results[name], dtype=np.float64))):
