@@ -949,6 +949,11 @@ class StudentRefinementConfig(_Strict):
 
     enabled: bool = Field(True, description="Run the refinement (false: step 7 corrects the base of step 6).")
     max_rounds: int = Field(3, ge=1, le=100, description="Refits at most.")
+    final_check: bool = Field(
+        True,
+        description="After the last refit, one more round of the student's MD that only records its γ (nothing is "
+        "labelled or refitted; validation's MD stability tests the final ACE either way).",
+    )
     gamma_threshold: Positive = Field(
         3.0, description="Frames whose largest per-atom γ exceeds this are labelled and added (1: the data's span)."
     )

@@ -1,5 +1,6 @@
 """The student refinement's plain parts: the temperatures it runs (one hotter than the md section's), how it
-spreads the frames it labels over the trajectories that produced them, and its config's checks."""
+spreads the frames it labels over the trajectories that produced them, when its rounds end, and its config's
+checks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from ase import Atoms
 from pydantic import ValidationError
 
 from pyacemaker.config import MdConfig, StudentRefinementConfig
-from pyacemaker.services.orchestrator.steps.student_refinement import refinement_temperatures, spread_over_trajectories
+from pyacemaker.services.orchestrator.steps.student_refinement import (
+    RoundRecord,
+    refinement_done,
+    refinement_temperatures,
+    spread_over_trajectories,
+)
 
 
 def test_one_temperature_above_the_hottest_is_added() -> None:
@@ -38,3 +44,17 @@ def test_frames_are_taken_in_turns_from_every_trajectory_highest_gamma_first() -
 def test_stop_gamma_must_exceed_the_threshold() -> None:
     with pytest.raises(ValidationError, match=r"stop_gamma \(3.0\) must exceed gamma_threshold \(3.0\)"):
         StudentRefinementConfig(gamma_threshold=3.0, stop_gamma=3.0)
+
+
+def test_rounds_end_after_the_last_refit_or_the_round_that_checks_it() -> None:
+    unsettled = RoundRecord(round=1, frames_above_threshold=5)
+    settled = RoundRecord(round=1)  # nothing above the threshold, no replica stopped
+    checked = StudentRefinementConfig(max_rounds=2)
+    unchecked = StudentRefinementConfig(max_rounds=2, final_check=False)
+    assert checked.final_check  # the default keeps the round that records the last student's MD
+    assert not refinement_done([], unchecked)
+    assert refinement_done([settled], unchecked) and refinement_done([settled], checked)
+    # Two refits: done without the check round; with it, one more round runs.
+    assert refinement_done([unsettled, unsettled], unchecked)
+    assert not refinement_done([unsettled, unsettled], checked)
+    assert refinement_done([unsettled, unsettled, unsettled], checked)

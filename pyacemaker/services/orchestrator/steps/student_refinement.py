@@ -19,7 +19,8 @@ structures with the chloride beside the molecule, which no surrogate frame held.
    rows (`pyacemaker.services.trainer.ace_fit.EquationsReuse`).
 
 The rounds end when the student's MD stays below the threshold (no frame above it, no replica stopped) or
-after max_rounds refits. Frames of the student's MD where the committee itself is uncertain (its force spread,
+after max_rounds refits; with final_check, the last refit's student runs its MD once more, only to record its
+γ. Frames of the student's MD where the committee itself is uncertain (its force spread,
 scaled by step 2's calibration factor, above active_learning.force_error_threshold) are written as DFT
 candidates (`dft_candidates.extxyz`), for the next iteration's step 2.
 
@@ -46,7 +47,7 @@ from google.protobuf import json_format
 
 from pyacemaker.clients.oracle import artifact_option, backend_spec
 from pyacemaker.clients.sampler import md_request, run_md
-from pyacemaker.config import MdConfig
+from pyacemaker.config import MdConfig, StudentRefinementConfig
 from pyacemaker.rpc import channel
 from pyacemaker.run_layout import STUDENT_REFINEMENT_DIR, StepName
 from pyacemaker.services.orchestrator.active_learning import largest_atomic_force
@@ -123,9 +124,8 @@ class StudentRefinementStep:
         for record in rounds:
             if record.refit_metrics:
                 potential = {name: _ref(record.artifacts[name]) for name in ("yaml", "yace", "asi", "metrics")}
-        while not (rounds and (rounds[-1].converged or len(rounds) > settings.max_rounds)):
+        while not refinement_done(rounds, settings):
             number = len(rounds) + 1
-            # After the last refit the student's MD is only checked: nothing would be refitted on its frames.
             record, frames, candidates = explore(ctx, potential, number, label=number <= settings.max_rounds)
             if frames:
                 record.artifacts["frames"] = _dump(_put_frames(ctx, frames))
@@ -144,11 +144,17 @@ class StudentRefinementStep:
                 common_pb2.Progress(
                     stage="student_refinement",
                     done=number,
-                    total=settings.max_rounds + 1,
+                    total=settings.max_rounds + int(settings.final_check),
                     message=f"round {number}: max γ {record.max_gamma:.3g}, {record.frames_added} frames added",
                 )
             )
         return _outcome(ctx, rounds, potential, work_dir)
+
+
+def refinement_done(rounds: list[RoundRecord], settings: StudentRefinementConfig) -> bool:
+    """Whether the rounds so far end the refinement: the last found nothing above the threshold, or max_rounds
+    refits are done (and, with final_check, the round after them that only records the last student's MD)."""
+    return bool(rounds) and (rounds[-1].converged or len(rounds) >= settings.max_rounds + int(settings.final_check))
 
 
 def refinement_temperatures(md: MdConfig, margin: float) -> list[float]:
