@@ -73,3 +73,18 @@ def test_delta_takes_the_strongest_anchor_the_dft_set_cannot_tell_from_the_best(
     assert weight == 3.0 and fit is fits[1][1]
     # With a sharper best, the weakest anchor stays.
     assert smallest_correction([(1.0, _fit(6.4e-4, 0.1e-4)), (3.0, _fit(6.9e-4, 0.1e-4))])[0] == 1.0
+
+
+def test_one_solve_gives_the_decomposition_s_solution() -> None:
+    """The final fit at the chosen λ is one linear solve; it equals the eigendecomposition's solution, with and
+    without unpenalised columns (one stoichiometry: only the references' sum is determined)."""
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(400, 60))
+    rows[:, -2:] = np.outer(rng.integers(1, 4, size=400), [1.0, 2.0])  # two reference columns, one composition
+    targets = rows @ rng.normal(size=60) + 0.01 * rng.normal(size=400)
+    gram, rhs = rows.T @ rows, rows.T @ targets
+    scale = linear_ace._column_scale(gram)
+    for n_free in (0, 2):
+        ridge = linear_ace._ScaledRidge(gram, rhs, scale, n_free)
+        for lam in (1e-6, 1e-3, 1.0):
+            np.testing.assert_allclose(ridge.solve_once(lam), ridge.solve(lam), rtol=1e-8, atol=1e-10)
