@@ -32,6 +32,9 @@ SI_DIR = REPO_ROOT / "examples" / "si"
 # without, the base ACE 5.439-5.466 Å); one tiny iteration with 6 + 3 DFT labels is not expected to remove all
 # of it, but a potential that lost the crystal's E(V) curve would miss by far more.
 LATTICE_CONSTANT_TOLERANCE = 0.015
+# What the few DFT cells of the quick run resolve of the lattice constant: the correction must move the crystal
+# towards DFT's, unless the base is already closer than this (relative).
+LATTICE_CONSTANT_RESOLUTION = 0.003
 # How far the final ACE's bulk modulus may lie from the DFT level's E(V) one (QE 93.4 GPa). Measured on whole
 # quick runs with the committee fine-tuned at lr 0.001 (config_quick.yaml): 93.2 GPa with the DFT cells' stresses
 # in the fits (ace.stress_weight 0.01; base ACE 84.6), 92.5 without (stress_weight 0 in both fits; base 103.6).
@@ -44,6 +47,9 @@ BULK_MODULUS_TOLERANCE = 0.10
 # teacher is ~80 meV/Å off on these hot frames (measured: base 76, final 80), and a broken fit (wrong cell
 # handling, missing periodic images) is several hundred.
 FORCE_RMSE_BOUND_MEV_PER_A = 150.0
+# The final ACE's energy error on the hold-out, meV/atom: the quick run's few DFT cells set the level to about
+# 10 meV/atom (measured 11 and 12 on two machines); a correction gone wrong is tens (the teacher: 22).
+ENERGY_RMSE_BOUND_MEV_PER_ATOM = 15.0
 
 
 def quick_config(directory: Path) -> Path:
@@ -107,8 +113,13 @@ def test_quick_si_example_runs_all_steps_and_corrects_the_teacher(cli_env: dict[
     final_forces = models["final_ace"]["forces_rmse_mev_per_a"]
     assert validation["n_holdout"] >= 2
     assert final_forces < models["base_ace"]["forces_rmse_mev_per_a"] or final_forces < FORCE_RMSE_BOUND_MEV_PER_A
-    # Delta learning on the DFT set puts the energies on the DFT level (measured: base 72, final 11 meV/atom).
-    assert models["final_ace"]["energy_rmse_mev_per_atom"] < 0.5 * models["base_ace"]["energy_rmse_mev_per_atom"]
+    # Delta learning on the DFT set keeps the energies on the DFT level, away from the teacher's. Whether the base
+    # is already near that level depends on where step 4's MD went, which floating-point differences between
+    # machines change: measured base 72 -> final 11 meV/atom on an AMD EPYC, base 3.3 -> final 12.0 (teacher
+    # 21.6) on an Intel Xeon, on a hold-out of 4 frames. So the bound is the teacher's error and an absolute one,
+    # not the base's.
+    final_energy = models["final_ace"]["energy_rmse_mev_per_atom"]
+    assert final_energy < min(models["teacher"]["energy_rmse_mev_per_atom"], ENERGY_RMSE_BOUND_MEV_PER_ATOM)
 
     # The final ACE's E(V) curve against the DFT level's own, on the same 8-atom cells.
     final = PyACECalculator(str(iteration / "step7_delta" / "final.yace"))
@@ -126,10 +137,14 @@ def test_quick_si_example_runs_all_steps_and_corrects_the_teacher(cli_env: dict[
         f" {base['bulk_modulus_gpa']:.1f} GPa, QE {qe['bulk_modulus_gpa']:.1f} GPa; fit seconds {fit_seconds}"
     )
     assert abs(ace["lattice_constant_a"] / qe["lattice_constant_a"] - 1) < LATTICE_CONSTANT_TOLERANCE
-    # The correction moved the crystal towards DFT (measured: 5.458 → 5.416 Å against 5.418 Å).
-    assert abs(ace["lattice_constant_a"] - qe["lattice_constant_a"]) < abs(
-        base["lattice_constant_a"] - qe["lattice_constant_a"]
-    )
+    # The correction moved the crystal towards DFT (measured: 5.458 → 5.416 Å against 5.418 Å), or kept it within
+    # LATTICE_CONSTANT_RESOLUTION where the base already was at DFT's (measured on another machine, where step
+    # 4's MD went elsewhere: base 5.4195, final 5.4057 against 5.4176 Å).
+    lattice_error = {
+        name: abs(fit["lattice_constant_a"] - qe["lattice_constant_a"])
+        for name, fit in [("final", ace), ("base", base)]
+    }
+    assert lattice_error["final"] < max(lattice_error["base"], LATTICE_CONSTANT_RESOLUTION * qe["lattice_constant_a"])
     # Absolute energies, since the ACE carries the DFT level's E0 (measured: 28 meV/atom above QE's minimum).
     assert abs(ace["energy_ev_per_atom"] - qe["energy_ev_per_atom"]) < 0.06
     # The bulk modulus is near the DFT level's (see BULK_MODULUS_TOLERANCE), and the correction with the DFT
