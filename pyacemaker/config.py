@@ -978,6 +978,11 @@ class StudentRefinementConfig(_Strict):
     )
     random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
+    @property
+    def most_rounds(self) -> int:
+        """Rounds of the student's MD at most: one per refit, and the check round after them."""
+        return self.max_rounds + int(self.final_check)
+
     @model_validator(mode="after")
     def _stop_above_threshold(self) -> StudentRefinementConfig:
         if self.stop_gamma <= self.gamma_threshold:

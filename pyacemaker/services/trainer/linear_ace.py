@@ -619,19 +619,25 @@ class _ScaledRidge:
             self.rhs_r = rhs[p:]
             gram_aa = gram_aa - self.gram_ar @ self.free_inverse @ self.gram_ar.T
             rhs_a = rhs_a - self.gram_ar @ self.free_inverse @ self.rhs_r
-        self.system = gram_aa / np.outer(self.scale, self.scale)
+        # The scaled system until it is decomposed: then its eigenvectors take its place in memory.
+        self.system: np.ndarray | None = gram_aa / np.outer(self.scale, self.scale)
         self.scaled_rhs = rhs_a / self.scale
         self._eigen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def solve(self, lam: float) -> np.ndarray:
         if self._eigen is None:
+            assert self.system is not None
             eigenvalues, vectors = np.linalg.eigh(self.system)
             self._eigen = (np.clip(eigenvalues, 0.0, None), vectors, vectors.T @ self.scaled_rhs)
+            self.system = None
         eigenvalues, vectors, projected = self._eigen
         return self._with_free((vectors @ (projected / (eigenvalues + lam))) / self.scale)
 
     def solve_once(self, lam: float) -> np.ndarray:
-        """`solve(lam)` to round-off, by one linear solve instead of the eigendecomposition."""
+        """`solve(lam)` to round-off, by one linear solve instead of the eigendecomposition (unless that is
+        already done)."""
+        if self.system is None:
+            return self.solve(lam)
         system = self.system.copy()
         system[np.diag_indices_from(system)] += lam
         return self._with_free(np.linalg.solve(system, self.scaled_rhs) / self.scale)

@@ -133,7 +133,7 @@ class AceBackend(OracleBackend):
         labels = replace(labels, wall_time_s=time.perf_counter() - start, attempts=1)
         return self._with_energy_and_grades(atoms, labels, projections)
 
-    def _evaluate(self, atoms: Atoms) -> tuple[Labels, list[np.ndarray] | None]:
+    def _evaluate(self, atoms: Atoms) -> tuple[Labels, Any]:
         """What pyace's ASE calculator computes for `atoms` (energy without the .yaml's reference energies),
         and the projections when there is an active set to grade them against."""
         from pyace.atomicenvironment import aseatoms_to_atomicenvironment
@@ -157,13 +157,11 @@ class AceBackend(OracleBackend):
             # calculator converts it.
             virial = np.array(evaluator.virial, dtype=np.float64)
             stress = virial[[0, 1, 2, 5, 4, 3]] / atoms.get_volume()
-        check_finite({"energy": energy, "forces": forces, "stress": stress if stress is not None else 0.0})
+        check_finite({"energy": energy, "forces": forces, **({} if stress is None else {"stress": stress})})
         labels = Labels(
             LabelStatus.OK, energy=energy, forces=forces, stress=stress, level_of_theory=self.level_of_theory
         )
-        # One row per atom, of its element's length (elements may have different numbers of functions).
-        projections = [np.asarray(row, dtype=np.float64) for row in evaluator.projections] if grading else None
-        return labels, projections
+        return labels, evaluator.projections if grading else None
 
     def annotate(self, atoms: Atoms, labels: Labels) -> Labels:
         """The labels of the ASE path (`calculator`, as the base class labels with retries) completed like
@@ -173,11 +171,12 @@ class AceBackend(OracleBackend):
         return self._with_energy_and_grades(atoms, labels, projections)
 
     def _with_energy_and_grades(self, atoms: Atoms, labels: Labels, projections: Any) -> Labels:
-        """The .yaml's reference energies added to the energy; γ from the projections (per atom, one row each),
-        graded at once or, inside `_label_here`, with the rest of the batch."""
+        """The .yaml's reference energies added to the energy; γ from pyace's projections (None: no active set),
+        one row per atom of its element's length, graded at once or, inside `_label_here`, with the rest of the
+        batch."""
         if self._yaml_e0s and labels.energy is not None:
             labels = replace(labels, energy=labels.energy + sum(self._yaml_e0s.get(int(z), 0.0) for z in atoms.numbers))
-        if projections is None or not self._inverse_active_set:
+        if projections is None:
             return labels
         entry = (atoms.get_chemical_symbols(), [np.asarray(row, dtype=np.float64) for row in projections])
         pending: list[_Projections] | None = getattr(self._local, "pending", None)

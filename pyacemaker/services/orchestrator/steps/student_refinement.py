@@ -144,7 +144,7 @@ class StudentRefinementStep:
                 common_pb2.Progress(
                     stage="student_refinement",
                     done=number,
-                    total=settings.max_rounds + int(settings.final_check),
+                    total=settings.most_rounds,
                     message=f"round {number}: max γ {record.max_gamma:.3g}, {record.frames_added} frames added",
                 )
             )
@@ -154,7 +154,7 @@ class StudentRefinementStep:
 def refinement_done(rounds: list[RoundRecord], settings: StudentRefinementConfig) -> bool:
     """Whether the rounds so far end the refinement: the last found nothing above the threshold, or max_rounds
     refits are done (and, with final_check, the round after them that only records the last student's MD)."""
-    return bool(rounds) and (rounds[-1].converged or len(rounds) >= settings.max_rounds + int(settings.final_check))
+    return bool(rounds) and (rounds[-1].converged or len(rounds) >= settings.most_rounds)
 
 
 def refinement_temperatures(md: MdConfig, margin: float) -> list[float]:
