@@ -8,6 +8,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pyacemaker.services.orchestrator.active_learning import (
+    _median_pairwise_distance,
     below_force_cap,
     calibration_factor,
     candidate_force_cap,
@@ -105,3 +106,12 @@ def test_within_energy_range_keeps_candidates_near_the_labelled_energies():
     # A one-point labelled set still allows min_margin around it; without labels everything passes.
     assert within_energy_range(np.array([-10.04, -10.2]), np.array([-10.0])).tolist() == [True, False]
     assert within_energy_range(np.array([5.0]), np.array([])).tolist() == [True]
+
+
+def test_median_pairwise_distance_matches_every_pair_measured_directly():
+    points = np.random.default_rng(3).normal(size=(120, 7))
+    direct = [np.linalg.norm(points[i] - points[j]) for i in range(120) for j in range(i + 1, 120)]
+    assert _median_pairwise_distance(points) == pytest.approx(float(np.median(direct)), rel=1e-12)
+    # Above max_points a fixed subsample stands in: the same value on every call.
+    assert _median_pairwise_distance(points, max_points=50) == _median_pairwise_distance(points, max_points=50)
+    assert _median_pairwise_distance(points[:1]) == 0.0

@@ -119,11 +119,13 @@ def select_uncertain(
 
 
 def _median_pairwise_distance(points: np.ndarray, max_points: int = 2000) -> float:
-    """Median distance between distinct points (on a fixed subsample for large sets, so it stays cheap)."""
+    """Median distance between distinct points (on a fixed subsample for large sets, so it stays cheap). scipy's
+    condensed distances, not a points × points × features difference array: on the flagship's second iteration
+    (2000 points of 96 features) that array took 3 GB and 18 of the step's 19 s of candidate selection."""
+    from scipy.spatial.distance import pdist
+
     if len(points) < 2:
         return 0.0
     if len(points) > max_points:
         points = points[np.random.default_rng(0).choice(len(points), max_points, replace=False)]
-    diff = points[:, None, :] - points[None, :, :]
-    distances = np.sqrt((diff**2).sum(-1))
-    return float(np.median(distances[np.triu_indices(len(points), k=1)]))
+    return float(np.median(pdist(points)))
