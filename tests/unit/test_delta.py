@@ -12,8 +12,13 @@ from ase import Atoms
 
 from pyacemaker.rpc import InvalidInputError, WrongStateError
 from pyacemaker.services.trainer import linear_ace
-from pyacemaker.services.trainer.ace_fit import basis_config, fit_linear_ace
-from pyacemaker.services.trainer.delta import fit_linear_delta, validate_delta_fit
+from pyacemaker.services.trainer.ace_fit import EquationsReuse, basis_config, fit_linear_ace
+from pyacemaker.services.trainer.delta import (
+    anchor_normal_equations,
+    fit_linear_delta,
+    saved_anchor,
+    validate_delta_fit,
+)
 from pyacemaker.services.trainer.evaluation import ace_calculator, evaluate_potential
 from pyacemaker.services.trainer.pacemaker_nonlinear import tensorflow_missing
 from pyacemaker.structures import labelled_copies, write_extxyz
@@ -218,3 +223,58 @@ def test_dft_structures_beyond_the_surrogate_data_are_left_out_and_counted(tmp_p
     )
     assert unlimited.metrics["dft_structures_beyond_surrogate_count"] == 0
     assert unlimited.metrics["dft_structures_count"] == len(near) + len(far)
+
+
+def _no_progress(done: int, total: int, message: str) -> None:
+    """A progress callback that drops the reports."""
+
+
+def test_anchor_from_the_base_fits_kept_equations_equals_the_anchor_from_every_frames_rows(
+    tmp_path: Path, artifact_store
+) -> None:
+    """The delta's anchor Gram matrices from step 6's kept equations, with the rows of frames the equations hold
+    but the anchor lacks taken out and those the anchor adds put in, against the rows of every anchor frame."""
+    frames = xtb_frames()[:36]
+    held, not_anchor, added = frames[:24], frames[24:30], frames[30:]
+    kept = tmp_path / "equations.npz"
+    shards = []
+    for name, part in (("held", held), ("not_anchor", not_anchor), ("added", added)):
+        write_extxyz(tmp_path / f"{name}.extxyz", part)
+        shards.append(artifact_store.put_file(tmp_path / f"{name}.extxyz", "structures"))
+    base = fit_linear_ace(
+        [*held, *not_anchor],
+        tmp_path / "base",
+        e0s=xtb_e0s(),
+        functions_per_element=6,
+        reuse=EquationsReuse(keep=kept, metadata={"shards": [shards[0].sha256, shards[1].sha256]}),
+    )
+    design = linear_ace.AceDesign(linear_ace.load_basis(base.yaml_path), reference_elements=ELEMENTS)
+    anchor = [*held, *added]
+    spec = trainer_pb2.DeltaFitSpec(
+        surrogate_data=[shards[0], shards[2]],
+        anchor_equations=artifact_store.put_file(kept, "normal_equations"),
+        anchor_equations_data=shards[:2],
+    )
+    saved = saved_anchor(spec, artifact_store)
+    assert saved is not None
+    assert (len(saved.removed), len(saved.added)) == (len(not_anchor), len(added))
+    from_saved = anchor_normal_equations(design, anchor, False, saved, _no_progress)
+    from_rows = anchor_normal_equations(design, anchor, False, None, _no_progress)
+    assert (int(from_saved.rows_energy.sum()), int(from_saved.rows_forces.sum())) == (
+        len(anchor),
+        3 * sum(len(a) for a in anchor),
+    )
+    expected = from_rows.total(linear_ace.DEFAULT_FORCES_SHARE)[0]
+    got = from_saved.total(linear_ace.DEFAULT_FORCES_SHARE)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    assert np.abs(got[design.n_functions :]).max() == 0.0  # no reference-energy columns in the anchor
+    # Equations of other shards than anchor_equations_data say, or of another basis, are refused by name.
+    with pytest.raises(InvalidInputError, match="anchor_equations_data"):
+        saved_anchor(trainer_pb2.DeltaFitSpec(**{**_fields(spec), "anchor_equations_data": shards[:1]}), artifact_store)
+    wider = linear_ace.AceDesign(pyace.ACEBBasisSet(basis_config(ELEMENTS, 5.0, 8)), reference_elements=ELEMENTS)
+    with pytest.raises(InvalidInputError, match="another basis"):
+        anchor_normal_equations(wider, anchor, False, saved, _no_progress)
+
+
+def _fields(spec: trainer_pb2.DeltaFitSpec) -> dict:
+    return {field.name: value for field, value in spec.ListFields()}

@@ -301,6 +301,13 @@ class FoldedNormalEquations:
             self.norm_stress[fold] += float(stress_targets @ stress_targets)
             self.rows_stress[fold] += len(stress_targets)
 
+    def subtract(self, other: FoldedNormalEquations) -> None:
+        """Take out the rows `other` holds (same columns and folds), as if they had never been added."""
+        for name in _EQUATION_ARRAYS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs.size:
+                mine -= theirs
+
     def weights(self, forces_share: float, stress_weight: float = 0.0) -> tuple[float, float, float]:
         """Row weights that make the loss (1 − share)·MSE(energy per atom) + share·MSE(force components)
         + stress_weight·MSE(stress rows, V·σ/N per component); the stress term is absent without stress rows, so
@@ -374,6 +381,20 @@ def load_equations(path: Path) -> FoldedNormalEquations:
     with np.load(path) as data:
         for name in _EQUATION_ARRAYS:
             setattr(equations, name, np.array(data[name]))
+    return equations
+
+
+def load_summed_equations(path: Path) -> FoldedNormalEquations:
+    """Saved equations with their folds summed into one, read an array at a time: the memory of one array's
+    folds at most on top of the result, not that of all of them."""
+    metadata = equations_metadata(path)
+    equations = FoldedNormalEquations.__new__(FoldedNormalEquations)
+    equations.n_functions = int(metadata["n_functions"])
+    equations.n_folds = 1
+    equations.with_stress = bool(metadata["with_stress"])
+    with np.load(path) as data:
+        for name in _EQUATION_ARRAYS:
+            setattr(equations, name, np.array(data[name]).sum(axis=0, keepdims=True))
     return equations
 
 

@@ -125,8 +125,9 @@ class AceFitStep:
             extra[DFT_STRUCTURES_OUTPUT] = ctx.store.put_file(path, kind="structures", move=True)
             shards = [*shards, extra[DFT_STRUCTURES_OUTPUT]]
         spec = base_fit_spec(ctx, shards)
-        # The refinement's refits add frames to this fit on its basis: they start from its normal equations.
-        spec.keep_normal_equations = ctx.config.student_refinement.enabled and spec.model_kind == "linear"
+        # The refinement's refits add frames to this fit on its basis and start from its normal equations; the
+        # delta fit takes its anchor's Gram matrices from them.
+        spec.keep_normal_equations = spec.model_kind == "linear"
         job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(ace_fit=spec), "base ACE fit on the surrogate set")
         outcome = potential_outcome(job, ctx, "base", EXPORT_DIR)
         outcome.outputs.update(extra)

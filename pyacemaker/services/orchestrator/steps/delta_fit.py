@@ -3,7 +3,9 @@ a down-weighted regulariser that anchors the correction where DFT has no data).
 
 The base is the student refinement's (step 6b) when it ran, else step 6's; the anchor frames are step 5's
 shards plus the frames the refinement added. The base was also fitted on the committee's labels of the DFT
-structures (step 6); those are no anchor frames: there the DFT rows say where the potential goes."""
+structures (step 6); those are no anchor frames: there the DFT rows say where the potential goes. The anchor's
+Gram matrices come from step 6's kept normal equations (the trainer takes the DFT structures' rows out and puts
+the student frames' in), so the anchor's 2000 frames are not computed again."""
 
 from __future__ import annotations
 
@@ -32,6 +34,15 @@ def anchor_shards(ctx: StepContext) -> list[common_pb2.ArtifactRef]:
     return [*surrogate_shards(ctx), *([extra] if extra is not None else [])]
 
 
+def base_fit_equations(ctx: StepContext) -> tuple[common_pb2.ArtifactRef, list[common_pb2.ArtifactRef]] | None:
+    """Step 6's kept normal equations and the shards they were made from (step 5's and the committee-labelled
+    DFT structures), from which the delta takes its anchor's Gram matrices; None when step 6 kept none."""
+    base = base_potential(ctx)
+    if base.normal_equations is None:
+        return None
+    return base.normal_equations, [*surrogate_shards(ctx), *([base.dft_structures] if base.dft_structures else [])]
+
+
 class DeltaFitStep:
     name = StepName.DELTA_FIT
     version = 1
@@ -44,6 +55,7 @@ class DeltaFitStep:
             "surrogate_weight": ctx.config.ace.delta_surrogate_weight,
             "seed": ctx.config.ace.random_seed,
             "stress_weight": ctx.config.ace.stress_weight,
+            "anchor_equations": equations[0].sha256 if (equations := base_fit_equations(ctx)) else "",
         }
 
     def run(self, ctx: StepContext) -> StepOutcome:
@@ -55,5 +67,8 @@ class DeltaFitStep:
             random_seed=ctx.config.ace.random_seed,
             stress_weight=ctx.config.ace.stress_weight,
         )
+        if (equations := base_fit_equations(ctx)) is not None:
+            spec.anchor_equations.CopyFrom(equations[0])
+            spec.anchor_equations_data.extend(equations[1])
         job = run_trainer_job(ctx, trainer_pb2.StartJobRequest(delta_fit=spec), "delta learning on the DFT set")
         return potential_outcome(job, ctx, "final", EXPORT_DIR)
