@@ -88,11 +88,13 @@ def mace_calculator(paths: list[str]):  # type: ignore[no-untyped-def]
     return MACECalculator(model_paths=paths, device="cpu", default_dtype="float64")
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["members-in-turn", "members-at-once"])
 def test_committee_mean_and_spread_equal_mace_calculator(
-    oracle: grpc.Channel, store: ArtifactStore, committee_paths: list[str]
+    oracle: grpc.Channel, store: ArtifactStore, committee_paths: list[str], threads: int
 ) -> None:
     frames = [*sn2_frames(9), periodic_frame()]
-    spec = backend_spec("mace", {"models": as_artifacts(store, committee_paths), "batch_size": 4})
+    options = {"models": as_artifacts(store, committee_paths), "batch_size": 4, "threads": threads}
+    spec = backend_spec("mace", options)
     results = dict(stream_labels(oracle, spec, frames, batch_size=5, timeout=TIMEOUT_S))
     assert sorted(results) == list(range(len(frames)))
     calc = mace_calculator(committee_paths)

@@ -23,7 +23,8 @@ sees it, and refuses paths, names and anything outside the store. Whoever can wr
 the oracle unpickle a file: the store must be writable only by the services.
 
 Threads: torch uses OMP_NUM_THREADS threads when it is set (mace work gains little from more than one core
-here, and loses much when cores are shared).
+here, and loses much when cores are shared). The `threads` option evaluates that many committee members at the
+same time instead, each in a thread of its own, which does use a second core (see MaceCommittee).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -123,9 +125,12 @@ class CommitteeOutput:
 
 
 class MaceCommittee:
-    """K MACE models that share elements, cutoff and head, evaluated together on graph batches."""
+    """K MACE models that share elements, cutoff and head, evaluated together on graph batches; `threads` > 1
+    evaluates that many members at the same time (torch runs a model's operations without the GIL: measured on
+    39 SN2 replicas, a committee of 3 on 2 threads took 42 instead of 64 ms per batch, what the split 2 + 1
+    allows)."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], device: str, dtype: str) -> None:
+    def __init__(self, models: Sequence[torch.nn.Module], device: str, dtype: str, threads: int = 1) -> None:
         if not models:
             raise InvalidInputError("a MACE committee needs at least one model")
         # Any: mace's model attributes (atomic_numbers, r_max, products, ...) are not visible to a type checker.
@@ -149,6 +154,8 @@ class MaceCommittee:
         self.head_indices = [
             list(m.heads).index(_default_head(list(m.heads))) if hasattr(m, "heads") else 0 for m in self.models
         ]
+        workers = min(max(1, threads), len(self.models))
+        self._members = ThreadPoolExecutor(workers, thread_name_prefix="mace-member") if workers > 1 else None
 
     # -- graphs -------------------------------------------------------------------------------------------------
 
@@ -198,13 +205,18 @@ class MaceCommittee:
         """Every model's energy, forces and (for periodic frames) stress, frame by frame."""
         base = self.graph_inputs(frames)
         compute_stress = any(atoms.pbc.any() for atoms in frames)
-        energies, forces, stresses = [], [], []
-        for model, head_index in zip(self.models, self.head_indices, strict=True):
+
+        def member(index: int) -> dict[str, np.ndarray]:
+            model, head_index = self.models[index], self.head_indices[index]
             out = model(self._inputs(base, head_index), compute_stress=compute_stress, training=False)
-            energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
-            forces.append(out["forces"].detach().cpu().numpy().astype(np.float64))
-            if compute_stress:
-                stresses.append(out["stress"].detach().cpu().numpy().astype(np.float64))
+            keys = ("energy", "forces", "stress") if compute_stress else ("energy", "forces")
+            return {key: out[key].detach().cpu().numpy().astype(np.float64) for key in keys}
+
+        members = range(len(self.models))
+        results = list(self._members.map(member, members) if self._members else map(member, members))
+        energies = [result["energy"] for result in results]
+        forces = [result["forces"] for result in results]
+        stresses = [result["stress"] for result in results] if compute_stress else []
         energy_k = np.stack(energies)  # (K, n_graphs)
         force_k = np.stack(forces)  # (K, n_nodes, 3)
         stress_k = np.stack(stresses) if compute_stress else None  # (K, n_graphs, 3, 3)
@@ -329,7 +341,8 @@ class MaceBackend(OracleBackend):
             load_model(str(path), digest, config.default_dtype, self.device)
             for path, digest in zip(self.model_paths, self.digests, strict=True)
         ]
-        self.committee = MaceCommittee(models, self.device, config.default_dtype)
+        threads = config.threads or len(os.sched_getaffinity(0))
+        self.committee = MaceCommittee(models, self.device, config.default_dtype, threads)
         log.info(
             "mace committee of %d on %s (%s, elements %s, r_max %.2f Å)",
             len(models),
