@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,30 @@ def test_chunks_bound_the_atoms_whose_rows_are_held_and_the_equations_do_not_dep
     small = linear_ace.accumulate(design, frames, targets, folds, 2)
     for name in ("gram_energy", "gram_forces", "rhs_energy", "rhs_forces", "rows_forces"):
         np.testing.assert_allclose(getattr(small, name), getattr(whole, name), rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_saved_equations_hold_upper_triangles_and_load_back_whole_or_summed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    equations = linear_ace.FoldedNormalEquations(7, 3, with_stress=True)
+    for name in ("gram_energy", "gram_forces", "gram_stress"):
+        rows = rng.normal(size=(3, 11, 7))
+        setattr(equations, name, np.einsum("kri,krj->kij", rows, rows))
+    equations.rhs_forces = rng.normal(size=(3, 7))
+    equations.rows_forces = np.array([4, 5, 6])
+    path = tmp_path / "equations.npz"
+    linear_ace.save_equations(equations, path, {"shards": ["a"]})
+    with np.load(path) as data:
+        assert data["gram_forces"].shape == (3, 7 * 8 // 2)  # the upper triangles only
+    loaded = linear_ace.load_equations(path)
+    for name in ("gram_energy", "gram_forces", "gram_stress", "rhs_forces", "rows_forces"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(equations, name))
+    summed = linear_ace.load_equations(path, summed=True)
+    assert summed.n_folds == 1
+    np.testing.assert_allclose(summed.gram_stress[0], equations.gram_stress.sum(axis=0), rtol=1e-14)
+    assert int(summed.rows_forces[0]) == 15
+    # A file of an earlier version (whole matrices, no flag) still loads.
+    with path.open("wb") as handle:
+        arrays = {name: getattr(equations, name) for name in linear_ace._EQUATION_ARRAYS}
+        header = {"n_functions": 7, "n_folds": 3, "with_stress": True}
+        np.savez(handle, metadata=np.array(json.dumps(header)), **arrays)
+    np.testing.assert_array_equal(linear_ace.load_equations(path).gram_energy, equations.gram_energy)

@@ -155,7 +155,7 @@ def anchor_normal_equations(
             f"delta_fit.anchor_equations were made {made} stress rows, the anchor frames here need them "
             f"{'' if with_stress else 'not '}(another ace.stress_weight?)"
         )
-    kept = linear_ace.load_summed_equations(saved.path)
+    kept = linear_ace.load_equations(saved.path, summed=True)
     n = design.n_functions
     equations = linear_ace.FoldedNormalEquations(design.n_columns, 1, with_stress=with_stress)
     # The saved equations' columns past the basis functions (fitted reference energies, if any) are no anchor's,
