@@ -387,7 +387,7 @@ def save_equations(equations: FoldedNormalEquations, path: Path, metadata: dict[
         "with_stress": equations.with_stress,
         "gram_upper_triangles": True,
     }
-    arrays = {
+    arrays: dict[str, Any] = {
         name: _upper_triangles(getattr(equations, name)) if name in _GRAM_ARRAYS else getattr(equations, name)
         for name in _EQUATION_ARRAYS
     }
