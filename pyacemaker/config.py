@@ -985,6 +985,12 @@ class StudentRefinementConfig(_Strict):
         le=100_000,
         description="Replicas per restraint window; 0: one per temperature. Fewer run the hottest temperatures.",
     )
+    refit_ridge: Literal["base", "cross_validation"] = Field(
+        "base",
+        description="The ridge strength λ of the refits: 'base' keeps the one cross-validation chose for the base "
+        "fit (a refit adds a few percent of frames to the same basis), 'cross_validation' chooses it again for "
+        "every refit (one eigendecomposition per fold: 13 of a flagship refit's 30 s).",
+    )
     random_seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @property

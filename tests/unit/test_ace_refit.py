@@ -128,6 +128,18 @@ def test_the_refit_job_takes_the_basis_and_the_kept_equations_from_the_store(art
     refit = run_ace_fit(refit_spec, artifact_store, tmp_path / "refit", ProgressWriter(tmp_path / "p2.jsonl"))
     assert refit.metrics["reused_equations_structures_count"] == FIRST
     assert not [ref for ref in refit.outputs if ref.kind == NORMAL_EQUATIONS_KIND]  # not asked to keep them
+    # The refinement's refits keep the base's ridge strength: cross-validated at it, not chosen again.
+    base_lambda = base.metrics["ridge_lambda_relative"]
+    kept_lambda = trainer_pb2.AceFitSpec(
+        train_data=shards, e0s=e0s, basis=yaml, normal_equations=equations, ridge_lambda=base_lambda
+    )
+    validate_ace_fit(kept_lambda, artifact_store)
+    same = run_ace_fit(kept_lambda, artifact_store, tmp_path / "same", ProgressWriter(tmp_path / "p4.jsonl"))
+    assert same.metrics["ridge_lambda_relative"] == base_lambda
+    assert 0 < same.metrics["cv_forces_rmse_ev_per_a"] < 10 * refit.metrics["cv_forces_rmse_ev_per_a"]
+    for bad in (0.0, -1e-5, float("nan")):
+        with pytest.raises(InvalidInputError, match=r"ace_fit\.ridge_lambda must be a positive number"):
+            validate_ace_fit(trainer_pb2.AceFitSpec(train_data=shards, e0s=e0s, ridge_lambda=bad), artifact_store)
     # Shards in another order: the equations do not hold the first shard any more.
     swapped = trainer_pb2.AceFitSpec(train_data=shards[::-1], e0s=e0s, basis=yaml, normal_equations=equations)
     with pytest.raises(InvalidInputError, match=r"not the first ones of ace_fit\.train_data"):

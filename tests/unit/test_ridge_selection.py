@@ -88,3 +88,23 @@ def test_one_solve_gives_the_decomposition_s_solution() -> None:
         ridge = linear_ace._ScaledRidge(gram, rhs, scale, n_free)
         for lam in (1e-6, 1e-3, 1.0):
             np.testing.assert_allclose(ridge.solve_once(lam), ridge.solve(lam), rtol=1e-8, atol=1e-10)
+
+
+def test_a_given_lambda_is_cross_validated_by_one_solve_per_fold_with_the_grid_s_figures() -> None:
+    """A refit that keeps its base's λ: the cross-validation at that λ alone (a linear solve per fold) gives the
+    grid's figures and coefficients at that λ."""
+    frames = xtb_frames()[:60]
+    design = linear_ace.AceDesign(pyace.ACEBBasisSet(basis_config(["H", "C", "Cl"], 5.0, 12)))
+    targets = linear_ace.Targets(
+        np.array([f.get_potential_energy() / len(f) for f in frames]), [f.get_forces() for f in frames]
+    )
+    equations = linear_ace.accumulate(design, frames, targets, np.arange(len(frames)) % 5, 5)
+    grid = linear_ace.fit_ridge_cv(equations, lambdas=LAMBDAS)
+    lam = LAMBDAS[3]
+    alone = linear_ace.fit_ridge_cv(equations, lambdas=[lam], one_standard_error=True)
+    assert alone.lam == lam
+    row = next(r for r in grid.table if r["lambda"] == lam)
+    assert alone.table[0]["cv_forces_rmse_ev_per_a"] == pytest.approx(row["cv_forces_rmse_ev_per_a"], rel=1e-6)
+    assert alone.table[0]["cv_loss"] == pytest.approx(row["cv_loss"], rel=1e-6)
+    at_lam = linear_ace.fit_ridge_cv(equations, lambdas=[lam, lam * 1.0000001])  # decomposition path, same λ
+    np.testing.assert_allclose(alone.coeffs, at_lam.coeffs, rtol=1e-5, atol=1e-8 * np.abs(at_lam.coeffs).max())

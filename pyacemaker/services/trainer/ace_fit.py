@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -352,6 +353,7 @@ def fit_linear_ace(
     core_repulsion: bool = True,
     stress_weight: float = linear_ace.DEFAULT_STRESS_WEIGHT,
     reuse: EquationsReuse | None = None,
+    ridge_lambda: float | None = None,
 ) -> AceFitResult:
     """Fit a linear ACE to labelled frames and write <stem>.yaml, .yace, .asi into out_dir.
 
@@ -360,7 +362,8 @@ def fit_linear_ace(
     basis gets inner cutoffs and a core repulsion (module docstring). The ridge strength is chosen by
     cross-validation over whole groups (MD trajectories; `linear_ace.structure_groups`). Periodic frames with
     a stress label add stress rows weighted by `stress_weight` (0: none). `reuse`: fit on a given basis,
-    starting from saved normal equations and/or saving this fit's (`EquationsReuse`)."""
+    starting from saved normal equations and/or saving this fit's (`EquationsReuse`). `ridge_lambda`: this
+    strength instead of the cross-validated one (the cross-validation figures are reported at it)."""
     from pyace import ACEBBasisSet
 
     if len(frames) < 2:
@@ -435,7 +438,12 @@ def fit_linear_ace(
     n_free = design.n_columns - design.n_functions
     # The one-standard-error rule: a base that extrapolates tamely beats one a hair better on its own data.
     fit = linear_ace.fit_ridge_cv(
-        equations, n_unpenalised=n_free, progress=report, stress_weight=stress_weight, one_standard_error=True
+        equations,
+        lambdas=linear_ace.DEFAULT_LAMBDAS if ridge_lambda is None else [ridge_lambda],
+        n_unpenalised=n_free,
+        progress=report,
+        stress_weight=stress_weight,
+        one_standard_error=True,
     )
     coeffs, fitted_references = design.split(fit.coeffs)
     report_cross_validation(fit, progress)
@@ -498,6 +506,8 @@ def validate_ace_fit(spec: trainer_pb2.AceFitSpec, store: ArtifactStore) -> None
     check_finite({"ace_fit.cutoff": spec.cutoff, "ace_fit.stress_weight": spec.stress_weight})
     if spec.stress_weight < 0:
         raise InvalidInputError(f"ace_fit.stress_weight must not be negative, got {spec.stress_weight:g}")
+    if spec.HasField("ridge_lambda") and not (math.isfinite(spec.ridge_lambda) and spec.ridge_lambda > 0):
+        raise InvalidInputError(f"ace_fit.ridge_lambda must be a positive number, got {spec.ridge_lambda:g}")
     if spec.cutoff < 0 or spec.basis_size < 0:
         raise InvalidInputError("ace_fit.cutoff and ace_fit.basis_size must not be negative (0 means inferred)")
     if spec.cutoff > MAX_CUTOFF_A:
@@ -516,6 +526,8 @@ def validate_ace_fit(spec: trainer_pb2.AceFitSpec, store: ArtifactStore) -> None
         )
         if given
     ]
+    if spec.HasField("ridge_lambda"):
+        linear_only.append("ridge_lambda")
     if spec.model_kind == "nonlinear":
         if linear_only:
             raise InvalidInputError(f"ace_fit.{linear_only[0]} is for linear fits, not model_kind 'nonlinear'")
@@ -563,6 +575,7 @@ def run_ace_fit(
             core_repulsion=not spec.no_core_repulsion,
             stress_weight=stress_weight_of(spec),
             reuse=reuse,
+            ridge_lambda=spec.ridge_lambda if spec.HasField("ridge_lambda") else None,
         )
         if reuse.keep is not None:
             result.extra_files.append((reuse.keep, NORMAL_EQUATIONS_KIND))

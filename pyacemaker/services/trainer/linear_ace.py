@@ -840,7 +840,9 @@ def fit_ridge_cv(
     for fold in range(equations.n_folds):
         ridge = solver(fold)
         for i, lam in enumerate(lambdas):
-            sse[fold, :, i] = equations.squared_errors(fold, ridge.solve(lam))
+            # One λ (a refit that keeps its base's): a linear solve per fold, no decomposition for many λ.
+            coeffs = ridge.solve_once(lam) if len(lambdas) == 1 else ridge.solve(lam)
+            sse[fold, :, i] = equations.squared_errors(fold, coeffs)
         if progress is not None:
             progress(fold + 1, equations.n_folds + 1, f"cross-validation fold {fold + 1}/{equations.n_folds}")
     stress_rows = int(equations.rows_stress.sum())

@@ -5,6 +5,7 @@ step reads `dft_set(ctx).dft` instead of spelling `ctx.previous["active_learning
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -115,3 +116,13 @@ def final_potential(ctx: StepContext) -> Potential:
 def last_validation(ctx: StepContext) -> Validation | None:
     """The previous iteration's validation (None in iteration 1)."""
     return outputs_of(ctx, StepName.VALIDATION, Validation) if has_run(ctx, StepName.VALIDATION) else None
+
+
+def base_fit_metric(ctx: StepContext, key: str) -> float | None:
+    """One figure of step 6's fit record (its metrics JSON, e.g. cutoff_a or ridge_lambda_relative); None when
+    the fit recorded no such figure."""
+    ref = base_potential(ctx).metrics
+    if ref is None:
+        return None
+    value = json.loads(ctx.store.path(ref).read_text()).get("metrics", {}).get(key)
+    return None if value is None else float(value)

@@ -55,7 +55,7 @@ from pyacemaker.services.orchestrator.model_labels import model_labels
 from pyacemaker.services.orchestrator.steps import StepContext, StepOutcome
 from pyacemaker.services.orchestrator.steps.ace_fit import POTENTIAL_FILES, base_fit_spec, base_shards
 from pyacemaker.services.orchestrator.steps.mace_finetune import committee_models, committee_spec
-from pyacemaker.services.orchestrator.steps.outputs import base_potential, dft_set
+from pyacemaker.services.orchestrator.steps.outputs import base_fit_metric, base_potential, dft_set
 from pyacemaker.services.orchestrator.steps.surrogate_md import md_config
 from pyacemaker.services.orchestrator.trainer_jobs import outputs_by_suffix, run_trainer_job
 from pyacemaker.structures import attach_labels, structure_to_atoms, write_extxyz
@@ -316,12 +316,15 @@ def refit(
     ctx: StepContext, shards: list[common_pb2.ArtifactRef], record: RoundRecord
 ) -> dict[str, common_pb2.ArtifactRef]:
     """The base fit again on the base's basis, on step 5's shards plus the student frames so far, starting from
-    the base fit's normal equations where step 6 kept them; the new potential's files."""
+    the base fit's normal equations where step 6 kept them, with the base fit's ridge strength unless
+    student_refinement.refit_ridge asks for cross-validation; the new potential's files."""
     spec = base_fit_spec(ctx, shards)
     base = base_potential(ctx)
     spec.basis.CopyFrom(base.yaml)
     if base.normal_equations is not None:
         spec.normal_equations.CopyFrom(base.normal_equations)
+    if ctx.config.student_refinement.refit_ridge == "base" and (lam := base_fit_metric(ctx, "ridge_lambda_relative")):
+        spec.ridge_lambda = lam
     job = run_trainer_job(
         ctx, trainer_pb2.StartJobRequest(ace_fit=spec), f"refit {record.round} with the student's frames"
     )

@@ -24,7 +24,6 @@ stoichiometry, a single constant), so their figures measure their energy differe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +67,7 @@ from pyacemaker.services.orchestrator.steps.mace_finetune import (
     teacher_model,
 )
 from pyacemaker.services.orchestrator.steps.outputs import (
+    base_fit_metric,
     base_potential,
     dft_set,
     final_potential,
@@ -488,11 +488,7 @@ def fit_direct_ace(ctx: StepContext) -> DirectFit:
 
 def _base_cutoff(ctx: StepContext) -> float:
     """The cutoff step 6 used (its metrics record), 0 (inferred again, by the same rule) when it has none."""
-    ref = base_potential(ctx).metrics
-    if ref is None:
-        return 0.0
-    data = json.loads(ctx.store.path(ref).read_text())
-    return float(data.get("metrics", {}).get("cutoff_a", 0.0))
+    return base_fit_metric(ctx, "cutoff_a") or 0.0
 
 
 def extrapolation_grades(
