@@ -187,7 +187,7 @@ def test_saved_equations_hold_upper_triangles_and_load_back_whole_or_summed(tmp_
     assert int(summed.rows_forces[0]) == 15
     # A file of an earlier version (whole matrices, no flag) still loads.
     with path.open("wb") as handle:
-        arrays = {name: getattr(equations, name) for name in linear_ace._EQUATION_ARRAYS}
+        arrays = {name: getattr(equations, name) for name in linear_ace.EQUATION_ARRAYS}
         header = {"n_functions": 7, "n_folds": 3, "with_stress": True}
         np.savez(handle, metadata=np.array(json.dumps(header)), **arrays)
     np.testing.assert_array_equal(linear_ace.load_equations(path).gram_energy, equations.gram_energy)

@@ -39,7 +39,7 @@ from ase.data import atomic_numbers, covalent_radii
 
 from pyacemaker.artifacts import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, ArtifactStore
 from pyacemaker.rpc import InvalidInputError
-from pyacemaker.services.trainer import linear_ace, pacemaker_export
+from pyacemaker.services.trainer import linear_ace, pacemaker_export, row_processes
 from pyacemaker.services.trainer.datasets import (
     artifact_paths,
     check_finite,
@@ -422,7 +422,7 @@ def fit_linear_ace(
         cutoff,
         design.n_functions,
     )
-    equations = linear_ace.accumulate(
+    equations = row_processes.accumulate_in_processes(
         design, frames[covered:], targets, folds[covered:], n_folds, report, into=equations
     )
     if reuse.keep is not None:

@@ -55,7 +55,7 @@ from ase.data import atomic_numbers
 from pyacemaker.ace_reference_energies import potential_e0s
 from pyacemaker.artifacts import PACEMAKER_DATASET_KIND, PACEMAKER_INPUT_KIND, ArtifactStore
 from pyacemaker.rpc import InvalidInputError
-from pyacemaker.services.trainer import linear_ace, pacemaker_export
+from pyacemaker.services.trainer import linear_ace, pacemaker_export, row_processes
 from pyacemaker.services.trainer.ace_fit import (
     AceFitResult,
     report_cross_validation,
@@ -139,9 +139,8 @@ def anchor_normal_equations(
     `AnchorEquations`), else from the rows of every anchor frame."""
     if saved is None:
         folds = np.zeros(len(anchor), dtype=np.int64)
-        return linear_ace.accumulate(
-            design, anchor, _zero_targets(anchor, with_stress), folds, 1, report, "surrogate rows", False
-        )
+        zero = _zero_targets(anchor, with_stress)
+        return row_processes.accumulate_in_processes(design, anchor, zero, folds, 1, report, "surrogate rows", False)
     report(0, 0, "anchor rows from the base fit's normal equations")
     try:
         metadata = linear_ace.equations_metadata(saved.path)

@@ -301,9 +301,16 @@ class FoldedNormalEquations:
             self.norm_stress[fold] += float(stress_targets @ stress_targets)
             self.rows_stress[fold] += len(stress_targets)
 
+    def add_equations(self, other: FoldedNormalEquations) -> None:
+        """Add the rows `other` holds (same columns and folds)."""
+        for name in EQUATION_ARRAYS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs.size:
+                mine += theirs
+
     def subtract(self, other: FoldedNormalEquations) -> None:
         """Take out the rows `other` holds (same columns and folds), as if they had never been added."""
-        for name in _EQUATION_ARRAYS:
+        for name in EQUATION_ARRAYS:
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs.size:
                 mine -= theirs
@@ -348,7 +355,7 @@ class FoldedNormalEquations:
 
 
 # What a saved set of normal equations holds besides its metadata.
-_EQUATION_ARRAYS = tuple(f.name for f in dataclasses.fields(FoldedNormalEquations) if not f.init)
+EQUATION_ARRAYS = tuple(f.name for f in dataclasses.fields(FoldedNormalEquations) if not f.init)
 # The symmetric ones, saved as their upper triangles: half the bytes to write, to hash on every use (the store
 # verifies a file's digest each time it hands it out) and to read. Measured on the SN2 flagship's 3000 functions:
 # 720 MB whole took 2.8 s to hash and 3.1 s to load, each time a refit or a delta fit used them.
@@ -389,7 +396,7 @@ def save_equations(equations: FoldedNormalEquations, path: Path, metadata: dict[
     }
     arrays: dict[str, Any] = {
         name: _upper_triangles(getattr(equations, name)) if name in _GRAM_ARRAYS else getattr(equations, name)
-        for name in _EQUATION_ARRAYS
+        for name in EQUATION_ARRAYS
     }
     with path.open("wb") as handle:
         np.savez(handle, metadata=np.array(json.dumps({**metadata, **header})), **arrays)
@@ -414,7 +421,7 @@ def load_equations(path: Path, summed: bool = False) -> FoldedNormalEquations:
     equations.with_stress = bool(metadata["with_stress"])
     packed = bool(metadata.get("gram_upper_triangles"))  # files of earlier versions hold whole matrices
     with np.load(path) as data:
-        for name in _EQUATION_ARRAYS:
+        for name in EQUATION_ARRAYS:
             values = np.array(data[name])
             if summed:
                 values = values.sum(axis=0, keepdims=True)
@@ -557,7 +564,7 @@ def accumulate(
     structures (same design and folds) to add these to. `keep_rows`: the rows are also kept there (for a small
     set whose cross-validation can then use them, `fit_ridge_cv`)."""
     equations = into or FoldedNormalEquations(design.n_columns, n_folds, with_stress=targets.has_stress)
-    with _garbage_collection_paused():
+    with garbage_collection_paused():
         _accumulate_into(equations, design, frames, targets, folds, progress, stage, with_references, keep_rows)
     return equations
 
@@ -587,7 +594,7 @@ class FoldRows:
 
 
 @contextlib.contextmanager
-def _garbage_collection_paused() -> Iterator[None]:
+def garbage_collection_paused() -> Iterator[None]:
     """pyace hands the B-gradients over as nested Python lists (thousands of list objects per structure);
     with the cyclic garbage collector running, collecting them costs more than computing them."""
     enabled = gc.isenabled()
@@ -611,30 +618,43 @@ def _accumulate_into(
     keep_rows: FoldRows | None = None,
 ) -> None:
     for structures in chunks([len(atoms) for atoms in frames]):
-        stop = structures.stop
-        chunk: dict[int, tuple[list, list, list, list, list, list]] = {}
-        for i in structures:
-            energy_row, force_rows = design.rows(frames[i])
-            if not with_references:
-                energy_row[design.n_functions :] = 0.0
-            lists = chunk.setdefault(int(folds[i]), ([], [], [], [], [], []))
-            lists[0].append(energy_row)
-            lists[1].append(targets.energy_per_atom[i])
-            lists[2].append(force_rows)
-            lists[3].append(np.asarray(targets.forces[i], dtype=np.float64).ravel())
-            stress = targets.stress_of(i)
-            if stress is not None:
-                lists[4].append(design.stress_rows(frames[i]))
-                lists[5].append(np.asarray(stress, dtype=np.float64).ravel())
-        for fold, (e_rows, e_targets, f_rows, f_targets, s_rows, s_targets) in chunk.items():
-            blocks = [(np.array(e_rows), np.array(e_targets)), (np.vstack(f_rows), np.concatenate(f_targets))]
-            if s_rows:
-                blocks.append((np.vstack(s_rows), np.concatenate(s_targets)))
-            equations.add(fold, *blocks[0], *blocks[1], *(blocks[2] if s_rows else (None, None)))
-            if keep_rows is not None:
-                keep_rows.blocks += [(fold, kind, rows, values) for kind, (rows, values) in enumerate(blocks)]
+        accumulate_chunk(equations, design, frames, targets, folds, structures, with_references, keep_rows)
         if progress is not None:
-            progress(stop, len(frames), f"{stage}: rows of {stop}/{len(frames)} structures")
+            progress(structures.stop, len(frames), f"{stage}: rows of {structures.stop}/{len(frames)} structures")
+
+
+def accumulate_chunk(
+    equations: FoldedNormalEquations,
+    design: AceDesign,
+    frames: Sequence[Atoms],
+    targets: Targets,
+    folds: np.ndarray,
+    structures: range,
+    with_references: bool = True,
+    keep_rows: FoldRows | None = None,
+) -> None:
+    """Add the rows of one chunk of `frames` (`chunks`) to their folds' equations."""
+    chunk: dict[int, tuple[list, list, list, list, list, list]] = {}
+    for i in structures:
+        energy_row, force_rows = design.rows(frames[i])
+        if not with_references:
+            energy_row[design.n_functions :] = 0.0
+        lists = chunk.setdefault(int(folds[i]), ([], [], [], [], [], []))
+        lists[0].append(energy_row)
+        lists[1].append(targets.energy_per_atom[i])
+        lists[2].append(force_rows)
+        lists[3].append(np.asarray(targets.forces[i], dtype=np.float64).ravel())
+        stress = targets.stress_of(i)
+        if stress is not None:
+            lists[4].append(design.stress_rows(frames[i]))
+            lists[5].append(np.asarray(stress, dtype=np.float64).ravel())
+    for fold, (e_rows, e_targets, f_rows, f_targets, s_rows, s_targets) in chunk.items():
+        blocks = [(np.array(e_rows), np.array(e_targets)), (np.vstack(f_rows), np.concatenate(f_targets))]
+        if s_rows:
+            blocks.append((np.vstack(s_rows), np.concatenate(s_targets)))
+        equations.add(fold, *blocks[0], *blocks[1], *(blocks[2] if s_rows else (None, None)))
+        if keep_rows is not None:
+            keep_rows.blocks += [(fold, kind, rows, values) for kind, (rows, values) in enumerate(blocks)]
 
 
 def chunks(sizes: Sequence[int]) -> Iterator[range]:
