@@ -1,10 +1,13 @@
 """The local executor: a pool of worker subprocesses on this machine, `max_workers` at a time.
 
-Each task runs as `python -m pyacemaker.services.oracle.task DIR` in its own process group, with its output in
-`DIR/task.log`; a task still running after `timeout_s` has its whole group killed and ends TIMEOUT (final:
-the same calculation would time out again). The pool lives as long as the oracle process, independent of
-any Label stream, so a client that disconnects and comes back finds its calculations still running. Workers
-run in sessions of their own and outlive an oracle that stops: their results stay in their task dirs.
+Each task runs the oracle's task runner on DIR in its own process group, with its output in `DIR/task.log`; a task
+still running after `timeout_s` has its whole group killed and ends TIMEOUT (final: the same calculation would
+time out again). The task processes are forked from a warm process that has imported the task runner and the
+codes it calls (`pyacemaker.executors.zygote`), which saves every task the interpreter's start and those imports;
+should that process fail, tasks start as `python -m pyacemaker.services.oracle.task DIR` again. The pool lives as
+long as the oracle process, independent of any Label stream, so a client that disconnects and comes back finds its
+calculations still running. Workers run in sessions of their own and outlive an oracle that stops: their results
+stay in their task dirs.
 
 A batch submitted by an earlier oracle process (before a restart) is unknown to this pool; its tasks count as
 running while the worker recorded in `worker.pid` is still alive, and as ended otherwise.
@@ -19,7 +22,9 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -46,6 +51,7 @@ class LocalExecutor(Executor):
         self._batches: dict[str, str] = {}  # batch name -> job id
         self._sequence = itertools.count(1)
         self._workers: list[threading.Thread] = []
+        self._zygote: Zygote | None = None
 
     def submit(self, batch: Batch) -> str:
         job_id = f"local-{os.getpid()}-{next(self._sequence)}"
@@ -72,6 +78,12 @@ class LocalExecutor(Executor):
             return self._batches.get(batch_name)
 
     def _start_workers(self) -> None:
+        if self._zygote is None or not self._zygote.alive:
+            try:
+                self._zygote = Zygote()
+            except OSError as exc:
+                log.warning("no warm process to fork tasks from (%s); each task starts a new interpreter", exc)
+                self._zygote = None
         while len(self._workers) < self.config.max_workers:
             thread = threading.Thread(target=self._work, name=f"local-executor-{len(self._workers)}", daemon=True)
             thread.start()
@@ -88,6 +100,14 @@ class LocalExecutor(Executor):
                 self._ended[job_id][index] = end
 
     def _run(self, task_dir: Path) -> TaskEnd:
+        zygote = self._zygote
+        if zygote is not None and zygote.alive:
+            try:
+                pid = zygote.fork(task_dir, task_dir / TASK_LOG_FILE)
+            except OSError as exc:
+                log.warning("the warm process could not fork a task (%s); starting a new interpreter", exc)
+            else:
+                return self._wait_for_fork(zygote, pid, task_dir)
         command = [*task_argv(), str(task_dir)]
         with open(task_dir / TASK_LOG_FILE, "ab") as output:
             # A new session: the timeout kills the worker and everything the calculation started (mpirun, pw.x).
@@ -99,9 +119,99 @@ class LocalExecutor(Executor):
         except subprocess.TimeoutExpired:
             _kill_group(process)
             return TaskEnd("TIMEOUT", f"timed out after {self.config.timeout_s:g} s", final=True)
-        if returncode < 0:
-            return TaskEnd("KILLED", f"worker killed by signal {-returncode} (see {task_dir / TASK_LOG_FILE})")
-        return TaskEnd("EXITED", f"worker exited with code {returncode} (see {task_dir / TASK_LOG_FILE})")
+        return _end_of(returncode, task_dir)
+
+    def _wait_for_fork(self, zygote: Zygote, pid: int, task_dir: Path) -> TaskEnd:
+        returncode = zygote.wait(pid, self.config.timeout_s)
+        if returncode is TIMED_OUT:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            zygote.wait(pid, KILL_WAIT_S)
+            return TaskEnd("TIMEOUT", f"timed out after {self.config.timeout_s:g} s", final=True)
+        if returncode is None:  # the warm process is gone: its child runs on, watched through /proc
+            while Path(f"/proc/{pid}").exists() and _worker_alive(task_dir):
+                time.sleep(LOCAL_POLL_INTERVAL_S)
+            return TaskEnd("EXITED", f"worker ended, exit status unknown (see {task_dir / TASK_LOG_FILE})")
+        return _end_of(returncode, task_dir)
+
+
+def _end_of(returncode: int, task_dir: Path) -> TaskEnd:
+    if returncode < 0:
+        return TaskEnd("KILLED", f"worker killed by signal {-returncode} (see {task_dir / TASK_LOG_FILE})")
+    return TaskEnd("EXITED", f"worker exited with code {returncode} (see {task_dir / TASK_LOG_FILE})")
+
+
+# Zygote.wait's answer when the timeout passed first.
+TIMED_OUT = -(10**9)
+# How long a killed task's end is waited for, s.
+KILL_WAIT_S = 30.0
+
+
+class Zygote:
+    """The warm process the task processes are forked from (`pyacemaker.executors.zygote`), and the thread that
+    reads its reports. It ends when this object's process ends (its stdin closes)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pyacemaker.executors.zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,  # not killed with this process's group: it exits when its stdin closes
+        )
+        self.alive = True
+        self._request_lock = threading.Lock()
+        self._started: queue.Queue[int | str] = queue.Queue()
+        self._ends: dict[int, int] = {}
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, name="zygote-reports", daemon=True).start()
+
+    def fork(self, task_dir: Path, log_file: Path) -> int:
+        """Start a task process on `task_dir`; its pid. OSError when the zygote cannot."""
+        if "\t" in str(task_dir) or "\n" in str(task_dir) or "\n" in str(log_file):
+            raise OSError(f"a task dir the zygote's line protocol cannot carry: {str(task_dir)!r}")
+        assert self.process.stdin is not None
+        with self._request_lock:
+            try:
+                self.process.stdin.write(f"{task_dir}\t{log_file}\n".encode())
+                self.process.stdin.flush()
+                reply = self._started.get(timeout=KILL_WAIT_S)
+            except (OSError, ValueError, queue.Empty) as exc:
+                self.alive = False
+                raise OSError(f"the zygote did not answer ({exc})") from None
+        if isinstance(reply, str):
+            raise OSError(reply)
+        return reply
+
+    def wait(self, pid: int, timeout: float) -> int | None:
+        """The task's returncode; TIMED_OUT when `timeout` passed first; None when the zygote ended first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while pid not in self._ends:
+                remaining = deadline - time.monotonic()
+                if not self.alive:
+                    return None
+                if remaining <= 0:
+                    return TIMED_OUT
+                self._changed.wait(min(remaining, 1.0))
+            return self._ends.pop(pid)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            kind, _, rest = raw.decode().strip().partition(" ")
+            if kind == "started":
+                self._started.put(int(rest))
+            elif kind == "failed":
+                self._started.put(f"the zygote could not fork: {rest}")
+            elif kind == "ended":
+                pid, code = rest.split()
+                with self._changed:
+                    self._ends[int(pid)] = int(code)
+                    self._changed.notify_all()
+        self.alive = False
+        self._started.put("the zygote ended")
+        with self._changed:
+            self._changed.notify_all()
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

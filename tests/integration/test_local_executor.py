@@ -217,3 +217,85 @@ def test_an_oracle_without_a_work_dir_still_runs_executor_backends() -> None:
         submissions, results = collect(stub.Label(iter([request]), timeout=STREAM_TIMEOUT_S))
     assert len(submissions) == 1
     assert_labels_equal_tblite(results[0], atoms)
+
+
+def test_tasks_are_forked_from_the_warm_process_and_killed_alone(tmp_path: Path) -> None:
+    """The zygote forks each task into a process of its own (its parent is the zygote, its session its own),
+    reports how it ended, and a task killed from outside takes nothing else down."""
+    import subprocess
+    import sys
+
+    from pyacemaker.services.oracle.task import RESULT_FILE, write_task
+
+    zygote = subprocess.Popen(
+        [sys.executable, "-m", "pyacemaker.executors.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert zygote.stdin is not None and zygote.stdout is not None
+    try:
+        slow, quick = tmp_path / "slow", tmp_path / "quick"
+        write_task(slow, atoms_to_structure(water_cluster(3)), "xtb", {}, 0)
+        write_task(quick, atoms_to_structure(sn2_frames([1])[0]), "xtb", {}, 0)
+        for task_dir in (slow, quick):
+            zygote.stdin.write(f"{task_dir}\t{task_dir / 'task.log'}\n".encode())
+        zygote.stdin.flush()
+        pids = [int(zygote.stdout.readline().split()[1]) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while True:  # the child makes its session first thing; poll until it has
+            stat = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[-1].split()
+            if int(stat[3]) == pids[0] or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert int(stat[1]) == zygote.pid  # forked by the zygote
+        assert int(stat[3]) == pids[0]  # the leader of its own session
+        os.kill(pids[0], signal.SIGKILL)
+        ends = dict(zygote.stdout.readline().decode().split()[1:] for _ in range(2))
+        assert ends == {str(pids[0]): "-9", str(pids[1]): "0"}
+        assert not (slow / RESULT_FILE).exists()
+        assert_labels_equal_tblite(read_result_labels(quick), sn2_frames([1])[0])
+        assert "ok after 1 attempt" in (quick / "task.log").read_text()
+    finally:
+        zygote.stdin.close()
+        assert zygote.wait(timeout=10) == 0  # it ends when its stdin closes
+
+
+def read_result_labels(task_dir: Path) -> common_pb2.Labels:
+    from pyacemaker.services.oracle.task import read_result
+
+    labels = read_result(task_dir)
+    assert labels is not None
+    return labels
+
+
+def test_tasks_run_on_when_the_warm_process_dies_or_cannot_start(tmp_path: Path, monkeypatch) -> None:
+    from pyacemaker.config import LocalExecutorConfig
+    from pyacemaker.executors import local
+    from pyacemaker.executors.base import Batch
+    from pyacemaker.services.oracle.task import write_task
+
+    frames = sn2_frames([3, 4, 5])
+
+    def run(executor: local.LocalExecutor, number: int) -> common_pb2.Labels:
+        task_dir = tmp_path / f"task{number}"
+        write_task(task_dir, atoms_to_structure(frames[number]), "xtb", {}, 0)
+        job = executor.submit(Batch(f"batch{number}", tmp_path / f"job{number}", (task_dir,)))
+        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        while not (ended := executor.ended(job, {0: task_dir})):
+            assert time.monotonic() < deadline, "the task did not end"
+            time.sleep(0.1)
+        assert ended[0].state == "EXITED" and "code 0" in ended[0].reason, ended[0]
+        return read_result_labels(task_dir)
+
+    executor = local.LocalExecutor(LocalExecutorConfig(max_workers=1, timeout_s=60))
+    assert_labels_equal_tblite(run(executor, 0), frames[0])
+    assert executor._zygote is not None
+    executor._zygote.process.kill()  # the warm process dies: the next batch gets a new one
+    executor._zygote.process.wait()
+    assert_labels_equal_tblite(run(executor, 1), frames[1])
+
+    def no_zygote() -> None:
+        raise OSError("no fork here")
+
+    monkeypatch.setattr(local, "Zygote", no_zygote)  # none can start: a new interpreter per task, as before
+    fresh = local.LocalExecutor(LocalExecutorConfig(max_workers=1, timeout_s=60))
+    assert_labels_equal_tblite(run(fresh, 2), frames[2])
+    assert fresh._zygote is None
