@@ -94,6 +94,11 @@ def task_argv() -> list[str]:
     return [sys.executable, "-m", "pyacemaker.services.oracle.task"]
 
 
+def zygote_argv() -> list[str]:
+    """The warm process the local executor forks task processes from (named here, never imported)."""
+    return [sys.executable, "-m", "pyacemaker.services.oracle.zygote"]
+
+
 def task_command() -> str:
     """`task_argv` for a shell script."""
     return shlex.join(task_argv())

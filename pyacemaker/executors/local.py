@@ -3,7 +3,7 @@
 Each task runs the oracle's task runner on DIR in its own process group, with its output in `DIR/task.log`; a task
 still running after `timeout_s` has its whole group killed and ends TIMEOUT (final: the same calculation would
 time out again). The task processes are forked from a warm process that has imported the task runner and the
-codes it calls (`pyacemaker.executors.zygote`), which saves every task the interpreter's start and those imports;
+codes it calls (`pyacemaker.services.oracle.zygote`), which saves every task the interpreter's start and those imports;
 should that process fail, tasks start as `python -m pyacemaker.services.oracle.task DIR` again. The pool lives as
 long as the oracle process, independent of any Label stream, so a client that disconnects and comes back finds its
 calculations still running. Workers run in sessions of their own and outlive an oracle that stops: their results
@@ -22,7 +22,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pyacemaker.config import LocalExecutorConfig
-from pyacemaker.executors.base import PID_FILE, Batch, Executor, TaskEnd, task_argv
+from pyacemaker.executors.base import PID_FILE, Batch, Executor, TaskEnd, task_argv, zygote_argv
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +147,12 @@ KILL_WAIT_S = 30.0
 
 
 class Zygote:
-    """The warm process the task processes are forked from (`pyacemaker.executors.zygote`), and the thread that
+    """The warm process the task processes are forked from (`pyacemaker.services.oracle.zygote`), and the thread that
     reads its reports. It ends when this object's process ends (its stdin closes)."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pyacemaker.executors.zygote"],
+            zygote_argv(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,  # not killed with this process's group: it exits when its stdin closes

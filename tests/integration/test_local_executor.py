@@ -228,7 +228,7 @@ def test_tasks_are_forked_from_the_warm_process_and_killed_alone(tmp_path: Path)
     from pyacemaker.services.oracle.task import RESULT_FILE, write_task
 
     zygote = subprocess.Popen(
-        [sys.executable, "-m", "pyacemaker.executors.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-m", "pyacemaker.services.oracle.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     assert zygote.stdin is not None and zygote.stdout is not None
     try:

@@ -1,8 +1,9 @@
-"""Task processes forked from a warm process: `python -m pyacemaker.executors.zygote`.
+"""Task processes forked from a warm process: `python -m pyacemaker.services.oracle.zygote`.
 
 A local task used to be a fresh `python -m pyacemaker.services.oracle.task DIR`: the interpreter's start and the
 imports (pyacemaker, numpy, ASE, PySCF) took 1.3 of the 7.2 s of every B3LYP call of the SN2 flagship. The zygote
-imports all that once and forks one child per task instead. Each task still runs in a process of its own, in a
+imports all that once and forks one child per task instead (the local executor starts it,
+`pyacemaker.executors.local`). Each task still runs in a process of its own, in a
 session of its own (a timeout kills its whole group; a crash takes only that child down) with its output in its
 task log, exactly as before; only the start is shared.
 
