@@ -3,6 +3,11 @@
 Files live at `<root>/objects/<first two hex digits>/<sha256><suffix>`. An `ArtifactRef` names a file by its
 path inside the root plus its digest and size; a reader resolves it with `ArtifactStore.path`, which refuses
 anything outside the root and verifies the digest before handing the path out.
+
+Hashing a large file on every use is slow (sha256 runs at about 250 MB/s here; a refit's 345 MB of normal
+equations were hashed twice per use), so a large file whose digest was verified is recorded in
+`<root>/verified/<sha256>` with what identifies its content on disk (device, inode, size, change time in ns):
+any write, truncation or replacement changes the change time or the inode, and the file is hashed again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 from pyacemaker.v1 import common_pb2
 
 _CHUNK = 1 << 20
+# Files from this size on have their verified digest recorded (smaller ones hash faster than the record is read).
+VERIFIED_RECORD_MIN_BYTES = 16 << 20
 
 
 # Longest artifact uri accepted (store paths are a few dozen characters).
@@ -57,6 +64,7 @@ class ArtifactStore:
         self.root = Path(root).resolve()
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
+        (self.root / "verified").mkdir(exist_ok=True)
 
     def _object_path(self, sha256: str, suffix: str) -> Path:
         return self.root / "objects" / sha256[:2] / f"{sha256}{suffix}"
@@ -81,6 +89,8 @@ class ArtifactStore:
             else:
                 shutil.copyfile(path, staging)
             os.replace(staging, target)  # atomic: readers never see a half-written object
+            if size >= VERIFIED_RECORD_MIN_BYTES:  # the bytes just hashed, moved or copied here
+                self._record_verified(target, sha256)
         elif move:
             path.unlink()
         return common_pb2.ArtifactRef(uri=str(target.relative_to(self.root)), sha256=sha256, size=size, kind=kind)
@@ -114,10 +124,40 @@ class ArtifactStore:
         if verify:
             if ref.size and path.stat().st_size != ref.size:
                 raise ArtifactError(f"artifact {ref.uri} has {path.stat().st_size} bytes, expected {ref.size}")
+            if self._verified_before(path, ref.sha256):
+                return path
             actual = sha256_of_file(path)
             if actual != ref.sha256:
                 raise ArtifactError(f"artifact {ref.uri} has sha256 {actual}, expected {ref.sha256}")
+            if path.stat().st_size >= VERIFIED_RECORD_MIN_BYTES:
+                self._record_verified(path, actual)
         return path
+
+    @staticmethod
+    def _identity(path: Path) -> str:
+        """What changes whenever the file's content can have changed (module docstring)."""
+        status = path.stat()
+        return f"{status.st_dev} {status.st_ino} {status.st_size} {status.st_ctime_ns}"
+
+    def _verified_record(self, sha256: str) -> Path:
+        return self.root / "verified" / sha256
+
+    def _verified_before(self, path: Path, sha256: str) -> bool:
+        if not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
+            return False
+        try:
+            return self._verified_record(sha256).read_text() == self._identity(path)
+        except OSError:
+            return False
+
+    def _record_verified(self, path: Path, sha256: str) -> None:
+        """Best effort: without the record the file is only hashed again next time."""
+        try:
+            staging = self.new_tempfile()
+            staging.write_text(self._identity(path))
+            os.replace(staging, self._verified_record(sha256))
+        except OSError:
+            pass
 
     def verify(self, ref: common_pb2.ArtifactRef) -> bool:
         try:

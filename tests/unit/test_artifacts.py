@@ -58,3 +58,31 @@ def test_symlink_escaping_the_root_is_refused(tmp_path):
     ref = common_pb2.ArtifactRef(uri="objects/link.txt", sha256=hashlib.sha256(b"secret").hexdigest())
     with pytest.raises(ArtifactError, match="outside"):
         store.path(ref)
+
+
+def test_a_large_file_is_hashed_again_only_when_it_changed(tmp_path, monkeypatch):
+    """A large object's verified digest is recorded with its identity on disk; a write to it (same size, even
+    with its old modification time put back) is noticed and refused."""
+    import os
+
+    from pyacemaker import artifacts
+
+    monkeypatch.setattr(artifacts, "VERIFIED_RECORD_MIN_BYTES", 1000)
+    store = ArtifactStore(tmp_path / "store")
+    ref = store.put_bytes(b"x" * 5000, kind="normal_equations", suffix=".npz")
+    hashed: list[str] = []
+    real_hash = artifacts.sha256_of_file
+    monkeypatch.setattr(artifacts, "sha256_of_file", lambda path: hashed.append(str(path)) or real_hash(path))
+    assert store.path(ref).read_bytes() == b"x" * 5000
+    assert hashed == []  # recorded when it was put
+    path = store.path(ref, verify=False)
+    before = path.stat()
+    path.write_bytes(b"y" * 5000)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the modification time cannot hide it
+    with pytest.raises(ArtifactError, match="sha256"):
+        store.path(ref)
+    assert len(hashed) == 1
+    small = store.put_bytes(b"small", kind="x")
+    store.path(small)
+    store.path(small)
+    assert hashed.count(str(store.path(small, verify=False))) == 2  # small files are hashed on every use
