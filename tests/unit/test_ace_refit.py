@@ -136,6 +136,12 @@ def test_the_refit_job_takes_the_basis_and_the_kept_equations_from_the_store(art
     validate_ace_fit(kept_lambda, artifact_store)
     same = run_ace_fit(kept_lambda, artifact_store, tmp_path / "same", ProgressWriter(tmp_path / "p4.jsonl"))
     assert same.metrics["ridge_lambda_relative"] == base_lambda
+    assert [ref for ref in same.outputs if ref.uri.endswith(".asi")]
+    # A refit whose active set nothing reads skips it.
+    kept_lambda.no_active_set = True
+    bare = run_ace_fit(kept_lambda, artifact_store, tmp_path / "bare", ProgressWriter(tmp_path / "p5.jsonl"))
+    assert not [ref for ref in bare.outputs if ref.uri.endswith(".asi")]
+    assert [ref for ref in bare.outputs if ref.uri.endswith(".yace")]
     assert 0 < same.metrics["cv_forces_rmse_ev_per_a"] < 10 * refit.metrics["cv_forces_rmse_ev_per_a"]
     for bad in (0.0, -1e-5, float("nan")):
         with pytest.raises(InvalidInputError, match=r"ace_fit\.ridge_lambda must be a positive number"):

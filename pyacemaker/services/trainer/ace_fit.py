@@ -354,6 +354,7 @@ def fit_linear_ace(
     stress_weight: float = linear_ace.DEFAULT_STRESS_WEIGHT,
     reuse: EquationsReuse | None = None,
     ridge_lambda: float | None = None,
+    active_set: bool = True,
 ) -> AceFitResult:
     """Fit a linear ACE to labelled frames and write <stem>.yaml, .yace, .asi into out_dir.
 
@@ -363,7 +364,8 @@ def fit_linear_ace(
     cross-validation over whole groups (MD trajectories; `linear_ace.structure_groups`). Periodic frames with
     a stress label add stress rows weighted by `stress_weight` (0: none). `reuse`: fit on a given basis,
     starting from saved normal equations and/or saving this fit's (`EquationsReuse`). `ridge_lambda`: this
-    strength instead of the cross-validated one (the cross-validation figures are reported at it)."""
+    strength instead of the cross-validated one (the cross-validation figures are reported at it). Without
+    `active_set` no .asi is written."""
     from pyace import ACEBBasisSet
 
     if len(frames) < 2:
@@ -457,8 +459,9 @@ def fit_linear_ace(
     config = pacemaker_export.fit_input(section, references, linear_ace.DEFAULT_FORCES_SHARE, l2, seed)
     exported = pacemaker_export.write_export(out_dir, frames, references, config, energy_weights, forces_weights)
     fit_seconds = time.perf_counter() - started
-    report(0, 0, "active set")
-    linear_ace.write_active_set(paths[0], frames, paths[2])
+    if active_set:
+        report(0, 0, "active set")
+        linear_ace.write_active_set(paths[0], frames, paths[2])
     train_energy, train_forces, train_stress = linear_ace.fit_errors(equations, fit.coeffs)
     metrics = {
         "structures_count": float(len(frames)),
@@ -528,6 +531,8 @@ def validate_ace_fit(spec: trainer_pb2.AceFitSpec, store: ArtifactStore) -> None
     ]
     if spec.HasField("ridge_lambda"):
         linear_only.append("ridge_lambda")
+    if spec.no_active_set:
+        linear_only.append("no_active_set")
     if spec.model_kind == "nonlinear":
         if linear_only:
             raise InvalidInputError(f"ace_fit.{linear_only[0]} is for linear fits, not model_kind 'nonlinear'")
@@ -576,6 +581,7 @@ def run_ace_fit(
             stress_weight=stress_weight_of(spec),
             reuse=reuse,
             ridge_lambda=spec.ridge_lambda if spec.HasField("ridge_lambda") else None,
+            active_set=not spec.no_active_set,
         )
         if reuse.keep is not None:
             result.extra_files.append((reuse.keep, NORMAL_EQUATIONS_KIND))
@@ -618,7 +624,7 @@ def stress_weight_of(spec: trainer_pb2.AceFitSpec | trainer_pb2.DeltaFitSpec) ->
 
 
 def store_fit_outputs(store: ArtifactStore, result: AceFitResult, progress: ProgressWriter) -> JobResult:
-    """Put a fit's files into the artifact store: .yaml and .yace as "potential", .asi as "active_set",
+    """Put a fit's files into the artifact store: .yaml and .yace as "potential", .asi (when written) as "active_set",
     metrics plus the cross-validation table as "report"."""
     progress.stage("store_outputs", message="copying the potential into the artifact store")
     report = result.yaml_path.with_name(result.yaml_path.stem + "_metrics.json")
@@ -626,7 +632,7 @@ def store_fit_outputs(store: ArtifactStore, result: AceFitResult, progress: Prog
     outputs = [
         store.put_file(result.yaml_path, "potential"),
         store.put_file(result.yace_path, "potential"),
-        store.put_file(result.asi_path, "active_set"),
+        *([store.put_file(result.asi_path, "active_set")] if result.asi_path.exists() else []),
         store.put_file(report, "report"),
         # Moved, not copied: kept normal equations are hundreds of MB.
         *(store.put_file(path, kind, move=True) for path, kind in result.extra_files),

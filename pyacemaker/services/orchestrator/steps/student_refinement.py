@@ -123,7 +123,11 @@ class StudentRefinementStep:
         potential = dict(base)
         for record in rounds:
             if record.refit_metrics:
-                potential = {name: _ref(record.artifacts[name]) for name in ("yaml", "yace", "asi", "metrics")}
+                potential = {
+                    name: _ref(record.artifacts[name])
+                    for name in ("yaml", "yace", "asi", "metrics")
+                    if name in record.artifacts
+                }
         while not refinement_done(rounds, settings):
             number = len(rounds) + 1
             record, frames, candidates = explore(ctx, potential, number, label=number <= settings.max_rounds)
@@ -132,7 +136,10 @@ class StudentRefinementStep:
             if candidates:
                 record.artifacts["candidates"] = _dump(_put_frames(ctx, candidates))
             if not record.converged and number <= settings.max_rounds and frames:
-                potential = refit(ctx, [*base_shards(ctx), *_student_shards([*rounds, record])], record)
+                # The last refit's active set serves only the check round's MD: without one, nothing reads it.
+                explored_later = number < settings.max_rounds or settings.final_check
+                shards = [*base_shards(ctx), *_student_shards([*rounds, record])]
+                potential = refit(ctx, shards, record, active_set=explored_later)
             elif not record.converged and not frames:
                 # Above the threshold but nothing the committee could label sensibly: refitting changes nothing.
                 rounds.append(record)
@@ -313,7 +320,7 @@ def label_with_committee(
 
 
 def refit(
-    ctx: StepContext, shards: list[common_pb2.ArtifactRef], record: RoundRecord
+    ctx: StepContext, shards: list[common_pb2.ArtifactRef], record: RoundRecord, active_set: bool = True
 ) -> dict[str, common_pb2.ArtifactRef]:
     """The base fit again on the base's basis, on step 5's shards plus the student frames so far, starting from
     the base fit's normal equations where step 6 kept them, with the base fit's ridge strength unless
@@ -325,14 +332,16 @@ def refit(
         spec.normal_equations.CopyFrom(base.normal_equations)
     if ctx.config.student_refinement.refit_ridge == "base" and (lam := base_fit_metric(ctx, "ridge_lambda_relative")):
         spec.ridge_lambda = lam
+    spec.no_active_set = not active_set
     job = run_trainer_job(
         ctx, trainer_pb2.StartJobRequest(ace_fit=spec), f"refit {record.round} with the student's frames"
     )
     by_suffix = outputs_by_suffix(job)
-    missing = [suffix for suffix in (".yaml", ".yace", ".asi", ".json") if suffix not in by_suffix]
+    wanted = (".yaml", ".yace", ".json", *((".asi",) if active_set else ()))
+    missing = [suffix for suffix in wanted if suffix not in by_suffix]
     if missing:
         raise RuntimeError(f"trainer job {job.job_id} returned no {', '.join(missing)} file")
-    potential = {POTENTIAL_FILES[suffix]: by_suffix[suffix] for suffix in (".yaml", ".yace", ".asi", ".json")}
+    potential = {POTENTIAL_FILES[suffix]: by_suffix[suffix] for suffix in wanted}
     record.refit_metrics = {k: float(v) for k, v in job.metrics.items()}
     record.artifacts.update({name: _dump(ref) for name, ref in potential.items()})
     return potential
@@ -421,7 +430,7 @@ def _outcome(
             {
                 f"{prefix}/refined{suffix}": potential[name]
                 for suffix, name in POTENTIAL_FILES.items()
-                if name != "metrics"
+                if name != "metrics" and name in potential
             }
         )
     student = [atoms for ref in _student_shards(rounds) for atoms in _read(ctx, ref)]
