@@ -203,6 +203,14 @@ def test_dft_structures_beyond_the_surrogate_data_are_left_out_and_counted(tmp_p
     assert with_far.metrics["dft_structures_beyond_surrogate_count"] == beyond
     assert with_far.metrics["dft_structures_count"] == len(near) + len(far) - beyond
     assert with_far.metrics["dft_max_gamma_vs_surrogate"] == pytest.approx(grades.max(), rel=1e-6)
+    # The final's active set, grown from the anchor's by the DFT frames, covers every frame it was made from, the
+    # far ones included, as one chosen from all of them does.
+    everything = [*anchor, *near, *far]
+    final_grades = evaluate_potential(with_far.yaml_path, everything, with_far.asi_path).predictions.gamma_max
+    assert final_grades.max() <= linear_ace.ACTIVE_SET_TOLERANCE + 1e-6
+    linear_ace.write_active_set(with_far.yaml_path, everything, tmp_path / "scratch.asi")
+    scratch = evaluate_potential(with_far.yaml_path, everything, tmp_path / "scratch.asi").predictions.gamma_max
+    assert scratch.max() <= linear_ace.ACTIVE_SET_TOLERANCE + 1e-6
     # Their wild labels take no part: the potential is the one fitted without them ...
     without = fit_linear_delta(
         base.yaml_path,

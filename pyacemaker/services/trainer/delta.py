@@ -226,10 +226,11 @@ def within_surrogate_span(
     anchor: Sequence[Atoms],
     work_dir: Path,
     max_gamma: float,
-) -> tuple[list[Atoms], np.ndarray]:
+) -> tuple[list[Atoms], np.ndarray, linear_ace.ActiveSet | None]:
     """The DFT frames inside the anchor frames' span (γ of the base's basis against their active set at most
-    `max_gamma`; at least MIN_DFT_STRUCTURES, the lowest γ first) and every frame's γ. All frames when
-    `max_gamma` is 0 or the anchor frames are too few for an active set of their own (γ then reads 0)."""
+    `max_gamma`; at least MIN_DFT_STRUCTURES, the lowest γ first), every frame's γ and the anchor frames' active
+    set. All frames (γ reading 0) and no active set when `max_gamma` is 0 or the anchor frames are too few for an
+    active set of their own."""
     from pyacemaker.services.trainer.evaluation import extrapolation_grades
 
     try:
@@ -237,15 +238,16 @@ def within_surrogate_span(
             raise linear_ace.LinearAceError("no limit")
         linear_ace.check_active_set_data(design, anchor)
     except linear_ace.LinearAceError:
-        return list(dft_frames), np.zeros(len(dft_frames))
+        return list(dft_frames), np.zeros(len(dft_frames)), None
     work_dir.mkdir(parents=True, exist_ok=True)
     asi = work_dir / "surrogate_span.asi"
-    linear_ace.write_active_set(base_yaml, anchor, asi)
+    span = linear_ace.active_set(design.basis, anchor)
+    linear_ace.save_active_set(span, design.basis, asi)
     grades = np.asarray(extrapolation_grades(base_yaml, asi, dft_frames), dtype=np.float64)
     asi.unlink()
     keep = set(np.flatnonzero(grades <= max_gamma).tolist())
     keep |= set(np.argsort(grades, kind="stable")[:MIN_DFT_STRUCTURES].tolist())
-    return [atoms for i, atoms in enumerate(dft_frames) if i in keep], grades
+    return [atoms for i, atoms in enumerate(dft_frames) if i in keep], grades, span
 
 
 def smallest_correction(fits: Sequence[tuple[float, linear_ace.RidgeFit]]) -> tuple[float, linear_ace.RidgeFit]:
@@ -302,7 +304,7 @@ def fit_linear_delta(
         raise InvalidInputError(f"{exc}: give the base's training frames as delta_fit.surrogate_data") from None
     all_dft = list(dft_frames)
     report(0, 0, "extrapolation grades of the DFT structures")
-    dft_frames, dft_gammas = within_surrogate_span(base_yaml, design, all_dft, anchor, out_dir, max_dft_gamma)
+    dft_frames, dft_gammas, span = within_surrogate_span(base_yaml, design, all_dft, anchor, out_dir, max_dft_gamma)
     with_stress = stress_weight > 0
     residuals = base_residuals(design, base_coeffs, base_e0s, dft_frames, with_stress)
     base_energy_rmse = float(np.sqrt(np.mean(residuals.energy_per_atom**2)))
@@ -365,7 +367,11 @@ def fit_linear_delta(
     linear_ace.write_potential(basis, base_coeffs + delta, final_e0s, paths[0], paths[1], metadata)
     fit_seconds = time.perf_counter() - started
     report(0, 0, "active set")
-    linear_ace.write_active_set(paths[0], [*all_dft, *anchor], paths[2])
+    if span is None:
+        linear_ace.write_active_set(paths[0], [*all_dft, *anchor], paths[2])
+    else:  # the anchor's, grown by the DFT frames (the projections do not depend on the coefficients)
+        final_set = linear_ace.extended_active_set(span, linear_ace.projections_of(basis, all_dft))
+        linear_ace.save_active_set(final_set, basis, paths[2])
     final_energy_rmse, final_forces_rmse, final_virial_rmse = linear_ace.fit_errors(dft_equations, fit.coeffs)
     metrics = {
         "dft_structures_count": float(len(dft_frames)),
