@@ -137,10 +137,16 @@ def anchor_normal_equations(
     """The anchor rows' normal equations in one fold, without the reference-energy columns (the anchor holds the
     basis part of the correction at zero and leaves the reference shifts free): from `saved` where given (see
     `AnchorEquations`), else from the rows of every anchor frame."""
+
+    def rows_of(
+        frames: Sequence[Atoms], stage: str, into: linear_ace.FoldedNormalEquations | None = None
+    ) -> linear_ace.FoldedNormalEquations:
+        folds = np.zeros(len(frames), dtype=np.int64)
+        targets = _zero_targets(frames, with_stress)
+        return row_processes.accumulate_in_processes(design, frames, targets, folds, 1, report, stage, False, into)
+
     if saved is None:
-        folds = np.zeros(len(anchor), dtype=np.int64)
-        zero = _zero_targets(anchor, with_stress)
-        return row_processes.accumulate_in_processes(design, anchor, zero, folds, 1, report, "surrogate rows", False)
+        return rows_of(anchor, "surrogate rows")
     report(0, 0, "anchor rows from the base fit's normal equations")
     try:
         metadata = linear_ace.equations_metadata(saved.path)
@@ -168,29 +174,9 @@ def anchor_normal_equations(
     equations.rows_stress[:] = kept.rows_stress
     del kept
     if saved.removed:
-        removed = linear_ace.accumulate(
-            design,
-            saved.removed,
-            _zero_targets(saved.removed, with_stress),
-            np.zeros(len(saved.removed), dtype=np.int64),
-            1,
-            report,
-            "anchor rows taken out",
-            False,
-        )
-        equations.subtract(removed)
+        equations.subtract(rows_of(saved.removed, "anchor rows taken out"))
     if saved.added:
-        linear_ace.accumulate(
-            design,
-            saved.added,
-            _zero_targets(saved.added, with_stress),
-            np.zeros(len(saved.added), dtype=np.int64),
-            1,
-            report,
-            "anchor rows put in",
-            False,
-            into=equations,
-        )
+        rows_of(saved.added, "anchor rows put in", into=equations)
     return equations
 
 
