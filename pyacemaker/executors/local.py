@@ -121,14 +121,16 @@ class LocalExecutor(Executor):
         return _end_of(returncode, task_dir)
 
     def _wait_for_fork(self, zygote: Zygote, pid: int, task_dir: Path) -> TaskEnd:
-        returncode = zygote.wait(pid, self.config.timeout_s)
-        if returncode is TIMED_OUT:
+        try:
+            returncode = zygote.wait(pid, self.config.timeout_s)
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            zygote.wait(pid, KILL_WAIT_S)
+            with contextlib.suppress(TimeoutError):
+                zygote.wait(pid, KILL_WAIT_S)
             return TaskEnd("TIMEOUT", f"timed out after {self.config.timeout_s:g} s", final=True)
-        if returncode is None:  # the warm process is gone: its child runs on, watched through /proc
-            while Path(f"/proc/{pid}").exists() and _worker_alive(task_dir):
+        if returncode is None:  # the warm process is gone: its child runs on, watched through its pid file
+            while _worker_alive(task_dir):
                 time.sleep(LOCAL_POLL_INTERVAL_S)
             return TaskEnd("EXITED", f"worker ended, exit status unknown (see {task_dir / TASK_LOG_FILE})")
         return _end_of(returncode, task_dir)
@@ -140,9 +142,7 @@ def _end_of(returncode: int, task_dir: Path) -> TaskEnd:
     return TaskEnd("EXITED", f"worker exited with code {returncode} (see {task_dir / TASK_LOG_FILE})")
 
 
-# Zygote.wait's answer when the timeout passed first.
-TIMED_OUT = -(10**9)
-# How long a killed task's end is waited for, s.
+# How long a killed task's end, and the zygote's answer to a fork, are waited for, s.
 KILL_WAIT_S = 30.0
 
 
@@ -182,7 +182,7 @@ class Zygote:
         return reply
 
     def wait(self, pid: int, timeout: float) -> int | None:
-        """The task's returncode; TIMED_OUT when `timeout` passed first; None when the zygote ended first."""
+        """The task's returncode; None when the zygote ended first; TimeoutError when `timeout` passed first."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while pid not in self._ends:
@@ -190,7 +190,7 @@ class Zygote:
                 if not self.alive:
                     return None
                 if remaining <= 0:
-                    return TIMED_OUT
+                    raise TimeoutError(f"task process {pid} still runs after {timeout:g} s")
                 self._changed.wait(min(remaining, 1.0))
             return self._ends.pop(pid)
 
@@ -220,10 +220,12 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def _worker_alive(task_dir: Path) -> bool:
-    """True while the worker named in the task's pid file runs (its command line names the task dir)."""
+    """True while the worker named in the task's pid file runs: that process works in the task dir (the task
+    runner changes into it), which tells it from a later process with the same pid. Not its command line: a task
+    forked from the zygote carries the zygote's."""
     try:
         pid = int((task_dir / PID_FILE).read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
     except (OSError, ValueError):
         return False
-    return str(task_dir).encode() in cmdline.split(b"\0")
+    return cwd == task_dir.resolve()

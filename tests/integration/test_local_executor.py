@@ -299,3 +299,32 @@ def test_tasks_run_on_when_the_warm_process_dies_or_cannot_start(tmp_path: Path,
     fresh = local.LocalExecutor(LocalExecutorConfig(max_workers=1, timeout_s=60))
     assert_labels_equal_tblite(run(fresh, 2), frames[2])
     assert fresh._zygote is None
+
+
+def test_a_task_of_an_earlier_oracle_counts_as_running_while_its_forked_worker_runs(tmp_path: Path) -> None:
+    """After a restart the pool knows a task only by its pid file. A worker forked from the zygote carries the
+    zygote's command line, not the task dir; it is known by working in the task dir."""
+    import subprocess
+
+    from pyacemaker.config import LocalExecutorConfig
+    from pyacemaker.executors.local import LocalExecutor
+
+    task_dir, elsewhere = tmp_path / "task", tmp_path / "elsewhere"
+    task_dir.mkdir()
+    elsewhere.mkdir()
+    executor = LocalExecutor(LocalExecutorConfig(max_workers=1, timeout_s=60))
+    worker = subprocess.Popen(["sleep", "60"], cwd=task_dir)
+    stranger = subprocess.Popen(["sleep", "60"], cwd=elsewhere)  # the pid file's pid reused by another process
+    try:
+        (task_dir / PID_FILE).write_text(str(worker.pid))
+        assert executor.ended("local-1-1", {0: task_dir}) == {}  # still running
+        (task_dir / PID_FILE).write_text(str(stranger.pid))
+        assert executor.ended("local-1-1", {0: task_dir})[0].state == "UNKNOWN"
+        (task_dir / PID_FILE).write_text(str(worker.pid))
+        worker.kill()
+        worker.wait()
+        assert executor.ended("local-1-1", {0: task_dir})[0].state == "UNKNOWN"
+    finally:
+        for process in (worker, stranger):
+            process.kill()
+            process.wait()
