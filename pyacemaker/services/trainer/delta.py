@@ -174,7 +174,7 @@ def anchor_normal_equations(
     equations.rows_stress[:] = kept.rows_stress
     del kept
     if saved.removed:
-        equations.subtract(rows_of(saved.removed, "anchor rows taken out"))
+        equations.add_equations(rows_of(saved.removed, "anchor rows taken out"), sign=-1)
     if saved.added:
         rows_of(saved.added, "anchor rows put in", into=equations)
     return equations

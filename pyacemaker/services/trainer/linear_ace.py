@@ -301,19 +301,14 @@ class FoldedNormalEquations:
             self.norm_stress[fold] += float(stress_targets @ stress_targets)
             self.rows_stress[fold] += len(stress_targets)
 
-    def add_equations(self, other: FoldedNormalEquations) -> None:
-        """Add the rows `other` holds (same columns and folds)."""
+    def add_equations(self, other: FoldedNormalEquations, sign: int = 1) -> None:
+        """Add the rows `other` holds (same columns and folds); `sign` -1 takes them out, as if they had never
+        been added. Arrays `other` does not allocate (no stress rows) are left as they are."""
+        combine = np.add if sign > 0 else np.subtract  # in place: no temporary copy of a Gram matrix
         for name in EQUATION_ARRAYS:
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs.size:
-                mine += theirs
-
-    def subtract(self, other: FoldedNormalEquations) -> None:
-        """Take out the rows `other` holds (same columns and folds), as if they had never been added."""
-        for name in EQUATION_ARRAYS:
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if theirs.size:
-                mine -= theirs
+                combine(mine, theirs, out=mine)
 
     def weights(self, forces_share: float, stress_weight: float = 0.0) -> tuple[float, float, float]:
         """Row weights that make the loss (1 − share)·MSE(energy per atom) + share·MSE(force components)
